@@ -29,6 +29,8 @@
 
 use std::io::{self, Read, Write};
 
+pub mod client;
+
 /// Largest frame accepted from the peer (header excluded).
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 /// Largest data chunk a sender puts in one frame.
@@ -143,7 +145,7 @@ impl ErrorKind {
         match err.raw_os_error() {
             Some(2) | Some(20) => Self::NotFound, // ENOENT, ENOTDIR
             Some(13) | Some(1) | Some(30) => Self::PermissionDenied, // EACCES, EPERM, EROFS
-            Some(21) => Self::IsDirectory,                          // EISDIR
+            Some(21) => Self::IsDirectory,        // EISDIR
             _ => Self::Io,
         }
     }
@@ -370,16 +372,24 @@ impl<'a> Dec<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn i32(&mut self) -> Result<i32, WireError> {
-        Ok(i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(i32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
         let n = self.u32()? as usize;
@@ -744,7 +754,10 @@ mod tests {
         roundtrip(Frame::Stderr(vec![]));
         roundtrip(Frame::Exited(ExitStatus::Code(-1)));
         roundtrip(Frame::ReadFile { path: "/a".into() });
-        roundtrip(Frame::FileInfo { size: 5, mode: 0o644 });
+        roundtrip(Frame::FileInfo {
+            size: 5,
+            mode: 0o644,
+        });
         roundtrip(Frame::Data(vec![9; 100]));
         roundtrip(Frame::End);
         roundtrip(Frame::WriteFile {

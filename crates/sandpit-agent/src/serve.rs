@@ -1,0 +1,216 @@
+//! `sandpit-agent serve`: start-up from `Init`, then one thread per connection,
+//! one operation per connection.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandpit_wire::{decode, read_frame, write_frame, ErrorKind, Frame, InitSpec};
+
+use crate::files;
+use crate::mainproc::Main;
+use crate::reaper::Reaper;
+use crate::spawn;
+use crate::sys;
+
+/// Why the agent could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The init descriptor did not hold one `Init` frame.
+    #[error("init spec: {0}")]
+    Init(String),
+    /// A start-up step failed.
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+/// What every connection needs.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The sandbox's environment (default `PATH` included).
+    pub env: Vec<(String, String)>,
+    /// The sandbox's absolute working directory.
+    pub cwd: String,
+    /// The reaper, for spawning.
+    pub reaper: Arc<Reaper>,
+    /// The main command.
+    pub main: Arc<Main>,
+}
+
+/// The largest `Init` accepted (files included); the spawner is trusted, this
+/// only keeps a corrupt descriptor from exhausting memory.
+const MAX_INIT: u64 = 1 << 30;
+
+/// Reads the single `Init` frame at the start of `fd` (a memfd or file).
+pub fn read_init(fd: OwnedFd) -> Result<InitSpec, ServeError> {
+    let file = std::fs::File::from(fd);
+    let mut len = [0u8; 4];
+    file.read_exact_at(&mut len, 0)
+        .map_err(|e| ServeError::Init(sys::io_desc(&e)))?;
+    let len = u32::from_le_bytes(len) as u64;
+    if len > MAX_INIT {
+        return Err(ServeError::Init(format!("{len} bytes is too large")));
+    }
+    let mut body = vec![0u8; len as usize];
+    file.read_exact_at(&mut body, 4)
+        .map_err(|e| ServeError::Init(sys::io_desc(&e)))?;
+    // Not `read_frame`: its size limit is for the hostile direction, and Init
+    // carries whole files.
+    match decode(&body) {
+        Ok(Frame::Init(spec)) => Ok(spec),
+        Ok(_) => Err(ServeError::Init("not an init frame".into())),
+        Err(e) => Err(ServeError::Init(e.to_string())),
+    }
+}
+
+/// Process-wide set-up that must precede any thread or child.
+fn prepare_process() {
+    // SAFETY: each call takes plain integers, null pointers or pointers to
+    // locals, and changes only process attributes; no other thread exists yet.
+    unsafe {
+        // Writes to a departed host must fail with EPIPE, not kill PID 1.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // An inherited SIG_IGN for SIGCHLD would make the kernel reap our
+        // children itself, and their exit statuses would be lost.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Off PID 1 (tests on the host), orphans must still come to us.
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        // Children get 0-2 from descriptors we create: keep these slots taken so
+        // nothing we open lands there (the spawner provides /dev/null). A new
+        // descriptor takes the lowest free slot, so each hole fills in order.
+        for fd in 0..3 {
+            if libc::fcntl(fd, libc::F_GETFD) < 0
+                && libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) < 0
+            {
+                let mut p = [0; 2];
+                libc::pipe(p.as_mut_ptr());
+            }
+        }
+        // Inherited descriptors (the listener and init spec included) must not
+        // leak into the commands we start.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
+
+/// Runs the agent: never returns unless start-up fails.
+pub fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
+    prepare_process();
+    // SAFETY: the spawner hands these descriptors to us and nothing else in this
+    // process refers to them.
+    let (listen, init) = unsafe {
+        (
+            OwnedFd::from_raw_fd(listen_fd),
+            OwnedFd::from_raw_fd(init_fd),
+        )
+    };
+    let init = read_init(init)?;
+    let listener = UnixListener::from(listen);
+    let reaper = Reaper::start().map_err(|e| ServeError::Os("reaper thread", e))?;
+
+    let cwd = if init.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        Path::new("/")
+            .join(&init.cwd)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut failed = None;
+    for f in &init.files {
+        if let Err(e) = files::write_all(&cwd, &f.path, f.mode, &f.content) {
+            eprintln!("sandpit-agent: init file {e}");
+            failed.get_or_insert(format!("init file {e}"));
+        }
+    }
+    // Like a WORKDIR, the working directory is created when missing.
+    if !Path::new(&cwd).is_dir() {
+        let _ = std::fs::DirBuilder::new().recursive(true).create(&cwd);
+    }
+    let env = spawn::merge_env(&init.env, &[]);
+    let main = match (init.argv.is_empty(), failed) {
+        (true, _) => Main::not_started(None),
+        (false, Some(reason)) => Main::not_started(Some(reason)),
+        (false, None) => Main::start(&reaper, &init.argv, &env, &cwd),
+    };
+    let ctx = Arc::new(Ctx {
+        env,
+        cwd,
+        reaper,
+        main,
+    });
+    accept_loop(&listener, &ctx)
+}
+
+fn accept_loop(listener: &UnixListener, ctx: &Arc<Ctx>) -> Result<(), ServeError> {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                Some(libc::ENOTSOCK | libc::EBADF | libc::EINVAL) => {
+                    return Err(ServeError::Os("accept", e))
+                }
+                // EMFILE, ENOMEM...: wait for resources to come back.
+                _ => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            },
+        };
+        let c = Arc::clone(ctx);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let _ = handle(&c, stream);
+            });
+        if spawned.is_err() {
+            // Out of threads (the pids limit counts them): the host retries.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// How long a host may take to send an operation's first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn handle(ctx: &Ctx, stream: UnixStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(FIRST_FRAME_TIMEOUT))?;
+    // Malformed input only costs the host its connection.
+    let first = match read_frame(&mut &stream) {
+        Ok(Some(f)) => f,
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    stream.set_read_timeout(None)?;
+    let mut w = &stream;
+    match first {
+        Frame::Ping => write_frame(&mut w, &Frame::Pong(ctx.main.status())),
+        Frame::Exec(req) => crate::exec::serve(ctx, stream, req),
+        Frame::ReadFile { path } => files::serve_read(&stream, &ctx.cwd, &path),
+        Frame::WriteFile { path, mode } => files::serve_write(&stream, &ctx.cwd, &path, mode),
+        Frame::MainOutput { offset, follow } => ctx.main.serve_output(&stream, offset, follow),
+        Frame::SignalMain(sig) => match ctx.main.signal(sig) {
+            Ok(()) => write_frame(&mut w, &Frame::Ok),
+            Err((kind, message)) => write_frame(&mut w, &Frame::Error { kind, message }),
+        },
+        _ => write_frame(
+            &mut w,
+            &Frame::Error {
+                kind: ErrorKind::Protocol,
+                message: "unexpected first frame".into(),
+            },
+        ),
+    }
+}

@@ -1,0 +1,293 @@
+//! `sandpit-bench`: measures the engine's latency budget on this host and, with
+//! `--podman`, the same workloads through `podman --runtime runc`.
+//!
+//! Measures (medians and p99 over `--iterations` runs):
+//! - create: `Runtime::create` until the agent answers a ping (cached image);
+//! - create + first exec: until `true` has run and returned;
+//! - exec: the round trip of `true` through the agent of a running sandbox;
+//! - destroy: `Runtime::destroy` until everything is gone.
+//!
+//! Prints a table and writes JSON to `--json FILE`. `--quick` runs few
+//! iterations (for CI) and asserts nothing about speed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
+use sandpit_runtime::{Runtime, RuntimeConfig, SandboxSpec};
+use sandpit_wire::{ExecRequest, ExitStatus, InitSpec};
+
+#[derive(Parser, Debug)]
+#[command(about = "Sandpit engine benchmark")]
+struct Args {
+    /// Rootfs tarball used as the (cached) image.
+    #[arg(long, default_value = ".cache/images/python311.tar")]
+    image: PathBuf,
+    /// Scratch data dir (image store and sandbox state).
+    #[arg(long, default_value = "/var/tmp/sandpit-bench")]
+    data_dir: PathBuf,
+    /// Static agent binary.
+    #[arg(
+        long,
+        default_value = "target/agent/x86_64-unknown-linux-gnu/release/sandpit-agent"
+    )]
+    agent: PathBuf,
+    /// The sandpit-spawn helper; next to this binary by default.
+    #[arg(long)]
+    spawner: Option<PathBuf>,
+    /// Iterations per measure.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Few iterations, for CI.
+    #[arg(long)]
+    quick: bool,
+    /// Also measure podman (`--runtime runc`) on the same rootfs.
+    #[arg(long)]
+    podman: bool,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct Stats {
+    name: String,
+    samples: Vec<Duration>,
+}
+
+impl Stats {
+    fn new(name: &str, mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        Self {
+            name: name.into(),
+            samples,
+        }
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let i = ((self.samples.len() as f64 - 1.0) * p).round() as usize;
+        self.samples[i]
+    }
+    fn p50(&self) -> Duration {
+        self.pct(0.5)
+    }
+    fn p99(&self) -> Duration {
+        self.pct(0.99)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let iterations = if args.quick { 10 } else { args.iterations };
+    let spawner = match &args.spawner {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("sandpit-spawn"),
+    };
+
+    let store = ImageStore::open(&args.data_dir.join("store"), IdShift::default())?;
+    let reference = Reference::parse("sandpit.bench/image:latest")?;
+    let image = match store.get(&reference) {
+        Ok(i) => i,
+        Err(_) => {
+            let f = std::fs::File::open(&args.image)
+                .with_context(|| format!("open {}", args.image.display()))?;
+            store.import_rootfs_tar(&reference, f, ImageConfig::default())?
+        }
+    };
+    let layers = store.lower_dirs(&image);
+    let rt = Runtime::new(RuntimeConfig {
+        state_dir: args.data_dir.join("state"),
+        agent_binary: std::fs::canonicalize(&args.agent)
+            .with_context(|| format!("agent {}", args.agent.display()))?,
+        spawner_binary: spawner,
+        id_map: Default::default(),
+        cgroup_parent: "sandpit-bench".into(),
+    })?;
+    rt.sweep(&Default::default())?;
+
+    let spec = |i: usize, argv: &[&str]| SandboxSpec {
+        id: format!("bench-{i}"),
+        hostname: None,
+        lower_dirs: layers.clone(),
+        init: InitSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
+            cwd: "/".into(),
+            files: vec![],
+        },
+        limits: Default::default(),
+    };
+    let true_req = || ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+
+    // Warm-up: page cache, overlay dentries.
+    for i in 0..3 {
+        let sb = rt.create(&spec(i, &[]))?;
+        sb.agent().ping()?;
+        rt.destroy(sb.id())?;
+    }
+
+    let mut create = Vec::new();
+    let mut first_exec = Vec::new();
+    let mut destroy = Vec::new();
+    for i in 0..iterations {
+        let t = Instant::now();
+        let sb = rt.create(&spec(i, &[]))?;
+        sb.agent().ping()?;
+        create.push(t.elapsed());
+        let out = sb.agent().run(true_req(), None)?;
+        first_exec.push(t.elapsed());
+        if out.status != ExitStatus::Code(0) {
+            bail!("true exited with {:?}", out.status);
+        }
+        let t = Instant::now();
+        rt.destroy(sb.id())?;
+        destroy.push(t.elapsed());
+    }
+
+    let sb = rt.create(&spec(iterations, &[]))?;
+    let agent = sb.agent();
+    let mut exec = Vec::new();
+    for _ in 0..iterations * 5 {
+        let t = Instant::now();
+        agent.run(true_req(), None)?;
+        exec.push(t.elapsed());
+    }
+    rt.destroy(sb.id())?;
+
+    let mut results = vec![
+        Stats::new("create until agent answers", create),
+        Stats::new("create until first `true` returned", first_exec),
+        Stats::new("exec `true` round trip", exec),
+        Stats::new("destroy", destroy),
+    ];
+    if args.podman {
+        results.extend(podman(&args.image, iterations.min(50))?);
+    }
+
+    println!(
+        "{:<44} {:>10} {:>10} {:>6}",
+        "measure", "p50 ms", "p99 ms", "n"
+    );
+    for s in &results {
+        println!(
+            "{:<44} {:>10.3} {:>10.3} {:>6}",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99()),
+            s.samples.len()
+        );
+    }
+    let find = |n: &str| results.iter().find(|s| s.name == n).map(|s| s.p50());
+    if let (Some(ours), Some(theirs)) = (
+        find("create until first `true` returned"),
+        find("podman run --rm true"),
+    ) {
+        println!(
+            "cold start: podman / sandpit = {:.1}x",
+            theirs.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
+    if let (Some(ours), Some(theirs)) = (find("exec `true` round trip"), find("podman exec true")) {
+        println!(
+            "exec: podman / sandpit = {:.1}x",
+            theirs.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
+    if let Some(path) = &args.json {
+        let json: Vec<_> = results
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "measure": s.name, "n": s.samples.len(),
+                    "p50_ms": ms(s.p50()), "p99_ms": ms(s.p99()),
+                })
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+fn podman_cmd() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
+    c
+}
+
+/// The same workloads through podman, on the same rootfs.
+fn podman(rootfs: &Path, n: usize) -> Result<Vec<Stats>> {
+    let image = "localhost/sandpit-bench:latest";
+    let status = podman_cmd()
+        .args(["import", &rootfs.to_string_lossy(), image])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("run podman")?;
+    if !status.success() {
+        bail!("podman import failed");
+    }
+    let common = [
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=4096:4096",
+    ];
+    let mut run = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = podman_cmd()
+            .args(["run", "--rm"])
+            .args(common)
+            .args([image, "true"])
+            .status()?;
+        run.push(t.elapsed());
+        if !st.success() {
+            bail!("podman run failed");
+        }
+    }
+    let name = "sandpit-bench-exec";
+    let _ = podman_cmd()
+        .args(["rm", "-f", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let st = podman_cmd()
+        .args(["run", "-d", "--name", name])
+        .args(common)
+        .args([image, "sleep", "1000"])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("podman run -d failed");
+    }
+    let mut exec = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = podman_cmd().args(["exec", name, "true"]).status()?;
+        exec.push(t.elapsed());
+        if !st.success() {
+            bail!("podman exec failed");
+        }
+    }
+    let _ = podman_cmd()
+        .args(["rm", "-f", "-t", "0", name])
+        .stdout(std::process::Stdio::null())
+        .status();
+    Ok(vec![
+        Stats::new("podman run --rm true", run),
+        Stats::new("podman exec true", exec),
+    ])
+}

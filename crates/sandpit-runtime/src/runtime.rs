@@ -1,0 +1,589 @@
+//! The engine's public face: create, adopt, list, destroy and sweep sandboxes.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sandpit_wire::client::AgentClient;
+use sandpit_wire::InitSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Cgroup, CgroupError, CgroupManager, Limits};
+use crate::spawn::{SpawnConfig, SpawnOutcome};
+
+/// Host uids/gids a sandbox's users map to. Root inside is `host_base`.
+///
+/// Every sandbox shares one range (as Docker's `userns-remap` does): image
+/// layers are stored pre-shifted to it, so no per-sandbox chown is needed.
+/// Sandboxes are still separated from each other by their mount, PID, IPC
+/// and network namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    /// First host id of the range.
+    pub host_base: u32,
+    /// Number of ids.
+    pub count: u32,
+}
+
+impl Default for IdMap {
+    fn default() -> Self {
+        Self {
+            host_base: 1_000_000_000,
+            count: 65536,
+        }
+    }
+}
+
+/// How the engine is set up on this host.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where per-sandbox state lives (sockets, writable layers).
+    pub state_dir: PathBuf,
+    /// The static agent binary, bind-mounted into every sandbox.
+    pub agent_binary: PathBuf,
+    /// The `sandpit-spawn` helper.
+    pub spawner_binary: PathBuf,
+    /// User-namespace mapping.
+    pub id_map: IdMap,
+    /// Name of the parent cgroup that holds every sandbox's cgroup.
+    pub cgroup_parent: String,
+}
+
+/// Environment variable that overrides where the static agent is found.
+pub const AGENT_ENV: &str = "SANDPIT_AGENT";
+/// Environment variable that overrides where `sandpit-spawn` is found.
+pub const SPAWNER_ENV: &str = "SANDPIT_SPAWN";
+
+/// Where the static agent is looked for: `$SANDPIT_AGENT`, the output of
+/// `scripts/build-agent.sh` relative to the running binary's directory
+/// (`target/release/` -> `target/agent/...`), then `/usr/libexec/sandpit/`.
+pub fn default_agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(AGENT_ENV) {
+        return PathBuf::from(p);
+    }
+    let candidates = exe_dir()
+        .map(|d| d.join("../agent/x86_64-unknown-linux-gnu/release/sandpit-agent"))
+        .into_iter()
+        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-agent")]);
+    first_file(candidates, "/usr/libexec/sandpit/sandpit-agent")
+}
+
+/// Where `sandpit-spawn` is looked for: `$SANDPIT_SPAWN`, next to the running
+/// binary, then `/usr/libexec/sandpit/`.
+pub fn default_spawner_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(SPAWNER_ENV) {
+        return PathBuf::from(p);
+    }
+    let candidates = exe_dir()
+        .map(|d| d.join("sandpit-spawn"))
+        .into_iter()
+        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-spawn")]);
+    first_file(candidates, "/usr/libexec/sandpit/sandpit-spawn")
+}
+
+fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()?
+        .parent()
+        .map(Path::to_path_buf)
+}
+
+fn first_file(candidates: impl Iterator<Item = PathBuf>, fallback: &str) -> PathBuf {
+    candidates
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(fallback))
+}
+
+/// Whether an ELF executable asks for a program interpreter (`PT_INTERP`).
+fn is_dynamically_linked(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)?
+        .take(64 * 1024)
+        .read_to_end(&mut head)?;
+    Ok(elf_has_interpreter(&head).unwrap_or(false))
+}
+
+/// Scans the program headers of a little-endian ELF64 image; `None` when the
+/// bytes are not one (or the headers lie beyond what was read).
+fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+        return None;
+    }
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let phoff = u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?) as usize;
+    let phentsize = u16_at(0x36)? as usize;
+    let phnum = u16_at(0x38)? as usize;
+    for i in 0..phnum {
+        let at = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        let p_type = u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?);
+        if p_type == PT_INTERP {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// What to create.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxSpec {
+    /// Unique id: `[a-z0-9][a-z0-9_.-]*`, at most 63 characters.
+    pub id: String,
+    /// Hostname inside; the id when `None`.
+    pub hostname: Option<String>,
+    /// Unpacked image layers, top-most first.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Main command, environment, working dir and files, for the agent.
+    pub init: InitSpec,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The id is not acceptable.
+    #[error("invalid sandbox id {0:?}")]
+    InvalidId(String),
+    /// A spec field is not acceptable.
+    #[error("invalid {field}: {reason}")]
+    InvalidSpec {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A sandbox with that id exists already.
+    #[error("sandbox {0} already exists")]
+    AlreadyExists(String),
+    /// No sandbox with that id.
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    /// A host-side file operation failed.
+    #[error("{step}: {source}")]
+    Io {
+        /// The step.
+        step: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Cgroup setup or teardown failed.
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    /// The spawner reported a failure.
+    #[error("start sandbox: {0}")]
+    Spawn(String),
+}
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    move |source| RuntimeError::Io { step, source }
+}
+
+/// What is kept on disk so that a restarted daemon can adopt a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SandboxRecord {
+    id: String,
+    pid: i32,
+    /// Start time of `pid` (field 22 of /proc/PID/stat): guards against pid reuse.
+    start_time: u64,
+}
+
+/// A running (or recently dead) sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    pid: i32,
+    start_time: u64,
+    dir: PathBuf,
+    cgroup: Cgroup,
+}
+
+impl Sandbox {
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Host pid of the sandbox's PID 1 (the agent).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Path of the agent's socket on the host.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// A client for the sandbox's agent.
+    pub fn agent(&self) -> AgentClient {
+        AgentClient::new(self.agent_socket())
+    }
+
+    /// Whether the sandbox's PID 1 still runs.
+    pub fn is_running(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time) && !is_zombie(self.pid)
+    }
+
+    /// How many processes the kernel OOM-killed in this sandbox.
+    pub fn oom_kills(&self) -> u64 {
+        self.cgroup.oom_kills().unwrap_or(0)
+    }
+
+    /// The sandbox's cgroup.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+}
+
+/// Counts of what a sweep removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// State directories removed.
+    pub state_dirs: usize,
+    /// Cgroups removed.
+    pub cgroups: usize,
+}
+
+/// The sandbox engine.
+#[derive(Debug)]
+pub struct Runtime {
+    config: RuntimeConfig,
+    cgroups: CgroupManager,
+}
+
+impl Runtime {
+    /// Sets up the state dir and detects the cgroup version.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(io("create state dir"))?;
+        for (what, path) in [
+            ("agent binary", &config.agent_binary),
+            ("spawner binary", &config.spawner_binary),
+        ] {
+            if !path.is_file() {
+                return Err(RuntimeError::InvalidSpec {
+                    field: what,
+                    reason: format!("{} is not a file", path.display()),
+                });
+            }
+        }
+        // A dynamically linked agent would fail inside images without the
+        // host's loader (busybox, distroless) with a baffling ENOENT at exec.
+        if is_dynamically_linked(&config.agent_binary).map_err(io("read agent binary"))? {
+            return Err(RuntimeError::InvalidSpec {
+                field: "agent binary",
+                reason: format!(
+                    "{} is dynamically linked; build it with scripts/build-agent.sh",
+                    config.agent_binary.display()
+                ),
+            });
+        }
+        let cgroups = CgroupManager::detect(&config.cgroup_parent)?;
+        Ok(Self { config, cgroups })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The cgroup manager (version, parent group).
+    pub fn cgroups(&self) -> &CgroupManager {
+        &self.cgroups
+    }
+
+    fn dir_of(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join(id)
+    }
+
+    /// Creates a sandbox and returns once its agent is listening.
+    pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox, RuntimeError> {
+        validate_id(&spec.id)?;
+        if spec.lower_dirs.is_empty() {
+            return Err(RuntimeError::InvalidSpec {
+                field: "image",
+                reason: "no layers".into(),
+            });
+        }
+        if spec.init.argv.first().is_some_and(|a| a.is_empty()) {
+            return Err(RuntimeError::InvalidSpec {
+                field: "command",
+                reason: "empty program name".into(),
+            });
+        }
+        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.clone());
+        if hostname.is_empty() || hostname.len() > 63 {
+            return Err(RuntimeError::InvalidSpec {
+                field: "hostname",
+                reason: "must be 1 to 63 characters".into(),
+            });
+        }
+        let dir = self.dir_of(&spec.id);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::AlreadyExists(spec.id.clone()))
+            }
+            Err(e) => return Err(io("create sandbox dir")(e)),
+        }
+        let result = self.create_in(spec, &dir, hostname);
+        if result.is_err() {
+            let _ = self.cgroups.open(&spec.id).destroy();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    fn create_in(
+        &self,
+        spec: &SandboxSpec,
+        dir: &Path,
+        hostname: String,
+    ) -> Result<Sandbox, RuntimeError> {
+        let base = self.config.id_map.host_base;
+        for sub in ["upper", "work", "rootfs"] {
+            std::fs::create_dir(dir.join(sub)).map_err(io("create sandbox dir"))?;
+        }
+        // The overlay's root directory takes its owner from the upper dir:
+        // make it the sandbox's root.
+        std::os::unix::fs::chown(dir.join("upper"), Some(base), Some(base))
+            .map_err(io("chown upper dir"))?;
+        std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod upper dir"))?;
+
+        let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
+        let config = SpawnConfig {
+            id: spec.id.clone(),
+            hostname,
+            root: dir.join("rootfs"),
+            lower_dirs: spec.lower_dirs.clone(),
+            upper_dir: dir.join("upper"),
+            work_dir: dir.join("work"),
+            agent_binary: self.config.agent_binary.clone(),
+            agent_socket: dir.join("agent.sock"),
+            host_id_base: base,
+            id_count: self.config.id_map.count,
+            cgroup_procs: cgroup.procs_files(),
+        };
+        let mut input = serde_json::to_vec(&config).expect("serializable");
+        input.push(b'\n');
+        sandpit_wire::encode(&sandpit_wire::Frame::Init(spec.init.clone()), &mut input);
+
+        let mut child = Command::new(&self.config.spawner_binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io("run spawner"))?;
+        {
+            let mut stdin = child.stdin.take().expect("piped");
+            stdin.write_all(&input).map_err(io("write to spawner"))?;
+        }
+        let output = child.wait_with_output().map_err(io("wait for spawner"))?;
+        let line = String::from_utf8_lossy(&output.stdout);
+        let outcome: SpawnOutcome = serde_json::from_str(line.trim()).map_err(|_| {
+            RuntimeError::Spawn(format!(
+                "spawner exited with {} and no report",
+                output.status
+            ))
+        })?;
+        let pid = match outcome {
+            SpawnOutcome::Started { pid } => pid,
+            SpawnOutcome::Failed { message } => return Err(RuntimeError::Spawn(message)),
+        };
+        let start_time = process_start_time(pid)
+            .ok_or_else(|| RuntimeError::Spawn("sandbox init exited right after start".into()))?;
+        let record = SandboxRecord {
+            id: spec.id.clone(),
+            pid,
+            start_time,
+        };
+        write_atomic(
+            &dir.join("state.json"),
+            &serde_json::to_vec(&record).expect("serializable"),
+        )
+        .map_err(io("write sandbox state"))?;
+        tracing::debug!(sandbox_id = %spec.id, pid, "sandbox started");
+        Ok(Sandbox {
+            id: spec.id.clone(),
+            pid,
+            start_time,
+            dir: dir.to_path_buf(),
+            cgroup,
+        })
+    }
+
+    /// Adopts an existing sandbox (after a daemon restart).
+    pub fn open(&self, id: &str) -> Result<Sandbox, RuntimeError> {
+        validate_id(id)?;
+        let dir = self.dir_of(id);
+        let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        Ok(Sandbox {
+            id: record.id,
+            pid: record.pid,
+            start_time: record.start_time,
+            dir,
+            cgroup: self.cgroups.open(id),
+        })
+    }
+
+    /// Ids of every sandbox with state on this host.
+    pub fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.config.state_dir).map_err(io("list state dir"))? {
+            let entry = entry.map_err(io("list state dir"))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if validate_id(name).is_ok() {
+                    ids.push(name.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Kills every process of the sandbox and removes all its state.
+    /// Destroying a sandbox that is already gone is not an error.
+    pub fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        let dir = self.dir_of(id);
+        if let Some(record) = read_record(&dir) {
+            // PID 1 dying takes the whole PID namespace with it.
+            if process_start_time(record.pid) == Some(record.start_time) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(record.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            reap(record.pid);
+        }
+        // Catches anything that was mid-fork or otherwise outlived PID 1.
+        self.cgroups.open(id).destroy()?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove sandbox dir")(e)),
+        }
+        tracing::debug!(sandbox_id = %id, "sandbox destroyed");
+        Ok(())
+    }
+
+    /// Removes the debris of sandboxes not in `keep` (after a crash).
+    pub fn sweep(&self, keep: &HashSet<String>) -> Result<SweepReport, RuntimeError> {
+        let mut report = SweepReport::default();
+        for id in self.list()? {
+            if !keep.contains(&id) {
+                self.destroy(&id)?;
+                report.state_dirs += 1;
+            }
+        }
+        for name in self.cgroups.list()? {
+            if !keep.contains(&name) {
+                self.cgroups.open(&name).destroy()?;
+                report.cgroups += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Accepts `[a-z0-9][a-z0-9_.-]*`, 1 to 63 characters.
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        && id.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidId(id.into()))
+    }
+}
+
+fn read_record(dir: &Path) -> Option<SandboxRecord> {
+    let bytes = std::fs::read(dir.join("state.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split(' ').next().map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(false)
+}
+
+/// Collects the exit status of a sandbox's PID 1 when this process is its
+/// reaper (a subreaper daemon); harmless otherwise.
+fn reap(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    for _ in 0..200 {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        for ok in ["a", "sb-0123abcd", "x.y_z-1"] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", "-a", "A", "a/b", "..", ".a", "a b", &"a".repeat(64)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn elf_interpreter_detection() {
+        // The test binary itself is dynamically linked.
+        let me = std::env::current_exe().unwrap();
+        assert!(is_dynamically_linked(&me).unwrap());
+        assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), None);
+        assert_eq!(elf_has_interpreter(b""), None);
+        // A truncated header is not trusted either way.
+        let head = std::fs::read(&me).unwrap();
+        assert_eq!(elf_has_interpreter(&head[..0x30]), None);
+    }
+
+    #[test]
+    fn start_time_of_self_is_readable_and_stable() {
+        let me = std::process::id() as i32;
+        let t = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me), Some(t));
+        assert!(!is_zombie(me));
+        assert_eq!(process_start_time(i32::MAX), None);
+    }
+}

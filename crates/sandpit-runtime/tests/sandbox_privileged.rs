@@ -1,0 +1,756 @@
+//! End-to-end tests of the engine on real namespaces, cgroups and overlayfs.
+//! Root only: `cargo test -p sandpit-runtime --features privileged-tests`.
+//! Needs the static agent (`scripts/build-agent.sh`) and the test rootfs
+//! tarballs (`scripts/build-test-images.sh`); `.ci/run` prepares both.
+#![cfg(feature = "privileged-tests")]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
+use sandpit_runtime::cgroup::Limits;
+use sandpit_runtime::{Runtime, RuntimeConfig, RuntimeError, Sandbox, SandboxSpec};
+use sandpit_wire::client::{AgentClient, ClientError, ExecEvent, ExecSession, Output};
+use sandpit_wire::{ErrorKind, ExecRequest, ExitStatus, InitFile, InitSpec, MainStatus, WinSize};
+
+const HOST_BASE: u32 = 1_000_000_000;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandpit-privileged")
+}
+
+fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("SANDPIT_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join("target/agent/x86_64-unknown-linux-gnu/release/sandpit-agent")
+        });
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/build-agent.sh",
+        path.display()
+    );
+    path
+}
+
+fn store() -> &'static ImageStore {
+    static STORE: OnceLock<ImageStore> = OnceLock::new();
+    STORE.get_or_init(|| ImageStore::open(&data_dir().join("store"), IdShift::default()).unwrap())
+}
+
+/// Layers of a test image, imported from `.cache/images/<file>` once.
+fn layers(file: &str) -> Vec<PathBuf> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap();
+    let reference =
+        Reference::parse(&format!("sandpit.test/{}:latest", file.replace('.', "-"))).unwrap();
+    let image = match store().get(&reference) {
+        Ok(image) => image,
+        Err(_) => {
+            let tar = workspace().join(".cache/images").join(file);
+            let f = std::fs::File::open(&tar).unwrap_or_else(|e| {
+                panic!("{}: {e}: run scripts/build-test-images.sh", tar.display())
+            });
+            store()
+                .import_rootfs_tar(&reference, f, ImageConfig::default())
+                .unwrap()
+        }
+    };
+    store().lower_dirs(&image)
+}
+
+fn busybox() -> Vec<PathBuf> {
+    static L: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    L.get_or_init(|| layers("busybox.tar")).clone()
+}
+
+fn python() -> Vec<PathBuf> {
+    static L: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    L.get_or_init(|| layers("python311.tar")).clone()
+}
+
+fn new_runtime(name: &str) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        state_dir: data_dir().join(format!("state-{name}")),
+        agent_binary: agent_binary(),
+        spawner_binary: PathBuf::from(env!("CARGO_BIN_EXE_sandpit-spawn")),
+        id_map: sandpit_runtime::IdMap::default(),
+        cgroup_parent: format!("sandpit-test-{name}"),
+    })
+    .unwrap()
+}
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| new_runtime("main"))
+}
+
+fn unique_id(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn spec(prefix: &str, layers: Vec<PathBuf>, argv: &[&str]) -> SandboxSpec {
+    SandboxSpec {
+        id: unique_id(prefix),
+        hostname: None,
+        lower_dirs: layers,
+        init: InitSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![(
+                "PATH".into(),
+                "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+            )],
+            cwd: "/".into(),
+            files: vec![],
+        },
+        limits: Limits::default(),
+    }
+}
+
+/// Destroys the sandbox when the test ends, pass or fail.
+struct Guard<'a> {
+    rt: &'a Runtime,
+    sb: Sandbox,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let _ = self.rt.destroy(self.sb.id());
+    }
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sb
+    }
+}
+
+fn start(rt: &Runtime, spec: SandboxSpec) -> Guard<'_> {
+    let sb = rt.create(&spec).unwrap();
+    Guard { rt, sb }
+}
+
+fn exec(agent: &AgentClient, argv: &[&str]) -> Output {
+    agent
+        .run(
+            ExecRequest {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap()
+}
+
+fn sh(agent: &AgentClient, script: &str) -> (String, ExitStatus) {
+    let out = exec(agent, &["sh", "-c", script]);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+fn probe(sb: &Sandbox) -> serde_json::Value {
+    let out = exec(&sb.agent(), &["/dev/.sandpit-agent", "probe"]);
+    assert_eq!(
+        out.status,
+        ExitStatus::Code(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_main_exit(agent: &AgentClient) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match agent.ping().unwrap() {
+            MainStatus::Exited(s) => return s,
+            other => assert!(Instant::now() < deadline, "main still {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- isolation
+
+#[test]
+fn probe_sees_an_isolated_unprivileged_environment() {
+    let rt = runtime();
+    let sb = start(rt, spec("probe", busybox(), &[]));
+    let p = probe(&sb);
+    let a = &p["attempts"];
+    // Root inside, an unprivileged range outside.
+    assert_eq!(p["uid"], 0);
+    let base = HOST_BASE.to_string();
+    assert_eq!(
+        p["uid_map"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["0", base.as_str(), "65536"]
+    );
+    assert_eq!(p["hostname"], sb.id());
+    // Own PID namespace: the agent is PID 1 and the host's processes are invisible.
+    assert!(p["pids_visible"].as_u64().unwrap() < 5, "{p}");
+    assert_eq!(p["no_new_privs"], 1);
+    assert_eq!(p["seccomp"], 2);
+    let bnd = u64::from_str_radix(p["cap_bnd"].as_str().unwrap(), 16).unwrap();
+    assert_eq!(
+        bnd,
+        sandpit_runtime::caps::mask_of(sandpit_runtime::caps::DEFAULT_CAPS)
+    );
+    for forbidden in [
+        "mount_tmpfs",
+        "unshare_user",
+        "unshare_net",
+        "init_module",
+        "kexec_load",
+        "bpf",
+        "keyctl",
+        "sethostname",
+        "reboot",
+        "swapon",
+        "clock_settime",
+        "open_kcore_read",
+        "write_proc_sysrq",
+        "write_sys",
+    ] {
+        assert_ne!(a[forbidden], "ok", "{forbidden} was allowed: {p}");
+        assert!(a[forbidden].is_string(), "{forbidden} missing: {p}");
+    }
+    assert_eq!(a["chroot"], "ok", "default capabilities allow chroot: {p}");
+}
+
+#[test]
+fn sandbox_processes_run_as_an_unprivileged_host_uid() {
+    let rt = runtime();
+    let sb = start(rt, spec("uid", busybox(), &["sleep", "1000"]));
+    let MainStatus::Running { .. } = sb.agent().ping().unwrap() else {
+        panic!("main not running")
+    };
+    let pids = sb.cgroup().pids().unwrap();
+    assert_eq!(pids.len(), 2, "agent and sleep: {pids:?}");
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        for uid in uid_line.split_whitespace().skip(1) {
+            assert_eq!(
+                uid.parse::<u32>().unwrap(),
+                HOST_BASE,
+                "pid {pid}: {uid_line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn host_files_outside_the_rootfs_are_invisible() {
+    let rt = runtime();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "host secret").unwrap();
+    let sb = start(rt, spec("hostfs", busybox(), &[]));
+    let path = secret.path().to_str().unwrap();
+    let (out, status) = sh(&sb.agent(), &format!("cat {path} 2>&1; ls /"));
+    assert!(!out.contains("host secret"), "{out}");
+    assert_eq!(status, ExitStatus::Code(0));
+    // What `/` holds inside is the image, not the host.
+    assert!(out.contains("bin"));
+    assert!(!out.contains("work"), "{out}");
+    assert_eq!(
+        sh(&sb.agent(), "tr '\\0' ' ' < /proc/1/cmdline").0.trim(),
+        "sandpit-agent serve --listen-fd 3 --init-fd 4"
+    );
+}
+
+#[test]
+fn network_is_loopback_only() {
+    let rt = runtime();
+    let sb = start(rt, spec("net", busybox(), &[]));
+    let (out, _) = sh(&sb.agent(), "ls /sys/class/net");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+    let (out, _) = sh(&sb.agent(), "cat /sys/class/net/lo/flags");
+    let flags = u32::from_str_radix(out.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "loopback not up: {out}");
+}
+
+#[test]
+fn symlink_planted_inside_cannot_reach_host_files() {
+    let rt = runtime();
+    let host_dir = tempfile::tempdir().unwrap();
+    let host_file = host_dir.path().join("victim");
+    std::fs::write(&host_file, "untouched").unwrap();
+    let sb = start(rt, spec("symlink", busybox(), &[]));
+    let agent = sb.agent();
+    let (_, st) = sh(
+        &agent,
+        &format!(
+            // The same absolute path exists inside too: links must resolve there.
+            "ln -s {} /tmp/escape && mkdir -p /tmp/d {dir} && ln -s {dir} /tmp/d/up",
+            host_file.display(),
+            dir = host_dir.path().display()
+        ),
+    );
+    assert_eq!(st, ExitStatus::Code(0));
+    match agent.read_file("/tmp/escape") {
+        Err(ClientError::Agent {
+            kind: ErrorKind::NotFound,
+            ..
+        }) => {}
+        other => panic!("read through planted symlink: {other:?}"),
+    }
+    agent.write_file("/tmp/escape", 0o644, b"pwned").unwrap();
+    agent
+        .write_file("/tmp/d/up/victim", 0o644, b"pwned")
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "untouched");
+    // The writes landed inside the sandbox.
+    assert_eq!(agent.read_file("/tmp/escape").unwrap(), b"pwned");
+    let inside = host_dir.path().join("victim");
+    assert_eq!(agent.read_file(inside.to_str().unwrap()).unwrap(), b"pwned");
+    assert_eq!(
+        std::fs::read_dir(host_dir.path()).unwrap().count(),
+        1,
+        "nothing new in the host directory"
+    );
+}
+
+// ------------------------------------------------------------------- limits
+
+#[test]
+fn memory_hog_is_oom_killed_and_reported() {
+    let rt = runtime();
+    let mut s = spec(
+        "oom",
+        python(),
+        &["python3", "-c", "b = b'x' * (512 << 20); print(len(b))"],
+    );
+    s.limits = Limits {
+        memory_bytes: Some(64 << 20),
+        ..Default::default()
+    };
+    let sb = start(rt, s);
+    assert_eq!(wait_main_exit(&sb.agent()), ExitStatus::Signal(9));
+    assert!(sb.oom_kills() >= 1, "oom kill not recorded");
+    // The agent survived and still answers.
+    assert!(matches!(sb.agent().ping().unwrap(), MainStatus::Exited(_)));
+}
+
+#[test]
+fn fork_bomb_is_contained_by_the_pids_limit() {
+    let rt = runtime();
+    let mut s = spec(
+        "forkbomb",
+        busybox(),
+        &["sh", "-c", "f() { f | f & }; f; sleep 1000"],
+    );
+    s.limits = Limits {
+        pids_max: Some(64),
+        cpu_millis: Some(500),
+        ..Default::default()
+    };
+    let sb = start(rt, s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = sb.cgroup().pids().unwrap().len();
+    assert!(n <= 64, "{n} processes despite pids.max=64");
+    // The bomb's processes are short-lived, so a sample of the cgroup is
+    // noisy; the kernel's own count of refused forks is not.
+    let hits = sb.cgroup().pids_limit_hits().unwrap();
+    assert!(hits >= 1, "the bomb never hit the limit ({n} processes)");
+    // The host stays responsive: it can still start processes.
+    let t = Instant::now();
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
+    eprintln!("host `true` during the fork bomb: {:?}", t.elapsed());
+    let id = sb.id().to_string();
+    drop(sb);
+    assert!(rt.open(&id).is_err(), "state left behind");
+}
+
+#[test]
+fn cpu_quota_is_enforced() {
+    let rt = runtime();
+    let mut s = spec("cpu", busybox(), &[]);
+    s.limits = Limits {
+        cpu_millis: Some(200),
+        ..Default::default()
+    };
+    let sb = start(rt, s);
+    let before = sb.cgroup().cpu_usage_usec().unwrap();
+    let t = Instant::now();
+    sh(&sb.agent(), "timeout 1 sh -c 'while :; do :; done'");
+    let wall = t.elapsed().as_micros() as u64;
+    let used = sb.cgroup().cpu_usage_usec().unwrap() - before;
+    // A busy loop would use ~100% of one CPU; 200m allows ~20% of the wall time.
+    assert!(used < wall / 2, "used {used} us of CPU in {wall} us");
+    assert!(
+        used > wall / 20,
+        "the loop barely ran: {used} us in {wall} us"
+    );
+}
+
+// --------------------------------------------------------------- no debris
+
+fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+fn link_count() -> usize {
+    std::fs::read_dir("/sys/class/net").unwrap().count()
+}
+
+/// Processes whose cgroup path mentions `marker`.
+fn processes_in(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cgroup")).is_ok_and(|c| c.contains(marker))
+        })
+        .count()
+}
+
+#[test]
+fn hundred_cycles_and_a_killed_main_leave_no_debris() {
+    // A runtime of its own, so counts are not disturbed by the other tests.
+    let rt = new_runtime("debris");
+    rt.sweep(&HashSet::new()).unwrap();
+    let marker = "sandpit-test-debris";
+    let (mounts, links) = (mount_count(), link_count());
+    assert_eq!(rt.cgroups().list().unwrap().len(), 0);
+    assert_eq!(processes_in(marker), 0);
+
+    for i in 0..100 {
+        let argv: &[&str] = if i % 2 == 0 { &[] } else { &["sleep", "1000"] };
+        let sb = rt.create(&spec("cycle", busybox(), argv)).unwrap();
+        if i % 10 == 0 {
+            assert!(sb.agent().ping().is_ok());
+            assert_eq!(sh(&sb.agent(), "echo hi").0, "hi\n");
+            assert!(processes_in(marker) >= 1);
+        }
+        rt.destroy(sb.id()).unwrap();
+    }
+
+    // A main process killed from the host with SIGKILL.
+    let sb = rt
+        .create(&spec("killed", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    let MainStatus::Running { .. } = sb.agent().ping().unwrap() else {
+        panic!("main not running")
+    };
+    let sleeper = sb
+        .cgroup()
+        .pids()
+        .unwrap()
+        .into_iter()
+        .find(|&p| p != sb.pid())
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(wait_main_exit(&sb.agent()), ExitStatus::Signal(9));
+    rt.destroy(sb.id()).unwrap();
+
+    // Killing PID 1 itself.
+    let sb = rt
+        .create(&spec("killed-init", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sb.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    rt.destroy(sb.id()).unwrap();
+
+    assert_eq!(mount_count(), mounts, "mounts leaked");
+    assert_eq!(link_count(), links, "network devices leaked");
+    assert_eq!(rt.cgroups().list().unwrap().len(), 0, "cgroups leaked");
+    assert_eq!(rt.list().unwrap().len(), 0, "state dirs leaked");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_in(marker) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(processes_in(marker), 0, "processes leaked");
+}
+
+#[test]
+fn sweep_removes_the_debris_of_a_crash() {
+    let rt = new_runtime("sweep");
+    rt.sweep(&HashSet::new()).unwrap();
+    let a = rt
+        .create(&spec("keep", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    let b = rt
+        .create(&spec("lost", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    // As if the daemon crashed and forgot `b`: a new runtime instance sweeps it.
+    let rt2 = new_runtime("sweep");
+    let report = rt2.sweep(&HashSet::from([a.id().to_string()])).unwrap();
+    assert_eq!(report.state_dirs, 1);
+    assert!(!b.is_running());
+    assert!(a.is_running());
+    let adopted = rt2.open(a.id()).unwrap();
+    assert!(adopted.agent().ping().is_ok());
+    rt2.destroy(a.id()).unwrap();
+    assert!(rt2.list().unwrap().is_empty());
+    assert!(rt2.cgroups().list().unwrap().is_empty());
+}
+
+// -------------------------------------------------------------------- agent
+
+#[test]
+fn exec_exit_codes_signals_and_stdin() {
+    let rt = runtime();
+    let sb = start(rt, spec("exec", busybox(), &[]));
+    let agent = sb.agent();
+    assert_eq!(exec(&agent, &["true"]).status, ExitStatus::Code(0));
+    assert_eq!(sh(&agent, "exit 42").1, ExitStatus::Code(42));
+    assert_eq!(sh(&agent, "kill -TERM $$").1, ExitStatus::Signal(15));
+    let input: Vec<u8> = (0..=255u8).cycle().take(200 * 1024).collect();
+    let out = agent
+        .run(
+            ExecRequest {
+                argv: vec!["cat".into()],
+                ..Default::default()
+            },
+            Some(&input),
+        )
+        .unwrap();
+    assert_eq!(out.stdout, input, "binary stdin round trip");
+    let out = exec(&agent, &["sh", "-c", "echo out; echo err >&2"]);
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+#[test]
+fn fifty_megabytes_of_output_arrive_intact() {
+    let rt = runtime();
+    let sb = start(rt, spec("bigout", busybox(), &[]));
+    let out = exec(&sb.agent(), &["head", "-c", "52428800", "/dev/urandom"]);
+    assert_eq!(out.stdout.len(), 52_428_800);
+    assert_eq!(out.status, ExitStatus::Code(0));
+}
+
+fn read_until(session: &mut ExecSession, seen: &mut String, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains(want) {
+        assert!(Instant::now() < deadline, "never saw {want:?} in {seen:?}");
+        match session.next_event().unwrap() {
+            Some(ExecEvent::Stdout(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("stream ended: {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn pty_reports_size_and_follows_resize() {
+    let rt = runtime();
+    let sb = start(rt, spec("pty", busybox(), &[]));
+    let mut session = sb
+        .agent()
+        .exec(ExecRequest {
+            argv: vec!["sh".into()],
+            tty: Some(WinSize { cols: 91, rows: 17 }),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut seen = String::new();
+    session.send_stdin(b"stty size\n").unwrap();
+    read_until(&mut session, &mut seen, "17 91");
+    session
+        .resize(WinSize {
+            cols: 120,
+            rows: 40,
+        })
+        .unwrap();
+    session.send_stdin(b"stty size; exit 5\n").unwrap();
+    read_until(&mut session, &mut seen, "40 120");
+    loop {
+        match session.next_event().unwrap() {
+            Some(ExecEvent::Exited(s)) => {
+                assert_eq!(s, ExitStatus::Code(5));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no exit"),
+        }
+    }
+}
+
+#[test]
+fn cancelled_exec_is_killed() {
+    let rt = runtime();
+    let sb = start(rt, spec("cancel", busybox(), &[]));
+    let before = sb.cgroup().pids().unwrap().len();
+    let session = sb
+        .agent()
+        .exec(ExecRequest {
+            argv: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(sb.cgroup().pids().unwrap().len(), before + 1);
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sb.cgroup().pids().unwrap().len() > before {
+        assert!(Instant::now() < deadline, "cancelled command still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn main_command_env_cwd_files_and_output() {
+    let rt = runtime();
+    let mut s = spec(
+        "main",
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "echo \"$GREETING from $(pwd)\"; cat note.txt; echo oops >&2; exit 3",
+        ],
+    );
+    s.init.env.push(("GREETING".into(), "hello".into()));
+    s.init.cwd = "/work".into();
+    s.init.files.push(InitFile {
+        path: "/work/note.txt".into(),
+        mode: 0o644,
+        content: b"mounted file\n".to_vec(),
+    });
+    let sb = start(rt, s);
+    let agent = sb.agent();
+    assert_eq!(wait_main_exit(&agent), ExitStatus::Code(3));
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    for chunk in agent.main_output(0, false).unwrap() {
+        match chunk.unwrap() {
+            sandpit_wire::Frame::MainChunk {
+                stream: 1, data, ..
+            } => stdout.extend(data),
+            sandpit_wire::Frame::MainChunk {
+                stream: 2, data, ..
+            } => stderr.extend(data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        String::from_utf8(stdout).unwrap(),
+        "hello from /work\nmounted file\n"
+    );
+    assert_eq!(stderr, b"oops\n");
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[test]
+fn bad_input_fails_clearly_without_debris() {
+    let rt = new_runtime("bad");
+    rt.sweep(&HashSet::new()).unwrap();
+    let mounts = mount_count();
+
+    let mut s = spec("nolayer", vec![PathBuf::from("/nonexistent/layer")], &[]);
+    let err = rt.create(&s).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::Spawn(ref m) if m.contains("root filesystem") && m.contains("ENOENT")),
+        "{err}"
+    );
+
+    s = spec("emptyargv0", busybox(), &[""]);
+    assert!(matches!(
+        rt.create(&s).unwrap_err(),
+        RuntimeError::InvalidSpec {
+            field: "command",
+            ..
+        }
+    ));
+    s.id = "Bad/Id".into();
+    assert!(matches!(
+        rt.create(&s).unwrap_err(),
+        RuntimeError::InvalidId(_)
+    ));
+
+    // A main command that does not exist: the sandbox starts, the agent says why.
+    let sb = rt
+        .create(&spec("nobin", busybox(), &["/no/such/binary"]))
+        .unwrap();
+    match sb.agent().ping().unwrap() {
+        MainStatus::StartFailed(msg) => assert!(msg.contains("/no/such/binary"), "{msg}"),
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
+    let agent = sb.agent();
+    let empty = agent.run(ExecRequest::default(), None).unwrap_err();
+    assert!(
+        matches!(
+            empty,
+            ClientError::Agent {
+                kind: ErrorKind::InvalidArgument,
+                ..
+            }
+        ),
+        "{empty}"
+    );
+    let nobin = agent
+        .run(
+            ExecRequest {
+                argv: vec!["nope-cmd".into()],
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&nobin, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("nope-cmd")),
+        "{nobin}"
+    );
+    let nocwd = agent
+        .run(
+            ExecRequest {
+                argv: vec!["true".into()],
+                cwd: Some("/no/dir".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&nocwd, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("/no/dir")),
+        "{nocwd}"
+    );
+    rt.destroy(sb.id()).unwrap();
+
+    assert_eq!(mount_count(), mounts);
+    assert!(
+        rt.list().unwrap().is_empty(),
+        "state dirs left: {:?}",
+        rt.list()
+    );
+    assert!(rt.cgroups().list().unwrap().is_empty(), "cgroups left");
+}

@@ -1,0 +1,972 @@
+//! Blocking host-side client of the agent.
+//!
+//! One connection per operation, opened lazily, as the protocol wants: an
+//! [`AgentClient`] is just the socket path and is cheap to clone. Everything
+//! read from the agent is treated as hostile: frames are bounded by
+//! [`read_frame`], file sizes are checked against the caller's limit before
+//! any data is accepted, and an agent that sends more than it announced is
+//! cut off with [`ClientError::Protocol`].
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{
+    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, WinSize, WireError,
+    CHUNK_LEN,
+};
+
+/// Largest file [`AgentClient::read_file`] accepts; use
+/// [`AgentClient::read_file_to`] with a limit of your own for more.
+pub const READ_FILE_MAX: u64 = 1 << 30;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent's socket is missing or refuses connections.
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    /// The transport failed or the agent sent a malformed frame.
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    /// The agent reported an error.
+    #[error("agent: {}: {message}", kind_name(.kind))]
+    Agent {
+        /// Category.
+        kind: ErrorKind,
+        /// Detail from the agent.
+        message: String,
+    },
+    /// The agent sent a frame that does not belong here.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The file is larger than the caller accepts.
+    #[error("file of {size} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Size announced by the agent.
+        size: u64,
+        /// The caller's limit.
+        max: u64,
+    },
+    /// The agent closed the connection in the middle of an operation.
+    #[error("agent closed the connection")]
+    Closed,
+}
+
+fn kind_name(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::NotFound => "not found",
+        ErrorKind::PermissionDenied => "permission denied",
+        ErrorKind::IsDirectory => "is a directory",
+        ErrorKind::NotRegularFile => "not a regular file",
+        ErrorKind::InvalidArgument => "invalid argument",
+        ErrorKind::SpawnFailed => "spawn failed",
+        ErrorKind::Io => "i/o error",
+        ErrorKind::Protocol => "protocol error",
+        ErrorKind::NotRunning => "not running",
+    }
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Wire(WireError::Io(e))
+    }
+}
+
+/// Names a frame for error messages without dumping its payload.
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Ping => "ping",
+        Frame::Pong(_) => "pong",
+        Frame::Exec(_) => "exec",
+        Frame::Started { .. } => "started",
+        Frame::Stdin(_) => "stdin",
+        Frame::StdinEof => "stdin-eof",
+        Frame::Resize(_) => "resize",
+        Frame::Signal(_) => "signal",
+        Frame::Stdout(_) => "stdout",
+        Frame::Stderr(_) => "stderr",
+        Frame::Exited(_) => "exited",
+        Frame::ReadFile { .. } => "read-file",
+        Frame::FileInfo { .. } => "file-info",
+        Frame::Data(_) => "data",
+        Frame::End => "end",
+        Frame::WriteFile { .. } => "write-file",
+        Frame::Ok => "ok",
+        Frame::Error { .. } => "error",
+        Frame::MainOutput { .. } => "main-output",
+        Frame::Gap { .. } => "gap",
+        Frame::MainChunk { .. } => "main-chunk",
+        Frame::SignalMain(_) => "signal-main",
+        Frame::Init(_) => "init",
+    }
+}
+
+fn unexpected(f: Frame, during: &str) -> ClientError {
+    match f {
+        Frame::Error { kind, message } => ClientError::Agent { kind, message },
+        other => {
+            ClientError::Protocol(format!("unexpected {} during {during}", frame_name(&other)))
+        }
+    }
+}
+
+/// Reads the next frame; a clean close is [`ClientError::Closed`] because every
+/// caller still expects an answer.
+fn expect_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, ClientError> {
+    read_frame(r)?.ok_or(ClientError::Closed)
+}
+
+/// Sends one frame with a single `write_all`, so frames from threads sharing the
+/// stream (behind a mutex) never interleave.
+fn send(mut w: &UnixStream, frame: &Frame) -> Result<(), ClientError> {
+    let mut buf = Vec::with_capacity(16);
+    encode(frame, &mut buf);
+    w.write_all(&buf)?;
+    Ok(())
+}
+
+fn is_disconnect(e: &ClientError) -> bool {
+    matches!(e, ClientError::Wire(WireError::Io(io)) if matches!(
+        io.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    ))
+}
+
+/// A handle on one sandbox's agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    socket: PathBuf,
+    timeout: Option<Duration>,
+}
+
+impl AgentClient {
+    /// A client for the agent listening at `socket`; nothing is opened yet.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            timeout: None,
+        }
+    }
+
+    /// Bounds every read and write of the request-response operations (ping,
+    /// signal, file reads and writes). Exec sessions and main output streams
+    /// may legitimately stay silent for long and are never bounded.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Path of the agent's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn connect(&self, bounded: bool) -> Result<UnixStream, ClientError> {
+        let stream = UnixStream::connect(&self.socket).map_err(ClientError::Connect)?;
+        if bounded && self.timeout.is_some() {
+            stream.set_read_timeout(self.timeout)?;
+            stream.set_write_timeout(self.timeout)?;
+        }
+        Ok(stream)
+    }
+
+    /// Opens a connection and sends the operation's first frame.
+    fn start(&self, first: &Frame, bounded: bool) -> Result<UnixStream, ClientError> {
+        let stream = self.connect(bounded)?;
+        send(&stream, first)?;
+        Ok(stream)
+    }
+
+    /// Is the agent alive, and how is the main process?
+    pub fn ping(&self) -> Result<MainStatus, ClientError> {
+        let mut s = self.start(&Frame::Ping, true)?;
+        match expect_frame(&mut s)? {
+            Frame::Pong(status) => Ok(status),
+            other => Err(unexpected(other, "ping")),
+        }
+    }
+
+    /// Sends a signal to the main command's process group.
+    pub fn signal_main(&self, sig: i32) -> Result<(), ClientError> {
+        let mut s = self.start(&Frame::SignalMain(sig), true)?;
+        match expect_frame(&mut s)? {
+            Frame::Ok => Ok(()),
+            other => Err(unexpected(other, "signal")),
+        }
+    }
+
+    /// Starts a command; returns once it runs.
+    pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
+        let stream = self.start(&Frame::Exec(req), false)?;
+        let writer = Arc::new(Mutex::new(stream.try_clone()?));
+        let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, stream);
+        match expect_frame(&mut reader)? {
+            Frame::Started { pid } => Ok(ExecSession {
+                reader,
+                writer,
+                pid,
+                done: false,
+            }),
+            other => Err(unexpected(other, "exec")),
+        }
+    }
+
+    /// Runs a command to completion and collects its output. `stdin` is fed on
+    /// a separate thread so a command that writes while it reads cannot
+    /// deadlock against us; `None` closes its stdin at once.
+    pub fn run(&self, req: ExecRequest, stdin: Option<&[u8]>) -> Result<Output, ClientError> {
+        let mut session = self.exec(req)?;
+        let Some(data) = stdin else {
+            // A command that already exited may have closed the connection
+            // (EPIPE): its events are still queued for us to read.
+            let _ = session.close_stdin();
+            let out = session.collect();
+            session.shutdown();
+            return out;
+        };
+        let writer = session.stdin_writer()?;
+        std::thread::scope(|scope| {
+            let feeder = scope.spawn(move || {
+                let mut writer = writer;
+                writer.send_stdin(data)?;
+                writer.close_stdin()
+            });
+            let out = session.collect();
+            // Unblocks the feeder if the command exited without reading all of
+            // its input (or the session failed).
+            session.shutdown();
+            // A feeder error only means the command stopped reading: not ours
+            // to report when the command ran to its end.
+            let _ = feeder.join();
+            out
+        })
+    }
+
+    /// Reads a whole file (at most [`READ_FILE_MAX`] bytes).
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        self.read_file_to(path, &mut out, READ_FILE_MAX)?;
+        Ok(out)
+    }
+
+    /// Streams a file into `w`; refuses files larger than `max_size` before any
+    /// byte is accepted. Returns the number of bytes written.
+    pub fn read_file_to(
+        &self,
+        path: &str,
+        w: &mut dyn Write,
+        max_size: u64,
+    ) -> Result<u64, ClientError> {
+        let stream = self.start(
+            &Frame::ReadFile {
+                path: path.to_string(),
+            },
+            true,
+        )?;
+        let mut r = BufReader::with_capacity(CHUNK_LEN + 64, stream);
+        let size = match expect_frame(&mut r)? {
+            Frame::FileInfo { size, .. } => size,
+            other => return Err(unexpected(other, "read")),
+        };
+        if size > max_size {
+            return Err(ClientError::TooLarge {
+                size,
+                max: max_size,
+            });
+        }
+        let mut got = 0u64;
+        loop {
+            match expect_frame(&mut r)? {
+                Frame::Data(d) => {
+                    got += d.len() as u64;
+                    if got > size {
+                        return Err(ClientError::Protocol(format!(
+                            "agent sent more than the announced {size} bytes"
+                        )));
+                    }
+                    w.write_all(&d)?;
+                }
+                Frame::End if got == size => return Ok(size),
+                Frame::End => {
+                    return Err(ClientError::Protocol(format!(
+                        "agent sent {got} of the announced {size} bytes"
+                    )))
+                }
+                other => return Err(unexpected(other, "read")),
+            }
+        }
+    }
+
+    /// Writes a whole file atomically; an existing file keeps its mode.
+    pub fn write_file(&self, path: &str, mode: u32, data: &[u8]) -> Result<(), ClientError> {
+        let mut r = data;
+        self.write_file_from(path, mode, &mut r)
+    }
+
+    /// Writes a file atomically from a reader.
+    pub fn write_file_from(
+        &self,
+        path: &str,
+        mode: u32,
+        r: &mut dyn Read,
+    ) -> Result<(), ClientError> {
+        let mut stream = self.start(
+            &Frame::WriteFile {
+                path: path.to_string(),
+                mode,
+            },
+            true,
+        )?;
+        let sent = Self::send_body(&stream, r);
+        match sent {
+            Ok(()) => {}
+            // The agent gave up early: its answer says why.
+            Err(ref e) if is_disconnect(e) => {}
+            Err(e) => return Err(e),
+        }
+        let reply = read_frame(&mut stream);
+        match (reply, sent) {
+            (Ok(Some(Frame::Ok)), Ok(())) => Ok(()),
+            // The agent's own reason beats our broken pipe.
+            (Ok(Some(f @ Frame::Error { .. })), _) => Err(unexpected(f, "write")),
+            (_, Err(e)) => Err(e),
+            (Ok(Some(other)), Ok(())) => Err(unexpected(other, "write")),
+            (Ok(None), Ok(())) => Err(ClientError::Closed),
+            (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+
+    fn send_body(stream: &UnixStream, r: &mut dyn Read) -> Result<(), ClientError> {
+        let mut buf = vec![0u8; CHUNK_LEN];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            send(stream, &Frame::Data(buf[..n].to_vec()))?;
+        }
+        send(stream, &Frame::End)
+    }
+
+    /// Streams the main command's output from `offset` (over stdout and
+    /// stderr together). With `follow`, the stream lasts until the main
+    /// command exited and its output was drained.
+    pub fn main_output(&self, offset: u64, follow: bool) -> Result<MainOutput, ClientError> {
+        let stream = self.start(&Frame::MainOutput { offset, follow }, !follow)?;
+        Ok(MainOutput {
+            reader: BufReader::with_capacity(CHUNK_LEN + 64, stream),
+            done: false,
+        })
+    }
+}
+
+/// Everything a finished command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Its stdout (or the PTY's output).
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: Vec<u8>,
+    /// How it ended.
+    pub status: ExitStatus,
+}
+
+/// What a running command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Bytes on stdout (or the PTY).
+    Stdout(Vec<u8>),
+    /// Bytes on stderr.
+    Stderr(Vec<u8>),
+    /// The command ended; the last event.
+    Exited(ExitStatus),
+}
+
+/// A running command. Dropping it before [`ExecEvent::Exited`] closes the
+/// connection, and the agent kills the command's process group.
+#[derive(Debug)]
+pub struct ExecSession {
+    reader: BufReader<UnixStream>,
+    writer: Arc<Mutex<UnixStream>>,
+    pid: u32,
+    done: bool,
+}
+
+impl ExecSession {
+    /// The command's pid inside the sandbox.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn control(&self) -> StdinWriter {
+        StdinWriter {
+            writer: Arc::clone(&self.writer),
+        }
+    }
+
+    /// Sends bytes to the command's stdin (in frames of at most [`CHUNK_LEN`]).
+    pub fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.control().send_stdin(data)
+    }
+
+    /// Ends the command's stdin (on a PTY: sends the EOF character).
+    pub fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.control().close_stdin()
+    }
+
+    /// Resizes the command's PTY (ignored without one).
+    pub fn resize(&mut self, ws: WinSize) -> Result<(), ClientError> {
+        self.control().resize(ws)
+    }
+
+    /// Sends a signal to the command's process group.
+    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+        self.control().signal(sig)
+    }
+
+    /// A handle that sends stdin (and control frames) from another thread
+    /// while this session reads output. Frames of all handles are serialised.
+    pub fn stdin_writer(&self) -> Result<StdinWriter, ClientError> {
+        Ok(self.control())
+    }
+
+    /// The next event; `None` once [`ExecEvent::Exited`] was returned.
+    pub fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let frame = match read_frame(&mut self.reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                self.done = true;
+                return Err(ClientError::Closed);
+            }
+            Err(e) => {
+                self.done = true;
+                return Err(e.into());
+            }
+        };
+        match frame {
+            Frame::Stdout(d) => Ok(Some(ExecEvent::Stdout(d))),
+            Frame::Stderr(d) => Ok(Some(ExecEvent::Stderr(d))),
+            Frame::Exited(s) => {
+                self.done = true;
+                Ok(Some(ExecEvent::Exited(s)))
+            }
+            other => {
+                self.done = true;
+                Err(unexpected(other, "exec"))
+            }
+        }
+    }
+
+    /// Reads events up to the exit.
+    fn collect(&mut self) -> Result<Output, ClientError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        loop {
+            match self.next_event()? {
+                Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+                Some(ExecEvent::Stderr(d)) => stderr.extend_from_slice(&d),
+                Some(ExecEvent::Exited(status)) => {
+                    return Ok(Output {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+                None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// Closes both directions now, whoever else holds a handle: the agent sees
+    /// the connection go (and cancels a command still running).
+    fn shutdown(&self) {
+        let _ = self.reader.get_ref().shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for ExecSession {
+    fn drop(&mut self) {
+        // A `StdinWriter` may still hold a clone of the socket: shut it down so
+        // dropping the session cancels the command as documented.
+        self.shutdown();
+    }
+}
+
+/// Sends stdin and control frames of an [`ExecSession`] from another thread.
+#[derive(Debug, Clone)]
+pub struct StdinWriter {
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl StdinWriter {
+    fn send(&self, frame: &Frame) -> Result<(), ClientError> {
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        send(&guard, frame)
+    }
+
+    /// Sends bytes to the command's stdin (in frames of at most [`CHUNK_LEN`]).
+    pub fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(CHUNK_LEN) {
+            self.send(&Frame::Stdin(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the command's stdin.
+    pub fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.send(&Frame::StdinEof)
+    }
+
+    /// Resizes the command's PTY.
+    pub fn resize(&mut self, ws: WinSize) -> Result<(), ClientError> {
+        self.send(&Frame::Resize(ws))
+    }
+
+    /// Sends a signal to the command's process group.
+    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+        self.send(&Frame::Signal(sig))
+    }
+}
+
+impl Write for StdinWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(CHUNK_LEN);
+        self.send(&Frame::Stdin(buf[..n].to_vec()))
+            .map_err(|e| match e {
+                ClientError::Wire(WireError::Io(io)) => io,
+                other => io::Error::other(other),
+            })?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The main command's output: [`Frame::Gap`] and [`Frame::MainChunk`] frames,
+/// ending at the agent's `End`.
+#[derive(Debug)]
+pub struct MainOutput {
+    reader: BufReader<UnixStream>,
+    done: bool,
+}
+
+impl Iterator for MainOutput {
+    type Item = Result<Frame, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = match read_frame(&mut self.reader) {
+            Ok(Some(Frame::End)) => {
+                self.done = true;
+                return None;
+            }
+            Ok(Some(f @ Frame::Gap { .. })) => return Some(Ok(f)),
+            Ok(Some(f @ Frame::MainChunk { stream: 1 | 2, .. })) => return Some(Ok(f)),
+            Ok(Some(Frame::MainChunk { stream, .. })) => Err(ClientError::Protocol(format!(
+                "main chunk of unknown stream {stream}"
+            ))),
+            Ok(Some(other)) => Err(unexpected(other, "main output")),
+            Ok(None) => Err(ClientError::Closed),
+            Err(e) => Err(e.into()),
+        };
+        self.done = true;
+        Some(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::thread::JoinHandle;
+
+    /// A fake agent: serves `conns` connections, each with `handler`.
+    fn fake_agent<F>(conns: usize, handler: F) -> (tempfile::TempDir, AgentClient, JoinHandle<()>)
+    where
+        F: Fn(UnixStream, Frame) + Send + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            for _ in 0..conns {
+                let (mut s, _) = listener.accept().unwrap();
+                let first = read_frame(&mut s).unwrap().unwrap();
+                handler(s, first);
+            }
+        });
+        (
+            dir,
+            AgentClient::new(path).with_timeout(Duration::from_secs(10)),
+            handle,
+        )
+    }
+
+    fn put(s: &UnixStream, f: Frame) {
+        send(s, &f).unwrap();
+    }
+
+    #[test]
+    fn missing_socket_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = AgentClient::new(dir.path().join("nope.sock"));
+        assert!(matches!(client.ping(), Err(ClientError::Connect(_))));
+    }
+
+    #[test]
+    fn ping_and_signal_main() {
+        let (_d, client, h) = fake_agent(3, |s, first| match first {
+            Frame::Ping => put(&s, Frame::Pong(MainStatus::Running { pid: 9 })),
+            Frame::SignalMain(15) => put(&s, Frame::Ok),
+            Frame::SignalMain(_) => put(
+                &s,
+                Frame::Error {
+                    kind: ErrorKind::NotRunning,
+                    message: "main process is not running".into(),
+                },
+            ),
+            other => panic!("{other:?}"),
+        });
+        assert_eq!(client.ping().unwrap(), MainStatus::Running { pid: 9 });
+        client.signal_main(15).unwrap();
+        let err = client.signal_main(2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent: not running: main process is not running"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn agent_closing_early_is_closed() {
+        let (_d, client, h) = fake_agent(1, |s, _| drop(s));
+        assert!(matches!(client.ping(), Err(ClientError::Closed)));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn wrong_answer_is_a_protocol_error() {
+        let (_d, client, h) = fake_agent(1, |s, _| put(&s, Frame::Ok));
+        assert!(matches!(client.ping(), Err(ClientError::Protocol(_))));
+        h.join().unwrap();
+    }
+
+    /// Echoes stdin to stdout (and its length to stderr at the end), like `cat`.
+    fn echo_exec(mut s: UnixStream, first: Frame) {
+        let Frame::Exec(req) = first else { panic!() };
+        if req.argv.is_empty() {
+            return put(
+                &s,
+                Frame::Error {
+                    kind: ErrorKind::InvalidArgument,
+                    message: "empty command".into(),
+                },
+            );
+        }
+        put(&s, Frame::Started { pid: 42 });
+        let mut total = 0usize;
+        loop {
+            match read_frame(&mut s).unwrap() {
+                Some(Frame::Stdin(d)) => {
+                    total += d.len();
+                    put(&s, Frame::Stdout(d));
+                }
+                Some(Frame::StdinEof) => break,
+                Some(Frame::Signal(sig)) => {
+                    put(&s, Frame::Exited(ExitStatus::Signal(sig)));
+                    return;
+                }
+                Some(Frame::Resize(ws)) => {
+                    put(&s, Frame::Stdout(format!("{} {}", ws.rows, ws.cols).into()))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        put(&s, Frame::Stderr(total.to_string().into_bytes()));
+        put(&s, Frame::Exited(ExitStatus::Code(0)));
+    }
+
+    fn cmd(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn run_with_large_stdin_does_not_deadlock() {
+        let (_d, client, h) = fake_agent(2, echo_exec);
+        // Far more than socket buffers hold in either direction.
+        let input: Vec<u8> = (0..=255u8).cycle().take(8 << 20).collect();
+        let out = client.run(cmd(&["cat"]), Some(&input)).unwrap();
+        assert_eq!(out.stdout.len(), input.len());
+        assert!(out.stdout == input);
+        assert_eq!(out.stderr, (8usize << 20).to_string().into_bytes());
+        assert_eq!(out.status, ExitStatus::Code(0));
+        let out = client.run(cmd(&["cat"]), None).unwrap();
+        assert!(out.stdout.is_empty());
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn exec_error_maps_to_agent_error() {
+        let (_d, client, h) = fake_agent(1, echo_exec);
+        let err = client.run(cmd(&[]), None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Agent {
+                    kind: ErrorKind::InvalidArgument,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn session_events_control_frames_and_end() {
+        let (_d, client, h) = fake_agent(1, echo_exec);
+        let mut s = client.exec(cmd(&["sh"])).unwrap();
+        assert_eq!(s.pid(), 42);
+        s.resize(WinSize { cols: 80, rows: 24 }).unwrap();
+        assert_eq!(
+            s.next_event().unwrap(),
+            Some(ExecEvent::Stdout(b"24 80".to_vec()))
+        );
+        let mut w = s.stdin_writer().unwrap();
+        w.write_all(b"hi").unwrap();
+        assert_eq!(
+            s.next_event().unwrap(),
+            Some(ExecEvent::Stdout(b"hi".to_vec()))
+        );
+        w.signal(9).unwrap();
+        assert_eq!(
+            s.next_event().unwrap(),
+            Some(ExecEvent::Exited(ExitStatus::Signal(9)))
+        );
+        assert_eq!(s.next_event().unwrap(), None);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn close_before_exit_is_an_error() {
+        let (_d, client, h) = fake_agent(1, |s, _| put(&s, Frame::Started { pid: 1 }));
+        let mut s = client.exec(cmd(&["x"])).unwrap();
+        assert!(matches!(s.next_event(), Err(ClientError::Closed)));
+        assert!(matches!(s.next_event(), Ok(None)));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn dropping_a_session_closes_the_connection_despite_writers() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (_d, client, h) = fake_agent(1, move |mut s, _| {
+            put(&s, Frame::Started { pid: 1 });
+            // EOF here is what makes the real agent cancel the command.
+            tx.send(read_frame(&mut s).unwrap().is_none()).unwrap();
+        });
+        let s = client.exec(cmd(&["sleep"])).unwrap();
+        let w = s.stdin_writer().unwrap();
+        drop(s);
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        drop(w);
+        h.join().unwrap();
+    }
+
+    fn file_agent(content: Vec<u8>, announced: u64) -> impl Fn(UnixStream, Frame) {
+        move |s, first| {
+            let Frame::ReadFile { path } = first else {
+                panic!()
+            };
+            if path == "/missing" {
+                return put(
+                    &s,
+                    Frame::Error {
+                        kind: ErrorKind::NotFound,
+                        message: "/missing: no such file or directory".into(),
+                    },
+                );
+            }
+            put(
+                &s,
+                Frame::FileInfo {
+                    size: announced,
+                    mode: 0o644,
+                },
+            );
+            for c in content.chunks(CHUNK_LEN) {
+                if send(&s, &Frame::Data(c.to_vec())).is_err() {
+                    return;
+                }
+            }
+            let _ = send(&s, &Frame::End);
+        }
+    }
+
+    #[test]
+    fn read_file_checks_sizes() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let (_d, client, h) = fake_agent(3, file_agent(data.clone(), data.len() as u64));
+        assert_eq!(client.read_file("/f").unwrap(), data);
+        let mut sink = Vec::new();
+        assert!(matches!(
+            client.read_file_to("/f", &mut sink, 1000),
+            Err(ClientError::TooLarge {
+                size: 200_000,
+                max: 1000
+            })
+        ));
+        assert!(sink.is_empty());
+        let err = client.read_file("/missing").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "agent: not found: /missing: no such file or directory"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn agent_sending_more_than_announced_is_cut_off() {
+        let (_d, client, h) = fake_agent(1, file_agent(vec![1; 300_000], 10));
+        let mut sink = Vec::new();
+        let err = client.read_file_to("/f", &mut sink, 100).unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err}");
+        assert!(sink.len() <= 10);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn agent_sending_less_than_announced_is_an_error() {
+        let (_d, client, h) = fake_agent(1, file_agent(vec![1; 5], 10));
+        assert!(matches!(
+            client.read_file("/f"),
+            Err(ClientError::Protocol(_))
+        ));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn write_file_streams_data_and_reports_errors() {
+        let (_d, client, h) = fake_agent(2, |mut s, first| {
+            let Frame::WriteFile { path, mode } = first else {
+                panic!()
+            };
+            let mut data = Vec::new();
+            loop {
+                match read_frame(&mut s).unwrap().unwrap() {
+                    Frame::Data(d) => data.extend(d),
+                    Frame::End => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            if path == "/dir" {
+                put(
+                    &s,
+                    Frame::Error {
+                        kind: ErrorKind::IsDirectory,
+                        message: "/dir: is a directory".into(),
+                    },
+                );
+            } else {
+                assert_eq!(mode, 0o600);
+                assert_eq!(data.len(), 300_000);
+                put(&s, Frame::Ok);
+            }
+        });
+        client.write_file("/f", 0o600, &vec![7; 300_000]).unwrap();
+        assert!(matches!(
+            client.write_file("/dir", 0o600, b"x"),
+            Err(ClientError::Agent {
+                kind: ErrorKind::IsDirectory,
+                ..
+            })
+        ));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn write_file_reports_the_agents_reason_when_it_stops_early() {
+        let (_d, client, h) = fake_agent(1, |s, _| {
+            put(
+                &s,
+                Frame::Error {
+                    kind: ErrorKind::PermissionDenied,
+                    message: "/ro: read-only file system".into(),
+                },
+            );
+            // Closing with unread data resets the connection.
+        });
+        let err = client
+            .write_file("/ro", 0o644, &vec![0; 4 << 20])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Agent {
+                    kind: ErrorKind::PermissionDenied,
+                    ..
+                } | ClientError::Wire(_)
+            ),
+            "{err}"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn main_output_yields_gap_and_chunks_until_end() {
+        let (_d, client, h) = fake_agent(2, |s, first| {
+            let Frame::MainOutput { offset, .. } = first else {
+                panic!()
+            };
+            if offset == 1 {
+                put(&s, Frame::Gap { from: 1, to: 5 });
+                put(
+                    &s,
+                    Frame::MainChunk {
+                        offset: 5,
+                        stream: 2,
+                        time_ns: 1,
+                        data: b"x".to_vec(),
+                    },
+                );
+                put(&s, Frame::End);
+            } else {
+                put(
+                    &s,
+                    Frame::MainChunk {
+                        offset: 0,
+                        stream: 7,
+                        time_ns: 1,
+                        data: vec![],
+                    },
+                );
+            }
+        });
+        let frames: Vec<_> = client
+            .main_output(1, true)
+            .unwrap()
+            .map(|f| f.unwrap())
+            .collect();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], Frame::Gap { from: 1, to: 5 });
+        let mut it = client.main_output(0, false).unwrap();
+        assert!(matches!(it.next(), Some(Err(ClientError::Protocol(_)))));
+        assert!(it.next().is_none());
+        h.join().unwrap();
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build and the tests need (idempotent).
+set -euo pipefail
+packages=(
+  mmdebstrap      # builds the Debian/Python test rootfs
+  busybox-static  # the tiny test rootfs
+  podman runc     # the speed baseline in the benchmark
+  skopeo docker-registry  # registry tests
+  protobuf-compiler       # gRPC protos
+  python3-venv
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
