@@ -414,6 +414,7 @@ fn kill_pids(pids: &[i32]) {
 /// Polls `done` until it holds or `timeout` passes; says which.
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::default();
     loop {
         if done() {
             return true;
@@ -421,7 +422,26 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(POLL);
+        backoff.sleep();
+    }
+}
+
+/// Sleeps that start short and double up to [`POLL`]: a killed sandbox
+/// usually empties within a millisecond, and a fixed 10 ms poll would make
+/// every teardown cost at least that.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_micros(200))
+    }
+}
+
+impl Backoff {
+    fn sleep(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(POLL);
     }
 }
 
@@ -432,12 +452,13 @@ fn remove_tree(dir: &Path, rmdir: &dyn Fn(&Path) -> io::Result<()>) -> Result<()
         remove_tree(&child, rmdir)?;
     }
     let deadline = Instant::now() + RMDIR_TIMEOUT;
+    let mut backoff = Backoff::default();
     loop {
         match rmdir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                std::thread::sleep(POLL)
+                backoff.sleep()
             }
             Err(e) => return Err(io_error("rmdir", dir)(e)),
         }

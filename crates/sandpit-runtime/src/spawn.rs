@@ -330,10 +330,6 @@ fn child(mut a: ChildArgs<'_>) -> String {
             }
         };
     }
-    // Everything below (mounts, tmpfs pages) is charged to the sandbox's
-    // cgroup: wait until the parent has moved us there.
-    let mut byte = [0u8; 1];
-    step!("wait for cgroup", a.from_parent.read_exact(&mut byte));
     // Its own session: a terminal's job-control signals to the daemon's
     // process group never reach the sandbox.
     step!("setsid", nix::unistd::setsid());
@@ -365,6 +361,13 @@ fn child(mut a: ChildArgs<'_>) -> String {
         "root filesystem",
         rootfs::build_and_enter(&LinuxSyscalls, a.plan)
     );
+
+    // The parent moves us into the sandbox's cgroup meanwhile: on cgroup v1
+    // the first migration after a quiet spell waits for an RCU grace period
+    // (~10 ms), so the mount work above overlaps it rather than following
+    // it. Nothing sandboxed has run yet; from here on everything is charged.
+    let mut byte = [0u8; 1];
+    step!("wait for cgroup", a.from_parent.read_exact(&mut byte));
 
     // 5. The user namespace comes last, after every mount: the mount, network
     // and PID namespaces stay owned by the host's user namespace.
