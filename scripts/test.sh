@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: lints, unit tests, privileged engine tests (root),
-# the protocol drift test against the real client, and the benchmark's quick
-# mode. Run as root: sandboxes need namespaces and cgroups.
+# The whole test suite: lints, unit tests, privileged engine and daemon tests
+# (root), the protocol drift test against the real client, end-to-end tests
+# of sandpitd through the real cwsandbox and wandb.sandbox clients, and the
+# benchmark's quick mode. Run as root: sandboxes need namespaces and cgroups.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,13 +22,16 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test (unit and privileged)" >&2
 cargo test --workspace --all-features
 
-if [ -d tests/compat ]; then
-  echo "== protocol drift test (real cwsandbox client)" >&2
-  python3 -m venv .venv
-  .venv/bin/pip install -q -r tests/requirements.txt
-  .venv/bin/python -m pytest -q tests/compat
-fi
+echo "== python test environment (real cwsandbox and wandb clients)" >&2
+python3 -m venv .venv
+.venv/bin/pip install -q -r tests/requirements.txt
+
+echo "== protocol drift test (our protos vs the client's descriptors)" >&2
+.venv/bin/python -m pytest -q tests/compat
+
+echo "== end-to-end tests (real sandpitd, real cwsandbox / wandb.sandbox clients)" >&2
+cargo build -q --release --bins
+.venv/bin/python -m pytest -q tests/e2e
 
 echo "== benchmark, quick mode (no speed assertions)" >&2
-cargo build -q --release -p sandpit-bench -p sandpit-runtime --bins
 target/release/sandpit-bench --quick --data-dir target/bench-quick --json target/bench-quick.json

@@ -1,6 +1,8 @@
-//! `sandpit`: the operator CLI. Manages the local image store and runs
-//! one-off sandboxes straight on the engine (no daemon needed).
+//! `sandpit`: the operator CLI. Manages the local image store, runs one-off
+//! sandboxes straight on the engine (no daemon needed), and lists or stops
+//! the sandboxes of a running `sandpitd`.
 
+mod remote;
 mod run;
 
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ struct Cli {
         default_value = "/var/lib/sandpit"
     )]
     data_dir: PathBuf,
+    #[command(flatten)]
+    server: remote::ServerArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +37,8 @@ enum Command {
     },
     /// Run a command in a new sandbox, then remove the sandbox.
     Run(run::RunArgs),
+    #[command(flatten)]
+    Remote(remote::RemoteCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +91,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Image { command } => image(&cli.data_dir, command).map(|()| 0),
         Command::Run(args) => run::run(&cli.data_dir, args),
+        Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }
 

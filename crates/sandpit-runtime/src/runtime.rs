@@ -242,10 +242,8 @@ impl Sandbox {
 /// Counts of what a sweep removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
-    /// State directories removed.
+    /// Sandboxes (state directory, cgroup, processes) removed.
     pub state_dirs: usize,
-    /// Cgroups removed.
-    pub cgroups: usize,
 }
 
 /// The sandbox engine.
@@ -475,7 +473,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes the debris of sandboxes not in `keep` (after a crash).
+    /// Removes the debris of this runtime's sandboxes not in `keep` (after a
+    /// crash): everything with a state dir under this runtime's state dir.
     pub fn sweep(&self, keep: &HashSet<String>) -> Result<SweepReport, RuntimeError> {
         let mut report = SweepReport::default();
         for id in self.list()? {
@@ -484,12 +483,10 @@ impl Runtime {
                 report.state_dirs += 1;
             }
         }
-        for name in self.cgroups.list()? {
-            if !keep.contains(&name) {
-                self.cgroups.open(&name).destroy()?;
-                report.cgroups += 1;
-            }
-        }
+        // Cgroups are not swept on their own: the parent group is shared
+        // with other engines (another daemon's data dir, `sandpit run`), and
+        // a sandbox's cgroup never exists without its state dir (created
+        // first, removed last), so `destroy` above took every one of ours.
         Ok(report)
     }
 }

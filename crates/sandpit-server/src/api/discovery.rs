@@ -1,0 +1,112 @@
+//! `coreweave.sandbox.v1.DiscoveryService`: this host as the only runner.
+
+use std::time::SystemTime;
+
+use sandpit_proto::sandbox::v1 as pb;
+use sandpit_proto::sandbox::v1::discovery_service_server::DiscoveryService;
+use tonic::{Code, Request, Response, Status};
+
+use super::errors::{self, reason};
+use super::{convert, principal};
+use crate::engine::Engine;
+use crate::manager::Manager;
+
+/// The runner group this server reports.
+pub const RUNNER_GROUP: &str = "local";
+
+/// The DiscoveryService implementation.
+#[derive(Debug)]
+pub struct DiscoveryApi<E: Engine> {
+    manager: Manager<E>,
+    runner_id: String,
+    started: SystemTime,
+}
+
+impl<E: Engine> DiscoveryApi<E> {
+    /// Reports runner `runner_id`, up since `started`.
+    pub fn new(manager: Manager<E>, runner_id: String, started: SystemTime) -> Self {
+        Self {
+            manager,
+            runner_id,
+            started,
+        }
+    }
+
+    fn runner(&self, full: bool) -> pb::AvailableRunner {
+        let cap = self.manager.engine().capacity();
+        pb::AvailableRunner {
+            runner_id: self.runner_id.clone(),
+            runner_group_id: RUNNER_GROUP.into(),
+            tags: vec![],
+            healthy: true,
+            capabilities: full.then(|| pb::RunnerCapabilitySummary {
+                max_cpu_millicores: cap.cpu_millis as i64,
+                max_memory_bytes: cap.memory_total_bytes as i64,
+                max_gpu_count: 0,
+                supported_gpu_types: vec![],
+                supported_architectures: vec![cap.architecture.clone()],
+                supports_privileged: false,
+                available_storage_classes: vec![],
+                supported_service_visibilities: vec![],
+            }),
+            resources: full.then(|| pb::RunnerResourceSummary {
+                available_cpu_millicores: cap.cpu_millis as i64,
+                available_memory_bytes: cap.memory_available_bytes as i64,
+                available_gpu_count: 0,
+                running_sandboxes: self.manager.running_count().min(i32::MAX as usize) as i32,
+            }),
+            connected_at: Some(convert::timestamp(self.started)),
+            is_shared: false,
+            organization_id: String::new(),
+        }
+    }
+}
+
+fn full_view(view: i32) -> bool {
+    // Unspecified means the default, which is the full view: a single
+    // runner's capacity is cheap to compute.
+    pb::RunnerView::try_from(view) != Ok(pb::RunnerView::Basic)
+}
+
+#[tonic::async_trait]
+impl<E: Engine> DiscoveryService for DiscoveryApi<E> {
+    async fn list_available_runners(
+        &self,
+        request: Request<pb::ListAvailableRunnersRequest>,
+    ) -> Result<Response<pb::ListAvailableRunnersResponse>, Status> {
+        principal(&request)?;
+        let req = request.get_ref();
+        let arch = std::env::consts::ARCH;
+        let matches = (req.runner_group_id.is_empty() || req.runner_group_id == RUNNER_GROUP)
+            && req.gpu_type.is_empty()
+            && (req.architecture.is_empty() || req.architecture == arch)
+            // No service visibility is supported: services are not.
+            && req.service_visibility == pb::Visibility::Unspecified as i32;
+        let runners = if matches {
+            vec![self.runner(full_view(req.view))]
+        } else {
+            vec![]
+        };
+        Ok(Response::new(pb::ListAvailableRunnersResponse {
+            runners,
+            next_page_token: String::new(),
+        }))
+    }
+
+    async fn get_available_runner(
+        &self,
+        request: Request<pb::GetAvailableRunnerRequest>,
+    ) -> Result<Response<pb::AvailableRunner>, Status> {
+        principal(&request)?;
+        let req = request.get_ref();
+        if req.runner_id != self.runner_id {
+            return Err(errors::status(
+                Code::NotFound,
+                format!("runner {} not found", req.runner_id),
+                reason::RUNNER_NOT_FOUND,
+                &[("runner_id", req.runner_id.clone())],
+            ));
+        }
+        Ok(Response::new(self.runner(full_view(req.view))))
+    }
+}

@@ -1,0 +1,250 @@
+//! gRPC errors in the shape the cwsandbox client reads: a `google.rpc.Status`
+//! in `grpc-status-details-bin` with an `ErrorInfo` of domain
+//! `cwsandbox.com` (the client picks exception classes by its reason), plus
+//! `BadRequest` field violations for invalid requests.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::auth::AuthError;
+use crate::manager::ManagerError;
+
+/// The `ErrorInfo.domain` the client expects.
+pub const DOMAIN: &str = "cwsandbox.com";
+
+/// Reasons (`ErrorInfo.reason`) this server uses.
+pub mod reason {
+    /// Unknown sandbox (or another principal's).
+    pub const SANDBOX_NOT_FOUND: &str = "CWSANDBOX_SANDBOX_NOT_FOUND";
+    /// Unknown runner.
+    pub const RUNNER_NOT_FOUND: &str = "CWSANDBOX_RUNNER_NOT_FOUND";
+    /// The request is invalid; `BadRequest` says which fields.
+    pub const INVALID_REQUEST: &str = "CWSANDBOX_INVALID_REQUEST";
+    /// An RPC or a field this server does not support (yet).
+    pub const NOT_IMPLEMENTED: &str = "CWSANDBOX_NOT_IMPLEMENTED";
+    /// Too many sandboxes on this runner.
+    pub const RUNNER_CAPACITY_EXHAUSTED: &str = "CWSANDBOX_RUNNER_CAPACITY_EXHAUSTED";
+    /// A data-plane call on a sandbox that does not run.
+    pub const SANDBOX_NOT_RUNNING: &str = "CWSANDBOX_SANDBOX_NOT_RUNNING";
+    /// No or a wrong API key.
+    pub const UNAUTHENTICATED: &str = "CWSANDBOX_UNAUTHENTICATED";
+    /// A fault of this server.
+    pub const INTERNAL: &str = "CWSANDBOX_INTERNAL";
+}
+
+/// One offending field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Path of the field, e.g. `sandbox.spec.containers[0].image`.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: String,
+}
+
+impl Violation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// A status with an `ErrorInfo` (and optional extras).
+pub fn status(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: &[(&str, String)],
+) -> Status {
+    with_details(code, message, reason, metadata, &[], None)
+}
+
+fn with_details(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: &[(&str, String)],
+    violations: &[Violation],
+    retry_after: Option<Duration>,
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    if !violations.is_empty() {
+        details.set_bad_request(
+            violations
+                .iter()
+                .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    if let Some(d) = retry_after {
+        details.set_retry_info(Some(d));
+    }
+    Status::with_error_details(code, message, details)
+}
+
+/// NOT_FOUND for a sandbox id.
+pub fn sandbox_not_found(id: &str) -> Status {
+    status(
+        Code::NotFound,
+        format!("sandbox {id} not found"),
+        reason::SANDBOX_NOT_FOUND,
+        &[("sandbox_id", id.to_owned())],
+    )
+}
+
+/// UNIMPLEMENTED for a whole RPC.
+pub fn rpc_not_implemented(rpc: &str) -> Status {
+    status(
+        Code::Unimplemented,
+        format!("{rpc} is not implemented by this server"),
+        reason::NOT_IMPLEMENTED,
+        &[("rpc", rpc.to_owned())],
+    )
+}
+
+/// INVALID_ARGUMENT with field violations.
+pub fn invalid_request(violations: &[Violation]) -> Status {
+    with_details(
+        Code::InvalidArgument,
+        summary("invalid request", violations),
+        reason::INVALID_REQUEST,
+        &[],
+        violations,
+        None,
+    )
+}
+
+/// A request using fields this server does not honour: `code` is
+/// UNIMPLEMENTED, or INVALID_ARGUMENT where the request cannot be satisfied
+/// on this runner at all (GPUs).
+pub fn fields_not_implemented(code: Code, violations: &[Violation]) -> Status {
+    let fields = violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    with_details(
+        code,
+        summary("not implemented", violations),
+        reason::NOT_IMPLEMENTED,
+        &[("field", fields)],
+        violations,
+        None,
+    )
+}
+
+fn summary(what: &str, violations: &[Violation]) -> String {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    format!("{what}: {}", parts.join("; "))
+}
+
+/// UNAUTHENTICATED.
+pub fn unauthenticated(e: &AuthError) -> Status {
+    status(
+        Code::Unauthenticated,
+        e.to_string(),
+        reason::UNAUTHENTICATED,
+        &[],
+    )
+}
+
+/// The status for a manager error.
+pub fn from_manager(e: ManagerError) -> Status {
+    match e {
+        ManagerError::NotFound(id) => sandbox_not_found(&id),
+        ManagerError::CapacityExhausted { live, max } => with_details(
+            Code::ResourceExhausted,
+            format!("runner is at capacity: {live} of {max} sandboxes are live"),
+            reason::RUNNER_CAPACITY_EXHAUSTED,
+            &[("max_sandboxes", max.to_string())],
+            &[],
+            Some(Duration::from_secs(5)),
+        ),
+        ManagerError::NotRunning {
+            id,
+            state,
+            reason: why,
+        } => {
+            let mut message = format!("sandbox {id} is {state}, not running");
+            if !why.is_empty() {
+                message.push_str(&format!(" ({why})"));
+            }
+            status(
+                Code::FailedPrecondition,
+                message,
+                reason::SANDBOX_NOT_RUNNING,
+                &[("sandbox_id", id), ("state", state.to_string())],
+            )
+        }
+        ManagerError::InvalidPageToken => invalid_request(&[Violation::new(
+            "page_token",
+            "not a token this server handed out",
+        )]),
+        e @ (ManagerError::Db(_) | ManagerError::Engine(_)) => {
+            tracing::error!(error = %crate::describe(&e), "internal error");
+            status(
+                Code::Internal,
+                format!("internal error: {}", crate::describe(&e)),
+                reason::INTERNAL,
+                &[],
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_found_carries_error_info() {
+        let s = sandbox_not_found("abc");
+        assert_eq!(s.code(), Code::NotFound);
+        let d = s.get_error_details();
+        let info = d.error_info().unwrap();
+        assert_eq!(info.domain, DOMAIN);
+        assert_eq!(info.reason, reason::SANDBOX_NOT_FOUND);
+        assert_eq!(info.metadata["sandbox_id"], "abc");
+    }
+
+    #[test]
+    fn invalid_request_lists_fields() {
+        let s = invalid_request(&[Violation::new("a.b", "bad"), Violation::new("c", "worse")]);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "invalid request: a.b: bad; c: worse");
+        let d = s.get_error_details();
+        let fields: Vec<_> = d
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["a.b", "c"]);
+        assert_eq!(d.error_info().unwrap().reason, reason::INVALID_REQUEST);
+    }
+
+    #[test]
+    fn capacity_has_retry_info() {
+        let s = from_manager(ManagerError::CapacityExhausted { live: 2, max: 2 });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        let d = s.get_error_details();
+        assert!(d.retry_info().is_some());
+        assert_eq!(
+            d.error_info().unwrap().reason,
+            reason::RUNNER_CAPACITY_EXHAUSTED
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! The gRPC surface: handlers that translate between `coreweave.sandbox.v1`
+//! messages and the manager's domain types. Nothing here decides lifecycle
+//! policy.
+//!
+//! The data-plane RPCs (StreamExec, Exec, ReadFile, WriteFile, StreamLogs)
+//! answer UNIMPLEMENTED for now; they will start from
+//! [`crate::manager::Manager::agent_for`], which waits while a sandbox is
+//! being created and refuses one that is not running.
+
+pub mod convert;
+pub mod discovery;
+pub mod errors;
+pub mod sandbox;
+pub mod validate;
+
+use tonic::{Code, Request, Status};
+
+use crate::model::Principal;
+
+pub use discovery::DiscoveryApi;
+pub use sandbox::SandboxApi;
+
+/// The caller, as the auth interceptor recorded it.
+pub(crate) fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        // Only reachable if a service was mounted without the interceptor.
+        .ok_or_else(|| {
+            errors::status(
+                Code::Unauthenticated,
+                "no principal",
+                errors::reason::UNAUTHENTICATED,
+                &[],
+            )
+        })
+}

@@ -1,0 +1,297 @@
+//! `coreweave.sandbox.v1.SandboxService`: thin handlers over the manager.
+
+use std::time::Duration;
+
+use sandpit_proto::sandbox::v1 as pb;
+use sandpit_proto::sandbox::v1::sandbox_service_server::SandboxService;
+use tonic::codegen::BoxStream;
+use tonic::{Code, Request, Response, Status};
+
+use super::errors::{self, invalid_request, Violation};
+use super::validate::{self, CreatePolicy};
+use super::{convert, principal};
+use crate::engine::Engine;
+use crate::manager::{ListQuery, Manager, StateFilter};
+use crate::model::State;
+
+/// The SandboxService implementation.
+#[derive(Debug)]
+pub struct SandboxApi<E: Engine> {
+    manager: Manager<E>,
+    policy: CreatePolicy,
+}
+
+impl<E: Engine> SandboxApi<E> {
+    /// Handlers over `manager`, for runner `runner_id`.
+    pub fn new(manager: Manager<E>, runner_id: String) -> Self {
+        Self {
+            manager,
+            policy: CreatePolicy { runner_id },
+        }
+    }
+
+    fn sandbox(&self, r: &crate::model::SandboxRecord) -> pb::Sandbox {
+        convert::sandbox(r, &self.policy.runner_id)
+    }
+}
+
+fn require_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(invalid_request(&[Violation::new("sandbox_id", "required")]));
+    }
+    Ok(())
+}
+
+/// The domain state for a ListSandboxes state filter.
+fn state_filter(s: i32) -> Result<StateFilter, Status> {
+    let Ok(s) = pb::State::try_from(s) else {
+        return Err(invalid_request(&[Violation::new(
+            "state",
+            format!("unknown state {s}"),
+        )]));
+    };
+    Ok(match s {
+        pb::State::Unspecified => StateFilter::Any,
+        pb::State::Pending => StateFilter::Only(State::Pending),
+        pb::State::Creating => StateFilter::Only(State::Creating),
+        pb::State::Running => StateFilter::Only(State::Running),
+        pb::State::Completed => StateFilter::Only(State::Completed),
+        pb::State::Failed => StateFilter::Only(State::Failed),
+        pb::State::Terminating => StateFilter::Only(State::Terminating),
+        pb::State::Terminated => StateFilter::Only(State::Terminated),
+        // States this server never reports.
+        pb::State::Paused | pb::State::Preparing => StateFilter::Nothing,
+    })
+}
+
+#[tonic::async_trait]
+impl<E: Engine> SandboxService for SandboxApi<E> {
+    async fn create_sandbox(
+        &self,
+        request: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = principal(&request)?;
+        let new = validate::create_request(request.get_ref(), &self.policy)?;
+        let record = self
+            .manager
+            .create(&principal, new)
+            .await
+            .map_err(errors::from_manager)?;
+        Ok(Response::new(self.sandbox(&record)))
+    }
+
+    async fn create_sandbox_from_template(
+        &self,
+        _: Request<pb::CreateSandboxFromTemplateRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        Err(errors::rpc_not_implemented("CreateSandboxFromTemplate"))
+    }
+
+    async fn create_sandbox_from_file(
+        &self,
+        _: Request<pb::CreateSandboxFromFileRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        Err(errors::rpc_not_implemented("CreateSandboxFromFile"))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = principal(&request)?;
+        let id = &request.get_ref().sandbox_id;
+        require_id(id)?;
+        let record = self
+            .manager
+            .get(&principal, id)
+            .map_err(errors::from_manager)?;
+        Ok(Response::new(self.sandbox(&record)))
+    }
+
+    async fn get_sandbox_build_logs(
+        &self,
+        _: Request<pb::GetSandboxBuildLogsRequest>,
+    ) -> Result<Response<pb::GetSandboxBuildLogsResponse>, Status> {
+        Err(errors::rpc_not_implemented("GetSandboxBuildLogs"))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.get_ref();
+        if req.page_size < 0 {
+            return Err(invalid_request(&[Violation::new(
+                "page_size",
+                "must not be negative",
+            )]));
+        }
+        let descending = match pb::SortDirection::try_from(req.sort_direction) {
+            Ok(pb::SortDirection::Descending) => true,
+            Ok(_) => false,
+            Err(_) => {
+                return Err(invalid_request(&[Violation::new(
+                    "sort_direction",
+                    format!("unknown sort direction {}", req.sort_direction),
+                )]))
+            }
+        };
+        let state = state_filter(req.state)?;
+        // Every sandbox runs on this runner and none has volumes.
+        let elsewhere =
+            !req.runner_ids.is_empty() && !req.runner_ids.contains(&self.policy.runner_id);
+        if elsewhere || !req.volume_ids.is_empty() {
+            return Ok(Response::new(pb::ListSandboxesResponse::default()));
+        }
+        let page = self
+            .manager
+            .list(
+                &principal,
+                &ListQuery {
+                    tags: req.tags.clone(),
+                    state,
+                    show_terminated: req.show_terminated,
+                    page_size: req.page_size as usize,
+                    page_token: Some(req.page_token.clone()),
+                    descending,
+                },
+            )
+            .map_err(errors::from_manager)?;
+        Ok(Response::new(pb::ListSandboxesResponse {
+            sandboxes: page.sandboxes.iter().map(|r| self.sandbox(r)).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.get_ref();
+        require_id(&req.sandbox_id)?;
+        if req.grace_period_seconds < 0 {
+            return Err(invalid_request(&[Violation::new(
+                "grace_period_seconds",
+                "must not be negative",
+            )]));
+        }
+        if !req.snapshot_volumes.is_empty() {
+            return Err(errors::fields_not_implemented(
+                Code::Unimplemented,
+                &[Violation::new(
+                    "snapshot_volumes",
+                    "file-system snapshots are not implemented",
+                )],
+            ));
+        }
+        let grace = Duration::from_secs(req.grace_period_seconds as u64);
+        let record = self
+            .manager
+            .delete(&principal, &req.sandbox_id, grace, req.allow_missing)
+            .await
+            .map_err(errors::from_manager)?;
+        Ok(Response::new(pb::DeleteSandboxResponse {
+            sandbox: record.map(|r| self.sandbox(&r)),
+            file_system_snapshot_ids: vec![],
+        }))
+    }
+
+    async fn purge_sandboxes(
+        &self,
+        request: Request<pb::PurgeSandboxesRequest>,
+    ) -> Result<Response<pb::PurgeSandboxesResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.get_ref();
+        // Without tags a purge would hit everything: only on explicit request.
+        if req.tags.is_empty() && !req.purge_all {
+            return Err(invalid_request(&[Violation::new(
+                "tags",
+                "give at least one tag, or set purge_all",
+            )]));
+        }
+        let outcome = self.manager.purge(&principal, &req.tags, req.dry_run).await;
+        Ok(Response::new(pb::PurgeSandboxesResponse {
+            purge_count: outcome.count.min(i32::MAX as usize) as i32,
+            failed_sandbox_ids: outcome.failed,
+            retryable_failed_sandbox_ids: vec![],
+        }))
+    }
+
+    async fn connect_sandbox(
+        &self,
+        _: Request<pb::ConnectSandboxRequest>,
+    ) -> Result<Response<pb::SandboxConnection>, Status> {
+        // The client then uses the data RPCs of this service instead.
+        Err(errors::rpc_not_implemented("ConnectSandbox"))
+    }
+
+    async fn exec(
+        &self,
+        _: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        Err(errors::rpc_not_implemented("Exec"))
+    }
+
+    async fn stream_exec(
+        &self,
+        request: Request<tonic::Streaming<pb::ExecStreamRequest>>,
+    ) -> Result<Response<BoxStream<pb::ExecStreamResponse>>, Status> {
+        // Answering before the client's first frame arrived races its send:
+        // HTTP/2 may reset the stream and the client then sees a bare
+        // INTERNAL instead of the reason below.
+        let mut stream = request.into_inner();
+        let _ = stream.message().await;
+        Err(errors::rpc_not_implemented("StreamExec"))
+    }
+
+    async fn stream_logs(
+        &self,
+        _: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<BoxStream<pb::LogEntry>>, Status> {
+        Err(errors::rpc_not_implemented("StreamLogs"))
+    }
+
+    async fn write_file(
+        &self,
+        _: Request<pb::WriteFileRequest>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        Err(errors::rpc_not_implemented("WriteFile"))
+    }
+
+    async fn read_file(
+        &self,
+        _: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<pb::ReadFileResponse>, Status> {
+        Err(errors::rpc_not_implemented("ReadFile"))
+    }
+
+    async fn create_file_system_snapshot(
+        &self,
+        _: Request<pb::CreateFileSystemSnapshotRequest>,
+    ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
+        Err(errors::rpc_not_implemented("CreateFileSystemSnapshot"))
+    }
+
+    async fn get_file_system_snapshot(
+        &self,
+        _: Request<pb::GetFileSystemSnapshotRequest>,
+    ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
+        Err(errors::rpc_not_implemented("GetFileSystemSnapshot"))
+    }
+
+    async fn list_file_system_snapshots(
+        &self,
+        _: Request<pb::ListFileSystemSnapshotsRequest>,
+    ) -> Result<Response<pb::ListFileSystemSnapshotsResponse>, Status> {
+        Err(errors::rpc_not_implemented("ListFileSystemSnapshots"))
+    }
+
+    async fn delete_file_system_snapshot(
+        &self,
+        _: Request<pb::DeleteFileSystemSnapshotRequest>,
+    ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
+        Err(errors::rpc_not_implemented("DeleteFileSystemSnapshot"))
+    }
+}

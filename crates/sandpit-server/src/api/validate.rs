@@ -1,0 +1,586 @@
+//! Turns a CreateSandboxRequest into the domain's [`NewSandbox`], or says
+//! precisely which fields are wrong or not supported.
+//!
+//! Every field of the spec is either honoured, checked to hold its default,
+//! or refused with CWSANDBOX_NOT_IMPLEMENTED naming it: nothing is silently
+//! ignored. Output-only fields are ignored, as the API intends.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use sandpit_image::Reference;
+use sandpit_proto::sandbox::v1 as pb;
+use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
+use tonic::{Code, Status};
+
+use super::errors::{fields_not_implemented, invalid_request, Violation};
+use crate::model::{MountedFile, NewSandbox, Resources};
+
+/// Most mounted files per sandbox.
+pub const MAX_FILES: usize = 1000;
+/// Most bytes of mounted files per sandbox.
+pub const MAX_FILES_BYTES: usize = 64 << 20;
+/// Most bytes of command and arguments together.
+pub const MAX_ARGV_BYTES: usize = 1 << 20;
+/// Most bytes of environment variables together.
+pub const MAX_ENV_BYTES: usize = 1 << 20;
+/// Most tags per sandbox.
+pub const MAX_TAGS: usize = 64;
+/// Most annotations per sandbox.
+pub const MAX_ANNOTATIONS: usize = 64;
+/// Longest tag, annotation key, display name or request id.
+pub const MAX_LABEL_LEN: usize = 256;
+/// Longest annotation value.
+pub const MAX_ANNOTATION_VALUE_LEN: usize = 4096;
+/// Longest path.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Server facts validation depends on.
+#[derive(Debug, Clone)]
+pub struct CreatePolicy {
+    /// This runner's id (`spec.runner_ids` must include it when set).
+    pub runner_id: String,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Invalid values.
+    pub invalid: Vec<Violation>,
+    /// Fields this server does not honour (yet).
+    pub unsupported: Vec<Violation>,
+    /// GPU requests: this runner has none.
+    pub gpu: Vec<Violation>,
+}
+
+impl Rejection {
+    fn is_empty(&self) -> bool {
+        self.invalid.is_empty() && self.unsupported.is_empty() && self.gpu.is_empty()
+    }
+
+    fn invalid(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.invalid.push(Violation::new(field, description));
+    }
+
+    fn unsupported(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.unsupported.push(Violation::new(field, description));
+    }
+
+    /// The gRPC status: INVALID_ARGUMENT (CWSANDBOX_INVALID_REQUEST) when
+    /// anything is invalid; otherwise CWSANDBOX_NOT_IMPLEMENTED, with
+    /// INVALID_ARGUMENT for GPUs (never satisfiable here) and UNIMPLEMENTED
+    /// for the rest. Every violation is listed either way.
+    pub fn into_status(self) -> Status {
+        let all: Vec<Violation> = self
+            .invalid
+            .iter()
+            .chain(&self.gpu)
+            .chain(&self.unsupported)
+            .cloned()
+            .collect();
+        if !self.invalid.is_empty() {
+            invalid_request(&all)
+        } else if !self.gpu.is_empty() {
+            fields_not_implemented(Code::InvalidArgument, &all)
+        } else {
+            fields_not_implemented(Code::Unimplemented, &all)
+        }
+    }
+}
+
+fn check_label(rej: &mut Rejection, field: &str, value: &str, max: usize) {
+    if value.is_empty() {
+        rej.invalid(field, "must not be empty");
+    } else if value.len() > max {
+        rej.invalid(field, format!("longer than {max} bytes"));
+    } else if value.contains('\0') {
+        rej.invalid(field, "contains a NUL byte");
+    }
+}
+
+/// An absolute path without `..` components.
+fn check_abs_path(rej: &mut Rejection, field: &str, path: &str) {
+    if path.is_empty() {
+        rej.invalid(field, "required");
+    } else if !path.starts_with('/') {
+        rej.invalid(field, format!("{path:?} is not an absolute path"));
+    } else if path.split('/').any(|c| c == "..") {
+        rej.invalid(field, format!("{path:?} contains a \"..\" component"));
+    } else if path.contains('\0') {
+        rej.invalid(field, "contains a NUL byte");
+    } else if path.len() > MAX_PATH_LEN {
+        rej.invalid(field, format!("longer than {MAX_PATH_LEN} bytes"));
+    }
+}
+
+/// Validates a CreateSandboxRequest.
+pub fn create_request(
+    req: &pb::CreateSandboxRequest,
+    policy: &CreatePolicy,
+) -> Result<NewSandbox, Status> {
+    let mut rej = Rejection::default();
+    let Some(sandbox) = &req.sandbox else {
+        rej.invalid("sandbox", "required");
+        return Err(rej.into_status());
+    };
+    let Some(spec) = &sandbox.spec else {
+        rej.invalid("sandbox.spec", "required");
+        return Err(rej.into_status());
+    };
+    let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
+    if let Some(rid) = &request_id {
+        check_label(&mut rej, "request_id", rid, MAX_LABEL_LEN);
+    }
+    if sandbox.display_name.len() > MAX_LABEL_LEN {
+        rej.invalid(
+            "sandbox.display_name",
+            format!("longer than {MAX_LABEL_LEN} bytes"),
+        );
+    }
+    let mut out = NewSandbox {
+        request_id,
+        display_name: sandbox.display_name.clone(),
+        ..Default::default()
+    };
+    check_spec(&mut rej, spec, policy, &mut out);
+    match spec.containers.as_slice() {
+        [] => rej.invalid(
+            "sandbox.spec.containers",
+            "exactly one container is required",
+        ),
+        [c] => check_container(&mut rej, c, "sandbox.spec.containers[0]", &mut out),
+        [c, ..] => {
+            rej.unsupported(
+                "sandbox.spec.containers",
+                format!(
+                    "{} containers given; multi-container sandboxes are not implemented",
+                    spec.containers.len()
+                ),
+            );
+            check_container(&mut rej, c, "sandbox.spec.containers[0]", &mut out);
+        }
+    }
+    if !rej.is_empty() {
+        return Err(rej.into_status());
+    }
+    out.spec_echo = spec_echo(spec);
+    Ok(out)
+}
+
+/// The spec as returned by Get/List: as sent, minus mounted files' content
+/// (which can be megabytes per sandbox and would swell every listing).
+fn spec_echo(spec: &pb::SandboxSpec) -> Vec<u8> {
+    let mut spec = spec.clone();
+    for c in &mut spec.containers {
+        for f in &mut c.files {
+            f.content.clear();
+        }
+    }
+    spec.encode_to_vec()
+}
+
+fn check_spec(
+    rej: &mut Rejection,
+    spec: &pb::SandboxSpec,
+    policy: &CreatePolicy,
+    out: &mut NewSandbox,
+) {
+    const P: &str = "sandbox.spec";
+    if spec.max_lifetime_seconds < 0 {
+        rej.invalid(
+            format!("{P}.max_lifetime_seconds"),
+            format!("{} is negative", spec.max_lifetime_seconds),
+        );
+    } else if spec.max_lifetime_seconds > 0 {
+        out.max_lifetime_seconds = Some(spec.max_lifetime_seconds as u32);
+    }
+
+    if spec.tags.len() > MAX_TAGS {
+        rej.invalid(format!("{P}.tags"), format!("more than {MAX_TAGS} tags"));
+    }
+    for (i, t) in spec.tags.iter().enumerate() {
+        check_label(rej, &format!("{P}.tags[{i}]"), t, MAX_LABEL_LEN);
+        if !out.tags.contains(t) {
+            out.tags.push(t.clone());
+        }
+    }
+    if spec.annotations.len() > MAX_ANNOTATIONS {
+        rej.invalid(
+            format!("{P}.annotations"),
+            format!("more than {MAX_ANNOTATIONS} annotations"),
+        );
+    }
+    let mut annotations = BTreeMap::new();
+    for (k, v) in &spec.annotations {
+        let field = format!("{P}.annotations[{k:?}]");
+        check_label(rej, &field, k, MAX_LABEL_LEN);
+        if v.len() > MAX_ANNOTATION_VALUE_LEN {
+            rej.invalid(
+                field,
+                format!("value longer than {MAX_ANNOTATION_VALUE_LEN} bytes"),
+            );
+        }
+        annotations.insert(k.clone(), v.clone());
+    }
+    out.annotations = annotations;
+
+    if !spec.runner_ids.is_empty() && !spec.runner_ids.contains(&policy.runner_id) {
+        rej.invalid(
+            format!("{P}.runner_ids"),
+            format!(
+                "no such runner; this server is the single runner {:?}",
+                policy.runner_id
+            ),
+        );
+    }
+    if !spec.volumes.is_empty() {
+        rej.unsupported(format!("{P}.volumes"), "volumes are not implemented");
+    }
+    if !spec.services.is_empty() {
+        rej.unsupported(
+            format!("{P}.services"),
+            "exposed services are not implemented",
+        );
+    }
+    if !spec.network_ids.is_empty() {
+        rej.unsupported(format!("{P}.network_ids"), "networks are not implemented");
+    }
+    if !spec.network_config_id.is_empty() {
+        rej.unsupported(
+            format!("{P}.network_config_id"),
+            "network configs are not implemented",
+        );
+    }
+    if spec.object_storage_access.is_some() {
+        rej.unsupported(
+            format!("{P}.object_storage_access"),
+            "object storage access is not implemented",
+        );
+    }
+    if !spec.instance_type.is_empty() {
+        rej.unsupported(
+            format!("{P}.instance_type"),
+            "instance types are not implemented",
+        );
+    }
+    match pb::SandboxMode::try_from(spec.mode) {
+        // A single local runner is what CKS placement pins to; the client
+        // sets CKS whenever runner_ids are given.
+        Ok(pb::SandboxMode::Unspecified | pb::SandboxMode::Cks) => {}
+        Ok(pb::SandboxMode::Serverless) => rej.unsupported(
+            format!("{P}.mode"),
+            "serverless placement is not implemented",
+        ),
+        Err(_) => rej.invalid(format!("{P}.mode"), format!("unknown mode {}", spec.mode)),
+    }
+    if !spec.runtime_class.is_empty() {
+        rej.unsupported(
+            format!("{P}.runtime_class"),
+            format!(
+                "runtime class {:?} is not implemented; only the default is",
+                spec.runtime_class
+            ),
+        );
+    }
+    match pb::RuntimeClass::try_from(spec.runtime_class_selection) {
+        Ok(pb::RuntimeClass::Unspecified | pb::RuntimeClass::CpuDefault) => {}
+        Ok(other) => rej.unsupported(
+            format!("{P}.runtime_class_selection"),
+            format!(
+                "{} is not implemented; only RUNTIME_CLASS_CPU_DEFAULT is",
+                other.as_str_name()
+            ),
+        ),
+        Err(_) => rej.invalid(
+            format!("{P}.runtime_class_selection"),
+            format!("unknown runtime class {}", spec.runtime_class_selection),
+        ),
+    }
+    if let Some(net) = &spec.network {
+        check_network(rej, net);
+    }
+}
+
+/// Sandboxes have a loopback interface only: no egress and no ingress.
+/// Options that ask for exactly that are honoured; anything else is not.
+fn check_network(rej: &mut Rejection, net: &pb::NetworkOptions) {
+    const P: &str = "sandbox.spec.network";
+    if !net.ingress.is_empty() {
+        rej.unsupported(
+            format!("{P}.ingress"),
+            "ingress rules are not implemented (sandboxes have no network)",
+        );
+    }
+    if !net.egress.is_empty() {
+        rej.unsupported(
+            format!("{P}.egress"),
+            "egress rules are not implemented (sandboxes have no network)",
+        );
+    }
+    if net.deny_egress == Some(false) {
+        rej.unsupported(
+            format!("{P}.deny_egress"),
+            "network egress is not implemented (sandboxes have no network)",
+        );
+    }
+    if net.deny_ingress == Some(false) {
+        rej.unsupported(
+            format!("{P}.deny_ingress"),
+            "network ingress is not implemented (sandboxes have no network)",
+        );
+    }
+    match pb::DnsEgressMode::try_from(net.dns_egress) {
+        Ok(pb::DnsEgressMode::Unspecified | pb::DnsEgressMode::Deny) => {}
+        Ok(pb::DnsEgressMode::Allow) => rej.unsupported(
+            format!("{P}.dns_egress"),
+            "DNS egress is not implemented (sandboxes have no network)",
+        ),
+        Err(_) => rej.invalid(
+            format!("{P}.dns_egress"),
+            format!("unknown DNS egress mode {}", net.dns_egress),
+        ),
+    }
+}
+
+fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut NewSandbox) {
+    if c.image.is_empty() {
+        rej.invalid(format!("{p}.image"), "required");
+    } else {
+        match Reference::parse(&c.image) {
+            Ok(r) => out.image = r.to_string(),
+            Err(e) => rej.invalid(format!("{p}.image"), e.to_string()),
+        }
+    }
+
+    let argv_bytes = c.command.len() + c.args.iter().map(String::len).sum::<usize>();
+    if argv_bytes > MAX_ARGV_BYTES {
+        rej.invalid(
+            format!("{p}.args"),
+            format!("command and arguments exceed {MAX_ARGV_BYTES} bytes"),
+        );
+    }
+    if c.command.contains('\0') {
+        rej.invalid(format!("{p}.command"), "contains a NUL byte");
+    }
+    for (i, a) in c.args.iter().enumerate() {
+        if a.contains('\0') {
+            rej.invalid(format!("{p}.args[{i}]"), "contains a NUL byte");
+        }
+    }
+    out.command = (!c.command.is_empty()).then(|| c.command.clone());
+    out.args = c.args.clone();
+
+    let env_bytes: usize = c
+        .environment_variables
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum();
+    if env_bytes > MAX_ENV_BYTES {
+        rej.invalid(
+            format!("{p}.environment_variables"),
+            format!("exceed {MAX_ENV_BYTES} bytes"),
+        );
+    }
+    let mut env: Vec<(String, String)> = c
+        .environment_variables
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // Maps arrive in no particular order; a stable one keeps specs comparable.
+    env.sort();
+    for (k, v) in &env {
+        let field = format!("{p}.environment_variables[{k:?}]");
+        if k.is_empty() {
+            rej.invalid(field, "empty variable name");
+        } else if k.contains('=') || k.contains('\0') {
+            rej.invalid(field, "variable names cannot contain '=' or NUL");
+        } else if v.contains('\0') {
+            rej.invalid(field, "value contains a NUL byte");
+        }
+    }
+    out.env = env;
+
+    if !c.working_dir.is_empty() {
+        check_abs_path(rej, &format!("{p}.working_dir"), &c.working_dir);
+        out.working_dir = Some(c.working_dir.clone());
+    }
+
+    if c.files.len() > MAX_FILES {
+        rej.invalid(format!("{p}.files"), format!("more than {MAX_FILES} files"));
+    }
+    let total: usize = c.files.iter().map(|f| f.content.len()).sum();
+    if total > MAX_FILES_BYTES {
+        rej.invalid(
+            format!("{p}.files"),
+            format!("{total} bytes of files exceed the limit of {MAX_FILES_BYTES}"),
+        );
+    }
+    for (i, f) in c.files.iter().enumerate() {
+        check_abs_path(rej, &format!("{p}.files[{i}].path"), &f.path);
+        if f.path == "/" {
+            rej.invalid(format!("{p}.files[{i}].path"), "\"/\" is not a file");
+        }
+        out.files.push(MountedFile {
+            path: f.path.clone(),
+            content: f.content.clone(),
+        });
+    }
+
+    out.limits = check_resources(rej, c, p);
+
+    if !c.volume_mounts.is_empty() {
+        rej.unsupported(
+            format!("{p}.volume_mounts"),
+            "volume mounts are not implemented",
+        );
+    }
+    if !c.secret_stores.is_empty() {
+        rej.unsupported(
+            format!("{p}.secret_stores"),
+            "secret stores are not implemented",
+        );
+    }
+    if c.image_pull_credentials.is_some() {
+        rej.unsupported(
+            format!("{p}.image_pull_credentials"),
+            "image pull credentials are not implemented (images come from the local store)",
+        );
+    }
+    if c.startup_probe.is_some() {
+        rej.unsupported(
+            format!("{p}.startup_probe"),
+            "startup probes are not implemented",
+        );
+    }
+    if let Some(sc) = &c.security_context {
+        check_security_context(rej, sc, &format!("{p}.security_context"));
+    }
+}
+
+fn check_resources(rej: &mut Rejection, c: &pb::Container, p: &str) -> Resources {
+    let parse = |rej: &mut Rejection, r: &pb::Resources, field: &str| {
+        let mut out = Resources::default();
+        if !r.cpu.is_empty() {
+            match parse_cpu_millis(&r.cpu) {
+                Ok(v) => out.cpu_millis = Some(v),
+                Err(e) => rej.invalid(format!("{field}.cpu"), e.to_string()),
+            }
+        }
+        if !r.memory.is_empty() {
+            match parse_memory(&r.memory) {
+                Ok(v) => out.memory_bytes = Some(v),
+                Err(e) => rej.invalid(format!("{field}.memory"), e.to_string()),
+            }
+        }
+        if let Some(g) = &r.gpu {
+            if g.count != 0 || g.selector.is_some() {
+                rej.gpu.push(Violation::new(
+                    format!("{field}.gpu"),
+                    "gpus are not supported on this runner",
+                ));
+            }
+        }
+        out
+    };
+    match &c.resource_requirements {
+        Some(rr) => {
+            let base = format!("{p}.resource_requirements");
+            let requests = rr
+                .requests
+                .as_ref()
+                .map(|r| parse(rej, r, &format!("{base}.requests")));
+            let limits = rr
+                .limits
+                .as_ref()
+                .map(|r| parse(rej, r, &format!("{base}.limits")));
+            if let (Some(req), Some(lim)) = (&requests, &limits) {
+                let over =
+                    |r: Option<u64>, l: Option<u64>| matches!((r, l), (Some(r), Some(l)) if r > l);
+                if over(req.cpu_millis, lim.cpu_millis) {
+                    rej.invalid(format!("{base}.requests.cpu"), "exceeds the cpu limit");
+                }
+                if over(req.memory_bytes, lim.memory_bytes) {
+                    rej.invalid(
+                        format!("{base}.requests.memory"),
+                        "exceeds the memory limit",
+                    );
+                }
+            }
+            // The cgroup enforces one number per resource: the limit, or
+            // the request when no limit is given.
+            let req = requests.unwrap_or_default();
+            let lim = limits.unwrap_or_default();
+            Resources {
+                cpu_millis: lim.cpu_millis.or(req.cpu_millis),
+                memory_bytes: lim.memory_bytes.or(req.memory_bytes),
+            }
+        }
+        // The older field, which the client no longer sends: limits.
+        None => c
+            .resources
+            .as_ref()
+            .map(|r| parse(rej, r, &format!("{p}.resources")))
+            .unwrap_or_default(),
+    }
+}
+
+/// Sandboxes run as root of their own user namespace, with Docker's default
+/// capabilities, `no_new_privs` and the default seccomp filter, on a
+/// writable root: settings that ask for exactly that are accepted.
+fn check_security_context(rej: &mut Rejection, sc: &pb::SecurityContext, p: &str) {
+    if sc.run_as_user.is_some_and(|u| u != 0) {
+        rej.unsupported(
+            format!("{p}.run_as_user"),
+            "running as a non-root user is not implemented",
+        );
+    }
+    if sc.run_as_group.is_some_and(|g| g != 0) {
+        rej.unsupported(
+            format!("{p}.run_as_group"),
+            "running as a non-root group is not implemented",
+        );
+    }
+    if sc.privileged == Some(true) {
+        rej.unsupported(
+            format!("{p}.privileged"),
+            "privileged sandboxes are not implemented",
+        );
+    }
+    if sc.allow_privilege_escalation == Some(true) {
+        rej.unsupported(
+            format!("{p}.allow_privilege_escalation"),
+            "privilege escalation is not implemented (no_new_privs is always set)",
+        );
+    }
+    if sc.read_only_root_filesystem == Some(true) {
+        rej.unsupported(
+            format!("{p}.read_only_root_filesystem"),
+            "read-only root file systems are not implemented",
+        );
+    }
+    if !sc.capabilities_add.is_empty() {
+        rej.unsupported(
+            format!("{p}.capabilities_add"),
+            "changing capabilities is not implemented",
+        );
+    }
+    if !sc.capabilities_drop.is_empty() {
+        rej.unsupported(
+            format!("{p}.capabilities_drop"),
+            "changing capabilities is not implemented",
+        );
+    }
+    if !matches!(
+        sc.seccomp_profile.as_str(),
+        "" | "RuntimeDefault" | "runtime/default"
+    ) {
+        rej.unsupported(
+            format!("{p}.seccomp_profile"),
+            "only the default seccomp profile is implemented",
+        );
+    }
+}
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;

@@ -1,0 +1,169 @@
+//! What the manager needs from the machinery that runs sandboxes.
+//!
+//! [`crate::local::LocalEngine`] implements it over `sandpit-runtime` and
+//! `sandpit-image`; [`crate::fake::FakeEngine`] in memory, for tests. Methods
+//! are async: implementations run blocking engine calls on tokio's blocking
+//! pool so the daemon's reactor never stalls.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sandpit_wire::client::AgentClient;
+use sandpit_wire::ExitStatus;
+
+use crate::logs::LogSink;
+use crate::model::{MountedFile, Resources};
+
+/// Errors of an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The image store failed (not "image missing": that is `Ok(None)`).
+    #[error("image store: {0}")]
+    Image(String),
+    /// Creating, adopting or destroying a sandbox failed.
+    #[error("{0}")]
+    Runtime(String),
+    /// Talking to a sandbox's agent failed.
+    #[error("agent: {0}")]
+    Agent(String),
+    /// The sandbox started but its main command did not (missing binary,
+    /// bad working directory...); nothing of it is left.
+    #[error("main command failed to start: {0}")]
+    StartFailed(String),
+    /// The engine knows no sandbox with this id.
+    #[error("sandbox {0} is not known to the engine")]
+    Unknown(String),
+    /// A blocking task panicked or was cancelled.
+    #[error("engine task failed")]
+    Task,
+}
+
+/// The runtime part of an image, resolved from the local store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Normalised reference.
+    pub reference: String,
+    /// OCI `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// OCI `Cmd`.
+    pub cmd: Vec<String>,
+    /// OCI `Env` (`K=V`).
+    pub env: Vec<String>,
+    /// OCI `WorkingDir` (empty = `/`).
+    pub working_dir: String,
+    /// Unpacked layers, top-most first.
+    pub lower_dirs: Vec<PathBuf>,
+}
+
+/// Everything the engine needs to start a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// The image's layers.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Main command; empty means none (the sandbox idles until stopped).
+    pub argv: Vec<String>,
+    /// Environment of the main command and of every exec.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: String,
+    /// Files written before the main command starts.
+    pub files: Vec<MountedFile>,
+    /// cgroup limits.
+    pub limits: Resources,
+}
+
+/// How a watched sandbox's main process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MainExit {
+    /// It exited (or was killed by a signal).
+    Exited {
+        /// The status.
+        status: ExitStatus,
+        /// OOM kills counted in the sandbox's cgroup.
+        oom_kills: u64,
+    },
+    /// It could not be started (binary or working dir missing...).
+    StartFailed(String),
+    /// The sandbox's init (the agent) died, so the main process's status is
+    /// unknown.
+    InitDied {
+        /// OOM kills counted in the sandbox's cgroup.
+        oom_kills: u64,
+    },
+}
+
+/// What adopting a sandbox after a restart found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// Its init runs: it can be watched again.
+    Running,
+    /// Its init runs but the main process ended while nobody watched: the
+    /// watcher returns at once with the real outcome.
+    Exited,
+    /// Nothing (or only debris) is left of it.
+    Gone,
+}
+
+/// This host's capacity, for discovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostCapacity {
+    /// CPUs usable by sandboxes, in thousandths.
+    pub cpu_millis: u64,
+    /// Total memory in bytes.
+    pub memory_total_bytes: u64,
+    /// Memory available now, in bytes.
+    pub memory_available_bytes: u64,
+    /// Machine architecture (`x86_64`, `aarch64`).
+    pub architecture: String,
+}
+
+/// The backend the manager drives.
+pub trait Engine: Send + Sync + 'static {
+    /// Looks an image up in the local store; `Ok(None)` when it is missing.
+    fn image(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = Result<Option<ImageInfo>, EngineError>> + Send;
+
+    /// Creates and starts a sandbox; returns once its agent listens. On error
+    /// nothing of the sandbox is left.
+    fn create(
+        &self,
+        id: &str,
+        spec: LaunchSpec,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Waits, without polling, until the sandbox's main process ended,
+    /// passing its output to `sink` on the way. A sandbox without a main
+    /// command resolves only when its init dies.
+    fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> impl Future<Output = MainExit> + Send;
+
+    /// Sends a signal to the main process's process group.
+    fn signal_main(
+        &self,
+        id: &str,
+        signal: i32,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Kills everything of the sandbox and removes its host resources.
+    /// Destroying an unknown or already destroyed sandbox succeeds.
+    fn destroy(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Re-attaches to a sandbox that outlived a daemon restart.
+    fn adopt(&self, id: &str) -> impl Future<Output = Adoption> + Send;
+
+    /// Removes the host resources of every sandbox this daemon created that
+    /// is not in `keep` (debris of a crash); returns how many.
+    fn sweep(
+        &self,
+        keep: HashSet<String>,
+    ) -> impl Future<Output = Result<usize, EngineError>> + Send;
+
+    /// A client for a running sandbox's agent (the data plane's way in).
+    fn agent(&self, id: &str) -> Option<AgentClient>;
+
+    /// This host's capacity.
+    fn capacity(&self) -> HostCapacity;
+}

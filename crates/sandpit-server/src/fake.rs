@@ -1,0 +1,276 @@
+//! An in-memory [`Engine`] for tests: sandboxes are records, main processes
+//! end when the test says so (or on SIGTERM, if configured), and every call
+//! is remembered for assertions.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sandpit_wire::client::AgentClient;
+use sandpit_wire::ExitStatus;
+use tokio::sync::watch;
+
+use crate::engine::{Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit};
+use crate::logs::{LogSink, OutputChunk, Stream};
+
+/// One fake sandbox.
+#[derive(Debug)]
+struct FakeSandbox {
+    spec: LaunchSpec,
+    exit: watch::Sender<Option<MainExit>>,
+    destroyed: bool,
+    signals: Vec<i32>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    images: HashMap<String, ImageInfo>,
+    sandboxes: HashMap<String, FakeSandbox>,
+    fail_create: Option<String>,
+    create_delay: Duration,
+    sigterm_exits: bool,
+    output: Vec<u8>,
+    swept_keep: Option<HashSet<String>>,
+}
+
+/// The fake engine; clones share their state.
+#[derive(Debug, Clone, Default)]
+pub struct FakeEngine {
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeEngine {
+    /// An engine with no images; SIGTERM is ignored by main processes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an image (by normalised reference) with this entrypoint and cmd.
+    pub fn add_image(&self, reference: &str, entrypoint: &[&str], cmd: &[&str]) {
+        let info = ImageInfo {
+            reference: reference.to_owned(),
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+            working_dir: String::new(),
+            lower_dirs: vec![PathBuf::from("/fake/layer")],
+        };
+        self.lock().images.insert(reference.to_owned(), info);
+    }
+
+    /// Makes every later `create` fail with `message` (`None`: succeed).
+    pub fn fail_create(&self, message: Option<&str>) {
+        self.lock().fail_create = message.map(str::to_owned);
+    }
+
+    /// Makes `create` take this long.
+    pub fn set_create_delay(&self, delay: Duration) {
+        self.lock().create_delay = delay;
+    }
+
+    /// Whether SIGTERM makes a main process exit with code 0 (like the
+    /// client's default `trap "exit 0" TERM`), instead of being ignored.
+    pub fn set_sigterm_exits(&self, exits: bool) {
+        self.lock().sigterm_exits = exits;
+    }
+
+    /// Output every main process "prints" when watched.
+    pub fn set_output(&self, output: &[u8]) {
+        self.lock().output = output.to_vec();
+    }
+
+    /// Ends a sandbox's main process.
+    pub fn exit(&self, id: &str, exit: MainExit) {
+        if let Some(sb) = self.lock().sandboxes.get(id) {
+            sb.exit.send_if_modified(|e| {
+                if e.is_none() {
+                    *e = Some(exit);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Makes a sandbox vanish (as if its init was killed while the daemon
+    /// was down).
+    pub fn vanish(&self, id: &str) {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+            sb.destroyed = true;
+        }
+    }
+
+    /// The spec a sandbox was created with.
+    pub fn spec(&self, id: &str) -> Option<LaunchSpec> {
+        self.lock().sandboxes.get(id).map(|s| s.spec.clone())
+    }
+
+    /// Signals sent to a sandbox's main process.
+    pub fn signals(&self, id: &str) -> Vec<i32> {
+        self.lock()
+            .sandboxes
+            .get(id)
+            .map(|s| s.signals.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a sandbox was destroyed.
+    pub fn destroyed(&self, id: &str) -> bool {
+        self.lock().sandboxes.get(id).is_some_and(|s| s.destroyed)
+    }
+
+    /// Ids of sandboxes that were created and not destroyed.
+    pub fn alive(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .sandboxes
+            .iter()
+            .filter(|(_, s)| !s.destroyed)
+            .map(|(id, _)| id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The `keep` set of the last sweep.
+    pub fn swept_keep(&self) -> Option<HashSet<String>> {
+        self.lock().swept_keep.clone()
+    }
+}
+
+impl Engine for FakeEngine {
+    async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, EngineError> {
+        Ok(self.lock().images.get(reference).cloned())
+    }
+
+    async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
+        let delay = self.lock().create_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut st = self.lock();
+        if let Some(msg) = &st.fail_create {
+            return Err(EngineError::Runtime(msg.clone()));
+        }
+        if st.sandboxes.contains_key(id) {
+            return Err(EngineError::Runtime(format!("sandbox {id} already exists")));
+        }
+        let (exit, _) = watch::channel(None);
+        // Without a main command the sandbox idles until destroyed.
+        st.sandboxes.insert(
+            id.to_owned(),
+            FakeSandbox {
+                spec,
+                exit,
+                destroyed: false,
+                signals: vec![],
+            },
+        );
+        Ok(())
+    }
+
+    async fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> MainExit {
+        let (mut rx, output) = {
+            let st = self.lock();
+            match st.sandboxes.get(id) {
+                Some(sb) if !sb.destroyed => (sb.exit.subscribe(), st.output.clone()),
+                _ => return MainExit::InitDied { oom_kills: 0 },
+            }
+        };
+        if !output.is_empty() {
+            sink.append(
+                id,
+                &OutputChunk {
+                    offset: sink.resume_offset(id),
+                    stream: Stream::Stdout,
+                    time_ns: 0,
+                    data: output,
+                },
+            );
+        }
+        let ended = rx.wait_for(|e| e.is_some()).await.map(|e| e.clone());
+        match ended {
+            Ok(e) => e.expect("waited for Some"),
+            Err(_) => MainExit::InitDied { oom_kills: 0 },
+        }
+    }
+
+    async fn signal_main(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+        let mut st = self.lock();
+        let exits = st.sigterm_exits;
+        let sb = st
+            .sandboxes
+            .get_mut(id)
+            .filter(|s| !s.destroyed)
+            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+        if sb.spec.argv.is_empty() || sb.exit.borrow().is_some() {
+            return Err(EngineError::Agent("main process is not running".into()));
+        }
+        sb.signals.push(signal);
+        if exits && signal == 15 {
+            sb.exit.send_replace(Some(MainExit::Exited {
+                status: ExitStatus::Code(0),
+                oom_kills: 0,
+            }));
+        }
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), EngineError> {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+            sb.destroyed = true;
+            sb.exit.send_if_modified(|e| {
+                if e.is_none() {
+                    *e = Some(MainExit::InitDied { oom_kills: 0 });
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn adopt(&self, id: &str) -> Adoption {
+        match self.lock().sandboxes.get(id) {
+            Some(sb) if !sb.destroyed => Adoption::Running,
+            _ => Adoption::Gone,
+        }
+    }
+
+    async fn sweep(&self, keep: HashSet<String>) -> Result<usize, EngineError> {
+        let mut st = self.lock();
+        let mut n = 0;
+        for (id, sb) in st.sandboxes.iter_mut() {
+            if !keep.contains(id) && !sb.destroyed {
+                sb.destroyed = true;
+                n += 1;
+            }
+        }
+        st.swept_keep = Some(keep);
+        Ok(n)
+    }
+
+    fn agent(&self, id: &str) -> Option<AgentClient> {
+        let st = self.lock();
+        st.sandboxes
+            .get(id)
+            .filter(|s| !s.destroyed)
+            .map(|_| AgentClient::new(format!("/nonexistent/{id}/agent.sock")))
+    }
+
+    fn capacity(&self) -> HostCapacity {
+        HostCapacity {
+            cpu_millis: 4000,
+            memory_total_bytes: 8 << 30,
+            memory_available_bytes: 6 << 30,
+            architecture: "x86_64".into(),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! `sandpitd`: the `coreweave.sandbox.v1` gRPC service over the sandpit
+//! engine, wire-compatible with the `cwsandbox` Python client.
+//!
+//! Layers, outside in:
+//!
+//! - [`server`]: tonic server (h2c or TLS), health, reflection, and the
+//!   [`auth`] interceptor that turns API keys into [`model::Principal`]s.
+//! - [`api`]: gRPC handlers; validation of requests into domain types,
+//!   records into messages, errors into `google.rpc.Status` details.
+//! - [`manager`]: the lifecycle state machine over its own types
+//!   ([`model`]): creation, watching main processes, stopping with a grace
+//!   period, lifetimes, retention, adoption after a restart. Persists every
+//!   change in [`db`] (SQLite) before reporting it.
+//! - [`engine::Engine`]: what the manager needs from the machinery;
+//!   [`local::LocalEngine`] over `sandpit-runtime` and `sandpit-image`,
+//!   [`fake::FakeEngine`] in memory for tests.
+//! - [`logs::LogSink`]: where main-process output goes while watched.
+//!
+//! [`config`] merges the TOML file and flags; the binary (`src/main.rs`)
+//! wires everything up.
+
+pub mod api;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod fake;
+pub mod local;
+pub mod logs;
+pub mod manager;
+pub mod model;
+pub mod server;
+
+/// An error and its sources, each once (some messages already include
+/// their source's).
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,501 @@
+//! The real [`Engine`]: `sandpit-runtime` sandboxes from `sandpit-image`
+//! images on this host.
+//!
+//! Engine and store calls block (spawner, file system, cgroups), so they run
+//! on tokio's blocking pool. Watching a sandbox does not: the agent's
+//! main-output stream is read asynchronously over a tokio `UnixStream`, one
+//! connection per running sandbox, and its `End` frame is how the exit of the
+//! main process is noticed.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sandpit_image::{IdShift, ImageError, ImageStore, Reference};
+use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+use sandpit_wire::client::AgentClient;
+use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError, MAX_FRAME_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::describe;
+use crate::engine::{Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit};
+use crate::logs::{LogSink, OutputChunk, Stream};
+
+/// Bound on request-response agent calls (ping, signal).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the engine keeps its state and finds its helpers.
+#[derive(Debug, Clone)]
+pub struct LocalEngineConfig {
+    /// The image store (`<data-dir>/store`).
+    pub store_dir: PathBuf,
+    /// Per-sandbox state (`<data-dir>/sandboxes`).
+    pub state_dir: PathBuf,
+    /// The static agent binary.
+    pub agent_binary: PathBuf,
+    /// The `sandpit-spawn` helper.
+    pub spawner_binary: PathBuf,
+    /// Parent cgroup of every sandbox.
+    pub cgroup_parent: String,
+    /// Task limit of every sandbox (fork bombs); `None`: unlimited.
+    pub pids_max: Option<u64>,
+}
+
+/// The engine over this host's kernel.
+#[derive(Debug)]
+pub struct LocalEngine {
+    runtime: Arc<Runtime>,
+    store: Arc<ImageStore>,
+    pids_max: Option<u64>,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| EngineError::Task)
+}
+
+impl LocalEngine {
+    /// Opens the image store and sets up the runtime (checks the helper
+    /// binaries, detects cgroups).
+    pub fn new(config: LocalEngineConfig) -> Result<Self, EngineError> {
+        let store = ImageStore::open(&config.store_dir, IdShift::default())
+            .map_err(|e| EngineError::Image(describe(&e)))?;
+        let runtime = Runtime::new(RuntimeConfig {
+            state_dir: config.state_dir,
+            agent_binary: config.agent_binary,
+            spawner_binary: config.spawner_binary,
+            id_map: IdMap::default(),
+            cgroup_parent: config.cgroup_parent,
+        })
+        .map_err(|e| EngineError::Runtime(describe(&e)))?;
+        Ok(Self {
+            runtime: Arc::new(runtime),
+            store: Arc::new(store),
+            pids_max: config.pids_max,
+            sandboxes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.table().get(id).cloned()
+    }
+}
+
+async fn ping(sb: &Arc<Sandbox>) -> Result<MainStatus, EngineError> {
+    let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
+    blocking(move || agent.ping())
+        .await?
+        .map_err(|e| EngineError::Agent(describe(&e)))
+}
+
+/// Why following the main output stopped before its `End`.
+#[derive(Debug, thiserror::Error)]
+enum FollowError {
+    #[error("connect")]
+    Connect(#[source] std::io::Error),
+    #[error("wire")]
+    Wire(#[from] WireError),
+    #[error("agent closed the stream")]
+    Closed,
+    #[error("unexpected frame")]
+    Unexpected,
+}
+
+/// Reads one frame from the agent (hostile input: the length is bounded
+/// before anything is allocated). `Ok(None)`: clean close between frames.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Frame>, WireError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(WireError::Truncated),
+            n => got += n,
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            WireError::Truncated
+        } else {
+            WireError::Io(e)
+        }
+    })?;
+    sandpit_wire::decode(&body).map(Some)
+}
+
+/// Streams the main process's output from `*offset` into `sink` until the
+/// agent's `End` (the main process exited and its output was drained).
+async fn follow_output(
+    socket: &Path,
+    id: &str,
+    offset: &mut u64,
+    sink: &dyn LogSink,
+) -> Result<(), FollowError> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(FollowError::Connect)?;
+    let mut first = Vec::new();
+    sandpit_wire::encode(
+        &Frame::MainOutput {
+            offset: *offset,
+            follow: true,
+        },
+        &mut first,
+    );
+    stream.write_all(&first).await.map_err(WireError::Io)?;
+    let mut reader = BufReader::with_capacity(sandpit_wire::CHUNK_LEN + 64, stream);
+    loop {
+        match read_frame(&mut reader).await? {
+            None => return Err(FollowError::Closed),
+            Some(Frame::End) => return Ok(()),
+            Some(Frame::Gap { to, .. }) => *offset = to,
+            Some(Frame::MainChunk {
+                offset: at,
+                stream,
+                time_ns,
+                data,
+            }) => {
+                let stream = match stream {
+                    1 => Stream::Stdout,
+                    2 => Stream::Stderr,
+                    _ => return Err(FollowError::Unexpected),
+                };
+                // Offsets are the agent's word: they must not overflow ours.
+                *offset = at
+                    .checked_add(data.len() as u64)
+                    .ok_or(FollowError::Unexpected)?;
+                sink.append(
+                    id,
+                    &OutputChunk {
+                        offset: at,
+                        stream,
+                        time_ns,
+                        data,
+                    },
+                );
+            }
+            Some(_) => return Err(FollowError::Unexpected),
+        }
+    }
+}
+
+/// Resolves when the sandbox's PID 1 exits: a pidfd becomes readable then,
+/// so nothing polls. Falls back to checking once a second where pidfds are
+/// unavailable (kernels before 5.3).
+async fn wait_init_exit(sb: &Sandbox) {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new
+    // descriptor or -1; no memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, sb.pid(), 0) };
+    if fd >= 0 {
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after opening: the pidfd is for the sandbox's init, not a
+        // process that reused its pid.
+        if !sb.is_running() {
+            return;
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and refers
+        // to the same pidfd until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        if let Ok(afd) = registered {
+            let _ = afd.readable().await;
+            return;
+        }
+    }
+    while sb.is_running() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl Engine for LocalEngine {
+    async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, EngineError> {
+        let store = Arc::clone(&self.store);
+        let reference = reference.to_owned();
+        blocking(move || {
+            let parsed =
+                Reference::parse(&reference).map_err(|e| EngineError::Image(describe(&e)))?;
+            match store.get(&parsed) {
+                Ok(image) => Ok(Some(ImageInfo {
+                    reference: image.reference.clone(),
+                    entrypoint: image.config.entrypoint.clone(),
+                    cmd: image.config.cmd.clone(),
+                    env: image.config.env.clone(),
+                    working_dir: image.config.working_dir.clone(),
+                    lower_dirs: store.lower_dirs(&image),
+                })),
+                Err(ImageError::NotFound(_)) => Ok(None),
+                Err(e) => Err(EngineError::Image(describe(&e))),
+            }
+        })
+        .await?
+    }
+
+    async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
+        let runtime = Arc::clone(&self.runtime);
+        let spec = SandboxSpec {
+            id: id.to_owned(),
+            hostname: None,
+            lower_dirs: spec.lower_dirs,
+            init: InitSpec {
+                argv: spec.argv,
+                env: spec.env,
+                cwd: spec.cwd,
+                files: spec
+                    .files
+                    .into_iter()
+                    .map(|f| InitFile {
+                        path: f.path,
+                        mode: 0o644,
+                        content: f.content,
+                    })
+                    .collect(),
+            },
+            limits: Limits {
+                cpu_millis: spec.limits.cpu_millis,
+                memory_bytes: spec.limits.memory_bytes,
+                pids_max: self.pids_max,
+            },
+        };
+        let sandbox = blocking(move || {
+            let sandbox = runtime
+                .create(&spec)
+                .map_err(|e| EngineError::Runtime(describe(&e)))?;
+            // The agent starts the main command before it serves its first
+            // connection, so one ping tells whether it started: a client
+            // then sees FAILED from CreateSandbox itself, never a RUNNING
+            // that turns FAILED a few milliseconds later.
+            let verdict = match sandbox.agent().with_timeout(AGENT_TIMEOUT).ping() {
+                Ok(MainStatus::StartFailed(msg)) => Err(EngineError::StartFailed(msg)),
+                Ok(_) => Ok(()),
+                Err(e) => Err(EngineError::Agent(e.to_string())),
+            };
+            match verdict {
+                Ok(()) => Ok(sandbox),
+                Err(e) => {
+                    if let Err(d) = runtime.destroy(sandbox.id()) {
+                        tracing::warn!(error = %d, "destroy after failed start");
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await??;
+        self.table().insert(id.to_owned(), Arc::new(sandbox));
+        Ok(())
+    }
+
+    async fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> MainExit {
+        let Some(sb) = self.sandbox(id) else {
+            return MainExit::InitDied { oom_kills: 0 };
+        };
+        let socket = sb.agent_socket();
+        let mut offset = sink.resume_offset(id);
+        loop {
+            if let Err(e) = follow_output(&socket, id, &mut offset, &*sink).await {
+                tracing::debug!(error = %describe(&e), "main output stream ended early");
+            }
+            match ping(&sb).await {
+                Ok(MainStatus::Exited(status)) => {
+                    return MainExit::Exited {
+                        status,
+                        oom_kills: sb.oom_kills(),
+                    }
+                }
+                Ok(MainStatus::StartFailed(msg)) => return MainExit::StartFailed(msg),
+                // No main command: the sandbox lives until its init dies.
+                Ok(MainStatus::Idle) => {
+                    wait_init_exit(&sb).await;
+                    return MainExit::InitDied {
+                        oom_kills: sb.oom_kills(),
+                    };
+                }
+                // The stream broke while the main process runs: follow again.
+                Ok(MainStatus::Running { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "ping after main output");
+                    // The agent is gone, or alive but not answering: either
+                    // way the main process's status is lost with it.
+                    wait_init_exit(&sb).await;
+                    return MainExit::InitDied {
+                        oom_kills: sb.oom_kills(),
+                    };
+                }
+            }
+        }
+    }
+
+    async fn signal_main(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+        let sb = self
+            .sandbox(id)
+            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+        let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
+        blocking(move || agent.signal_main(signal))
+            .await?
+            .map_err(|e| EngineError::Agent(describe(&e)))
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), EngineError> {
+        self.table().remove(id);
+        let runtime = Arc::clone(&self.runtime);
+        let id = id.to_owned();
+        blocking(move || runtime.destroy(&id))
+            .await?
+            .map_err(|e| EngineError::Runtime(describe(&e)))
+    }
+
+    async fn adopt(&self, id: &str) -> Adoption {
+        let runtime = Arc::clone(&self.runtime);
+        let owned = id.to_owned();
+        let opened = blocking(move || runtime.open(&owned)).await;
+        match opened {
+            Ok(Ok(sb)) if sb.is_running() => {
+                let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
+                let status = blocking(move || agent.ping()).await;
+                self.table().insert(id.to_owned(), Arc::new(sb));
+                match status {
+                    Ok(Ok(MainStatus::Exited(_) | MainStatus::StartFailed(_))) => Adoption::Exited,
+                    _ => Adoption::Running,
+                }
+            }
+            // Debris, if any, goes with the sweep that follows adoption.
+            _ => Adoption::Gone,
+        }
+    }
+
+    async fn sweep(&self, keep: HashSet<String>) -> Result<usize, EngineError> {
+        // Not `Runtime::sweep`: it also removes every cgroup under the
+        // shared parent that is not in `keep`, which would kill the
+        // sandboxes of another sandpitd (another data dir) or of `sandpit
+        // run`. Only state dirs of this daemon's own ids are swept;
+        // `destroy` takes each one's cgroup with it, and a sandbox's cgroup
+        // never exists without its state dir.
+        let runtime = Arc::clone(&self.runtime);
+        blocking(move || {
+            let mut removed = 0;
+            for id in runtime.list()? {
+                if is_daemon_id(&id) && !keep.contains(&id) {
+                    runtime.destroy(&id)?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await?
+        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
+    }
+
+    fn agent(&self, id: &str) -> Option<AgentClient> {
+        self.sandbox(id).map(|sb| sb.agent())
+    }
+
+    fn capacity(&self) -> HostCapacity {
+        host_capacity()
+    }
+}
+
+/// Whether `id` has the shape of the ids the manager hands out (12
+/// lowercase hex digits), as opposed to `sandpit run`'s `run-...`.
+fn is_daemon_id(id: &str) -> bool {
+    id.len() == 12
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// CPUs this process may use, memory from `/proc/meminfo`.
+pub fn host_capacity() -> HostCapacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let (total, available) = parse_meminfo(&meminfo);
+    HostCapacity {
+        cpu_millis: cpus * 1000,
+        memory_total_bytes: total,
+        memory_available_bytes: available,
+        architecture: std::env::consts::ARCH.to_owned(),
+    }
+}
+
+/// `MemTotal` and `MemAvailable` in bytes (0 when missing).
+fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal"), field("MemAvailable"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_daemon_ids_are_swept() {
+        assert!(is_daemon_id("0123456789ab"));
+        assert!(!is_daemon_id("run-0123456789"));
+        assert!(!is_daemon_id("0123456789AB"));
+        assert!(!is_daemon_id("0123456789a"));
+    }
+
+    #[test]
+    fn meminfo_is_parsed() {
+        let text = "MemTotal:       16318412 kB\nMemFree:  1 kB\nMemAvailable:   8000000 kB\n";
+        assert_eq!(parse_meminfo(text), (16318412 * 1024, 8000000 * 1024));
+        assert_eq!(parse_meminfo(""), (0, 0));
+        let cap = host_capacity();
+        assert!(cap.cpu_millis >= 1000);
+        assert!(cap.memory_total_bytes > 0);
+    }
+
+    #[tokio::test]
+    async fn frames_are_read_and_bounded() {
+        let mut bytes = Vec::new();
+        sandpit_wire::encode(&Frame::End, &mut bytes);
+        let mut r = &bytes[..];
+        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::End));
+        assert_eq!(read_frame(&mut r).await.unwrap(), None);
+        let huge = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]).await,
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &bytes[..2]).await,
+            Err(WireError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn describe_adds_sources_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = ImageError::Io {
+            op: "read",
+            path: "/x".into(),
+            source: io,
+        };
+        assert_eq!(describe(&e), "read /x: disk on fire");
+    }
+}

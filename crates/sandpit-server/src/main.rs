@@ -1,0 +1,270 @@
+//! `sandpitd`: serves sandboxes over the `coreweave.sandbox.v1` gRPC API.
+//! See docs/sandpitd.md.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sandpit_server::auth::{generate_key, ApiKey, Auth};
+use sandpit_server::clock::SystemClock;
+use sandpit_server::config::{Config, LogFormat, Overrides};
+use sandpit_server::db::Db;
+use sandpit_server::local::{LocalEngine, LocalEngineConfig};
+use sandpit_server::logs::FileSink;
+use sandpit_server::manager::Manager;
+use sandpit_server::server::{serve, ServerOptions};
+use tokio::net::TcpListener;
+
+/// The sandpit sandbox service (coreweave.sandbox.v1 over gRPC).
+#[derive(Debug, Parser)]
+#[command(name = "sandpitd", version)]
+struct Args {
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Directory for images, sandboxes, the database and the generated key
+    /// [default: /var/lib/sandpit].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (flags override its values).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// An accepted API key (repeatable); SANDPIT_API_KEYS adds more,
+    /// comma-separated. Without any, a key is generated into
+    /// <data-dir>/api-key.
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// Log format.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plaintext on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let env_keys = std::env::var("SANDPIT_API_KEYS").ok();
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        api_keys: args.api_keys,
+        log_format: args.log_format,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        insecure: args.insecure,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides, env_keys.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sandpitd: {}", sandpit_server::describe(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandpitd: start tokio: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sandpitd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    let started = SystemTime::now();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+
+    // Two daemons on one data dir would both adopt, and sweep, each
+    // other's sandboxes. Held until the process exits.
+    let _lock = lock_data_dir(&config.data_dir)?;
+
+    let keys = if config.api_keys.is_empty() {
+        vec![ApiKey {
+            key: load_or_generate_key(&config.key_file())?,
+            name: None,
+        }]
+    } else {
+        config.api_keys.clone()
+    };
+    let auth = Auth::new(&keys);
+
+    let tls = match &config.tls {
+        Some(t) => Some((
+            std::fs::read(&t.cert)
+                .with_context(|| format!("read TLS certificate {}", t.cert.display()))?,
+            std::fs::read(&t.key).with_context(|| format!("read TLS key {}", t.key.display()))?,
+        )),
+        None => None,
+    };
+
+    let engine_config = LocalEngineConfig {
+        store_dir: config.store_dir(),
+        state_dir: config.state_dir(),
+        agent_binary: config.agent_binary.clone(),
+        spawner_binary: config.spawner_binary.clone(),
+        cgroup_parent: config.cgroup_parent.clone(),
+        pids_max: config.pids_max,
+    };
+    let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
+        .await?
+        .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+        .context("set up the engine")?;
+    let db_path = config.db_path();
+    let db = Db::open(&db_path)
+        .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+        .with_context(|| format!("open database {}", db_path.display()))?;
+    let sink = FileSink::new(&config.logs_dir())
+        .with_context(|| format!("create {}", config.logs_dir().display()))?;
+    let manager = Manager::start(
+        config.manager.clone(),
+        engine,
+        db,
+        Arc::new(SystemClock),
+        Arc::new(sink),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+    .context("start the sandbox manager")?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        data_dir = %config.data_dir.display(),
+        runner_id = %config.runner_id,
+        tls = config.tls.is_some(),
+        "sandpitd listening"
+    );
+    // A fixed line on stderr whatever the log format: scripts wait for it.
+    eprintln!("sandpitd listening on {addr}");
+
+    serve(
+        listener,
+        manager,
+        auth,
+        ServerOptions {
+            max_message_bytes: config.max_message_bytes,
+            tls,
+            runner_id: config.runner_id.clone(),
+            started,
+        },
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))?;
+    tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
+    Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// An exclusive lock on `<data-dir>/sandpitd.lock`.
+fn lock_data_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("sandpitd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            bail!("another sandpitd is using {}", dir.display())
+        }
+        Err((_, e)) => Err(e).with_context(|| format!("lock {}", path.display())),
+    }
+}
+
+/// The key in `path`, or a fresh one written there (0600).
+fn load_or_generate_key(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = text.trim().to_owned();
+            if key.is_empty() {
+                bail!(
+                    "{} is empty; remove it to generate a new key",
+                    path.display()
+                );
+            }
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "API key file is readable by others");
+            }
+            tracing::info!(path = %path.display(), "using the API key in");
+            eprintln!("sandpitd: API key in {}", path.display());
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = generate_key();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("create {}", path.display()))?;
+            writeln!(f, "{key}")?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "generated an API key");
+            eprintln!("sandpitd: generated an API key in {}", path.display());
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}

@@ -1,0 +1,627 @@
+//! The gRPC server in-process on 127.0.0.1:0 with the fake engine, driven by
+//! the generated tonic clients as a remote caller would.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sandpit_proto::sandbox::v1 as pb;
+use sandpit_proto::sandbox::v1::discovery_service_client::DiscoveryServiceClient;
+use sandpit_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
+use sandpit_server::auth::{ApiKey, Auth};
+use sandpit_server::clock::SystemClock;
+use sandpit_server::db::Db;
+use sandpit_server::engine::MainExit;
+use sandpit_server::fake::FakeEngine;
+use sandpit_server::logs::NullSink;
+use sandpit_server::manager::{Manager, ManagerConfig};
+use sandpit_server::server::{serve, ServerOptions};
+use sandpit_wire::ExitStatus;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+const ALICE: &str = "alice-key";
+const BOB: &str = "bob-key";
+
+struct Server {
+    url: String,
+    engine: FakeEngine,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start() -> Server {
+    let engine = FakeEngine::new();
+    engine.add_image("docker.io/library/python:3.11", &[], &["python3"]);
+    let manager = Manager::start(
+        ManagerConfig::default(),
+        engine.clone(),
+        Db::in_memory().unwrap(),
+        Arc::new(SystemClock),
+        Arc::new(NullSink),
+    )
+    .await
+    .unwrap();
+    let auth = Auth::new(&[
+        ApiKey {
+            key: ALICE.into(),
+            name: Some("alice".into()),
+        },
+        ApiKey {
+            key: BOB.into(),
+            name: None,
+        },
+    ]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(
+            listener,
+            manager,
+            auth,
+            ServerOptions {
+                max_message_bytes: 100 << 20,
+                tls: None,
+                runner_id: "runner-1".into(),
+                started: SystemTime::now(),
+            },
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    Server {
+        url,
+        engine,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Server {
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> SandboxServiceClient<Channel> {
+        SandboxServiceClient::new(self.channel().await)
+    }
+}
+
+fn with_key<T>(msg: T, key: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
+    );
+    r
+}
+
+fn create_request(tags: &[&str], request_id: &str) -> pb::CreateSandboxRequest {
+    let mut spec = pb::SandboxSpec {
+        containers: vec![pb::Container {
+            name: "main".into(),
+            image: "python:3.11".into(),
+            command: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "trap \"exit 0\" TERM INT; sleep infinity & wait".into(),
+            ],
+            ..Default::default()
+        }],
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        max_lifetime_seconds: 12 * 3600 * 4,
+        ..Default::default()
+    };
+    spec.annotations.insert("purpose".into(), "test".into());
+    pb::CreateSandboxRequest {
+        sandbox: Some(pb::Sandbox {
+            spec: Some(spec),
+            ..Default::default()
+        }),
+        request_id: request_id.into(),
+    }
+}
+
+fn reason(s: &Status) -> (String, std::collections::HashMap<String, String>) {
+    let d = s.get_error_details();
+    let info = d.error_info().expect("ErrorInfo in the status details");
+    assert_eq!(info.domain, "cwsandbox.com");
+    (info.reason.clone(), info.metadata.clone())
+}
+
+fn state(sb: &pb::Sandbox) -> pb::State {
+    sb.status.as_ref().unwrap().state()
+}
+
+#[tokio::test]
+async fn lifecycle_over_grpc() {
+    let server = start().await;
+    let mut c = server.client().await;
+
+    let created = c
+        .create_sandbox(with_key(create_request(&["t1", "t2"], "req-1"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.sandbox_id.clone();
+    assert_eq!(id.len(), 12);
+    let status = created.status.clone().unwrap();
+    assert_eq!(status.state(), pb::State::Running);
+    assert!(status.create_time.is_some() && status.start_time.is_some());
+    assert_eq!(status.effective_max_lifetime_seconds, 86_400);
+    assert_eq!(status.runner_id, "runner-1");
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(spec.tags, ["t1", "t2"]);
+    assert_eq!(spec.annotations["purpose"], "test");
+
+    // The same request id gives the same sandbox.
+    let again = c
+        .create_sandbox(with_key(create_request(&["t1", "t2"], "req-1"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.sandbox_id, id);
+
+    let got = c
+        .get_sandbox(with_key(
+            pb::GetSandboxRequest {
+                sandbox_id: id.clone(),
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&got), pb::State::Running);
+
+    let second = c
+        .create_sandbox(with_key(create_request(&["t1"], "req-2"), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    let list = |tags: &[&str], show_terminated: bool| pb::ListSandboxesRequest {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        show_terminated,
+        ..Default::default()
+    };
+    let ids = |r: pb::ListSandboxesResponse| -> Vec<String> {
+        r.sandboxes.into_iter().map(|s| s.sandbox_id).collect()
+    };
+    let all = c
+        .list_sandboxes(with_key(list(&["t1"], false), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(all), [id.clone(), second.sandbox_id.clone()]);
+    let both = c
+        .list_sandboxes(with_key(list(&["t1", "t2"], false), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(both), std::slice::from_ref(&id));
+
+    // The main process exits with 7: FAILED with exit code.
+    server.engine.exit(
+        &second.sandbox_id,
+        MainExit::Exited {
+            status: ExitStatus::Code(7),
+            oom_kills: 0,
+        },
+    );
+    let failed = loop {
+        let s = c
+            .get_sandbox(with_key(
+                pb::GetSandboxRequest {
+                    sandbox_id: second.sandbox_id.clone(),
+                },
+                ALICE,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if state(&s) != pb::State::Running {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let st = failed.status.unwrap();
+    assert_eq!(st.state(), pb::State::Failed);
+    assert_eq!(st.exit_code, Some(7));
+    assert_eq!(st.state_reason, "main process exited with code 7");
+    assert!(st.end_time.is_some());
+
+    // Stopped with SIGTERM (which this fake main process obeys).
+    server.engine.set_sigterm_exits(true);
+    let deleted = c
+        .delete_sandbox(with_key(
+            pb::DeleteSandboxRequest {
+                sandbox_id: id.clone(),
+                grace_period_seconds: 10,
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    let st = deleted.status.unwrap();
+    assert_eq!(st.state(), pb::State::Terminated);
+    assert_eq!(st.state_reason, "stopped by request");
+    assert_eq!(st.exit_code, Some(0));
+
+    // Terminal ones are listed only on request.
+    let live = c
+        .list_sandboxes(with_key(list(&[], false), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(live.sandboxes.is_empty());
+    let terminated = c
+        .list_sandboxes(with_key(
+            pb::ListSandboxesRequest {
+                state: pb::State::Terminated as i32,
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(terminated), std::slice::from_ref(&id));
+
+    // allow_missing
+    let missing = c
+        .delete_sandbox(with_key(
+            pb::DeleteSandboxRequest {
+                sandbox_id: "doesnotexist".into(),
+                allow_missing: true,
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(missing.sandbox.is_none());
+
+    // Purge by tag.
+    for rid in ["p1", "p2"] {
+        c.create_sandbox(with_key(create_request(&["batch"], rid), ALICE))
+            .await
+            .unwrap();
+    }
+    let purge = |dry_run| pb::PurgeSandboxesRequest {
+        tags: vec!["batch".into()],
+        dry_run,
+        ..Default::default()
+    };
+    let n = c
+        .purge_sandboxes(with_key(purge(true), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.purge_count, 2);
+    let n = c
+        .purge_sandboxes(with_key(purge(false), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.purge_count, 2);
+    assert!(n.failed_sandbox_ids.is_empty());
+    let err = c
+        .purge_sandboxes(with_key(pb::PurgeSandboxesRequest::default(), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn auth_and_isolation() {
+    let server = start().await;
+    let mut c = server.client().await;
+    // No key, a wrong key.
+    let err = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = c
+        .get_sandbox(with_key(
+            pb::GetSandboxRequest {
+                sandbox_id: "x".into(),
+            },
+            "mallory",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err).0, "CWSANDBOX_UNAUTHENTICATED");
+
+    // wandb's header works too.
+    let mut r = Request::new(create_request(&[], ""));
+    r.metadata_mut()
+        .insert("x-wandb-api-key", MetadataValue::from_static(BOB));
+    let bobs = c.create_sandbox(r).await.unwrap().into_inner();
+
+    // Alice cannot see Bob's sandbox: the same answer as a missing one.
+    for id in [bobs.sandbox_id.as_str(), "doesnotexist"] {
+        let err = c
+            .get_sandbox(with_key(
+                pb::GetSandboxRequest {
+                    sandbox_id: id.into(),
+                },
+                ALICE,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let (reason, metadata) = reason(&err);
+        assert_eq!(reason, "CWSANDBOX_SANDBOX_NOT_FOUND");
+        assert_eq!(metadata["sandbox_id"], id);
+        let err = c
+            .delete_sandbox(with_key(
+                pb::DeleteSandboxRequest {
+                    sandbox_id: id.into(),
+                    ..Default::default()
+                },
+                ALICE,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    let listed = c
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sandboxes.is_empty());
+    let listed = c
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), BOB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sandboxes.len(), 1);
+}
+
+#[tokio::test]
+async fn errors_carry_structured_details() {
+    let server = start().await;
+    let mut c = server.client().await;
+
+    let mut bad = create_request(&[], "");
+    let spec = bad.sandbox.as_mut().unwrap().spec.as_mut().unwrap();
+    spec.max_lifetime_seconds = -1;
+    spec.containers[0].resource_requirements = Some(pb::ResourceRequirements {
+        limits: Some(pb::Resources {
+            cpu: "fast".into(),
+            ..Default::default()
+        }),
+        requests: None,
+    });
+    let err = c.create_sandbox(with_key(bad, ALICE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err).0, "CWSANDBOX_INVALID_REQUEST");
+    let fields: Vec<String> = err
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "sandbox.spec.max_lifetime_seconds",
+            "sandbox.spec.containers[0].resource_requirements.limits.cpu"
+        ]
+    );
+
+    let mut services = create_request(&[], "");
+    services
+        .sandbox
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .services = vec![pb::Service {
+        port: 80,
+        ..Default::default()
+    }];
+    let err = c
+        .create_sandbox(with_key(services, ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    let (r, md) = reason(&err);
+    assert_eq!(r, "CWSANDBOX_NOT_IMPLEMENTED");
+    assert_eq!(md["field"], "sandbox.spec.services");
+
+    // A missing image is a start-up failure, visible in the sandbox.
+    let mut missing = create_request(&[], "");
+    missing
+        .sandbox
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .image = "nope:1".into();
+    let sb = c
+        .create_sandbox(with_key(missing, ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    let st = sb.status.unwrap();
+    assert_eq!(st.state(), pb::State::Failed);
+    assert_eq!(
+        st.state_reason,
+        "image docker.io/library/nope:1 is not in the local store"
+    );
+
+    // Unsupported RPCs: UNIMPLEMENTED with a reason, so the client falls back.
+    let err = c
+        .connect_sandbox(with_key(pb::ConnectSandboxRequest::default(), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(
+        reason(&err),
+        (
+            "CWSANDBOX_NOT_IMPLEMENTED".into(),
+            [("rpc".to_string(), "ConnectSandbox".to_string())].into()
+        )
+    );
+    let err = c
+        .list_file_system_snapshots(with_key(
+            pb::ListFileSystemSnapshotsRequest::default(),
+            ALICE,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    // Messages far above tonic's 4 MiB default are accepted (the client
+    // writes files of up to 32 MiB in one call).
+    let big = pb::WriteFileRequest {
+        sandbox_id: "x".into(),
+        path: "/big".into(),
+        content: vec![7; 40 << 20],
+        container: String::new(),
+    };
+    let err = c.write_file(with_key(big, ALICE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+}
+
+#[tokio::test]
+async fn discovery_health_reflection_and_shutdown() {
+    let mut server = start().await;
+    let channel = server.channel().await;
+
+    let mut d = DiscoveryServiceClient::new(channel.clone());
+    let runners = d
+        .list_available_runners(with_key(
+            pb::ListAvailableRunnersRequest {
+                view: pb::RunnerView::Full as i32,
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .runners;
+    assert_eq!(runners.len(), 1);
+    let r = &runners[0];
+    assert_eq!(r.runner_id, "runner-1");
+    assert!(r.healthy);
+    assert_eq!(r.capabilities.as_ref().unwrap().max_cpu_millicores, 4000);
+    assert_eq!(r.resources.as_ref().unwrap().running_sandboxes, 0);
+    let got = d
+        .get_available_runner(with_key(
+            pb::GetAvailableRunnerRequest {
+                runner_id: "runner-1".into(),
+                organization_id: "org".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.runner_id, "runner-1");
+    let err = d
+        .get_available_runner(with_key(
+            pb::GetAvailableRunnerRequest {
+                runner_id: "other".into(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason(&err).0, "CWSANDBOX_RUNNER_NOT_FOUND");
+    assert_eq!(
+        d.list_available_runners(pb::ListAvailableRunnersRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // Health and reflection need no key.
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "coreweave.sandbox.v1.SandboxService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for svc in [
+        "coreweave.sandbox.v1.SandboxService",
+        "coreweave.sandbox.v1.DiscoveryService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&svc), "{svc} not in {names:?}");
+    }
+
+    // Graceful shutdown: serve returns; the sandbox is left alone.
+    let mut c = server.client().await;
+    let sb = c
+        .create_sandbox(with_key(create_request(&[], ""), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    drop((c, d, h, refl, stream, channel));
+    server.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), &mut server.task)
+        .await
+        .expect("server stops")
+        .unwrap();
+    assert_eq!(server.engine.alive(), [sb.sandbox_id]);
+}
