@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Quick start: installs what the build needs, builds the static agent and the
-# binaries, prepares the default python:3.11 image locally (no public registry
-# is reachable here: it is built with mmdebstrap and imported into the store),
-# then runs a command in a fresh sandbox. Run as root.
+# Quick start: brings sandpitd up with its embedded defaults.
+#
+# Installs the Debian packages the build needs, builds the static agent and
+# the binaries, prepares the default python:3.11 image locally (no public
+# registry is reachable here: the image is built with mmdebstrap and imported
+# into the store under docker.io/library/python:3.11), then starts sandpitd
+# in the background on 127.0.0.1:50051 with its data in /var/lib/sandpit, and
+# checks it with a sandbox. Idempotent: a running daemon is left alone.
+# Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -10,18 +15,50 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 data_dir=${SANDPIT_DATA_DIR:-/var/lib/sandpit}
+listen=${SANDPIT_LISTEN:-127.0.0.1:50051}
 
 scripts/install-deps.sh
 scripts/build-agent.sh
 cargo build --release --bins
 scripts/build-test-images.sh
 
-sandpit=target/release/sandpit
-if ! "$sandpit" --data-dir "$data_dir" image ls | grep -q '^docker.io/library/python:3.11 '; then
-  "$sandpit" --data-dir "$data_dir" image import python:3.11 .cache/images/python311.tar \
-    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
-    --cmd python3
+sandpit() { target/release/sandpit --data-dir "$data_dir" "$@"; }
+if ! sandpit image ls | grep -q '^docker.io/library/python:3.11 '; then
+  sandpit image import python:3.11 .cache/images/python311.tar \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 --cmd python3
 fi
-"$sandpit" --data-dir "$data_dir" image ls
-echo "+ sandpit run python:3.11 -- python3 --version" >&2
-"$sandpit" --data-dir "$data_dir" run --tty never python:3.11 -- python3 --version
+
+pidfile=$data_dir/sandpitd.pid
+log=$data_dir/sandpitd.log
+if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  echo "sandpitd already runs (pid $(cat "$pidfile"))" >&2
+else
+  # setsid: the daemon outlives this shell; its sandboxes outlive the daemon.
+  setsid target/release/sandpitd --listen "$listen" --data-dir "$data_dir" \
+    >>"$log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  for _ in $(seq 100); do
+    grep -q "sandpitd listening on" "$log" 2>/dev/null && break
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+fi
+
+# A sandbox through the daemon, end to end.
+export SANDPIT_SERVER=http://$listen
+sandpit ls --all >/dev/null
+echo "+ sandpit run python:3.11 -- python3 --version (engine, no daemon)" >&2
+sandpit run --tty never python:3.11 -- python3 --version
+cat <<MSG
+
+sandpitd is up on $listen (pid $(cat "$pidfile"), log $log).
+Its API key is in $data_dir/api-key. Point the cwsandbox client at it:
+
+  export CWSANDBOX_BASE_URL=http://$listen
+  export CWSANDBOX_API_KEY=\$(cat $data_dir/api-key)
+  python3 -c 'from cwsandbox import Sandbox; sb = Sandbox.run(); sb.wait(); print(sb.status); sb.stop().result()'
+
+List sandboxes with target/release/sandpit ls --all; stop the daemon with
+kill \$(cat $pidfile) (its sandboxes keep running and are adopted on restart).
+MSG
