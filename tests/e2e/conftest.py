@@ -43,6 +43,10 @@ IMAGE_CMD = ["python3"]
 # (001, "To use a different image"). No registry is reachable, so both are local imports.
 IMAGE_REFERENCES = ["python:3.11", "python:3.15"]
 
+# The daemon's unary ReadFile/WriteFile limit in these tests (default 32 MiB): lower, so
+# that a 20 MiB file exercises the client's streaming fallback in both directions.
+MAX_FILE_BYTES = 16 << 20
+
 BUILD_HINT = "run `cargo build --release --bins` first (scripts/test.sh does)"
 
 _SERVER: Server | None = None  # for the report hook below
@@ -271,6 +275,7 @@ class Server:
     log_path: Path
     port: int = field(default_factory=free_port)
     startup_timeout: float = 60.0
+    config: Path | None = None
     proc: subprocess.Popen | None = None
     starts: int = 0
 
@@ -292,6 +297,8 @@ class Server:
         ]
         for key in self.keys:
             argv += ["--api-key", key]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
         return argv
 
     def log_tail(self, lines: int = 60) -> str:
@@ -439,11 +446,14 @@ def server(
     global _SERVER
     baseline_procs = set(sandpit_cgroup_procs())
     baseline_mounts = set(mounts_under(e2e_dirs.root))
+    config = e2e_dirs.root / "sandpitd.toml"
+    config.write_text(f"max_file_bytes = {MAX_FILE_BYTES}\n")
     srv = Server(
         binary=binaries.sandpitd,
         data_dir=data_dir,
         keys=[principal_a.key, principal_b.key],
         log_path=e2e_dirs.log_path,
+        config=config,
     )
     srv.start()
     _SERVER = srv

@@ -28,13 +28,7 @@ from seed_snippets import Snippet, all_snippets, seeds_dir
 # count as expected when the snippet fails *with* an UNIMPLEMENTED answer; any other
 # failure is a real one. When issue 4 lands they pass, strict xfail turns that into a
 # failure, and the entry must be removed from this table.
-DATA_PLANE_XFAIL: dict[str, str] = {
-    "000-L37": "sandbox.exec() after wait(): StreamExec",
-    "001-L4": "sandbox.exec(['python', '--version']) in python:3.15: StreamExec",
-    "002-L37": "sandbox.exec(['python', 'train.py']) beside `sleep infinity`: StreamExec",
-    "002-L46": "sandbox.exec() result stdout/returncode: StreamExec",
-    "002-L56": "sandbox.exec(check=True) raising SandboxExecutionError: StreamExec",
-}
+DATA_PLANE_XFAIL: dict[str, str] = {}
 
 # Snippets that genuinely need the internet (the issue's one allowed exception).
 NEEDS_NETWORK: dict[str, str] = {

@@ -156,10 +156,7 @@ fn run(
     let (done_r, done_w) = sys::pipe()?;
     let sock = stream.try_clone()?;
     let p = Arc::clone(proc);
-    let input_thread = std::thread::Builder::new()
-        .name("exec-input".into())
-        .stack_size(256 * 1024)
-        .spawn(move || pump_input(sock, input, pty, done_r, &p))?;
+    let input_pump = crate::pool::spawn(move || pump_input(sock, input, pty, done_r, &p))?;
 
     let outcome = pump_output(stream, proc, out, err);
     if outcome.is_ok() {
@@ -171,7 +168,7 @@ fn run(
     // Wakes the input thread: its read sees EOF, its stdin writes see `done`.
     let _ = stream.shutdown(Shutdown::Both);
     drop(done_w);
-    let _ = input_thread.join();
+    input_pump.join();
     outcome
 }
 

@@ -12,6 +12,7 @@
 mod exec;
 mod files;
 mod mainproc;
+mod pool;
 mod probe;
 mod reaper;
 mod serve;

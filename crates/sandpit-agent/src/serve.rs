@@ -72,11 +72,19 @@ fn prepare_process() {
     // SAFETY: each call takes plain integers, null pointers or pointers to
     // locals, and changes only process attributes; no other thread exists yet.
     unsafe {
+        // Ignored dispositions survive execve: drop any we inherited (a
+        // daemon started under nohup ignores SIGHUP) so that children start
+        // clean without resetting 64 signals on every exec. SIGCHLD matters
+        // most: an inherited SIG_IGN would make the kernel reap our children
+        // itself, and their exit statuses would be lost.
+        for sig in 1..65 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
         // Writes to a departed host must fail with EPIPE, not kill PID 1.
+        // The one ignored signal, reset in every child (see spawn::child).
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        // An inherited SIG_IGN for SIGCHLD would make the kernel reap our
-        // children itself, and their exit statuses would be lost.
-        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -170,12 +178,9 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<Ctx>) -> Result<(), ServeError
             },
         };
         let c = Arc::clone(ctx);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let _ = handle(&c, stream);
-            });
+        let spawned = crate::pool::spawn(move || {
+            let _ = handle(&c, stream);
+        });
         if spawned.is_err() {
             // Out of threads (the pids limit counts them): the host retries.
             std::thread::sleep(Duration::from_millis(10));

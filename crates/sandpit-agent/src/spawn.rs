@@ -253,15 +253,12 @@ unsafe fn child(plan: &Plan) -> ! {
     // SAFETY: each call below is async-signal-safe and takes pointers to
     // stack values or to `plan`, which the fork copied intact.
     unsafe {
-        // The agent ignores SIGPIPE, and ignored dispositions survive execve.
-        // 64 is the last signal on Linux; glibc refuses its two internal ones.
+        // Handlers reset themselves at execve; ignored dispositions do not.
+        // SIGPIPE is the only signal the agent ignores (serve::prepare_process
+        // cleared every inherited one), so it is the only one to restore.
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..65 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
-        }
+        libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());

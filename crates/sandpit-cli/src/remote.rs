@@ -1,5 +1,5 @@
 //! Commands that talk to a running `sandpitd` over its gRPC API: `ls`,
-//! `get`, `stop`, `delete`.
+//! `get`, `stop`, `delete`, `logs`.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -95,6 +95,20 @@ pub enum RemoteCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Print a sandbox's main-process output (kept after it ended).
+    Logs {
+        /// Sandbox id.
+        id: String,
+        /// Keep printing new output until the main process exits.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<u32>,
+        /// Prefix each line with its RFC 3339 time.
+        #[arg(long, short = 't')]
+        timestamps: bool,
+    },
 }
 
 /// Runs one remote command.
@@ -148,6 +162,33 @@ pub fn run(server: &ServerArgs, data_dir: &std::path::Path, command: RemoteComma
                 for id in ids {
                     let sb = delete(&mut client, id, 0).await?;
                     print_row(&sb);
+                }
+            }
+            RemoteCommand::Logs {
+                id,
+                follow,
+                tail,
+                timestamps,
+            } => {
+                use std::io::Write;
+                let mut stream = client
+                    .stream_logs(pb::StreamLogsRequest {
+                        sandbox_id: id,
+                        follow,
+                        timestamps,
+                        tail_lines: tail.map_or(0, |n| n.min(i32::MAX as u32) as i32),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let mut out = std::io::stdout().lock();
+                while let Some(entry) = stream.message().await.map_err(status_error)? {
+                    if let Some(e) = entry.error {
+                        anyhow::bail!("{}: {}", e.code, e.message);
+                    }
+                    out.write_all(&entry.data)?;
+                    out.flush()?;
                 }
             }
         }

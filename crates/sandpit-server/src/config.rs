@@ -108,6 +108,8 @@ pub struct FileConfig {
     gc_interval_seconds: Option<u64>,
     max_sandboxes: Option<usize>,
     max_message_bytes: Option<usize>,
+    max_file_bytes: Option<u64>,
+    max_log_bytes: Option<u64>,
     pids_max: Option<u64>,
     agent_binary: Option<PathBuf>,
     spawner_binary: Option<PathBuf>,
@@ -182,6 +184,10 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
+    /// Largest file moved by one ReadFile/WriteFile message.
+    pub max_file_bytes: u64,
+    /// Main-process output kept per sandbox (the oldest is dropped).
+    pub max_log_bytes: u64,
     /// Task limit per sandbox (`None`: unlimited).
     pub pids_max: Option<u64>,
     /// The static agent binary.
@@ -349,6 +355,34 @@ impl Config {
                 ),
             ));
         }
+        let max_file_bytes = file
+            .max_file_bytes
+            .unwrap_or(crate::api::files::DEFAULT_MAX_FILE_BYTES);
+        if max_file_bytes == 0 {
+            return Err(invalid("max_file_bytes", "must be at least 1"));
+        }
+        // Room for the message's own framing.
+        if max_file_bytes > (max_message_bytes as u64).saturating_sub(1 << 20) {
+            return Err(invalid(
+                "max_file_bytes",
+                format!(
+                    "{max_file_bytes} does not fit in max_message_bytes ({max_message_bytes}) \
+                     with 1 MiB to spare"
+                ),
+            ));
+        }
+        let max_log_bytes = file
+            .max_log_bytes
+            .unwrap_or(crate::logs::DEFAULT_MAX_LOG_BYTES);
+        if max_log_bytes < crate::logs::MIN_MAX_LOG_BYTES {
+            return Err(invalid(
+                "max_log_bytes",
+                format!(
+                    "{max_log_bytes} is below {}",
+                    crate::logs::MIN_MAX_LOG_BYTES
+                ),
+            ));
+        }
         let cgroup_parent = file.cgroup_parent.unwrap_or_else(|| "sandpit".into());
         if cgroup_parent.is_empty() || cgroup_parent.contains('/') || cgroup_parent.starts_with('.')
         {
@@ -384,6 +418,8 @@ impl Config {
                 max_sandboxes,
             },
             max_message_bytes,
+            max_file_bytes,
+            max_log_bytes,
             // 0 in the file means unlimited (TOML has no null).
             pids_max: match file.pids_max {
                 None => Some(4096),

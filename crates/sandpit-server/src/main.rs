@@ -152,8 +152,9 @@ async fn run(config: Config) -> Result<()> {
     let db = Db::open(&db_path)
         .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
         .with_context(|| format!("open database {}", db_path.display()))?;
-    let sink = FileSink::new(&config.logs_dir())
+    let sink = FileSink::with_max_bytes(&config.logs_dir(), config.max_log_bytes)
         .with_context(|| format!("create {}", config.logs_dir().display()))?;
+    let logs = sink.reader();
     let manager = Manager::start(
         config.manager.clone(),
         engine,
@@ -188,6 +189,8 @@ async fn run(config: Config) -> Result<()> {
             tls,
             runner_id: config.runner_id.clone(),
             started,
+            max_file_bytes: config.max_file_bytes,
+            logs: Some(logs),
         },
         shutdown_signal(),
     )

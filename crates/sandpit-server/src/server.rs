@@ -8,13 +8,16 @@ use std::time::SystemTime;
 use sandpit_proto::sandbox::v1::discovery_service_server::DiscoveryServiceServer;
 use sandpit_proto::sandbox::v1::sandbox_service_server::SandboxServiceServer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::api::{DiscoveryApi, SandboxApi};
+use crate::api::{DataPlaneOptions, DiscoveryApi, SandboxApi};
 use crate::auth::Auth;
 use crate::engine::Engine;
+use crate::logs::LogReader;
 use crate::manager::Manager;
 
 /// Errors of the server.
@@ -39,6 +42,10 @@ pub struct ServerOptions {
     pub runner_id: String,
     /// When the daemon started (discovery's `connected_at`).
     pub started: SystemTime,
+    /// Largest file moved by one ReadFile or WriteFile.
+    pub max_file_bytes: u64,
+    /// Where the log sink keeps main-process output (StreamLogs).
+    pub logs: Option<LogReader>,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and
@@ -51,10 +58,25 @@ pub async fn serve<E: Engine>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let max = options.max_message_bytes;
-    let sandbox =
-        SandboxServiceServer::new(SandboxApi::new(manager.clone(), options.runner_id.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    // Long data-plane streams (exec, followed logs) end when shutdown starts,
+    // or the graceful shutdown would wait for them.
+    let (stopping, stop_rx) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        stopping.send_replace(true);
+    };
+    let data = DataPlaneOptions {
+        max_file_bytes: options.max_file_bytes,
+        logs: options.logs.clone(),
+        shutdown: stop_rx,
+    };
+    let sandbox = SandboxServiceServer::new(SandboxApi::new(
+        manager.clone(),
+        options.runner_id.clone(),
+        data,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let discovery = DiscoveryServiceServer::new(DiscoveryApi::new(
         manager,
         options.runner_id.clone(),
@@ -76,6 +98,16 @@ pub async fn serve<E: Engine>(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // Small frames (an exec's ready, output and exit) must not wait for
+    // Nagle and delayed ACKs: that alone costs an exec round trip ~40 ms.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        }
+        conn
+    });
     let mut builder = Server::builder();
     if let Some((cert, key)) = &options.tls {
         builder =
@@ -86,7 +118,7 @@ pub async fn serve<E: Engine>(
         .add_service(reflection)
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
         .add_service(InterceptedService::new(discovery, auth.interceptor()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

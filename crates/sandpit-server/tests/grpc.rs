@@ -68,6 +68,8 @@ async fn start() -> Server {
                 tls: None,
                 runner_id: "runner-1".into(),
                 started: SystemTime::now(),
+                max_file_bytes: 32 << 20,
+                logs: None,
             },
             async {
                 let _ = rx.await;
@@ -507,8 +509,14 @@ async fn errors_carry_structured_details() {
         content: vec![7; 40 << 20],
         container: String::new(),
     };
+    // Decoded, then refused for the file limit (before the sandbox lookup),
+    // with what the client needs to switch to streaming.
     let err = c.write_file(with_key(big, ALICE)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    let (why, meta) = reason(&err);
+    assert_eq!(why, "CWSANDBOX_FILE_TOO_LARGE");
+    assert_eq!(meta["size_bytes"], (40u64 << 20).to_string());
+    assert_eq!(meta["max_size_bytes"], (32u64 << 20).to_string());
 }
 
 #[tokio::test]

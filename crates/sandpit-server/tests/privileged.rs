@@ -17,7 +17,7 @@ use sandpit_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
 use sandpit_server::clock::SystemClock;
 use sandpit_server::db::Db;
 use sandpit_server::local::{LocalEngine, LocalEngineConfig};
-use sandpit_server::logs::FileSink;
+use sandpit_server::logs::{FileSink, LogReader, Next};
 use sandpit_server::manager::{Manager, ManagerConfig};
 use sandpit_server::model::{NewSandbox, Principal, Resources, SandboxRecord, State};
 use tonic::transport::Channel;
@@ -147,7 +147,12 @@ async fn manager_over_the_local_engine() {
     assert_eq!(r.state, State::Failed);
     assert_eq!(r.exit_code, Some(3));
     assert_eq!(r.state_reason, "main process exited with code 3");
-    let out = std::fs::read_to_string(logs.join(format!("{}.log", r.id))).unwrap();
+    let mut cursor = LogReader::new(&logs).cursor(&r.id);
+    cursor.seek(0).unwrap();
+    let mut out = String::new();
+    while let Next::Record(rec) = cursor.next().unwrap() {
+        out.push_str(&String::from_utf8_lossy(&rec.data));
+    }
     assert!(out.contains("hello\n") && out.contains("oops\n"), "{out:?}");
     // The engine's resources are gone.
     assert!(!data.path().join("sandboxes").join(&r.id).exists());

@@ -203,11 +203,13 @@ impl AgentClient {
     pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
         let stream = self.start(&Frame::Exec(req), false)?;
         let writer = Arc::new(Mutex::new(stream.try_clone()?));
+        let conn = Arc::new(stream.try_clone()?);
         let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, stream);
         match expect_frame(&mut reader)? {
             Frame::Started { pid } => Ok(ExecSession {
                 reader,
                 writer,
+                conn,
                 pid,
                 done: false,
             }),
@@ -394,6 +396,7 @@ pub enum ExecEvent {
 pub struct ExecSession {
     reader: BufReader<UnixStream>,
     writer: Arc<Mutex<UnixStream>>,
+    conn: Arc<UnixStream>,
     pid: u32,
     done: bool,
 }
@@ -407,6 +410,7 @@ impl ExecSession {
     fn control(&self) -> StdinWriter {
         StdinWriter {
             writer: Arc::clone(&self.writer),
+            conn: Arc::clone(&self.conn),
         }
     }
 
@@ -505,6 +509,7 @@ impl Drop for ExecSession {
 #[derive(Debug, Clone)]
 pub struct StdinWriter {
     writer: Arc<Mutex<UnixStream>>,
+    conn: Arc<UnixStream>,
 }
 
 impl StdinWriter {
@@ -534,6 +539,15 @@ impl StdinWriter {
     /// Sends a signal to the command's process group.
     pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
         self.send(&Frame::Signal(sig))
+    }
+
+    /// Closes the session's connection in both directions now, from any
+    /// thread: the agent kills the command's process group, and a reader
+    /// blocked in [`ExecSession::next_event`] returns.
+    pub fn abort(&self) {
+        // Not through the writer's lock: a writer may be blocked on a
+        // command that does not read its stdin.
+        let _ = self.conn.shutdown(Shutdown::Both);
     }
 }
 
@@ -785,6 +799,23 @@ mod tests {
         drop(s);
         assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
         drop(w);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn abort_unblocks_a_reader_and_closes_the_connection() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (_d, client, h) = fake_agent(1, move |mut s, _| {
+            put(&s, Frame::Started { pid: 1 });
+            tx.send(read_frame(&mut s).unwrap().is_none()).unwrap();
+        });
+        let mut s = client.exec(cmd(&["sleep"])).unwrap();
+        let w = s.stdin_writer().unwrap();
+        let t = std::thread::spawn(move || s.next_event());
+        std::thread::sleep(Duration::from_millis(50));
+        w.abort();
+        assert!(t.join().unwrap().is_err());
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
         h.join().unwrap();
     }
 

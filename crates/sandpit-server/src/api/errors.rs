@@ -29,6 +29,18 @@ pub mod reason {
     pub const RUNNER_CAPACITY_EXHAUSTED: &str = "CWSANDBOX_RUNNER_CAPACITY_EXHAUSTED";
     /// A data-plane call on a sandbox that does not run.
     pub const SANDBOX_NOT_RUNNING: &str = "CWSANDBOX_SANDBOX_NOT_RUNNING";
+    /// A command's deadline passed (it was killed).
+    pub const COMMAND_TIMEOUT: &str = "CWSANDBOX_COMMAND_TIMEOUT";
+    /// The file does not exist.
+    pub const FILE_NOT_FOUND: &str = "CWSANDBOX_FILE_NOT_FOUND";
+    /// The path is a directory.
+    pub const FILE_IS_DIRECTORY: &str = "CWSANDBOX_FILE_IS_DIRECTORY";
+    /// The sandbox's user may not read or write the file.
+    pub const FILE_PERMISSION_DENIED: &str = "CWSANDBOX_FILE_PERMISSION_DENIED";
+    /// The file is larger than one message may carry.
+    pub const FILE_TOO_LARGE: &str = "CWSANDBOX_FILE_TOO_LARGE";
+    /// Any other failure of a file transfer (not a regular file, I/O).
+    pub const FILE_IO_FAILED: &str = "CWSANDBOX_FILE_IO_FAILED";
     /// No or a wrong API key.
     pub const UNAUTHENTICATED: &str = "CWSANDBOX_UNAUTHENTICATED";
     /// A fault of this server.

@@ -2,14 +2,17 @@
 //! messages and the manager's domain types. Nothing here decides lifecycle
 //! policy.
 //!
-//! The data-plane RPCs (StreamExec, Exec, ReadFile, WriteFile, StreamLogs)
-//! answer UNIMPLEMENTED for now; they will start from
-//! [`crate::manager::Manager::agent_for`], which waits while a sandbox is
-//! being created and refuses one that is not running.
+//! The data-plane RPCs ([`exec`]: StreamExec and Exec, [`files`]: ReadFile
+//! and WriteFile) start from [`crate::manager::Manager::agent_for`], which
+//! waits while a sandbox is being created and refuses one that is not
+//! running; [`logs`] (StreamLogs) reads what the log sink kept.
 
 pub mod convert;
 pub mod discovery;
 pub mod errors;
+pub mod exec;
+pub mod files;
+pub mod logs;
 pub mod sandbox;
 pub mod validate;
 
@@ -18,7 +21,7 @@ use tonic::{Code, Request, Status};
 use crate::model::Principal;
 
 pub use discovery::DiscoveryApi;
-pub use sandbox::SandboxApi;
+pub use sandbox::{DataPlaneOptions, SandboxApi};
 
 /// The caller, as the auth interceptor recorded it.
 pub(crate) fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {

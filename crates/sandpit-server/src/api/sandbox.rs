@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use sandpit_proto::sandbox::v1 as pb;
 use sandpit_proto::sandbox::v1::sandbox_service_server::SandboxService;
+use tokio::sync::watch;
 use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status};
 
@@ -11,22 +12,46 @@ use super::errors::{self, invalid_request, Violation};
 use super::validate::{self, CreatePolicy};
 use super::{convert, principal};
 use crate::engine::Engine;
+use crate::logs::LogReader;
 use crate::manager::{ListQuery, Manager, StateFilter};
 use crate::model::State;
+
+/// Settings of the data-plane RPCs.
+#[derive(Debug, Clone)]
+pub struct DataPlaneOptions {
+    /// Largest file moved by one ReadFile or WriteFile.
+    pub max_file_bytes: u64,
+    /// The kept main-process output; StreamLogs streams nothing without.
+    pub logs: Option<LogReader>,
+    /// Becomes true when the daemon shuts down: long streams end then.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Default for DataPlaneOptions {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: super::files::DEFAULT_MAX_FILE_BYTES,
+            logs: None,
+            shutdown: watch::channel(false).1,
+        }
+    }
+}
 
 /// The SandboxService implementation.
 #[derive(Debug)]
 pub struct SandboxApi<E: Engine> {
     manager: Manager<E>,
     policy: CreatePolicy,
+    data: DataPlaneOptions,
 }
 
 impl<E: Engine> SandboxApi<E> {
     /// Handlers over `manager`, for runner `runner_id`.
-    pub fn new(manager: Manager<E>, runner_id: String) -> Self {
+    pub fn new(manager: Manager<E>, runner_id: String, data: DataPlaneOptions) -> Self {
         Self {
             manager,
             policy: CreatePolicy { runner_id },
+            data,
         }
     }
 
@@ -229,42 +254,43 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
 
     async fn exec(
         &self,
-        _: Request<pb::ExecRequest>,
+        request: Request<pb::ExecRequest>,
     ) -> Result<Response<pb::ExecResponse>, Status> {
-        Err(errors::rpc_not_implemented("Exec"))
+        super::exec::exec(&self.manager, self.data.shutdown.clone(), request).await
     }
 
     async fn stream_exec(
         &self,
         request: Request<tonic::Streaming<pb::ExecStreamRequest>>,
     ) -> Result<Response<BoxStream<pb::ExecStreamResponse>>, Status> {
-        // Answering before the client's first frame arrived races its send:
-        // HTTP/2 may reset the stream and the client then sees a bare
-        // INTERNAL instead of the reason below.
-        let mut stream = request.into_inner();
-        let _ = stream.message().await;
-        Err(errors::rpc_not_implemented("StreamExec"))
+        super::exec::stream_exec(&self.manager, self.data.shutdown.clone(), request).await
     }
 
     async fn stream_logs(
         &self,
-        _: Request<pb::StreamLogsRequest>,
+        request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<BoxStream<pb::LogEntry>>, Status> {
-        Err(errors::rpc_not_implemented("StreamLogs"))
+        super::logs::stream_logs(
+            &self.manager,
+            self.data.logs.clone(),
+            self.data.shutdown.clone(),
+            request,
+        )
+        .await
     }
 
     async fn write_file(
         &self,
-        _: Request<pb::WriteFileRequest>,
+        request: Request<pb::WriteFileRequest>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
-        Err(errors::rpc_not_implemented("WriteFile"))
+        super::files::write_file(&self.manager, self.data.max_file_bytes, request).await
     }
 
     async fn read_file(
         &self,
-        _: Request<pb::ReadFileRequest>,
+        request: Request<pb::ReadFileRequest>,
     ) -> Result<Response<pb::ReadFileResponse>, Status> {
-        Err(errors::rpc_not_implemented("ReadFile"))
+        super::files::read_file(&self.manager, self.data.max_file_bytes, request).await
     }
 
     async fn create_file_system_snapshot(

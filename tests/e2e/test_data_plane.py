@@ -1,0 +1,240 @@
+"""Issue 4 acceptance: the data plane (exec, files, logs) through the real clients only.
+
+Exec and file tests run once as `cwsandbox` and once as `wandb.sandbox` (the `sdk`
+fixture). The session's daemon runs with a 16 MiB unary file limit (conftest.py,
+MAX_FILE_BYTES), so a 20 MiB file goes through the client's streaming fallback
+(StreamExec with sh/head/cat) in both directions while 5 MiB stays unary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+
+import pytest
+
+from conftest import MAX_FILE_BYTES
+
+pytestmark = pytest.mark.usefixtures("client_env")
+
+RPC = 60  # seconds: bound on any single client operation's .result()
+
+
+@pytest.fixture
+def box(sdk, tag):
+    """A running sandbox (the client's default idle main command)."""
+    sb = sdk.Sandbox.run(tags=[tag])
+    sb.wait(timeout=RPC)
+    yield sb
+    sb.stop(missing_ok=True).result(timeout=RPC)
+
+
+def run(sb, *argv, **kw):
+    return sb.exec(list(argv), **kw).result(timeout=RPC)
+
+
+# --------------------------------------------------------------------------- exec
+
+
+def test_exec_result_stdout_stderr_returncode(sdk, box):
+    r = run(box, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.returncode) == ("out\n", "err\n", 3)
+    r = run(box, "python", "--version")
+    assert r.returncode == 0 and "Python 3" in r.stdout + r.stderr
+
+
+def test_exec_check_raises_with_the_result(sdk, box):
+    with pytest.raises(sdk.SandboxExecutionError) as err:
+        run(box, "sh", "-c", "echo boom >&2; exit 1", check=True)
+    assert err.value.exec_result.returncode == 1
+    assert err.value.exec_result.stderr == "boom\n"
+
+
+def test_exec_unknown_command_is_127(box):
+    r = run(box, "no-such-command-xyz")
+    assert r.returncode == 127
+    assert "not found" in r.stderr
+
+
+def test_exec_streams_one_item_per_line_as_printed(box):
+    code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.3)\n"
+    p = box.exec(["python", "-u", "-c", code])
+    items, times = [], []
+    for item in p.stdout:
+        items.append(item)
+        times.append(time.monotonic())
+    assert p.result(timeout=RPC).returncode == 0
+    assert items == ["0\n", "1\n", "2\n"]
+    # Each line arrived when printed (0.3 s apart), not all at the end; lenient for a
+    # consumer thread that picks up the first item late on a loaded machine.
+    assert times[-1] - times[0] >= 0.25
+
+
+def test_exec_cwd(box):
+    assert run(box, "pwd", cwd="/tmp").stdout == "/tmp\n"
+    # Without cwd: the image's working directory.
+    assert run(box, "pwd").stdout == "/workspace\n"
+
+
+def test_exec_timeout_kills_the_command(sdk, box):
+    start = time.monotonic()
+    with pytest.raises(sdk.SandboxTimeoutError):
+        run(box, "sh", "-c", "echo $$ > /tmp/victim.pid; exec sleep 60", timeout_seconds=2)
+    assert time.monotonic() - start < 20
+    deadline = time.monotonic() + 10
+    while True:
+        r = run(box, "sh", "-c", 'kill -0 "$(cat /tmp/victim.pid)" 2>/dev/null && echo alive || echo dead')
+        if r.stdout == "dead\n" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.stdout == "dead\n", "the timed-out command is still running"
+
+
+def test_exec_stdin_cat_round_trip(sdk, box):
+    p = box.exec(["cat"], stdin=True)
+    p.stdin.write(b"hello\n").result(timeout=RPC)
+    p.stdin.writeline("world").result(timeout=RPC)
+    p.stdin.close().result(timeout=RPC)
+    r = p.result(timeout=RPC)
+    assert (r.stdout, r.returncode) == ("hello\nworld\n", 0)
+
+
+def test_exec_stdin_200k_binary(box):
+    data = os.urandom(200 * 1024) + bytes(range(256))
+    p = box.exec(["cat"], stdin=True)
+    for i in range(0, len(data), 50_000):
+        p.stdin.write(data[i : i + 50_000]).result(timeout=RPC)
+    p.stdin.close().result(timeout=RPC)
+    r = p.result(timeout=RPC)
+    assert r.returncode == 0
+    assert r.stdout_bytes == data
+
+
+def test_exec_interactive_python(box):
+    p = box.exec(["python", "-u", "-i", "-q"], stdin=True)
+    p.stdin.writeline("print(6 * 7)").result(timeout=RPC)
+    p.stdin.close().result(timeout=RPC)
+    r = p.result(timeout=RPC)
+    assert "42" in r.stdout
+
+
+def test_exec_without_stdin_sees_eof(box):
+    # The client half-closes right after init: stdin EOF, the command still runs.
+    r = run(box, "sh", "-c", "cat; echo done")
+    assert (r.stdout, r.returncode) == ("done\n", 0)
+
+
+def test_exec_large_output(box):
+    r = run(box, "sh", "-c", "head -c 30000000 /dev/zero | tr '\\0' x")
+    assert r.returncode == 0
+    assert len(r.stdout_bytes) == 30_000_000
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256(sb, path):
+    return run(sb, "sha256sum", path).stdout.split()[0]
+
+
+def test_files_text_binary_and_parent_dirs(sdk, box):
+    box.write_file("/tmp/a/b/hello.txt", b"hello world\n").result(timeout=RPC)
+    assert box.read_file("/tmp/a/b/hello.txt").result(timeout=RPC) == b"hello world\n"
+    assert run(box, "cat", "/tmp/a/b/hello.txt").stdout == "hello world\n"
+    blob = bytes(range(256)) * 64 + b"\0\r\n\xff"
+    box.write_file("/tmp/blob.bin", blob).result(timeout=RPC)
+    assert box.read_file("/tmp/blob.bin").result(timeout=RPC) == blob
+    # Replaced whole.
+    box.write_file("/tmp/blob.bin", b"short").result(timeout=RPC)
+    assert box.read_file("/tmp/blob.bin").result(timeout=RPC) == b"short"
+    # Files the sandbox wrote itself, and the image's.
+    run(box, "sh", "-c", "printf made-inside > /tmp/inside.txt", check=True)
+    assert box.read_file("/tmp/inside.txt").result(timeout=RPC) == b"made-inside"
+    assert b"training done" in box.read_file("/workspace/train.py").result(timeout=RPC)
+
+
+def test_files_5mib_unary(box):
+    data = os.urandom(5 << 20)
+    box.write_file("/tmp/five.bin", data).result(timeout=RPC)
+    assert sha256(box, "/tmp/five.bin") == hashlib.sha256(data).hexdigest()
+    assert box.read_file("/tmp/five.bin").result(timeout=RPC) == data
+
+
+@pytest.mark.timeout(300)
+def test_files_20mib_through_the_streaming_fallback(sdk, box):
+    assert 20 << 20 > MAX_FILE_BYTES
+    data = os.urandom(20 << 20)
+    box.write_file("/tmp/twenty.bin", data, timeout_seconds=120).result(timeout=180)
+    assert sha256(box, "/tmp/twenty.bin") == hashlib.sha256(data).hexdigest()
+    assert box.read_file("/tmp/twenty.bin", timeout_seconds=120).result(timeout=180) == data
+
+
+def test_missing_file_and_directory_raise_file_errors(sdk, box):
+    with pytest.raises(sdk.SandboxFileError) as err:
+        box.read_file("/tmp/does/not/exist").result(timeout=RPC)
+    assert err.value.reason == "CWSANDBOX_FILE_NOT_FOUND"
+    assert err.value.filepath == "/tmp/does/not/exist"
+    with pytest.raises(sdk.SandboxFileError) as err:
+        box.read_file("/tmp").result(timeout=RPC)
+    assert err.value.reason == "CWSANDBOX_FILE_IS_DIRECTORY"
+    with pytest.raises(sdk.SandboxFileError) as err:
+        box.write_file("/tmp", b"x").result(timeout=RPC)
+    assert err.value.reason == "CWSANDBOX_FILE_IS_DIRECTORY"
+
+
+def test_read_and_write_file_streaming(box):
+    data = os.urandom(3 << 20)
+    chunks = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
+    box.write_file_streaming("/tmp/streamed.bin", iter(chunks)).result(timeout=RPC)
+    got = b"".join(box.read_file_streaming("/tmp/streamed.bin"))
+    assert got == data
+
+
+# --------------------------------------------------------------------------- logs
+
+PRINTER = "import time\nfor i in range(5):\n    print(f'line {i}', flush=True)\n    time.sleep(0.2)\n"
+LINES = [f"line {i}\n" for i in range(5)]
+
+
+def test_stream_logs_follow_tail_and_timestamps(sdk, tag):
+    sb = sdk.Sandbox.run("python", "-c", PRINTER, tags=[tag])
+    sb.wait(timeout=RPC)
+    # Follow from the start until the main process exits.
+    assert list(sb.stream_logs(follow=True)) == LINES
+    sb.wait_until_complete(timeout=RPC).result(timeout=RPC)
+    # Readable after the sandbox ended.
+    assert list(sb.stream_logs()) == LINES
+    assert list(sb.stream_logs(tail_lines=2)) == LINES[-2:]
+    stamped = list(sb.stream_logs(timestamps=True))
+    assert len(stamped) == 5
+    for line, plain in zip(stamped, LINES):
+        m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z) (.*\n)", line)
+        assert m, line
+        assert m.group(3) == plain
+
+
+def test_stream_logs_of_a_silent_main_is_empty(tag):
+    from cwsandbox import Sandbox
+
+    sb = Sandbox.run("sh", "-c", "sleep 0.3", tags=[tag])
+    sb.wait(timeout=RPC)
+    assert list(sb.stream_logs(follow=True)) == []
+    assert list(sb.stream_logs()) == []
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def test_session_function_remote_and_map(sdk, tag):
+    defaults = sdk.SandboxDefaults(tags=(tag,))
+    with sdk.Session(defaults) as session:
+
+        @session.function()
+        def add(x, y):
+            return x + y
+
+        assert add.remote(2, 3).result(timeout=120) == 5
+        refs = add.map([(1, 1), (2, 2)])
+        assert [r.result(timeout=120) for r in refs] == [2, 4]
