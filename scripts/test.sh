@@ -34,4 +34,4 @@ cargo build -q --release --bins
 .venv/bin/python -m pytest -q tests/e2e
 
 echo "== benchmark, quick mode (no speed assertions)" >&2
-target/release/sandpit-bench --quick --data-dir target/bench-quick --json target/bench-quick.json
+target/release/sandpit-bench --quick --daemon --data-dir target/bench-quick --json target/bench-quick.json

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 
 import pytest
 
-from conftest import MAX_FILE_BYTES
+from conftest import MAX_FILE_BYTES, Server
 
 pytestmark = pytest.mark.usefixtures("client_env")
 
@@ -59,8 +60,11 @@ def test_exec_unknown_command_is_127(box):
 
 
 def test_exec_streams_one_item_per_line_as_printed(box):
-    code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.3)\n"
-    p = box.exec(["python", "-u", "-c", code])
+    # One write(2) per line: `print(..., flush=True)` on a buffered stdout. (`python -u`
+    # would write "0" and "\n" separately, and the daemon forwards writes as they come,
+    # without coalescing, so the client could see two items.)
+    code = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.3)\n"
+    p = box.exec(["python", "-c", code])
     items, times = [], []
     for item in p.stdout:
         items.append(item)
@@ -120,6 +124,69 @@ def test_exec_interactive_python(box):
     assert "42" in r.stdout
 
 
+def test_exec_stdin_write_after_close_raises(sdk, box):
+    p = box.exec(["cat"], stdin=True)
+    p.stdin.write(b"before\n").result(timeout=RPC)
+    p.stdin.close().result(timeout=RPC)
+    assert p.stdin.closed
+    # The client refuses the write itself (StreamWriter: "stream is closed").
+    with pytest.raises(sdk.SandboxExecutionError, match="closed"):
+        p.stdin.write(b"after\n").result(timeout=RPC)
+    with pytest.raises(sdk.SandboxExecutionError):
+        p.stdin.writeline("after").result(timeout=RPC)
+    # close() again is idempotent; the command saw only what came before the close.
+    p.stdin.close().result(timeout=RPC)
+    r = p.result(timeout=RPC)
+    assert (r.stdout, r.returncode) == ("before\n", 0)
+
+
+def test_exec_stdin_write_after_exit_raises(sdk, box):
+    p = box.exec(["true"], stdin=True)
+    assert p.result(timeout=RPC).returncode == 0
+    with pytest.raises(sdk.SandboxExecutionError):
+        p.stdin.write(b"too late\n").result(timeout=RPC)
+
+
+def _read_terminal(session, until: bytes, timeout: float = RPC) -> bytes:
+    """Terminal output up to (and including) the chunk holding `until`."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    for chunk in session.output:
+        out += chunk
+        if until in out or time.monotonic() > deadline:
+            break
+    return out
+
+
+def test_shell_has_a_pty_with_the_requested_size(sdk, box):
+    session = box.shell(["/bin/sh"], width=100, height=40)
+    session.stdin.writeline("tty; stty size; echo MARK-$((6*7))").result(timeout=RPC)
+    out = _read_terminal(session, b"MARK-42")
+    assert b"MARK-42" in out, out
+    assert re.search(rb"/dev/pts/\d+", out), out
+    assert b"40 100" in out, out
+    # A resize reaches the terminal (TIOCSWINSZ on the PTY).
+    session.resize(120, 50)
+    time.sleep(0.3)
+    session.stdin.writeline("stty size; echo MARK-$((7*7))").result(timeout=RPC)
+    out = _read_terminal(session, b"MARK-49")
+    assert b"50 120" in out, out
+    session.stdin.writeline("exit 5").result(timeout=RPC)
+    for _ in session.output:
+        pass
+    assert session.result(timeout=RPC).returncode == 5
+
+
+def test_exec_with_tty_isatty(box):
+    # Python's own view: stdin/stdout are terminals under shell(), pipes under exec().
+    code = "import os, sys; print(os.isatty(0), os.isatty(1), flush=True)"
+    assert run(box, "python", "-c", code).stdout == "False False\n"
+    session = box.shell(["python", "-c", code], width=80, height=24)
+    out = b"".join(session.output)
+    assert b"True True" in out, out
+    assert session.result(timeout=RPC).returncode == 0
+
+
 def test_exec_without_stdin_sees_eof(box):
     # The client half-closes right after init: stdin EOF, the command still runs.
     r = run(box, "sh", "-c", "cat; echo done")
@@ -130,6 +197,64 @@ def test_exec_large_output(box):
     r = run(box, "sh", "-c", "head -c 30000000 /dev/zero | tr '\\0' x")
     assert r.returncode == 0
     assert len(r.stdout_bytes) == 30_000_000
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.mark.timeout(900)
+def test_exec_1gb_output_keeps_daemon_memory_bounded(server: Server, tag):
+    """1 GB through StreamExec: sandpitd's RSS grows by less than 256 MiB.
+
+    The client (not the daemon) keeps every exec's output for `result()`, so this test
+    runs once (plain cwsandbox) and its own process holds ~2-3 GB at the end.
+    """
+    from cwsandbox import Sandbox
+
+    total = 1_000_000_000
+    limit_kib = 256 << 10
+    pid = server.pid
+    assert pid is not None
+    sb = Sandbox.run(tags=[tag])
+    try:
+        sb.wait(timeout=RPC)
+        run(sb, "true")  # warm: the exec path's own allocations are part of the baseline
+        base = _rss_kib(pid)
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_kib(pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.monotonic()
+        p = sb.exec(["head", "-c", str(total), "/dev/zero"], timeout_seconds=600)
+        seen = 0
+        for item in p.stdout:  # consumed and counted, never kept by the test
+            seen += len(item)
+        code = p.result(timeout=700).returncode
+        elapsed = time.monotonic() - start
+        done.set()
+        sampler.join()
+        del p
+        growth = peak[0] - base
+        print(
+            f"\n1 GB exec output: {seen} bytes in {elapsed:.1f}s = {seen / elapsed / 1e6:.1f} MB/s; "
+            f"sandpitd VmRSS base {base / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB, "
+            f"growth {growth / 1024:.1f} MiB (limit {limit_kib / 1024:.0f} MiB)"
+        )
+        assert code == 0
+        assert seen == total  # NUL bytes decode to one character each
+        assert growth < limit_kib, f"sandpitd RSS grew by {growth / 1024:.1f} MiB"
+    finally:
+        sb.stop(missing_ok=True).result(timeout=RPC)
 
 
 # --------------------------------------------------------------------------- files
@@ -169,6 +294,30 @@ def test_files_20mib_through_the_streaming_fallback(sdk, box):
     box.write_file("/tmp/twenty.bin", data, timeout_seconds=120).result(timeout=180)
     assert sha256(box, "/tmp/twenty.bin") == hashlib.sha256(data).hexdigest()
     assert box.read_file("/tmp/twenty.bin", timeout_seconds=120).result(timeout=180) == data
+
+
+@pytest.mark.timeout(600)
+def test_files_100mib_through_the_streaming_fallback(server: Server, tag):
+    """Issue 4: the fallback must work for 100 MiB files, both ways (cwsandbox only)."""
+    from cwsandbox import Sandbox
+
+    data = os.urandom(100 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    sb = Sandbox.run(tags=[tag])
+    try:
+        sb.wait(timeout=RPC)
+        t = time.monotonic()
+        sb.write_file("/tmp/hundred.bin", data, timeout_seconds=300).result(timeout=400)
+        up = time.monotonic() - t
+        assert sha256(sb, "/tmp/hundred.bin") == digest
+        t = time.monotonic()
+        got = sb.read_file("/tmp/hundred.bin", timeout_seconds=300).result(timeout=400)
+        down = time.monotonic() - t
+        assert len(got) == len(data)
+        assert hashlib.sha256(got).hexdigest() == digest
+        print(f"\n100 MiB via fallback: write {up:.1f}s ({100 / up:.1f} MiB/s), read {down:.1f}s ({100 / down:.1f} MiB/s)")
+    finally:
+        sb.stop(missing_ok=True).result(timeout=RPC)
 
 
 def test_missing_file_and_directory_raise_file_errors(sdk, box):

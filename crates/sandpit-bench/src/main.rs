@@ -7,8 +7,15 @@
 //! - exec: the round trip of `true` through the agent of a running sandbox;
 //! - destroy: `Runtime::destroy` until everything is gone.
 //!
+//! With `--daemon`, also through `sandpitd`'s gRPC API (see `daemon.rs`):
+//! cold start (CreateSandbox until the first StreamExec `true` exits), delete,
+//! the StreamExec `true` round trip, and WriteFile/ReadFile of 1 MiB and
+//! 32 MiB (p50 throughput in the table's last column).
+//!
 //! Prints a table and writes JSON to `--json FILE`. `--quick` runs few
 //! iterations (for CI) and asserts nothing about speed.
+
+mod daemon;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +54,10 @@ struct Args {
     /// Also measure podman (`--runtime runc`) on the same rootfs.
     #[arg(long)]
     podman: bool,
+    /// Also measure the daemon: starts its own `sandpitd` (next to this
+    /// binary) and drives it through the gRPC API.
+    #[arg(long)]
+    daemon: bool,
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -56,6 +67,8 @@ struct Args {
 struct Stats {
     name: String,
     samples: Vec<Duration>,
+    /// Bytes moved per sample, for a throughput figure.
+    bytes: Option<usize>,
 }
 
 impl Stats {
@@ -64,7 +77,17 @@ impl Stats {
         Self {
             name: name.into(),
             samples,
+            bytes: None,
         }
+    }
+    fn with_bytes(mut self, bytes: usize) -> Self {
+        self.bytes = Some(bytes);
+        self
+    }
+    /// MB/s (10^6 bytes) at the median latency.
+    fn mb_per_s(&self) -> Option<f64> {
+        self.bytes
+            .map(|b| b as f64 / 1e6 / self.p50().as_secs_f64())
     }
     fn pct(&self, p: f64) -> Duration {
         let i = ((self.samples.len() as f64 - 1.0) * p).round() as usize;
@@ -175,18 +198,42 @@ fn main() -> Result<()> {
     if args.podman {
         results.extend(podman(&args.image, iterations.min(50))?);
     }
+    if args.daemon {
+        let counts = if args.quick {
+            daemon::Counts {
+                cold: 3,
+                exec: 20,
+                small_files: 5,
+                large_files: 2,
+            }
+        } else {
+            daemon::Counts {
+                cold: iterations,
+                exec: iterations * 5,
+                small_files: iterations,
+                large_files: (iterations / 5).max(5),
+            }
+        };
+        let bin_dir = std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .to_path_buf();
+        results.extend(daemon::run(&bin_dir, &args.image, &args.data_dir, counts)?);
+    }
 
     println!(
-        "{:<44} {:>10} {:>10} {:>6}",
-        "measure", "p50 ms", "p99 ms", "n"
+        "{:<44} {:>10} {:>10} {:>6} {:>10}",
+        "measure", "p50 ms", "p99 ms", "n", "MB/s p50"
     );
     for s in &results {
+        let rate = s.mb_per_s().map(|r| format!("{r:.0}")).unwrap_or_default();
         println!(
-            "{:<44} {:>10.3} {:>10.3} {:>6}",
+            "{:<44} {:>10.3} {:>10.3} {:>6} {:>10}",
             s.name,
             ms(s.p50()),
             ms(s.p99()),
-            s.samples.len()
+            s.samples.len(),
+            rate
         );
     }
     let find = |n: &str| results.iter().find(|s| s.name == n).map(|s| s.p50());
@@ -209,10 +256,15 @@ fn main() -> Result<()> {
         let json: Vec<_> = results
             .iter()
             .map(|s| {
-                serde_json::json!({
+                let mut j = serde_json::json!({
                     "measure": s.name, "n": s.samples.len(),
                     "p50_ms": ms(s.p50()), "p99_ms": ms(s.p99()),
-                })
+                });
+                if let (Some(bytes), Some(rate)) = (s.bytes, s.mb_per_s()) {
+                    j["bytes"] = bytes.into();
+                    j["mb_per_s_p50"] = rate.into();
+                }
+                j
             })
             .collect();
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;

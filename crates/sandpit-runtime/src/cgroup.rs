@@ -923,6 +923,12 @@ impl Cgroup {
         };
         // The first pass must catch processes that fork while being
         // killed: cgroup.kill is atomic; otherwise freeze, kill, thaw.
+        // Usually the sandbox's PID 1 is already gone and took its PID
+        // namespace with it: nothing to freeze. Freezing a cgroup whose tasks
+        // are mid-exit can stall for the whole freeze timeout.
+        if pids_now()?.is_empty() {
+            return Ok(());
+        }
         let kill_file = match self.version {
             CgroupVersion::V2 => Some(dirs[0].path.join("cgroup.kill")).filter(|p| p.exists()),
             CgroupVersion::V1 => None,
@@ -945,6 +951,7 @@ impl Cgroup {
         // Processes die asynchronously; anything that slipped through (no
         // freezer on this host) is killed again until none is left.
         let deadline = Instant::now() + KILL_TIMEOUT;
+        let mut backoff = Backoff::default();
         loop {
             let pids = pids_now()?;
             if pids.is_empty() {
@@ -957,7 +964,7 @@ impl Cgroup {
                 write(file, "1")?;
             }
             kill_pids(&pids);
-            std::thread::sleep(POLL);
+            backoff.sleep();
         }
     }
 
@@ -991,16 +998,18 @@ impl Freezer {
         let frozen = match self {
             Freezer::V1(dir) => {
                 let state = dir.join("freezer.state");
+                // A read error means the cgroup is gone (a concurrent
+                // teardown won): nothing left to wait for.
                 write(&state, "FROZEN").is_ok()
                     && wait_until(FREEZE_TIMEOUT, || {
-                        read(&state).is_ok_and(|s| s.trim() == "FROZEN")
+                        read(&state).map_or(true, |s| s.trim() == "FROZEN")
                     })
             }
             Freezer::V2(dir) => {
                 let events = dir.join("cgroup.events");
                 write(&dir.join("cgroup.freeze"), "1").is_ok()
                     && wait_until(FREEZE_TIMEOUT, || {
-                        read_key(&events, "frozen").is_ok_and(|v| v == 1)
+                        read_key(&events, "frozen").map_or(true, |v| v == 1)
                     })
             }
         };
@@ -1010,9 +1019,14 @@ impl Freezer {
     }
 
     fn thaw(&self) -> Result<(), CgroupError> {
-        match self {
-            Freezer::V1(dir) => write(&dir.join("freezer.state"), "THAWED"),
-            Freezer::V2(dir) => write(&dir.join("cgroup.freeze"), "0"),
+        let (dir, result) = match self {
+            Freezer::V1(dir) => (dir, write(&dir.join("freezer.state"), "THAWED")),
+            Freezer::V2(dir) => (dir, write(&dir.join("cgroup.freeze"), "0")),
+        };
+        // Removed meanwhile by a concurrent teardown: nothing is frozen.
+        match result {
+            Err(_) if !dir.exists() => Ok(()),
+            other => other,
         }
     }
 }
@@ -1442,7 +1456,7 @@ mod tests {
     }
 
     #[test]
-    fn v2_destroy_kills_then_removes_deepest_first_and_is_idempotent() {
+    fn v2_destroy_of_an_empty_group_removes_deepest_first_and_is_idempotent() {
         let (t, m) = v2_tree("cpu memory pids");
         let dir = t.path().join("sandpit/sb1");
         put(&dir.join("cgroup.procs"), "");
@@ -1456,11 +1470,13 @@ mod tests {
             fake_rmdir(p)
         };
         cg.destroy_with(&record).unwrap();
+        // Nothing was alive in the group (empty cgroup.procs), so nothing
+        // was killed: an empty group goes straight to removal.
         assert_eq!(
             *seen.borrow(),
             [
-                (dir.join("nested"), "1".to_string()),
-                (dir.clone(), "1".to_string())
+                (dir.join("nested"), String::new()),
+                (dir.clone(), String::new())
             ]
         );
         assert!(!dir.exists());
@@ -1471,12 +1487,25 @@ mod tests {
     }
 
     #[test]
-    fn v2_destroy_without_cgroup_kill_freezes_and_thaws() {
+    fn v2_destroy_without_cgroup_kill_kills_and_thaws() {
         let (t, m) = v2_tree("cpu memory pids");
         let dir = t.path().join("sandpit/sb1");
-        put(&dir.join("cgroup.procs"), "");
+        // A real process of ours stands in for the sandbox's: destroy must
+        // SIGKILL it while the group is frozen.
+        let mut child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        put(&dir.join("cgroup.procs"), &child.id().to_string());
         put(&dir.join("cgroup.freeze"), "0");
-        put(&dir.join("cgroup.events"), "populated 0\nfrozen 1\n");
+        put(&dir.join("cgroup.events"), "populated 1\nfrozen 1\n");
+        // The kernel's part: once the process died, the group is empty.
+        let procs = dir.join("cgroup.procs");
+        let reaper = std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            put(&procs, "");
+            status
+        });
         let freeze = std::cell::RefCell::new(String::new());
         m.open("sb1")
             .destroy_with(&|p: &Path| {
@@ -1484,7 +1513,12 @@ mod tests {
                 fake_rmdir(p)
             })
             .unwrap();
-        assert_eq!(*freeze.borrow(), "0");
+        let status = reaper.join().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Frozen around the kill (too brief to observe from here), and
+        // always thawed again before removal.
+        assert_eq!(*freeze.borrow(), "0", "thawed before removal");
         assert!(!dir.exists());
     }
 

@@ -251,6 +251,12 @@ pub struct SweepReport {
 pub struct Runtime {
     config: RuntimeConfig,
     cgroups: CgroupManager,
+    /// One lock per sandbox being destroyed: a daemon may tear a sandbox
+    /// down from two places at once (a stop request and the watcher that
+    /// saw its main process end); the second waits for the first and then
+    /// finds nothing left, instead of racing it through the cgroup.
+    destroying:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
 }
 
 impl Runtime {
@@ -284,7 +290,11 @@ impl Runtime {
             });
         }
         let cgroups = CgroupManager::detect(&config.cgroup_parent)?;
-        Ok(Self { config, cgroups })
+        Ok(Self {
+            config,
+            cgroups,
+            destroying: Default::default(),
+        })
     }
 
     /// The configuration in force.
@@ -451,6 +461,26 @@ impl Runtime {
     /// Destroying a sandbox that is already gone is not an error.
     pub fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
         validate_id(id)?;
+        let lock = {
+            let mut map = self.destroying.lock().unwrap_or_else(|e| e.into_inner());
+            std::sync::Arc::clone(map.entry(id.to_string()).or_default())
+        };
+        let result = {
+            let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.destroy_locked(id)
+        };
+        let mut map = self.destroying.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the last one out removes the entry (the map holds one handle).
+        if map
+            .get(id)
+            .is_some_and(|l| std::sync::Arc::strong_count(l) <= 2)
+        {
+            map.remove(id);
+        }
+        result
+    }
+
+    fn destroy_locked(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.dir_of(id);
         if let Some(record) = read_record(&dir) {
             // PID 1 dying takes the whole PID namespace with it.
@@ -461,6 +491,7 @@ impl Runtime {
                 );
             }
             reap(record.pid);
+            wait_gone(record.pid, record.start_time);
         }
         // Catches anything that was mid-fork or otherwise outlived PID 1.
         self.cgroups.open(id).destroy()?;
@@ -533,6 +564,22 @@ fn is_zombie(pid: i32) -> bool {
             rest.split(' ').next().map(|st| st == "Z" || st == "X")
         })
         .unwrap_or(false)
+}
+
+/// Waits (briefly, with backoff) until the sandbox's PID 1 is a zombie or
+/// gone. The kernel kills and reaps the rest of the PID namespace before
+/// PID 1 finishes exiting, so afterwards the cgroup holds nothing alive and
+/// teardown needs no freeze.
+fn wait_gone(pid: i32, start_time: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut pause = std::time::Duration::from_micros(100);
+    while process_start_time(pid) == Some(start_time)
+        && !is_zombie(pid)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Collects the exit status of a sandbox's PID 1 when this process is its
