@@ -5,7 +5,14 @@
 //! with a fresh data dir under the bench's `--data-dir`, imports the bench's
 //! rootfs there as `python:3.11` (with `sandpit image import`, as the e2e
 //! harness does), measures, deletes its sandboxes, stops the daemon with
-//! SIGTERM and removes the data dir.
+//! SIGTERM and removes the data dir. The daemon gets a config file raising
+//! `max_sandboxes` above the density count.
+//!
+//! Host memory for density is `MemTotal - MemFree - Buffers - Cached -
+//! SReclaimable` from /proc/meminfo, before and after the N sandboxes are up
+//! (page cache and reclaimable slab excluded; system-wide, so other work on
+//! the host adds noise). The memory cgroups' usage is summed too (v1
+//! `memory.usage_in_bytes`, which counts the page cache charged to them).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -29,7 +36,7 @@ const IMAGE: &str = "python:3.11";
 const IDLE: [&str; 2] = ["-c", "trap \"exit 0\" TERM INT; sleep infinity & wait"];
 
 /// How many of each measure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Counts {
     /// Cold starts (create, first exec, delete).
     pub cold: usize,
@@ -39,10 +46,46 @@ pub struct Counts {
     pub small_files: usize,
     /// 32 MiB writes and reads.
     pub large_files: usize,
+    /// Throughput: (concurrency, create+exec+delete cycles per task).
+    pub cycles: Vec<(usize, usize)>,
+    /// Density: idle sandboxes to hold at once (0: skip).
+    pub density: usize,
+    /// Python client block: the interpreter (with `cwsandbox`) and the
+    /// number of timed iterations; `explicit`: fail (not warn) if it fails.
+    pub python: Option<PythonRun>,
+}
+
+/// The Python client block's settings.
+#[derive(Debug, Clone)]
+pub struct PythonRun {
+    pub interpreter: PathBuf,
+    pub iterations: usize,
+    pub explicit: bool,
+}
+
+/// A single figure (not a latency distribution): a rate, a memory size.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+fn fig(name: &str, value: f64, unit: &'static str) -> Figure {
+    Figure {
+        name: name.into(),
+        value,
+        unit,
+    }
 }
 
 /// Runs the daemon measures; `bin_dir` holds `sandpitd` and `sandpit`.
-pub fn run(bin_dir: &Path, rootfs: &Path, bench_data_dir: &Path, n: Counts) -> Result<Vec<Stats>> {
+pub fn run(
+    bin_dir: &Path,
+    rootfs: &Path,
+    bench_data_dir: &Path,
+    n: Counts,
+) -> Result<(Vec<Stats>, Vec<Figure>)> {
     let data_dir = bench_data_dir.join(format!("daemon-{}", std::process::id()));
     if data_dir.exists() {
         std::fs::remove_dir_all(&data_dir)?;
@@ -55,13 +98,30 @@ pub fn run(bin_dir: &Path, rootfs: &Path, bench_data_dir: &Path, n: Counts) -> R
         t.elapsed().as_secs_f64()
     );
 
-    let mut daemon = Daemon::start(&bin_dir.join("sandpitd"), &data_dir)?;
+    // The default cap (256 live sandboxes) would stop a larger density run.
+    let config = data_dir.join("sandpitd.toml");
+    std::fs::write(
+        &config,
+        format!("max_sandboxes = {}\n", (n.density + 64).max(256)),
+    )?;
+    let mut daemon = Daemon::start(&bin_dir.join("sandpitd"), &data_dir, &config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let mut live = Vec::new();
-    let result = rt.block_on(measure(daemon.port, n, &mut live));
+    let mut figures = Vec::new();
+    let mut result = rt.block_on(measure(daemon.port, &n, &mut live, &mut figures));
+    if let (Ok(stats), Some(py)) = (&mut result, &n.python) {
+        match python_block(py, daemon.port, &data_dir) {
+            Ok((s, f)) => {
+                stats.extend(s);
+                figures.extend(f);
+            }
+            Err(e) if py.explicit => result = Err(e),
+            Err(e) => eprintln!("daemon: Python client block skipped: {e:#}"),
+        }
+    }
     // Whatever happened, leave nothing behind: sandboxes survive a daemon stop.
     if !live.is_empty() {
         let cleanup = rt.block_on(async {
@@ -86,7 +146,7 @@ pub fn run(bin_dir: &Path, rootfs: &Path, bench_data_dir: &Path, n: Counts) -> R
     }
     let stats = result?;
     stopped?;
-    Ok(stats)
+    Ok((stats, figures))
 }
 
 fn import_image(sandpit: &Path, data_dir: &Path, rootfs: &Path) -> Result<()> {
@@ -125,10 +185,12 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(sandpitd: &Path, data_dir: &Path) -> Result<Self> {
+    fn start(sandpitd: &Path, data_dir: &Path, config: &Path) -> Result<Self> {
         let mut child = Command::new(sandpitd)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .arg("--config")
+            .arg(config)
             .args(["--api-key", API_KEY])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -296,7 +358,12 @@ fn pseudo_random(len: usize) -> Vec<u8> {
     v
 }
 
-async fn measure(port: u16, n: Counts, live: &mut Vec<String>) -> Result<Vec<Stats>> {
+async fn measure(
+    port: u16,
+    n: &Counts,
+    live: &mut Vec<String>,
+    figures: &mut Vec<Figure>,
+) -> Result<Vec<Stats>> {
     let mut c = connect(port).await?;
 
     // Warm-up: page cache, overlay dentries, the daemon's first-use paths.
@@ -381,5 +448,306 @@ async fn measure(port: u16, n: Counts, live: &mut Vec<String>) -> Result<Vec<Sta
     }
     delete(&mut c, &id).await?;
     live.pop();
+
+    for &(conc, per_task) in &n.cycles {
+        let (s, f) = throughput(&c, conc, per_task).await?;
+        stats.push(s);
+        figures.push(f);
+    }
+    if n.density > 0 {
+        let (s, f) = density(&mut c, n.density, live).await?;
+        stats.extend(s);
+        figures.extend(f);
+    }
     Ok(stats)
+}
+
+/// One create + StreamExec `true` + delete (grace 0) cycle.
+async fn cycle(c: &mut Client, key: usize) -> Result<()> {
+    let id = create(c, key).await?;
+    let r = exec(c, &id, &["true"]).await;
+    let d = delete(c, &id).await;
+    match r? {
+        0 => d,
+        code => bail!("true exited with {code}"),
+    }
+}
+
+/// `conc` tasks on one channel, each running `per_task` cycles back to back.
+async fn throughput(c: &Client, conc: usize, per_task: usize) -> Result<(Stats, Figure)> {
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..conc {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for k in 0..per_task {
+                let t = Instant::now();
+                cycle(&mut c, 10_000_000 * conc + 10_000 * task + k).await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut first_err = None;
+    for task in tasks {
+        match task.await.context("throughput task")? {
+            Ok(l) => lat.extend(l),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let wall = t.elapsed();
+    if let Some(e) = first_err {
+        return Err(e.context(format!("throughput at concurrency {conc}")));
+    }
+    let rate = lat.len() as f64 / wall.as_secs_f64();
+    Ok((
+        Stats::new(
+            &format!("daemon: create+exec+delete cycle, concurrency {conc}"),
+            lat,
+        ),
+        fig(
+            &format!("daemon: create+exec+delete cycles per second, concurrency {conc}"),
+            rate,
+            "cycles/s",
+        ),
+    ))
+}
+
+/// Host memory in use, page cache excluded, from /proc/meminfo (bytes):
+/// MemTotal - MemFree - Buffers - Cached - SReclaimable.
+fn host_used_bytes() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let get = |key: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .with_context(|| format!("{key} in /proc/meminfo"))
+    };
+    Ok(get("MemTotal")?
+        .saturating_sub(get("MemFree")?)
+        .saturating_sub(get("Buffers")?)
+        .saturating_sub(get("Cached")?)
+        .saturating_sub(get("SReclaimable")?))
+}
+
+/// Sum of the memory cgroups of `ids` (v1 `memory.usage_in_bytes` under
+/// /sys/fs/cgroup/memory/sandpit, or v2 `memory.current` under
+/// /sys/fs/cgroup/sandpit) and how many were found.
+fn cgroup_memory(ids: &[String]) -> (u64, usize) {
+    let mut sum = 0;
+    let mut found = 0;
+    for id in ids {
+        for f in [
+            format!("/sys/fs/cgroup/memory/sandpit/{id}/memory.usage_in_bytes"),
+            format!("/sys/fs/cgroup/sandpit/{id}/memory.current"),
+        ] {
+            if let Some(v) = std::fs::read_to_string(&f)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                sum += v;
+                found += 1;
+                break;
+            }
+        }
+    }
+    (sum, found)
+}
+
+fn median(d: &[Duration]) -> Duration {
+    let mut v = d.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// `count` idle sandboxes at once: creation time as they pile up, host memory
+/// per sandbox, then deleting them all.
+async fn density(
+    c: &mut Client,
+    count: usize,
+    live: &mut Vec<String>,
+) -> Result<(Vec<Stats>, Vec<Figure>)> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = host_used_bytes()?;
+    let mut created = Vec::with_capacity(count);
+    let t_all = Instant::now();
+    for i in 0..count {
+        let t = Instant::now();
+        let id = create(c, 20_000_000 + i).await?;
+        created.push(t.elapsed());
+        live.push(id);
+    }
+    let create_total = t_all.elapsed();
+    // Let the sandboxes settle (the idle command started, the agent idle).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = host_used_bytes()?;
+    let (cg_sum, cg_found) = cgroup_memory(live);
+    let per_sandbox = after.saturating_sub(before) as f64 / count as f64 / MIB;
+    eprintln!(
+        "daemon: density {count}: host used {:.1} -> {:.1} MiB; {cg_found} memory cgroups",
+        before as f64 / MIB,
+        after as f64 / MIB
+    );
+
+    let mut figures = vec![
+        fig(
+            &format!("daemon: density {count}: host memory per idle sandbox (page cache excluded)"),
+            per_sandbox,
+            "MiB",
+        ),
+        fig(
+            &format!("daemon: density {count}: create, 1st sandbox"),
+            ms(created[0]),
+            "ms",
+        ),
+        fig(
+            &format!("daemon: density {count}: create, last sandbox"),
+            ms(created[count - 1]),
+            "ms",
+        ),
+        fig(
+            &format!("daemon: density {count}: all creates, total"),
+            create_total.as_secs_f64(),
+            "s",
+        ),
+    ];
+    let k = 10.min(count);
+    figures.push(fig(
+        &format!("daemon: density {count}: create p50 of the first {k}"),
+        ms(median(&created[..k])),
+        "ms",
+    ));
+    figures.push(fig(
+        &format!("daemon: density {count}: create p50 of the last {k}"),
+        ms(median(&created[count - k..])),
+        "ms",
+    ));
+    if cg_found > 0 {
+        figures.push(fig(
+            &format!(
+                "daemon: density {count}: memory cgroup usage per sandbox ({cg_found} found, cache included)"
+            ),
+            cg_sum as f64 / cg_found as f64 / MIB,
+            "MiB",
+        ));
+    }
+
+    let mut deleted = Vec::with_capacity(count);
+    let t_all = Instant::now();
+    while let Some(id) = live.last().cloned() {
+        let t = Instant::now();
+        delete(c, &id).await?;
+        deleted.push(t.elapsed());
+        live.pop();
+    }
+    figures.push(fig(
+        &format!("daemon: density {count}: delete all, total"),
+        t_all.elapsed().as_secs_f64(),
+        "s",
+    ));
+    Ok((
+        vec![
+            Stats::new(
+                &format!("daemon: density: CreateSandbox (idle), 1..{count}"),
+                created,
+            ),
+            Stats::new(
+                &format!("daemon: density: DeleteSandbox, {count} live down to 0"),
+                deleted,
+            ),
+        ],
+        figures,
+    ))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs in one interpreter, so start-up and imports are outside the timings;
+/// the first iteration (channel set-up) is a warm-up, not a sample.
+const PY_SCRIPT: &str = r#"
+import json, sys, time
+from cwsandbox import Sandbox
+n = int(sys.argv[1])
+samples = []
+for i in range(n + 1):
+    t = time.perf_counter()
+    with Sandbox.run() as sb:
+        sb.exec(["true"]).result()
+    if i:
+        samples.append(time.perf_counter() - t)
+    else:
+        first = time.perf_counter() - t
+print(json.dumps({"first": first, "samples": samples}))
+"#;
+
+/// The Python client end to end: `with Sandbox.run() as sb:
+/// sb.exec(["true"]).result()` through `cwsandbox`, timed inside Python.
+fn python_block(py: &PythonRun, port: u16, data_dir: &Path) -> Result<(Vec<Stats>, Vec<Figure>)> {
+    let out_path = data_dir.join("python-bench.out");
+    let err_path = data_dir.join("python-bench.err");
+    let mut child = Command::new(&py.interpreter)
+        .arg("-c")
+        .arg(PY_SCRIPT)
+        .arg(py.iterations.to_string())
+        .env("CWSANDBOX_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("CWSANDBOX_API_KEY", API_KEY)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
+        .with_context(|| format!("run {}", py.interpreter.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(60 + 2 * py.iterations as u64);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the Python client block did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !status.success() {
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+        bail!("the Python client block exited with {status}: {tail}");
+    }
+    let out = std::fs::read_to_string(&out_path)?;
+    let last = out
+        .lines()
+        .last()
+        .context("no output from the Python block")?;
+    let v: serde_json::Value = serde_json::from_str(last).context("Python block output")?;
+    let samples: Vec<Duration> = v["samples"]
+        .as_array()
+        .context("samples")?
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .map(Duration::from_secs_f64)
+        .collect();
+    if samples.is_empty() {
+        bail!("the Python client block gave no samples");
+    }
+    let first = v["first"].as_f64().unwrap_or(0.0);
+    Ok((
+        vec![Stats::new(
+            "python cwsandbox: with Sandbox.run() as sb: sb.exec([\"true\"]).result()",
+            samples,
+        )],
+        vec![fig(
+            "python cwsandbox: first iteration (warm-up, channel set-up)",
+            first * 1000.0,
+            "ms",
+        )],
+    ))
 }

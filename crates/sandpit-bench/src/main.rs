@@ -10,10 +10,19 @@
 //! With `--daemon`, also through `sandpitd`'s gRPC API (see `daemon.rs`):
 //! cold start (CreateSandbox until the first StreamExec `true` exits), delete,
 //! the StreamExec `true` round trip, and WriteFile/ReadFile of 1 MiB and
-//! 32 MiB (p50 throughput in the table's last column).
+//! 32 MiB (p50 throughput in the table's last column); create + exec +
+//! delete cycles per second at concurrency 1, 8 and 32; density (`--density
+//! N` idle sandboxes at once: host memory per sandbox, creation time from the
+//! 1st to the Nth, deleting them all); and the Python client end to end
+//! (`with Sandbox.run() as sb: sb.exec(["true"]).result()` through
+//! `cwsandbox`, timed inside one interpreter) when `.venv/bin/python` exists
+//! or `--python` names one. Single figures (rates, MiB) are printed after the
+//! latency table and appear in the JSON as `{"measure", "value", "unit"}`.
 //!
 //! Prints a table and writes JSON to `--json FILE`. `--quick` runs few
-//! iterations (for CI) and asserts nothing about speed.
+//! iterations (for CI), runs the throughput cycles at concurrency 1 and 8
+//! only (8 cycles each), skips density and the Python block, and asserts
+//! nothing about speed.
 
 mod daemon;
 
@@ -58,6 +67,17 @@ struct Args {
     /// binary) and drives it through the gRPC API.
     #[arg(long)]
     daemon: bool,
+    /// With `--daemon` (not `--quick`): idle sandboxes held at once for the
+    /// density measure (0: skip).
+    #[arg(long, default_value_t = 200)]
+    density: usize,
+    /// With `--daemon` (not `--quick`): a Python with `cwsandbox` for the
+    /// client block; `.venv/bin/python` is used when it exists.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Timed iterations of the Python client block.
+    #[arg(long, default_value_t = 30)]
+    python_iterations: usize,
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -198,6 +218,7 @@ fn main() -> Result<()> {
     if args.podman {
         results.extend(podman(&args.image, iterations.min(50))?);
     }
+    let mut figures = Vec::new();
     if args.daemon {
         let counts = if args.quick {
             daemon::Counts {
@@ -205,36 +226,65 @@ fn main() -> Result<()> {
                 exec: 20,
                 small_files: 5,
                 large_files: 2,
+                cycles: vec![(1, 8), (8, 1)],
+                density: 0,
+                python: None,
             }
         } else {
+            let python = match &args.python {
+                Some(p) => Some((p.clone(), true)),
+                None => {
+                    let p = PathBuf::from(".venv/bin/python");
+                    p.exists().then_some((p, false))
+                }
+            };
             daemon::Counts {
                 cold: iterations,
                 exec: iterations * 5,
                 small_files: iterations,
                 large_files: (iterations / 5).max(5),
+                cycles: [1, 8, 32]
+                    .into_iter()
+                    .map(|c| (c, (iterations * 2 / c).max(2)))
+                    .collect(),
+                density: args.density,
+                python: python.map(|(interpreter, explicit)| daemon::PythonRun {
+                    interpreter,
+                    iterations: args.python_iterations.max(1),
+                    explicit,
+                }),
             }
         };
         let bin_dir = std::env::current_exe()?
             .parent()
             .context("exe dir")?
             .to_path_buf();
-        results.extend(daemon::run(&bin_dir, &args.image, &args.data_dir, counts)?);
+        let (stats, figs) = daemon::run(&bin_dir, &args.image, &args.data_dir, counts)?;
+        results.extend(stats);
+        figures = figs;
     }
 
     println!(
-        "{:<44} {:>10} {:>10} {:>6} {:>10}",
+        "{:<56} {:>10} {:>10} {:>6} {:>10}",
         "measure", "p50 ms", "p99 ms", "n", "MB/s p50"
     );
     for s in &results {
         let rate = s.mb_per_s().map(|r| format!("{r:.0}")).unwrap_or_default();
         println!(
-            "{:<44} {:>10.3} {:>10.3} {:>6} {:>10}",
+            "{:<56} {:>10.3} {:>10.3} {:>6} {:>10}",
             s.name,
             ms(s.p50()),
             ms(s.p99()),
             s.samples.len(),
             rate
         );
+    }
+    if !figures.is_empty() {
+        println!();
+        println!("{:<84} {:>10} unit", "figure", "value");
+        for f in &figures {
+            println!("{:<84} {:>10.2} {}", f.name, f.value, f.unit);
+        }
     }
     let find = |n: &str| results.iter().find(|s| s.name == n).map(|s| s.p50());
     if let (Some(ours), Some(theirs)) = (
@@ -253,6 +303,9 @@ fn main() -> Result<()> {
         );
     }
     if let Some(path) = &args.json {
+        let figs = figures
+            .iter()
+            .map(|f| serde_json::json!({"measure": f.name, "value": f.value, "unit": f.unit}));
         let json: Vec<_> = results
             .iter()
             .map(|s| {
@@ -266,6 +319,7 @@ fn main() -> Result<()> {
                 }
                 j
             })
+            .chain(figs)
             .collect();
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
     }
