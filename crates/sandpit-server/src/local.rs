@@ -16,7 +16,7 @@ use std::time::Duration;
 use sandpit_image::{IdShift, ImageError, ImageStore, Reference};
 use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 use sandpit_wire::client::AgentClient;
-use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError, MAX_FRAME_LEN};
+use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -126,18 +126,10 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
             n => got += n,
         }
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(WireError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Truncated
-        } else {
-            WireError::Io(e)
-        }
-    })?;
+    let mut body = vec![0u8; sandpit_wire::body_len(len)?];
+    r.read_exact(&mut body)
+        .await
+        .map_err(WireError::reading_body)?;
     sandpit_wire::decode(&body).map(Some)
 }
 
@@ -477,7 +469,7 @@ mod tests {
         let mut r = &bytes[..];
         assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::End));
         assert_eq!(read_frame(&mut r).await.unwrap(), None);
-        let huge = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        let huge = ((sandpit_wire::MAX_FRAME_LEN + 1) as u32).to_le_bytes();
         assert!(matches!(
             read_frame(&mut &huge[..]).await,
             Err(WireError::TooLarge(_))

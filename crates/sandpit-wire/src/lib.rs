@@ -705,19 +705,33 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, WireErro
             Err(e) => return Err(e.into()),
         }
     }
-    let len = u32::from_le_bytes(len) as usize;
+    let mut body = vec![0u8; body_len(len)?];
+    r.read_exact(&mut body).map_err(WireError::reading_body)?;
+    decode(&body).map(Some)
+}
+
+/// The body length a frame header announces, refused beyond
+/// [`MAX_FRAME_LEN`] before anything is allocated. Shared by every reader
+/// (this module's blocking one, the daemon's async one) so the bound on
+/// hostile input lives in one place.
+pub fn body_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(header) as usize;
     if len > MAX_FRAME_LEN {
         return Err(WireError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| {
+    Ok(len)
+}
+
+impl WireError {
+    /// Maps an error of reading a frame's body: an early EOF means the
+    /// peer closed mid-frame.
+    pub fn reading_body(e: io::Error) -> Self {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             WireError::Truncated
         } else {
             WireError::Io(e)
         }
-    })?;
-    decode(&body).map(Some)
+    }
 }
 
 #[cfg(test)]
