@@ -12,6 +12,7 @@
 //! <root>/layers/sha256/<hex>/rootfs/    unpacked layer (overlayfs lower dir)
 //! <root>/layers/sha256/<hex>/layer.json {diff_id, digest?, size}
 //! <root>/images/<sha256(reference)>.json
+//! <root>/leases/<holder>.json           layers a sandbox has mounted
 //! <root>/tmp/                           staging, cleared at open
 //! ```
 //!
@@ -42,6 +43,11 @@
 //!   entries replace earlier ones; a directory over a directory keeps its
 //!   content.
 //!
+//! # Leases
+//!
+//! `<root>/leases/<holder>.json` names the layers a sandbox has mounted;
+//! `gc` and `remove` keep them whichever process asks (see `lease.rs`).
+//!
 //! `layers/` and `tmp/` are mode 0700: host users cannot reach the
 //! layers' setuid files.
 
@@ -51,6 +57,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod lease;
 mod reference;
 mod store;
 mod unpack;
@@ -243,6 +250,8 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    #[error("invalid lease holder {0:?}")]
+    InvalidLeaseHolder(String),
     #[error("{op} {path}")]
     Io {
         op: &'static str,

@@ -70,7 +70,7 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// `sha256:<hex>` or `<hex>` -> `<hex>`, validated.
-fn layer_hex(diff_id: &str) -> Result<&str, ImageError> {
+pub(crate) fn layer_hex(diff_id: &str) -> Result<&str, ImageError> {
     let hex = diff_id.strip_prefix("sha256:").unwrap_or(diff_id);
     if hex.len() == 64 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         Ok(hex)
@@ -107,7 +107,7 @@ impl Drop for Staging {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ImageError> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ImageError> {
     let data = fs::read(path).map_err(|e| ImageError::io("read", path, e))?;
     serde_json::from_slice(&data).map_err(|source| ImageError::Corrupt {
         path: path.to_owned(),
@@ -115,7 +115,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ImageError>
     })
 }
 
-fn write_file_synced(path: &Path, data: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn write_file_synced(path: &Path, data: &[u8]) -> Result<(), ImageError> {
     let mut f = File::create(path).map_err(|e| ImageError::io("create", path, e))?;
     f.write_all(data)
         .and_then(|()| f.sync_all())
@@ -215,7 +215,7 @@ impl ImageStore {
         }
     }
 
-    fn lock_shared(&self) -> Result<Flock<File>, ImageError> {
+    pub(crate) fn lock_shared(&self) -> Result<Flock<File>, ImageError> {
         Ok(self.lock(FlockArg::LockShared)?.expect("blocking lock"))
     }
 
@@ -631,6 +631,8 @@ impl ImageStore {
                     .map(|l| l.strip_prefix("sha256:").unwrap_or(l).to_owned()),
             );
         }
+        // Layers mounted by sandboxes, whoever created them.
+        keep.extend(self.leased_layers()?);
         let images = self.root.join("images");
         for entry in fs::read_dir(&images).map_err(|e| ImageError::io("read", &images, e))? {
             let path = entry

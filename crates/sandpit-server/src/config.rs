@@ -3,6 +3,7 @@
 //! [`Config`]. Keys from every source add up; any other flag replaces the
 //! file's value.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::ApiKey;
 use crate::manager::ManagerConfig;
+use crate::secrets::SecretStoreConfig;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -114,6 +116,7 @@ pub struct FileConfig {
     agent_binary: Option<PathBuf>,
     spawner_binary: Option<PathBuf>,
     cgroup_parent: Option<String>,
+    secret_stores: Option<BTreeMap<String, SecretStoreConfig>>,
 }
 
 impl FileConfig {
@@ -196,6 +199,8 @@ pub struct Config {
     pub spawner_binary: PathBuf,
     /// Parent cgroup of every sandbox.
     pub cgroup_parent: String,
+    /// Secret stores for `image_pull_credentials`, by name.
+    pub secret_stores: BTreeMap<String, SecretStoreConfig>,
 }
 
 impl Config {
@@ -391,6 +396,18 @@ impl Config {
                 format!("{cgroup_parent:?} must be a single directory name"),
             ));
         }
+        let secret_stores = file.secret_stores.unwrap_or_default();
+        for (name, store) in &secret_stores {
+            if name.is_empty() {
+                return Err(invalid("secret_stores", "a store's name must not be empty"));
+            }
+            if !store.dir.is_absolute() {
+                return Err(invalid(
+                    "secret_stores",
+                    format!("dir of store {name:?} must be an absolute path"),
+                ));
+            }
+        }
         let runner_id = match file.runner_id {
             Some(id) if id.is_empty() => return Err(invalid("runner_id", "must not be empty")),
             Some(id) => id,
@@ -433,6 +450,7 @@ impl Config {
                 .spawner_binary
                 .unwrap_or_else(sandpit_runtime::default_spawner_binary),
             cgroup_parent,
+            secret_stores,
         })
     }
 }

@@ -55,6 +55,8 @@ pub struct ImageInfo {
     pub working_dir: String,
     /// Unpacked layers, top-most first.
     pub lower_dirs: Vec<PathBuf>,
+    /// Diff ids of the layers, bottom first (leased while a sandbox runs).
+    pub layers: Vec<String>,
 }
 
 /// Everything the engine needs to start a sandbox.
@@ -62,6 +64,9 @@ pub struct ImageInfo {
 pub struct LaunchSpec {
     /// The image's layers.
     pub lower_dirs: Vec<PathBuf>,
+    /// Their diff ids, bottom first: kept from image garbage collection
+    /// while the sandbox exists.
+    pub layers: Vec<String>,
     /// Main command; empty means none (the sandbox idles until stopped).
     pub argv: Vec<String>,
     /// Environment of the main command and of every exec.
@@ -72,6 +77,58 @@ pub struct LaunchSpec {
     pub files: Vec<MountedFile>,
     /// cgroup limits.
     pub limits: Resources,
+}
+
+/// Credentials for one registry, resolved from a secret store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredentials {
+    /// Registry host they are for (`ghcr.io`, `docker.io`).
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why a pull failed, for callers that act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullFailureKind {
+    /// No such repository, tag or digest.
+    NotFound,
+    /// The registry refused the credentials (or their absence).
+    Unauthorized,
+    /// The registry (and every mirror) could not be reached.
+    Unreachable,
+    /// A layer or the image is over the configured size cap.
+    TooLarge,
+    /// No linux/amd64 image in a multi-arch index.
+    NoMatchingPlatform,
+    /// The registry sent something unacceptable (bad digest, manifest,
+    /// media type or tar entry).
+    Invalid,
+    /// Local failure (store I/O).
+    Internal,
+}
+
+/// A failed pull: what kind, and the message that becomes the sandbox's
+/// `state_reason`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PullFailure {
+    /// What kind of failure.
+    pub kind: PullFailureKind,
+    /// Says what was pulled and what went wrong.
+    pub message: String,
 }
 
 /// How a watched sandbox's main process ended.
@@ -126,6 +183,14 @@ pub trait Engine: Send + Sync + 'static {
         &self,
         reference: &str,
     ) -> impl Future<Output = Result<Option<ImageInfo>, EngineError>> + Send;
+
+    /// Pulls `reference` from its registry into the local store (concurrent
+    /// pulls of one image are coalesced by the engine) and returns it.
+    fn pull(
+        &self,
+        reference: &str,
+        credentials: Option<RegistryCredentials>,
+    ) -> impl Future<Output = Result<ImageInfo, PullFailure>> + Send;
 
     /// Creates and starts a sandbox; returns once its agent listens. On error
     /// nothing of the sandbox is left.

@@ -11,7 +11,10 @@ use sandpit_wire::client::AgentClient;
 use sandpit_wire::ExitStatus;
 use tokio::sync::watch;
 
-use crate::engine::{Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit};
+use crate::engine::{
+    Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
+    RegistryCredentials,
+};
 use crate::logs::{LogSink, OutputChunk, Stream};
 
 /// One fake sandbox.
@@ -32,6 +35,12 @@ struct FakeState {
     sigterm_exits: bool,
     output: Vec<u8>,
     swept_keep: Option<HashSet<String>>,
+    /// What a pull of a reference yields; unknown references are not found.
+    remote: HashMap<String, Result<ImageInfo, PullFailure>>,
+    /// Pulls asked for, with their credentials.
+    pulls: Vec<(String, Option<RegistryCredentials>)>,
+    /// While `false`, pulls wait (a slow registry).
+    pulls_open: Option<watch::Sender<bool>>,
 }
 
 /// The fake engine; clones share their state.
@@ -59,8 +68,49 @@ impl FakeEngine {
             env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
             working_dir: String::new(),
             lower_dirs: vec![PathBuf::from("/fake/layer")],
+            layers: vec![format!("sha256:{}", "a".repeat(64))],
         };
         self.lock().images.insert(reference.to_owned(), info);
+    }
+
+    /// Puts an image in the fake registry: a pull of `reference` adds it to
+    /// the local images.
+    pub fn add_remote_image(&self, reference: &str, entrypoint: &[&str], cmd: &[&str]) {
+        let info = ImageInfo {
+            reference: reference.to_owned(),
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            working_dir: String::new(),
+            lower_dirs: vec![PathBuf::from("/fake/pulled")],
+            layers: vec![format!("sha256:{}", "b".repeat(64))],
+        };
+        self.lock().remote.insert(reference.to_owned(), Ok(info));
+    }
+
+    /// Makes a pull of `reference` fail with `failure`.
+    pub fn fail_pull(&self, reference: &str, failure: PullFailure) {
+        self.lock()
+            .remote
+            .insert(reference.to_owned(), Err(failure));
+    }
+
+    /// Holds every pull until [`FakeEngine::open_pulls`].
+    pub fn hold_pulls(&self) {
+        let (tx, _) = watch::channel(false);
+        self.lock().pulls_open = Some(tx);
+    }
+
+    /// Lets held pulls finish.
+    pub fn open_pulls(&self) {
+        if let Some(tx) = &self.lock().pulls_open {
+            tx.send_replace(true);
+        }
+    }
+
+    /// Pulls asked for so far (reference, credentials).
+    pub fn pulls(&self) -> Vec<(String, Option<RegistryCredentials>)> {
+        self.lock().pulls.clone()
     }
 
     /// Makes every later `create` fail with `message` (`None`: succeed).
@@ -147,6 +197,32 @@ impl FakeEngine {
 impl Engine for FakeEngine {
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, EngineError> {
         Ok(self.lock().images.get(reference).cloned())
+    }
+
+    async fn pull(
+        &self,
+        reference: &str,
+        credentials: Option<RegistryCredentials>,
+    ) -> Result<ImageInfo, PullFailure> {
+        let gate = {
+            let mut st = self.lock();
+            st.pulls.push((reference.to_owned(), credentials));
+            st.pulls_open.as_ref().map(|tx| tx.subscribe())
+        };
+        if let Some(mut gate) = gate {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+        let mut st = self.lock();
+        let outcome = st.remote.get(reference).cloned().unwrap_or_else(|| {
+            Err(PullFailure {
+                kind: crate::engine::PullFailureKind::NotFound,
+                message: format!("pull {reference}: manifest unknown (not found)"),
+            })
+        });
+        if let Ok(image) = &outcome {
+            st.images.insert(reference.to_owned(), image.clone());
+        }
+        outcome
     }
 
     async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {

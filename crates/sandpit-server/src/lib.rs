@@ -30,6 +30,7 @@ pub mod local;
 pub mod logs;
 pub mod manager;
 pub mod model;
+pub mod secrets;
 pub mod server;
 
 /// An error and its sources, each once (some messages already include

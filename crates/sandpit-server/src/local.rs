@@ -21,7 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::describe;
-use crate::engine::{Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit};
+use crate::engine::{
+    Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
+    PullFailureKind, RegistryCredentials,
+};
 use crate::logs::{LogSink, OutputChunk, Stream};
 
 /// Bound on request-response agent calls (ping, signal).
@@ -234,6 +237,7 @@ impl Engine for LocalEngine {
                     env: image.config.env.clone(),
                     working_dir: image.config.working_dir.clone(),
                     lower_dirs: store.lower_dirs(&image),
+                    layers: image.layers.clone(),
                 })),
                 Err(ImageError::NotFound(_)) => Ok(None),
                 Err(e) => Err(EngineError::Image(describe(&e))),
@@ -242,8 +246,20 @@ impl Engine for LocalEngine {
         .await?
     }
 
+    async fn pull(
+        &self,
+        reference: &str,
+        _credentials: Option<RegistryCredentials>,
+    ) -> Result<ImageInfo, PullFailure> {
+        Err(PullFailure {
+            kind: PullFailureKind::Internal,
+            message: format!("image {reference} is not in the local store"),
+        })
+    }
+
     async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
         let runtime = Arc::clone(&self.runtime);
+        let spec_layers = spec.layers;
         let spec = SandboxSpec {
             id: id.to_owned(),
             hostname: None,
@@ -268,10 +284,21 @@ impl Engine for LocalEngine {
                 pids_max: self.pids_max,
             },
         };
+        let store = Arc::clone(&self.store);
+        let layers = spec_layers;
         let sandbox = blocking(move || {
-            let sandbox = runtime
-                .create(&spec)
-                .map_err(|e| EngineError::Runtime(describe(&e)))?;
+            // Leased before mounting: `sandpit image rm` or a gc in another
+            // process must not collect a layer under a running sandbox.
+            store
+                .lease(&spec.id, &layers)
+                .map_err(|e| EngineError::Image(describe(&e)))?;
+            let sandbox = match runtime.create(&spec) {
+                Ok(sandbox) => sandbox,
+                Err(e) => {
+                    release_lease(&store, &spec.id);
+                    return Err(EngineError::Runtime(describe(&e)));
+                }
+            };
             // The agent starts the main command before it serves its first
             // connection, so one ping tells whether it started: a client
             // then sees FAILED from CreateSandbox itself, never a RUNNING
@@ -284,8 +311,9 @@ impl Engine for LocalEngine {
             match verdict {
                 Ok(()) => Ok(sandbox),
                 Err(e) => {
-                    if let Err(d) = runtime.destroy(sandbox.id()) {
-                        tracing::warn!(error = %d, "destroy after failed start");
+                    match runtime.destroy(sandbox.id()) {
+                        Ok(()) => release_lease(&store, sandbox.id()),
+                        Err(d) => tracing::warn!(error = %d, "destroy after failed start"),
                     }
                     Err(e)
                 }
@@ -351,10 +379,16 @@ impl Engine for LocalEngine {
     async fn destroy(&self, id: &str) -> Result<(), EngineError> {
         self.table().remove(id);
         let runtime = Arc::clone(&self.runtime);
+        let store = Arc::clone(&self.store);
         let id = id.to_owned();
-        blocking(move || runtime.destroy(&id))
-            .await?
-            .map_err(|e| EngineError::Runtime(describe(&e)))
+        blocking(move || {
+            runtime.destroy(&id)?;
+            // Only once nothing is mounted any more.
+            release_lease(&store, &id);
+            Ok(())
+        })
+        .await?
+        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
     }
 
     async fn adopt(&self, id: &str) -> Adoption {
@@ -384,6 +418,7 @@ impl Engine for LocalEngine {
         // `destroy` takes each one's cgroup with it, and a sandbox's cgroup
         // never exists without its state dir.
         let runtime = Arc::clone(&self.runtime);
+        let store = Arc::clone(&self.store);
         blocking(move || {
             let mut removed = 0;
             for id in runtime.list()? {
@@ -391,6 +426,18 @@ impl Engine for LocalEngine {
                     runtime.destroy(&id)?;
                     removed += 1;
                 }
+            }
+            // Leases of sandboxes that are gone (a crash between destroy and
+            // release) would pin their layers forever.
+            match store.lease_holders() {
+                Ok(holders) => {
+                    for holder in holders {
+                        if is_daemon_id(&holder) && !keep.contains(&holder) {
+                            release_lease(&store, &holder);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %describe(&e), "list image leases"),
             }
             Ok(removed)
         })
@@ -404,6 +451,12 @@ impl Engine for LocalEngine {
 
     fn capacity(&self) -> HostCapacity {
         host_capacity()
+    }
+}
+
+fn release_lease(store: &ImageStore, holder: &str) {
+    if let Err(e) = store.release(holder) {
+        tracing::warn!(error = %describe(&e), "release image lease");
     }
 }
 

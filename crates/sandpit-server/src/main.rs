@@ -191,6 +191,7 @@ async fn run(config: Config) -> Result<()> {
             started,
             max_file_bytes: config.max_file_bytes,
             logs: Some(logs),
+            secret_stores: sandpit_server::secrets::SecretStores::new(config.secret_stores.clone()),
         },
         shutdown_signal(),
     )

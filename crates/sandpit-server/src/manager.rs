@@ -457,8 +457,9 @@ impl<E: Engine> Manager<E> {
     }
 
     /// Creates a sandbox. With the image in the local store it is created
-    /// synchronously and returned RUNNING; a missing image gives a FAILED
-    /// sandbox whose reason says so. A retry with the same request id
+    /// synchronously and returned RUNNING (or FAILED); otherwise it is
+    /// returned PENDING while the image is pulled, and a failed pull makes it
+    /// FAILED with the pull's reason. A retry with the same request id
     /// returns the first one.
     pub async fn create(
         &self,
@@ -474,7 +475,7 @@ impl<E: Engine> Manager<E> {
         };
         let span = span(&record.id);
         tracing::info!(parent: &span, principal = %principal, image = %record.image, "create");
-        self.launch(&record.id, &req).instrument(span).await
+        self.launch(&record.id, req).instrument(span).await
     }
 
     /// The sandbox of an earlier request with the same id, or a new PENDING
@@ -521,20 +522,57 @@ impl<E: Engine> Manager<E> {
         Ok(Reserved::New(Box::new(record)))
     }
 
-    /// PENDING -> CREATING -> RUNNING, or FAILED with what broke.
-    async fn launch(&self, id: &str, req: &NewSandbox) -> Result<SandboxRecord, ManagerError> {
+    /// PENDING -> CREATING -> RUNNING, or FAILED with what broke. An image
+    /// missing from the local store is pulled in the background: the caller
+    /// gets the PENDING record at once and the sandbox starts (or fails with
+    /// the pull's reason) when the pull ends.
+    async fn launch(&self, id: &str, req: NewSandbox) -> Result<SandboxRecord, ManagerError> {
         let image = match self.inner.engine.image(&req.image).await {
             Ok(Some(image)) => image,
-            // A registry pull would start here, in the background, with the
-            // sandbox PENDING meanwhile (a later issue). Until then a missing
-            // image is a start-up failure the caller can act on.
             Ok(None) => {
-                return self
-                    .fail_start(id, format!("image {} is not in the local store", req.image))
+                self.spawn_pull(id, req);
+                return self.current(id);
             }
             Err(e) => return self.fail_start(id, e.to_string()),
         };
-        let spec = launch_spec(&image, req);
+        self.start_from(id, &req, &image).await
+    }
+
+    fn spawn_pull(&self, id: &str, mut req: NewSandbox) {
+        let this = self.clone();
+        let id = id.to_owned();
+        let span = span(&id);
+        tokio::spawn(
+            async move {
+                tracing::info!(image = %req.image, "pulling");
+                let started = std::time::Instant::now();
+                let credentials = req.pull_credentials.take();
+                let result = match this.inner.engine.pull(&req.image, credentials).await {
+                    Ok(image) => {
+                        tracing::info!(
+                            image = %req.image,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "pulled"
+                        );
+                        this.start_from(&id, &req, &image).await
+                    }
+                    Err(failure) => this.fail_start(&id, failure.message),
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "start after pull");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn start_from(
+        &self,
+        id: &str,
+        req: &NewSandbox,
+        image: &ImageInfo,
+    ) -> Result<SandboxRecord, ManagerError> {
+        let spec = launch_spec(image, req);
         let up = self.update(id, |r| {
             if r.state != State::Pending {
                 return false;
@@ -846,8 +884,11 @@ impl<E: Engine> Manager<E> {
             // Terminal already, or someone else is stopping it.
             None if up.record.state.is_terminal() => Ok(up.record),
             None => self.wait_terminal(id, grace + STOP_SLACK).await,
+            // Nothing was created yet (its image may be being pulled): the
+            // launching task finds it terminal and starts nothing.
+            Some(State::Pending) => self.end_stopped(id, None),
             // The creating task sees TERMINATING and finishes the job.
-            Some(State::Pending | State::Creating) => self.wait_terminal(id, SETTLE_TIMEOUT).await,
+            Some(State::Creating) => self.wait_terminal(id, SETTLE_TIMEOUT).await,
             Some(_) => self.kill_after_grace(id, grace).await,
         }
     }
@@ -1171,6 +1212,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         .unwrap_or_else(|| "/".into());
     LaunchSpec {
         lower_dirs: image.lower_dirs.clone(),
+        layers: image.layers.clone(),
         argv,
         env,
         cwd,

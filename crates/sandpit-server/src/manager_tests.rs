@@ -152,6 +152,18 @@ async fn exits_map_to_failures_with_reasons() {
     }
 }
 
+/// The record once it left PENDING/CREATING.
+async fn settled(m: &Manager<FakeEngine>, id: &str) -> SandboxRecord {
+    for _ in 0..1000 {
+        let r = m.get(&alice(), id).unwrap();
+        if !matches!(r.state, State::Pending | State::Creating) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{id} did not settle");
+}
+
 #[tokio::test(start_paused = true)]
 async fn start_up_errors_fail_with_what_broke() {
     let e = engine();
@@ -166,10 +178,14 @@ async fn start_up_errors_fail_with_what_broke() {
         )
         .await
         .unwrap();
+    // Not in the store: PENDING while it is pulled, then FAILED with the
+    // pull's reason.
+    assert_eq!(r.state, State::Pending);
+    let r = settled(&m, &r.id).await;
     assert_eq!(r.state, State::Failed);
     assert_eq!(
         r.state_reason,
-        "image docker.io/library/nope:1 is not in the local store"
+        "pull docker.io/library/nope:1: manifest unknown (not found)"
     );
     assert!(r.start_time.is_none() && r.end_time.is_some() && r.exit_code.is_none());
 
@@ -300,8 +316,9 @@ async fn delete_edge_cases() {
                 ..req(None)
             },
         )
-        .await;
-    assert_eq!(idle.unwrap().state, State::Failed);
+        .await
+        .unwrap();
+    assert_eq!(settled(&m, &idle.id).await.state, State::Failed);
     e.add_image("docker.io/library/idle:1", &[], &[]);
     let idle = m
         .create(
@@ -765,6 +782,7 @@ fn launch_spec_follows_kubernetes_semantics() {
         env: vec!["LANG=C.UTF-8".into(), "HOME=/root".into()],
         working_dir: "/app".into(),
         lower_dirs: vec!["/l1".into()],
+        layers: vec![],
     };
     let base = NewSandbox {
         image: IMAGE.into(),

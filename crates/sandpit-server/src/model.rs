@@ -137,6 +137,10 @@ pub struct NewSandbox {
     pub display_name: String,
     /// The request's spec as the API layer wants to return it, opaque here.
     pub spec_echo: Vec<u8>,
+    /// Where the credentials for pulling the image are, as requested.
+    pub pull_secret: Option<crate::secrets::SecretRef>,
+    /// Those credentials, resolved by the API layer; never persisted.
+    pub pull_credentials: Option<crate::engine::RegistryCredentials>,
 }
 
 /// Everything known about one sandbox; persisted on every change.

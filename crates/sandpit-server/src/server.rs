@@ -19,6 +19,7 @@ use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::logs::LogReader;
 use crate::manager::Manager;
+use crate::secrets::SecretStores;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub struct ServerOptions {
     pub max_file_bytes: u64,
     /// Where the log sink keeps main-process output (StreamLogs).
     pub logs: Option<LogReader>,
+    /// Where `image_pull_credentials` are looked up.
+    pub secret_stores: SecretStores,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and
@@ -70,11 +73,10 @@ pub async fn serve<E: Engine>(
         logs: options.logs.clone(),
         shutdown: stop_rx,
     };
-    let sandbox = SandboxServiceServer::new(SandboxApi::new(
-        manager.clone(),
-        options.runner_id.clone(),
-        data,
-    ))
+    let sandbox = SandboxServiceServer::new(
+        SandboxApi::new(manager.clone(), options.runner_id.clone(), data)
+            .with_secret_stores(options.secret_stores.clone()),
+    )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let discovery = DiscoveryServiceServer::new(DiscoveryApi::new(

@@ -10,10 +10,11 @@ use sandpit_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
 use sandpit_server::auth::{ApiKey, Auth};
 use sandpit_server::clock::SystemClock;
 use sandpit_server::db::Db;
-use sandpit_server::engine::MainExit;
+use sandpit_server::engine::{MainExit, PullFailure, PullFailureKind};
 use sandpit_server::fake::FakeEngine;
 use sandpit_server::logs::NullSink;
 use sandpit_server::manager::{Manager, ManagerConfig};
+use sandpit_server::secrets::{SecretStoreConfig, SecretStores};
 use sandpit_server::server::{serve, ServerOptions};
 use sandpit_wire::ExitStatus;
 use tokio::net::TcpListener;
@@ -28,6 +29,7 @@ const BOB: &str = "bob-key";
 
 struct Server {
     url: String,
+    _secrets: tempfile::TempDir,
     engine: FakeEngine,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -55,6 +57,17 @@ async fn start() -> Server {
             name: None,
         },
     ]);
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("ghcr"), "bot:s3cret\n").unwrap();
+    let secret_stores = SecretStores::new(
+        [(
+            "local".to_owned(),
+            SecretStoreConfig {
+                dir: secrets.path().to_owned(),
+            },
+        )]
+        .into(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
@@ -70,6 +83,7 @@ async fn start() -> Server {
                 started: SystemTime::now(),
                 max_file_bytes: 32 << 20,
                 logs: None,
+                secret_stores,
             },
             async {
                 let _ = rx.await;
@@ -80,6 +94,7 @@ async fn start() -> Server {
     });
     Server {
         url,
+        _secrets: secrets,
         engine,
         stop: Some(tx),
         task,
@@ -140,6 +155,223 @@ fn reason(s: &Status) -> (String, std::collections::HashMap<String, String>) {
     let info = d.error_info().expect("ErrorInfo in the status details");
     assert_eq!(info.domain, "cwsandbox.com");
     (info.reason.clone(), info.metadata.clone())
+}
+
+/// Polls GetSandbox until the sandbox left PENDING/CREATING.
+async fn settle(c: &mut SandboxServiceClient<Channel>, id: &str) -> pb::Sandbox {
+    for _ in 0..500 {
+        let sb = c
+            .get_sandbox(with_key(
+                pb::GetSandboxRequest {
+                    sandbox_id: id.into(),
+                },
+                ALICE,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if !matches!(state(&sb), pb::State::Pending | pb::State::Creating) {
+            return sb;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("sandbox {id} did not settle");
+}
+
+fn with_image_and_credentials(
+    image: &str,
+    credentials: Option<pb::ImagePullCredentials>,
+) -> pb::CreateSandboxRequest {
+    let mut req = create_request(&[], "");
+    let c = &mut req
+        .sandbox
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0];
+    c.image = image.into();
+    c.image_pull_credentials = credentials;
+    req
+}
+
+fn pull_credentials(registry: &str, store: &str, path: &str) -> pb::ImagePullCredentials {
+    pb::ImagePullCredentials {
+        registry: registry.into(),
+        credentials: Some(pb::SecretSource {
+            store_name: store.into(),
+            path: path.into(),
+            field: String::new(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn missing_images_are_pulled_with_resolved_credentials() {
+    let server = start().await;
+    let mut c = server.client().await;
+    server.engine.hold_pulls();
+    server
+        .engine
+        .add_remote_image("ghcr.io/team/tool:2", &["/tool"], &[]);
+
+    // PENDING while the pull runs, RUNNING after; the credentials came from
+    // the secret store.
+    let req = with_image_and_credentials(
+        "ghcr.io/team/tool:2",
+        Some(pull_credentials("GHCR.io", "local", "ghcr")),
+    );
+    let sb = c
+        .create_sandbox(with_key(req, ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&sb), pb::State::Pending);
+    let pulls = server.engine.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(pulls[0].0, "ghcr.io/team/tool:2");
+    let creds = pulls[0].1.clone().expect("credentials passed to the pull");
+    assert_eq!(
+        (
+            creds.registry.as_str(),
+            creds.username.as_str(),
+            creds.password.as_str()
+        ),
+        ("ghcr.io", "bot", "s3cret")
+    );
+    server.engine.open_pulls();
+    let sb = settle(&mut c, &sb.sandbox_id).await;
+    assert_eq!(state(&sb), pb::State::Running);
+    assert_eq!(
+        server.engine.spec(&sb.sandbox_id).unwrap().lower_dirs,
+        [std::path::PathBuf::from("/fake/pulled")]
+    );
+
+    // A second sandbox of that image starts from the store: no new pull.
+    let sb = c
+        .create_sandbox(with_key(
+            with_image_and_credentials("ghcr.io/team/tool:2", None),
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&sb), pb::State::Running);
+    assert_eq!(server.engine.pulls().len(), 1);
+
+    // Failures say why.
+    server.engine.fail_pull(
+        "ghcr.io/team/private:1",
+        PullFailure {
+            kind: PullFailureKind::Unauthorized,
+            message: "pull ghcr.io/team/private:1: unauthorized".into(),
+        },
+    );
+    let sb = c
+        .create_sandbox(with_key(
+            with_image_and_credentials("ghcr.io/team/private:1", None),
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sb = settle(&mut c, &sb.sandbox_id).await;
+    assert_eq!(state(&sb), pb::State::Failed);
+    assert_eq!(
+        sb.status.unwrap().state_reason,
+        "pull ghcr.io/team/private:1: unauthorized"
+    );
+
+    // A sandbox stopped while its image is pulled ends at once and is never
+    // created.
+    server.engine.hold_pulls();
+    server
+        .engine
+        .add_remote_image("ghcr.io/team/slow:1", &[], &[]);
+    let sb = c
+        .create_sandbox(with_key(
+            with_image_and_credentials("ghcr.io/team/slow:1", None),
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&sb), pb::State::Pending);
+    let stopped = c
+        .delete_sandbox(with_key(
+            pb::DeleteSandboxRequest {
+                sandbox_id: sb.sandbox_id.clone(),
+                ..Default::default()
+            },
+            ALICE,
+        ))
+        .await;
+    assert!(stopped.is_ok(), "{stopped:?}");
+    let got = settle(&mut c, &sb.sandbox_id).await;
+    assert_eq!(state(&got), pb::State::Terminated);
+    server.engine.open_pulls();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(server.engine.spec(&sb.sandbox_id).is_none());
+    let got = settle(&mut c, &sb.sandbox_id).await;
+    assert_eq!(state(&got), pb::State::Terminated);
+}
+
+#[tokio::test]
+async fn bad_pull_credentials_are_refused_with_the_field() {
+    let server = start().await;
+    let mut c = server.client().await;
+    let p = "sandbox.spec.containers[0].image_pull_credentials";
+    let cases = [
+        (
+            pull_credentials("ghcr.io", "vault", "ghcr"),
+            format!("{p}.credentials.store_name"),
+            "no secret store named \"vault\" is configured",
+        ),
+        (
+            pull_credentials("ghcr.io", "local", "missing"),
+            format!("{p}.credentials.path"),
+            "secret \"missing\" not found in store \"local\"",
+        ),
+        (
+            pull_credentials("ghcr.io", "local", "../etc/shadow"),
+            format!("{p}.credentials.path"),
+            "\"../etc/shadow\" is not a relative path of plain names",
+        ),
+        (
+            pull_credentials("", "local", "ghcr"),
+            format!("{p}.registry"),
+            "required",
+        ),
+        (
+            pb::ImagePullCredentials {
+                registry: "ghcr.io".into(),
+                credentials: None,
+            },
+            format!("{p}.credentials"),
+            "required",
+        ),
+    ];
+    for (creds, field, description) in cases {
+        let err = c
+            .create_sandbox(with_key(
+                with_image_and_credentials("ghcr.io/team/tool:2", Some(creds)),
+                ALICE,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        let details = err.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("BadRequest details")
+            .field_violations;
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].field, field);
+        assert_eq!(violations[0].description, description);
+    }
+    assert!(server.engine.pulls().is_empty());
+    assert!(server.engine.alive().is_empty());
 }
 
 fn state(sb: &pb::Sandbox) -> pb::State {
@@ -456,7 +688,8 @@ async fn errors_carry_structured_details() {
     assert_eq!(r, "CWSANDBOX_NOT_IMPLEMENTED");
     assert_eq!(md["field"], "sandbox.spec.services");
 
-    // A missing image is a start-up failure, visible in the sandbox.
+    // A missing image is pulled in the background: PENDING at first, then
+    // FAILED with the pull's reason.
     let mut missing = create_request(&[], "");
     missing
         .sandbox
@@ -472,11 +705,17 @@ async fn errors_carry_structured_details() {
         .await
         .unwrap()
         .into_inner();
+    assert!(
+        matches!(state(&sb), pb::State::Pending | pb::State::Failed),
+        "{:?}",
+        state(&sb)
+    );
+    let sb = settle(&mut c, &sb.sandbox_id).await;
     let st = sb.status.unwrap();
     assert_eq!(st.state(), pb::State::Failed);
     assert_eq!(
         st.state_reason,
-        "image docker.io/library/nope:1 is not in the local store"
+        "pull docker.io/library/nope:1: manifest unknown (not found)"
     );
 
     // Unsupported RPCs: UNIMPLEMENTED with a reason, so the client falls back.

@@ -15,6 +15,7 @@ use crate::engine::Engine;
 use crate::logs::LogReader;
 use crate::manager::{ListQuery, Manager, StateFilter};
 use crate::model::State;
+use crate::secrets::SecretStores;
 
 /// Settings of the data-plane RPCs.
 #[derive(Debug, Clone)]
@@ -43,6 +44,7 @@ pub struct SandboxApi<E: Engine> {
     manager: Manager<E>,
     policy: CreatePolicy,
     data: DataPlaneOptions,
+    secrets: SecretStores,
 }
 
 impl<E: Engine> SandboxApi<E> {
@@ -52,7 +54,14 @@ impl<E: Engine> SandboxApi<E> {
             manager,
             policy: CreatePolicy { runner_id },
             data,
+            secrets: SecretStores::default(),
         }
+    }
+
+    /// Where `image_pull_credentials` are looked up.
+    pub fn with_secret_stores(mut self, secrets: SecretStores) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     fn sandbox(&self, r: &crate::model::SandboxRecord) -> pb::Sandbox {
@@ -96,7 +105,19 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
         request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let principal = principal(&request)?;
-        let new = validate::create_request(request.get_ref(), &self.policy)?;
+        let mut new = validate::create_request(request.get_ref(), &self.policy)?;
+        if let Some(secret) = &new.pull_secret {
+            let credentials = self.secrets.resolve(secret).map_err(|e| {
+                invalid_request(&[Violation::new(
+                    format!(
+                        "sandbox.spec.containers[0].image_pull_credentials.credentials.{}",
+                        e.field()
+                    ),
+                    e.to_string(),
+                )])
+            })?;
+            new.pull_credentials = Some(credentials);
+        }
         let record = self
             .manager
             .create(&principal, new)

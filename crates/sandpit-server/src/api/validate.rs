@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 
 use super::errors::{fields_not_implemented, invalid_request, Violation};
 use crate::model::{MountedFile, NewSandbox, Resources};
+use crate::secrets::SecretRef;
 
 /// Most mounted files per sandbox.
 pub const MAX_FILES: usize = 1000;
@@ -440,11 +441,8 @@ fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut Ne
             "secret stores are not implemented",
         );
     }
-    if c.image_pull_credentials.is_some() {
-        rej.unsupported(
-            format!("{p}.image_pull_credentials"),
-            "image pull credentials are not implemented (images come from the local store)",
-        );
+    if let Some(ipc) = &c.image_pull_credentials {
+        out.pull_secret = check_pull_credentials(rej, ipc, &format!("{p}.image_pull_credentials"));
     }
     if c.startup_probe.is_some() {
         rej.unsupported(
@@ -455,6 +453,53 @@ fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut Ne
     if let Some(sc) = &c.security_context {
         check_security_context(rej, sc, &format!("{p}.security_context"));
     }
+}
+
+/// The shape of `image_pull_credentials`; the secret itself is resolved
+/// by the handler, which knows the configured stores.
+fn check_pull_credentials(
+    rej: &mut Rejection,
+    ipc: &pb::ImagePullCredentials,
+    p: &str,
+) -> Option<SecretRef> {
+    let before = rej.invalid.len();
+    let given = ipc.registry.trim().to_ascii_lowercase();
+    // Normalised as in image references (`index.docker.io` is `docker.io`);
+    // a name that parses as a repository (`ghcr`) is not a host.
+    let registry = Reference::parse(&format!("{given}/probe"))
+        .ok()
+        .map(|r| r.registry)
+        .filter(|r| *r == given || (r == "docker.io" && given.ends_with(".docker.io")));
+    if given.is_empty() {
+        rej.invalid(format!("{p}.registry"), "required");
+    } else if registry.is_none() {
+        rej.invalid(
+            format!("{p}.registry"),
+            format!(
+                "{:?} is not a registry host like ghcr.io or registry.local:5000",
+                ipc.registry
+            ),
+        );
+    }
+    let Some(source) = &ipc.credentials else {
+        rej.invalid(format!("{p}.credentials"), "required");
+        return None;
+    };
+    if source.store_name.is_empty() {
+        rej.invalid(format!("{p}.credentials.store_name"), "required");
+    }
+    if source.path.is_empty() {
+        rej.invalid(format!("{p}.credentials.path"), "required");
+    } else if let Err(e) = crate::secrets::check_path(&source.path) {
+        rej.invalid(format!("{p}.credentials.path"), e.to_string());
+    }
+    let registry = registry?;
+    (rej.invalid.len() == before).then(|| SecretRef {
+        registry,
+        store: source.store_name.clone(),
+        path: source.path.clone(),
+        field: source.field.clone(),
+    })
 }
 
 fn check_resources(rej: &mut Rejection, c: &pb::Container, p: &str) -> Resources {

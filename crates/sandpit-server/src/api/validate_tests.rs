@@ -422,10 +422,6 @@ fn unsupported_fields_are_named_never_ignored() {
             Box::new(|s| s.containers[0].startup_probe = Some(Default::default())),
             format!("{p}.startup_probe"),
         ),
-        (
-            Box::new(|s| s.containers[0].image_pull_credentials = Some(Default::default())),
-            format!("{p}.image_pull_credentials"),
-        ),
     ];
     for (mutate, field) in cases {
         let mut spec = spec_with(container());
@@ -449,4 +445,61 @@ fn invalid_wins_and_every_violation_is_listed() {
         fields,
         ["sandbox.spec.max_lifetime_seconds", "sandbox.spec.services"]
     );
+}
+
+#[test]
+fn pull_credentials_are_checked_and_normalised() {
+    let creds = |registry: &str, store: &str, path: &str| pb::ImagePullCredentials {
+        registry: registry.into(),
+        credentials: Some(pb::SecretSource {
+            store_name: store.into(),
+            path: path.into(),
+            field: "token".into(),
+        }),
+    };
+    let mut c = container();
+    c.image_pull_credentials = Some(creds(" Index.Docker.IO ", "local", "team/hub"));
+    let n = create_request(&request(spec_with(c)), &policy()).unwrap();
+    assert_eq!(
+        n.pull_secret,
+        Some(SecretRef {
+            registry: "docker.io".into(),
+            store: "local".into(),
+            path: "team/hub".into(),
+            field: "token".into(),
+        })
+    );
+    assert!(n.pull_credentials.is_none(), "resolved by the handler");
+
+    let p = "sandbox.spec.containers[0].image_pull_credentials";
+    for (ipc, field) in [
+        (creds("", "local", "x"), format!("{p}.registry")),
+        (creds("not a host", "local", "x"), format!("{p}.registry")),
+        (
+            creds("ghcr.io", "", "x"),
+            format!("{p}.credentials.store_name"),
+        ),
+        (
+            creds("ghcr.io", "local", ""),
+            format!("{p}.credentials.path"),
+        ),
+        (
+            creds("ghcr.io", "local", "a/../b"),
+            format!("{p}.credentials.path"),
+        ),
+        (
+            pb::ImagePullCredentials {
+                registry: "ghcr.io".into(),
+                credentials: None,
+            },
+            format!("{p}.credentials"),
+        ),
+    ] {
+        let mut c = container();
+        c.image_pull_credentials = Some(ipc);
+        let (code, reason, fields) = refused(&request(spec_with(c)));
+        assert_eq!(code, tonic::Code::InvalidArgument, "{field}");
+        assert_eq!(reason, "CWSANDBOX_INVALID_REQUEST", "{field}");
+        assert_eq!(fields, [field]);
+    }
 }
