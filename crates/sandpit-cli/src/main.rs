@@ -67,6 +67,8 @@ enum ImageCommand {
         #[arg(required = true)]
         references: Vec<String>,
     },
+    /// Remove the layers that no image and no sandbox uses.
+    Gc,
 }
 
 fn main() {
@@ -156,6 +158,15 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
                 store.remove(&reference)?;
                 println!("removed {reference}");
             }
+        }
+        ImageCommand::Gc => {
+            // Sandboxes' layers are leased in the store: an empty `in_use`
+            // still keeps them.
+            let removed = store.gc(&std::collections::HashSet::new())?;
+            for layer in &removed {
+                println!("removed layer {layer}");
+            }
+            println!("{} layers removed", removed.len());
         }
     }
     Ok(())

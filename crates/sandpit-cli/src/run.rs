@@ -146,10 +146,24 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     }
     forwarded.thread_block().context("block signals")?;
 
-    let sandbox = runtime.create(&spec)?;
+    // Leased while mounted: a gc (here or in sandpitd) must not collect
+    // the layers under the sandbox.
+    store.lease(&id, &image.layers)?;
+    let sandbox = match runtime.create(&spec) {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            let _ = store.release(&id);
+            return Err(e.into());
+        }
+    };
     let result = attach(&sandbox, argv, cwd, tty, forwarded);
-    if let Err(e) = runtime.destroy(&id) {
-        eprintln!("sandpit: remove sandbox {id}: {e}");
+    match runtime.destroy(&id) {
+        Ok(()) => {
+            if let Err(e) = store.release(&id) {
+                eprintln!("sandpit: release image lease {id}: {e}");
+            }
+        }
+        Err(e) => eprintln!("sandpit: remove sandbox {id}: {e}"),
     }
     result
 }
