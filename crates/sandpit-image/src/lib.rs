@@ -181,6 +181,7 @@ impl LayerInfo {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 impl Compression {
@@ -191,6 +192,9 @@ impl Compression {
             | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Self::None),
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Self::Gzip),
+            // Docker has no zstd media type of its own; BuildKit writes this one.
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Self::Zstd),
             other => Err(ImageError::UnsupportedMediaType(other.to_owned())),
         }
     }
@@ -237,6 +241,8 @@ pub enum ImageError {
     UnsupportedMediaType(String),
     #[error("layer digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
+    #[error("layer diff id mismatch: expected {expected}, got {actual}")]
+    DiffIdMismatch { expected: String, actual: String },
     #[error("layer larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("read layer")]
@@ -315,10 +321,25 @@ mod tests {
             Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar").unwrap(),
             Compression::None
         );
-        assert!(matches!(
-            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
-            Err(ImageError::UnsupportedMediaType(_))
-        ));
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd").unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.zstd")
+                .unwrap(),
+            Compression::Zstd
+        );
+        for other in [
+            "application/vnd.oci.image.layer.v1.tar+bzip2",
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        ] {
+            assert!(matches!(
+                Compression::from_media_type(other),
+                Err(ImageError::UnsupportedMediaType(_))
+            ));
+        }
     }
 
     #[test]

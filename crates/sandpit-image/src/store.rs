@@ -342,7 +342,8 @@ impl ImageStore {
     ) -> Result<Image, ImageError> {
         let _lock = self.lock_shared()?;
         let started = Instant::now();
-        let layer = self.import_layer_locked(reader, Compression::None, None, ROOTFS_MAX_BYTES)?;
+        let layer =
+            self.import_layer_locked(reader, Compression::None, None, None, ROOTFS_MAX_BYTES)?;
         let image = self.put_image_locked(
             reference,
             std::slice::from_ref(&layer.diff_id),
@@ -380,7 +381,35 @@ impl ImageStore {
         max_unpacked_bytes: u64,
     ) -> Result<LayerInfo, ImageError> {
         let _lock = self.lock_shared()?;
-        self.import_layer_locked(reader, compression, expected_digest, max_unpacked_bytes)
+        self.import_layer_locked(
+            reader,
+            compression,
+            expected_digest,
+            None,
+            max_unpacked_bytes,
+        )
+    }
+
+    /// [`ImageStore::import_layer`] that also checks the diff id (the
+    /// sha256 of the uncompressed tar) against `expected_diff_id`, e.g. the
+    /// image config's `rootfs.diff_ids`, before the layer becomes visible: a
+    /// mismatch ([`ImageError::DiffIdMismatch`]) leaves nothing behind.
+    pub fn import_layer_verified(
+        &self,
+        reader: impl Read,
+        compression: Compression,
+        expected_digest: Option<&str>,
+        expected_diff_id: Option<&str>,
+        max_unpacked_bytes: u64,
+    ) -> Result<LayerInfo, ImageError> {
+        let _lock = self.lock_shared()?;
+        self.import_layer_locked(
+            reader,
+            compression,
+            expected_digest,
+            expected_diff_id,
+            max_unpacked_bytes,
+        )
     }
 
     fn import_layer_locked(
@@ -388,18 +417,27 @@ impl ImageStore {
         reader: impl Read,
         compression: Compression,
         expected_digest: Option<&str>,
+        expected_diff_id: Option<&str>,
         limit: u64,
     ) -> Result<LayerInfo, ImageError> {
-        if let Some(expected) = expected_digest {
+        for expected in expected_digest.iter().chain(expected_diff_id.iter()) {
             layer_hex(expected)?;
             if !expected.starts_with("sha256:") {
                 return Err(ImageError::InvalidDigest {
-                    digest: expected.to_owned(),
+                    digest: expected.to_string(),
                     reason: "missing sha256: prefix",
                 });
             }
+        }
+        if let Some(expected) = expected_digest {
             // Uncompressed: the blob digest is the diff id.
             if compression == Compression::None && self.has_layer(expected) {
+                if let Some(diff_id) = expected_diff_id.filter(|d| *d != expected) {
+                    return Err(ImageError::DiffIdMismatch {
+                        expected: diff_id.to_owned(),
+                        actual: expected.to_owned(),
+                    });
+                }
                 self.mark_fresh(expected);
                 return self.layer(expected);
             }
@@ -419,6 +457,11 @@ impl ImageStore {
                 let decoded: Box<dyn Read + '_> = match compression {
                     Compression::None => Box::new(&mut blob),
                     Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
+                    // The decoder's default window cap (128 MiB) bounds its
+                    // memory; the tar tally bounds the output.
+                    Compression::Zstd => Box::new(
+                        zstd::stream::read::Decoder::new(&mut blob).map_err(ImageError::Archive)?,
+                    ),
                 };
                 let tar = Tallying::new(decoded, tar_tally.clone());
                 let mut archive = tar::Archive::new(BufReader::with_capacity(IO_BUF, tar));
@@ -446,6 +489,14 @@ impl ImageStore {
                 return Err(ImageError::DigestMismatch {
                     expected: expected.to_owned(),
                     actual: actual.to_owned(),
+                });
+            }
+        }
+        if let Some(expected) = expected_diff_id {
+            if expected != diff_id {
+                return Err(ImageError::DiffIdMismatch {
+                    expected: expected.to_owned(),
+                    actual: diff_id,
                 });
             }
         }

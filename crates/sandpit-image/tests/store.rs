@@ -1013,3 +1013,130 @@ fn import_real_rootfs_tarballs() {
         assert_eq!(fs::symlink_metadata(root.join("etc")).unwrap().uid(), BASE);
     }
 }
+
+fn zstd_compress(data: &[u8], level: i32) -> Vec<u8> {
+    zstd::stream::encode_all(data, level).unwrap()
+}
+
+#[test]
+fn zstd_layers_round_trip() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tar = TarBuilder::new()
+        .dir("etc/", 0o755)
+        .file_owned("etc/conf", b"zstd content", 0o640, 0, 42)
+        .symlink("link", "etc/conf")
+        .finish();
+    let zst = zstd_compress(&tar, 3);
+    let info = store
+        .import_layer(&zst[..], Compression::Zstd, Some(&sha256(&zst)), 1 << 20)
+        .unwrap();
+    assert_eq!(info.diff_id, sha256(&tar));
+    assert_eq!(info.digest, Some(sha256(&zst)));
+    let root = store.layer_path(&info.diff_id);
+    assert_eq!(fs::read(root.join("etc/conf")).unwrap(), b"zstd content");
+    let m = fs::symlink_metadata(root.join("etc/conf")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (BASE, BASE + 42, 0o640)
+    );
+    assert_eq!(
+        fs::read_link(root.join("link")).unwrap(),
+        Path::new("etc/conf")
+    );
+    // Two concatenated frames are one stream, as with multi-member gzip.
+    let (a, b) = tar.split_at(700);
+    let mut two = zstd_compress(a, 1);
+    two.extend_from_slice(&zstd_compress(b, 1));
+    let again = store
+        .import_layer(&two[..], Compression::Zstd, None, 1 << 20)
+        .unwrap();
+    assert_eq!(again.diff_id, info.diff_id);
+    assert_eq!(layer_count(&store), 1);
+    // Not zstd at all.
+    assert!(matches!(
+        store.import_layer(&tar[..], Compression::Zstd, None, 1 << 20),
+        Err(ImageError::Archive(_))
+    ));
+    assert_eq!(layer_count(&store), 1);
+    assert!(tmp_is_empty(&store));
+}
+
+#[test]
+fn zstd_bomb_hits_the_cap() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tar = TarBuilder::new().file("bomb", &vec![0u8; 8 << 20]).finish();
+    let zst = zstd_compress(&tar, 19);
+    let limit = 1 << 20;
+    assert!(zst.len() < 4096, "{}", zst.len());
+    assert!(matches!(
+        store.import_layer(&zst[..], Compression::Zstd, Some(&sha256(&zst)), limit),
+        Err(ImageError::TooLarge { limit: 1_048_576 })
+    ));
+    assert_eq!(layer_count(&store), 0);
+    assert!(tmp_is_empty(&store));
+}
+
+#[test]
+fn diff_id_is_checked_before_the_layer_is_visible() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tar = TarBuilder::new().file("f", b"content").finish();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let wrong = sha256(b"another tar");
+    match store.import_layer_verified(
+        &gz[..],
+        Compression::Gzip,
+        Some(&sha256(&gz)),
+        Some(&wrong),
+        1 << 20,
+    ) {
+        Err(ImageError::DiffIdMismatch { expected, actual }) => {
+            assert_eq!(expected, wrong);
+            assert_eq!(actual, sha256(&tar));
+        }
+        other => panic!("expected a diff id mismatch, got {other:?}"),
+    }
+    assert_eq!(layer_count(&store), 0);
+    assert!(!store.has_layer(&sha256(&tar)));
+    assert!(tmp_is_empty(&store));
+    assert!(matches!(
+        store.import_layer_verified(&gz[..], Compression::Gzip, None, Some("sha256:zz"), 1 << 20),
+        Err(ImageError::InvalidDigest { .. })
+    ));
+
+    let info = store
+        .import_layer_verified(
+            &gz[..],
+            Compression::Gzip,
+            Some(&sha256(&gz)),
+            Some(&sha256(&tar)),
+            1 << 20,
+        )
+        .unwrap();
+    assert_eq!(info.diff_id, sha256(&tar));
+    // Uncompressed and already stored: the shortcut checks the diff id too.
+    assert!(matches!(
+        store.import_layer_verified(
+            &tar[..],
+            Compression::None,
+            Some(&sha256(&tar)),
+            Some(&wrong),
+            1 << 20
+        ),
+        Err(ImageError::DiffIdMismatch { .. })
+    ));
+    assert_eq!(layer_count(&store), 1);
+}

@@ -1,0 +1,222 @@
+//! Sandpit's OCI registry client: pulls images over the distribution API
+//! into the [`sandpit_image::ImageStore`].
+//!
+//! [`Puller::pull`] resolves a reference (tag or digest; a multi-arch index
+//! to the host's platform), fetches and verifies the manifest and config,
+//! then streams each missing layer from HTTP straight into the store's
+//! hostile-tar-safe import, verifying the blob digest and the config's diff
+//! id before the layer becomes visible. Concurrent pulls of one reference
+//! share one download.
+//!
+//! Behaviour follows Docker and containerd: `docker.io` is served by
+//! `registry-1.docker.io`; mirrors are tried first, in order; anonymous or
+//! credentialed Bearer token flow and Basic auth; redirects followed, with
+//! `Authorization` dropped when they leave the host. Plain HTTP only where
+//! configured ([`RegistryHost::insecure`], an `http://` mirror), never as a
+//! fallback. See `docs/registries.md`.
+//!
+//! The API is blocking: call it from a thread that may block (the daemon
+//! uses `spawn_blocking`).
+
+use std::fmt;
+
+mod auth;
+mod client;
+mod config;
+mod manifest;
+mod pull;
+
+pub use config::{
+    Credentials, RegistryConfig, RegistryError, RegistryHost, DEFAULT_CONCURRENT_LAYERS,
+    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_LAYER_BYTES,
+};
+pub use pull::Puller;
+
+/// Progress of a pull, reported as it happens (from the pull's threads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Progress {
+    /// Another caller is already pulling this reference: this call waits
+    /// for its outcome and reports nothing else.
+    Waiting,
+    /// The manifest and config are fetched and verified.
+    Resolved {
+        /// The endpoint that served them (a mirror or the registry).
+        endpoint: String,
+        /// Digest of the manifest the reference names (the index for a
+        /// multi-arch image).
+        manifest_digest: String,
+        /// Layers, bottom first; `index` in later events refers to this.
+        layers: Vec<LayerProgressInfo>,
+    },
+    /// Layer `index` is already in the store.
+    LayerCached { index: usize },
+    /// Bytes of layer `index`'s blob received so far.
+    LayerBytes { index: usize, done: u64, total: u64 },
+    /// Layer `index` is verified and stored.
+    LayerDone { index: usize },
+}
+
+/// A layer of a resolved image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerProgressInfo {
+    /// `sha256:<hex>` of the blob.
+    pub digest: String,
+    /// Blob size in bytes (compressed).
+    pub size: u64,
+}
+
+/// What kind of failure a [`PullError`] is, for callers that map it (to a
+/// gRPC status, an exit code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PullErrorKind {
+    /// No such repository, tag, manifest or blob.
+    NotFound,
+    /// Authentication failed or access was denied.
+    Unauthorized,
+    /// The registry could not be reached, answered 5xx or went away
+    /// mid-transfer.
+    Unreachable,
+    /// A layer or the image exceeds the configured caps.
+    TooLarge,
+    /// A multi-arch image without the host's platform.
+    NoMatchingPlatform,
+    /// Bad manifest or config, digest mismatch, refused tar entry,
+    /// unsupported media type.
+    Invalid,
+    /// Local failure of the image store.
+    Store,
+}
+
+impl PullErrorKind {
+    /// Short lowercase name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not found",
+            Self::Unauthorized => "unauthorized",
+            Self::Unreachable => "unreachable",
+            Self::TooLarge => "too large",
+            Self::NoMatchingPlatform => "no matching platform",
+            Self::Invalid => "invalid",
+            Self::Store => "store",
+        }
+    }
+}
+
+impl fmt::Display for PullErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a pull failed. `Clone`: callers of a coalesced pull all get it.
+///
+/// The message flattens the cause chain (`registry unreachable: connection
+/// refused`): the error crosses threads and processes (gRPC) as text, so
+/// it carries no `source()`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pull {reference}: {message}")]
+pub struct PullError {
+    reference: String,
+    kind: PullErrorKind,
+    message: String,
+}
+
+impl PullError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> PullErrorKind {
+        self.kind
+    }
+
+    /// The reference that was pulled.
+    pub fn reference(&self) -> &str {
+        &self.reference
+    }
+
+    /// The failure without the reference.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// A failure before the reference is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub kind: PullErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: PullErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(PullErrorKind::Invalid, message)
+    }
+
+    pub fn into_pull_error(self, reference: &str) -> PullError {
+        PullError {
+            reference: reference.to_owned(),
+            kind: self.kind,
+            message: self.message,
+        }
+    }
+}
+
+/// `err` and its sources, `: `-separated.
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        // Some errors print their source themselves.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_types_are_send_sync() {
+        fn check<T: Send + Sync + fmt::Debug>() {}
+        check::<Puller>();
+        check::<PullError>();
+        check::<RegistryError>();
+        check::<Progress>();
+    }
+
+    #[test]
+    fn errors_display_their_reference_and_kind() {
+        let e = Failure::new(PullErrorKind::NotFound, "manifest unknown (not found)")
+            .into_pull_error("127.0.0.1:5000/x:1");
+        assert_eq!(
+            e.to_string(),
+            "pull 127.0.0.1:5000/x:1: manifest unknown (not found)"
+        );
+        assert_eq!(e.kind(), PullErrorKind::NotFound);
+        assert_eq!(e.reference(), "127.0.0.1:5000/x:1");
+        assert_eq!(e.clone(), e);
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(PullErrorKind::TooLarge.to_string(), "too large");
+    }
+
+    #[test]
+    fn chain_flattens_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(chain(&e), "outer: inner");
+    }
+}
