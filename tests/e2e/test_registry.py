@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from cwsandbox import AuthHeaders, ImagePullCredentials, Sandbox, SandboxStatus
+from cwsandbox import (
+    AuthHeaders,
+    ImagePullCredentials,
+    Sandbox,
+    SandboxDefaults,
+    SandboxStatus,
+)
 from cwsandbox.exceptions import SandboxFailedError
 
 from conftest import (
@@ -225,7 +231,12 @@ def auth(principal_a: Principal) -> AuthHeaders:
 
 
 def run(server: Server, auth: AuthHeaders, image: str, **kwargs) -> Sandbox:
-    return Sandbox.run(container_image=image, base_url=server.url, auth=auth, **kwargs)
+    return Sandbox.run(
+        container_image=image,
+        defaults=SandboxDefaults(base_url=server.url),
+        auth=auth,
+        **kwargs,
+    )
 
 
 def store_dir(server: Server) -> Path:

@@ -2,6 +2,7 @@
 //! sandboxes straight on the engine (no daemon needed), and lists or stops
 //! the sandboxes of a running `sandpitd`.
 
+mod pull;
 mod remote;
 mod run;
 
@@ -69,6 +70,8 @@ enum ImageCommand {
     },
     /// Remove the layers that no image and no sandbox uses.
     Gc,
+    /// Pull an image from its registry into the store.
+    Pull(pull::PullArgs),
 }
 
 fn main() {
@@ -104,7 +107,7 @@ pub(crate) fn open_store(data_dir: &std::path::Path) -> Result<ImageStore> {
 }
 
 fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
-    let store = open_store(data_dir)?;
+    let store = || open_store(data_dir);
     match command {
         ImageCommand::Import {
             reference,
@@ -128,7 +131,7 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
                 cmd,
                 ..Default::default()
             };
-            let image = store.import_rootfs_tar(&reference, file, config)?;
+            let image = store()?.import_rootfs_tar(&reference, file, config)?;
             println!(
                 "imported {} ({}, {} in {:.1}s)",
                 image.reference,
@@ -142,7 +145,7 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
                 "{:<48} {:<14} {:>6} {:>10}",
                 "REFERENCE", "ID", "LAYERS", "SIZE"
             );
-            for image in store.list()? {
+            for image in store()?.list()? {
                 println!(
                     "{:<48} {:<14} {:>6} {:>10}",
                     image.reference,
@@ -153,6 +156,7 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
             }
         }
         ImageCommand::Rm { references } => {
+            let store = store()?;
             for r in references {
                 let reference = Reference::parse(&r)?;
                 store.remove(&reference)?;
@@ -162,12 +166,13 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
         ImageCommand::Gc => {
             // Sandboxes' layers are leased in the store: an empty `in_use`
             // still keeps them.
-            let removed = store.gc(&std::collections::HashSet::new())?;
+            let removed = store()?.gc(&std::collections::HashSet::new())?;
             for layer in &removed {
                 println!("removed layer {layer}");
             }
             println!("{} layers removed", removed.len());
         }
+        ImageCommand::Pull(args) => pull::pull(data_dir, args)?,
     }
     Ok(())
 }

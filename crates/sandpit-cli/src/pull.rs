@@ -37,8 +37,7 @@ pub(crate) fn registry_config(path: Option<&Path>) -> Result<RegistryConfig> {
     let Some(path) = path else {
         return Ok(RegistryConfig::default());
     };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
     let config: RegistryConfig = match table.remove("registry") {
@@ -79,10 +78,7 @@ pub(crate) fn pull(data_dir: &Path, args: PullArgs) -> Result<()> {
     ));
     let started = Instant::now();
     let result = puller.pull(&reference, credentials.as_ref(), &|p: &Progress| {
-        display
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .update(p)
+        display.lock().unwrap_or_else(|e| e.into_inner()).update(p)
     });
     display.lock().unwrap_or_else(|e| e.into_inner()).finish();
     let image = result?;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sandpit_registry::RegistryConfig;
 use serde::Deserialize;
 
 use crate::auth::ApiKey;
@@ -117,6 +118,7 @@ pub struct FileConfig {
     spawner_binary: Option<PathBuf>,
     cgroup_parent: Option<String>,
     secret_stores: Option<BTreeMap<String, SecretStoreConfig>>,
+    registry: Option<RegistryConfig>,
 }
 
 impl FileConfig {
@@ -201,6 +203,8 @@ pub struct Config {
     pub cgroup_parent: String,
     /// Secret stores for `image_pull_credentials`, by name.
     pub secret_stores: BTreeMap<String, SecretStoreConfig>,
+    /// Registries, mirrors and caps for image pulls (`[registry]`).
+    pub registry: RegistryConfig,
 }
 
 impl Config {
@@ -408,6 +412,10 @@ impl Config {
                 ));
             }
         }
+        let registry = file.registry.unwrap_or_default();
+        registry
+            .validate()
+            .map_err(|e| invalid("registry", e.to_string()))?;
         let runner_id = match file.runner_id {
             Some(id) if id.is_empty() => return Err(invalid("runner_id", "must not be empty")),
             Some(id) => id,
@@ -451,6 +459,7 @@ impl Config {
                 .unwrap_or_else(sandpit_runtime::default_spawner_binary),
             cgroup_parent,
             secret_stores,
+            registry,
         })
     }
 }

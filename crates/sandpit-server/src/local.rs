@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sandpit_image::{IdShift, ImageError, ImageStore, Reference};
+use sandpit_image::{IdShift, Image, ImageError, ImageStore, Reference};
+use sandpit_registry::{Credentials, Progress, PullErrorKind, Puller, RegistryConfig};
 use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
@@ -45,6 +46,8 @@ pub struct LocalEngineConfig {
     pub cgroup_parent: String,
     /// Task limit of every sandbox (fork bombs); `None`: unlimited.
     pub pids_max: Option<u64>,
+    /// How images missing from the store are pulled.
+    pub registry: RegistryConfig,
 }
 
 /// The engine over this host's kernel.
@@ -52,6 +55,7 @@ pub struct LocalEngineConfig {
 pub struct LocalEngine {
     runtime: Arc<Runtime>,
     store: Arc<ImageStore>,
+    puller: Arc<Puller>,
     pids_max: Option<u64>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
 }
@@ -78,9 +82,13 @@ impl LocalEngine {
             cgroup_parent: config.cgroup_parent,
         })
         .map_err(|e| EngineError::Runtime(describe(&e)))?;
+        let store = Arc::new(store);
+        let puller = Puller::new(Arc::clone(&store), config.registry)
+            .map_err(|e| EngineError::Image(describe(&e)))?;
         Ok(Self {
             runtime: Arc::new(runtime),
-            store: Arc::new(store),
+            puller: Arc::new(puller),
+            store,
             pids_max: config.pids_max,
             sandboxes: Mutex::new(HashMap::new()),
         })
@@ -230,15 +238,7 @@ impl Engine for LocalEngine {
             let parsed =
                 Reference::parse(&reference).map_err(|e| EngineError::Image(describe(&e)))?;
             match store.get(&parsed) {
-                Ok(image) => Ok(Some(ImageInfo {
-                    reference: image.reference.clone(),
-                    entrypoint: image.config.entrypoint.clone(),
-                    cmd: image.config.cmd.clone(),
-                    env: image.config.env.clone(),
-                    working_dir: image.config.working_dir.clone(),
-                    lower_dirs: store.lower_dirs(&image),
-                    layers: image.layers.clone(),
-                })),
+                Ok(image) => Ok(Some(image_info(&store, &image))),
                 Err(ImageError::NotFound(_)) => Ok(None),
                 Err(e) => Err(EngineError::Image(describe(&e))),
             }
@@ -249,12 +249,48 @@ impl Engine for LocalEngine {
     async fn pull(
         &self,
         reference: &str,
-        _credentials: Option<RegistryCredentials>,
+        credentials: Option<RegistryCredentials>,
     ) -> Result<ImageInfo, PullFailure> {
-        Err(PullFailure {
+        let puller = Arc::clone(&self.puller);
+        let store = Arc::clone(&self.store);
+        let reference = reference.to_owned();
+        let task = blocking(move || {
+            let parsed = Reference::parse(&reference).map_err(|e| PullFailure {
+                kind: PullFailureKind::Invalid,
+                message: describe(&e),
+            })?;
+            // Like Docker's and Kubernetes' pull secrets, credentials are for
+            // one registry: never sent to another.
+            let credentials = credentials
+                .filter(|c| c.registry == parsed.registry)
+                .map(|c| Credentials {
+                    username: c.username,
+                    password: c.password,
+                });
+            let image = puller
+                .pull(&parsed, credentials.as_ref(), &|p: &Progress| {
+                    if let Progress::LayerDone { index } = p {
+                        tracing::debug!(layer = index, "layer pulled");
+                    }
+                })
+                .map_err(|e| PullFailure {
+                    kind: match e.kind() {
+                        PullErrorKind::NotFound => PullFailureKind::NotFound,
+                        PullErrorKind::Unauthorized => PullFailureKind::Unauthorized,
+                        PullErrorKind::Unreachable => PullFailureKind::Unreachable,
+                        PullErrorKind::TooLarge => PullFailureKind::TooLarge,
+                        PullErrorKind::NoMatchingPlatform => PullFailureKind::NoMatchingPlatform,
+                        PullErrorKind::Invalid => PullFailureKind::Invalid,
+                        _ => PullFailureKind::Internal,
+                    },
+                    message: e.to_string(),
+                })?;
+            Ok(image_info(&store, &image))
+        });
+        task.await.map_err(|_| PullFailure {
             kind: PullFailureKind::Internal,
-            message: format!("image {reference} is not in the local store"),
-        })
+            message: "pull task failed".into(),
+        })?
     }
 
     async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
@@ -451,6 +487,18 @@ impl Engine for LocalEngine {
 
     fn capacity(&self) -> HostCapacity {
         host_capacity()
+    }
+}
+
+fn image_info(store: &ImageStore, image: &Image) -> ImageInfo {
+    ImageInfo {
+        reference: image.reference.clone(),
+        entrypoint: image.config.entrypoint.clone(),
+        cmd: image.config.cmd.clone(),
+        env: image.config.env.clone(),
+        working_dir: image.config.working_dir.clone(),
+        lower_dirs: store.lower_dirs(image),
+        layers: image.layers.clone(),
     }
 }
 

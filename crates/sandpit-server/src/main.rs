@@ -143,6 +143,7 @@ async fn run(config: Config) -> Result<()> {
         spawner_binary: config.spawner_binary.clone(),
         cgroup_parent: config.cgroup_parent.clone(),
         pids_max: config.pids_max,
+        registry: config.registry.clone(),
     };
     let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
         .await?

@@ -94,6 +94,7 @@ fn engine(data: &Path) -> LocalEngine {
         spawner_binary: spawner(),
         cgroup_parent: CGROUP_PARENT.into(),
         pids_max: Some(512),
+        registry: Default::default(),
     })
     .unwrap()
 }
