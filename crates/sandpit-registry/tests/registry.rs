@@ -486,6 +486,8 @@ struct ProxyOptions {
     delay: Option<Duration>,
     /// Redirect blob requests to this base URL (a CDN, say).
     redirect_blobs: Option<String>,
+    /// Flip a bit of the responses to paths containing this.
+    tamper: Option<String>,
 }
 
 const TOKEN: &str = "sandpit-test-token";
@@ -588,11 +590,14 @@ fn serve(
     let has_auth = head[1..]
         .iter()
         .any(|h| h.to_ascii_lowercase().starts_with("authorization:"));
-    let logged = if has_auth {
-        format!("{request_line} [auth]")
-    } else {
-        request_line.clone()
-    };
+    let mut logged = request_line.clone();
+    if has_auth {
+        logged.push_str(" [auth]");
+    }
+    let agent = format!("user-agent: sandpit/{}", env!("CARGO_PKG_VERSION"));
+    if head[1..].iter().any(|h| h.eq_ignore_ascii_case(&agent)) {
+        logged.push_str(" [sandpit]");
+    }
     requests.lock().unwrap().push(logged);
     let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
     if let Some(query) = path.strip_prefix("/token?") {
@@ -665,7 +670,20 @@ fn serve(
     out.push_str("Connection: close\r\n\r\n");
     let mut conn_w = conn.try_clone()?;
     conn_w.write_all(out.as_bytes())?;
+    let tamper = options
+        .tamper
+        .as_ref()
+        .is_some_and(|pattern| path.contains(pattern.as_str()));
     match options.cut_blobs_after {
+        _ if tamper => {
+            // Same length, one bit flipped: only a digest check notices.
+            let mut body = Vec::new();
+            up_reader.read_to_end(&mut body)?;
+            if let Some(last) = body.last_mut() {
+                *last ^= 1;
+            }
+            conn_w.write_all(&body)?;
+        }
         Some(n) if path.contains("/blobs/") => {
             let mut body = vec![0u8; n];
             let got = read_up_to(&mut up_reader, &mut body)?;
@@ -1165,6 +1183,77 @@ fn pull_by_digest_and_wrong_digests() {
             "pull {}/by/digest@{wrong}: manifest unknown (not found)",
             registry.addr
         )
+    );
+    env.assert_nothing_left();
+}
+
+#[test]
+fn tampered_content_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let registry = Registry::start();
+    let pusher = registry.pusher();
+    // Uncompressed: a flipped bit in the tar's padding is no format error.
+    let layer = TestLayer::new(&TarBuilder::new().file("t", b"t").finish(), Comp::None);
+    let image = TestImage::new(vec![layer.clone()], true);
+    let digest = pusher.image("tamper/img", "1", &image);
+    push_multi_arch(&pusher, "tamper/multi", "1", &[("amd64", None)]);
+    let through = |pattern: String| {
+        Proxy::start(
+            &registry.addr,
+            ProxyOptions {
+                tamper: Some(pattern),
+                ..ProxyOptions::default()
+            },
+        )
+    };
+    let env = Env::new();
+
+    // Manifests addressed by digest: the reference's, an index entry's.
+    let proxy = through("/manifests/sha256:".into());
+    let puller = env.puller(insecure(&proxy.addr));
+    let e = expect_err(
+        pull(&puller, &format!("{}/tamper/img@{digest}", proxy.addr)),
+        PullErrorKind::Invalid,
+    );
+    assert!(
+        e.message().starts_with(&format!(
+            "manifest digest mismatch: expected {digest}, got sha256:"
+        )),
+        "{e}"
+    );
+    let e = expect_err(
+        pull(&puller, &format!("{}/tamper/multi:1", proxy.addr)),
+        PullErrorKind::Invalid,
+    );
+    assert!(e.message().starts_with("manifest digest mismatch"), "{e}");
+    // Every request said who it is.
+    assert!(proxy.requests().iter().all(|r| r.ends_with("[sandpit]")));
+
+    // The config blob.
+    let proxy = through(format!("/blobs/{}", sha256(&image.config)));
+    let puller = env.puller(insecure(&proxy.addr));
+    let e = expect_err(
+        pull(&puller, &format!("{}/tamper/img:1", proxy.addr)),
+        PullErrorKind::Invalid,
+    );
+    assert!(e.message().starts_with("config digest mismatch"), "{e}");
+
+    // A layer blob: refused after streaming, before it is visible.
+    let proxy = through(format!("/blobs/{}", layer.digest()));
+    let puller = env.puller(insecure(&proxy.addr));
+    let e = expect_err(
+        pull(&puller, &format!("{}/tamper/img:1", proxy.addr)),
+        PullErrorKind::Invalid,
+    );
+    assert!(
+        e.message().starts_with(&format!(
+            "layer {}: layer digest mismatch: expected {}",
+            layer.digest(),
+            layer.digest()
+        )),
+        "{e}"
     );
     env.assert_nothing_left();
 }
