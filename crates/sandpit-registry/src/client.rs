@@ -201,6 +201,9 @@ pub(crate) fn io_reason(e: &io::Error) -> String {
     if let Some(inner) = e.get_ref().and_then(|e| e.downcast_ref::<ureq::Error>()) {
         return transport_reason(inner);
     }
+    if let Some(inner) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        return tls_reason(inner);
+    }
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out".to_owned(),
@@ -218,7 +221,21 @@ fn transport_reason(e: &ureq::Error) -> String {
         ureq::Error::Timeout(_) => "timed out".to_owned(),
         ureq::Error::HostNotFound => "host not found".to_owned(),
         ureq::Error::ConnectionFailed => "connection failed".to_owned(),
+        ureq::Error::Rustls(e) => tls_reason(e),
         other => chain(other),
+    }
+}
+
+fn tls_reason(e: &rustls::Error) -> String {
+    // What an https client reads from a plain http server.
+    let plain = matches!(
+        e,
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+    );
+    if plain {
+        format!("tls: {e} (is it a plain http server?)")
+    } else {
+        format!("tls: {e}")
     }
 }
 
@@ -493,6 +510,14 @@ mod tests {
         }
         let wrapped = io::Error::other(ureq::Error::HostNotFound);
         assert_eq!(io_reason(&wrapped), "host not found");
+        let tls = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+        );
+        assert_eq!(
+            io_reason(&tls),
+            "tls: received corrupt message of type InvalidContentType (is it a plain http server?)"
+        );
         let f = transport_failure(&ureq::Error::Io(io::ErrorKind::ConnectionRefused.into()));
         assert_eq!(
             f,

@@ -279,7 +279,8 @@ pub fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
         working_dir: None,
         user: None,
     });
-    let platform = (!raw.os.is_empty() && !raw.architecture.is_empty()).then(|| Platform {
+    let named = !raw.os.is_empty() && !raw.architecture.is_empty();
+    let platform = named.then_some(Platform {
         os: raw.os,
         architecture: raw.architecture,
         variant: None,
