@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
+scripts/install-deps.sh
 rootfs=.cache/images/python311.tar
 sandpit=target/release/sandpit
 [ -s "$rootfs" ] || { echo "missing $rootfs: run scripts/build-test-images.sh" >&2; exit 1; }

@@ -8,6 +8,7 @@ packages=(
   skopeo docker-registry  # registry tests
   protobuf-compiler       # gRPC protos
   python3-venv
+  curl bc                 # scripts/bench-pull.sh
 )
 missing=()
 for p in "${packages[@]}"; do
