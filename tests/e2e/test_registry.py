@@ -364,6 +364,20 @@ def test_cli_pull_ls_rm_gc(pull_server, registries, binaries):
     assert "\x1b[" not in pulled.stderr
     assert re.search(r"resolved sha256:[0-9a-f]{64} from http://127\.0\.0\.1:\d+: 1 layers", pulled.stderr)
 
+    # On a terminal (script(1) gives it a pty): a progress bar of bytes and layers.
+    removed = sandpit(binaries, pull_server, "image", "rm", image)
+    assert removed.returncode == 0, removed.stderr
+    command = " ".join(
+        [str(binaries.sandpit), "--data-dir", str(pull_server.data_dir), "image", "pull"]
+        + ["--config", str(config), image]
+    )
+    tty = subprocess.run(
+        ["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=120
+    )
+    assert tty.returncode == 0, tty.stdout + tty.stderr
+    bar = r"\x1b\[2K\[[#.]{30}\] [\d.]+ (B|KiB|MiB) / [\d.]+ (B|KiB|MiB)  [01]/1 layers"
+    assert re.search(bar, tty.stdout), repr(tty.stdout)
+
     missing = sandpit(
         binaries, pull_server, "image", "pull", "--config", str(config), image + "-nope"
     )
