@@ -4,12 +4,13 @@
 //! `UnixStream`): no blocking-pool thread sits between the agent and the
 //! gRPC streams, so an exec costs no thread hand-offs. One task reads the
 //! command's events and forwards them to the response stream through a
-//! bounded channel ([`CHANNEL`] messages); another forwards the client's
-//! stdin and control frames to the agent. A client that reads slowly fills
+//! bounded channel ([`CHANNEL`] messages) and, concurrently, forwards the
+//! client's stdin and control frames to the agent. A client that reads slowly fills
 //! the channel, the event task then stops reading the agent's socket, and
 //! the agent's blocking writes stop the command: memory stays bounded
 //! whatever the command prints. A command that does not read its stdin stops
-//! the stdin task's socket writes, and HTTP/2 flow control stops the client.
+//! the stdin forwarding's socket writes, and HTTP/2 flow control stops the
+//! client.
 //! The call's deadline, its cancellation, or the daemon's shutdown close the
 //! agent connection, and the agent kills the command's process group.
 
@@ -346,7 +347,6 @@ pub async fn stream_exec<E: Engine>(
         }
     };
     let Session { reader, writer } = session;
-    let inbound_task = tokio::spawn(forward_stdin(inbound, writer));
     let ready = pb::ExecStreamResponse {
         message: Some(Out::Ready(pb::ExecStreamReady {
             ready_time: Some(convert::timestamp(SystemTime::now())),
@@ -355,9 +355,11 @@ pub async fn stream_exec<E: Engine>(
     let _ = tx.try_send(Ok(ready));
     let sandbox_id = init.sandbox_id;
     tokio::spawn(async move {
-        let abort_inbound = inbound_task.abort_handle();
         let mut reader = reader;
-        let outcome = pump(&mut reader, &tx, inbound_task, deadline, shutdown).await;
+        // Polled by the same task as the output, not spawned: one task per
+        // exec, so no wake-up crosses tasks (or worker threads) on its way.
+        let inbound = forward_stdin(inbound, writer);
+        let outcome = pump(&mut reader, &tx, inbound, deadline, shutdown).await;
         match outcome {
             Pumped::Exited => {}
             Pumped::Stopped(status) => {
@@ -367,7 +369,6 @@ pub async fn stream_exec<E: Engine>(
                 }
             }
         }
-        abort_inbound.abort();
         tracing::debug!(%sandbox_id, "exec stream ended");
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -431,18 +432,29 @@ enum Pumped {
 async fn pump(
     events: &mut BufReader<OwnedReadHalf>,
     tx: &mpsc::Sender<Result<pb::ExecStreamResponse, Status>>,
-    inbound: tokio::task::JoinHandle<bool>,
+    inbound: impl std::future::Future<Output = bool>,
     deadline: Option<Instant>,
     shutdown: watch::Receiver<bool>,
 ) -> Pumped {
+    // Also drives the stdin forwarding, which must go on while the output
+    // waits (for the agent, or for room in the channel). The deadline and
+    // the shutdown still count after the client's half-close.
     let stop = async move {
-        tokio::select! {
-            () = deadline_passed(deadline) => Pumped::Stopped(Some(command_timeout())),
-            () = shutdown_signal(shutdown) => Pumped::Stopped(Some(shutting_down())),
-            gone = inbound => match gone {
-                Ok(false) => std::future::pending().await,
-                _ => Pumped::Stopped(None),
-            },
+        let deadline = deadline_passed(deadline);
+        let shutdown = shutdown_signal(shutdown);
+        tokio::pin!(inbound, deadline, shutdown);
+        let mut forwarding = true;
+        loop {
+            tokio::select! {
+                () = &mut deadline => return Pumped::Stopped(Some(command_timeout())),
+                () = &mut shutdown => return Pumped::Stopped(Some(shutting_down())),
+                gone = &mut inbound, if forwarding => {
+                    if gone {
+                        return Pumped::Stopped(None);
+                    }
+                    forwarding = false;
+                }
+            }
         }
     };
     tokio::pin!(stop);
@@ -588,6 +600,27 @@ pub async fn exec<E: Engine>(
 mod tests {
     use super::*;
     use sandpit_wire::ExitStatus;
+
+    #[tokio::test]
+    async fn the_deadline_counts_after_the_half_close() {
+        let (agent, _peer) = UnixStream::pair().unwrap();
+        let (reader, _writer) = agent.into_split();
+        let mut reader = BufReader::new(reader);
+        let (tx, _rx) = mpsc::channel(CHANNEL);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        // The client half-closed at once; the command never ends.
+        let deadline = Some(Instant::now() + Duration::from_millis(50));
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(&mut reader, &tx, async { false }, deadline, stop_rx),
+        )
+        .await
+        .expect("the deadline was ignored");
+        match outcome {
+            Pumped::Stopped(Some(s)) => assert_eq!(s.code(), Code::DeadlineExceeded),
+            _ => panic!("not stopped by the deadline"),
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse() {
