@@ -1,21 +1,30 @@
 //! `Exec`: one command per connection, over pipes or a PTY.
 //!
-//! The connection's thread streams output (one frame per `read(2)`, blocking
-//! writes, so a slow host stalls the command through full pipes rather than
-//! growing our memory); a second thread forwards the host's stdin and control
-//! frames. The host closing the connection before `Exited` kills the command's
-//! process group.
+//! One thread serves the whole session with a `poll` loop over the host's
+//! socket, the command's output, its stdin and its exit: no second thread,
+//! no hand-off between threads on the way from the command's exit to the
+//! `Exited` frame (each wake-up of another thread costs tens of
+//! microseconds, and far more when other work competes for the CPUs).
+//! Nothing in the loop blocks: at most one output frame waits for the host
+//! (the command's output is not read meanwhile, so a slow host stalls the
+//! command through full pipes rather than growing our memory), and at most
+//! one stdin frame waits for the command (the host's socket is not read
+//! meanwhile). The host closing the connection before `Exited` kills the
+//! command's process group.
 
-use std::io::{self, BufReader};
+use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sandpit_wire::{read_frame, write_frame, ErrorKind, ExecRequest, Frame, CHUNK_LEN};
+use sandpit_wire::{
+    body_len, decode, output_header, write_frame, ErrorKind, ExecRequest, Frame, CHUNK_LEN,
+    OUTPUT_HEADER_LEN,
+};
 
 use crate::mainproc::{EOF_CAP, EOF_GRACE};
 use crate::reaper::ExitCell;
@@ -26,7 +35,7 @@ use crate::sys;
 /// The EOF character a terminal user types to end input (^D).
 const VEOF: u8 = 0x04;
 
-/// The running command as both threads see it.
+/// The running command.
 #[derive(Debug)]
 struct Proc {
     pid: i32,
@@ -122,12 +131,12 @@ pub fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> 
         Ok(v) => v,
         Err(e) => return error(&stream, e.kind(), e.to_string()),
     };
-    let proc = Arc::new(Proc {
+    let proc = Proc {
         pid: child.pid,
         exit: child.exit,
         finished: AtomicBool::new(false),
         cancelled: AtomicBool::new(false),
-    });
+    };
     let result = run(&stream, &proc, req.tty.is_some(), input, out, err);
     if result.is_err() {
         proc.cancel();
@@ -137,7 +146,7 @@ pub fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> 
 
 fn run(
     stream: &UnixStream,
-    proc: &Arc<Proc>,
+    proc: &Proc,
     pty: bool,
     input: OwnedFd,
     out: OwnedFd,
@@ -150,172 +159,276 @@ fn run(
             pid: proc.pid as u32,
         },
     )?;
-    // Writes to the command must never block the input thread for good: it
-    // polls them together with `done`, which hangs up when we are finished.
+    // The loop waits for everything at once, so no single read or write may
+    // block it.
     sys::set_nonblocking(input.as_fd(), true)?;
-    let (done_r, done_w) = sys::pipe()?;
-    let sock = stream.try_clone()?;
-    let p = Arc::clone(proc);
-    let input_pump = crate::pool::spawn(move || pump_input(sock, input, pty, done_r, &p))?;
-
-    let outcome = pump_output(stream, proc, out, err);
+    stream.set_nonblocking(true)?;
+    let mut session = Session {
+        sock: stream,
+        readers: [Some(out), err],
+        input: Some(input),
+        pty,
+        out: Vec::with_capacity(OUTPUT_HEADER_LEN + CHUNK_LEN),
+        out_pos: 0,
+        host: Vec::new(),
+        host_eof: false,
+        stdin: Vec::new(),
+        stdin_pos: 0,
+    };
+    let outcome = session.pump(proc);
     if outcome.is_ok() {
+        // The command exited: what is left to send may wait for the host.
+        let flushed = stream
+            .set_nonblocking(false)
+            .and_then(|()| w.write_all(&session.out[session.out_pos..]));
         // The output loop ends normally only after the exit was seen.
-        if let Some(status) = proc.exit.status() {
+        if let (Ok(()), Some(status)) = (flushed, proc.exit.status()) {
             let _ = write_frame(&mut w, &Frame::Exited(status));
         }
     }
-    // Wakes the input thread: its read sees EOF, its stdin writes see `done`.
     let _ = stream.shutdown(Shutdown::Both);
-    drop(done_w);
-    input_pump.join();
     outcome
 }
 
-/// Streams output until the command exited and its output reached EOF (or
-/// stayed silent for [`EOF_GRACE`] after the exit). Marks the command finished.
-fn pump_output(
-    stream: &UnixStream,
-    proc: &Proc,
-    out: OwnedFd,
-    err: Option<OwnedFd>,
-) -> io::Result<()> {
-    let mut w = stream;
-    let mut readers = [Some(out), err];
-    let mut exited_at: Option<Instant> = None;
-    let mut buf = vec![0u8; CHUNK_LEN];
-    loop {
-        if exited_at.is_none() && proc.exit.status().is_some() {
-            exited_at = Some(Instant::now());
-        }
-        if let Some(t) = exited_at {
-            if readers.iter().all(Option::is_none) || t.elapsed() > EOF_CAP {
+/// One exec's I/O state.
+struct Session<'a> {
+    sock: &'a UnixStream,
+    /// The command's stdout (or PTY) and stderr, until their EOF.
+    readers: [Option<OwnedFd>; 2],
+    /// The command's stdin, until closed (by the host, or by the command).
+    input: Option<OwnedFd>,
+    pty: bool,
+    /// One encoded output frame, sent up to `out_pos`.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Bytes from the host not yet parsed into frames.
+    host: Vec<u8>,
+    /// The host closed its writing side (stdin EOF, never a cancellation).
+    host_eof: bool,
+    /// One stdin frame's data, written to the command up to `stdin_pos`.
+    stdin: Vec<u8>,
+    stdin_pos: usize,
+}
+
+fn aborted() -> io::Error {
+    io::ErrorKind::ConnectionAborted.into()
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Session<'_> {
+    fn out_pending(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    fn stdin_pending(&self) -> bool {
+        self.stdin_pos < self.stdin.len()
+    }
+
+    /// Moves output and input until the command exited and its output
+    /// reached EOF (or stayed silent for [`EOF_GRACE`] after the exit, or
+    /// [`EOF_CAP`] passed). Marks the command finished. An error means the
+    /// host is gone or broke the protocol: the caller kills the command.
+    fn pump(&mut self, proc: &Proc) -> io::Result<()> {
+        let mut exited_at: Option<Instant> = None;
+        loop {
+            if exited_at.is_none() && proc.exit.status().is_some() {
+                exited_at = Some(Instant::now());
+            }
+            if let Some(t) = exited_at {
+                if self.readers.iter().all(Option::is_none) || t.elapsed() > EOF_CAP {
+                    break;
+                }
+            }
+            self.handle_host_frames(proc)?;
+
+            // Slots: 0 the host, 1-2 the outputs, 3 stdin, 4 the exit.
+            let mut fds = [sys::pollfd(-1, 0); 5];
+            let mut events = 0;
+            if !self.host_eof && !self.stdin_pending() {
+                events |= libc::POLLIN;
+            }
+            if self.out_pending() {
+                events |= libc::POLLOUT;
+            }
+            // Even with no events, a full hang-up (or error) of the host's
+            // end is reported: that is the cancellation.
+            fds[0] = sys::pollfd(self.sock.as_raw_fd(), events);
+            if !self.out_pending() {
+                for (slot, r) in fds[1..3].iter_mut().zip(&self.readers) {
+                    if let Some(r) = r {
+                        *slot = sys::pollfd(r.as_raw_fd(), libc::POLLIN);
+                    }
+                }
+            }
+            if let (true, Some(fd)) = (self.stdin_pending(), &self.input) {
+                fds[3] = sys::pollfd(fd.as_raw_fd(), libc::POLLOUT);
+            }
+            if exited_at.is_none() {
+                fds[4] = sys::pollfd(proc.exit.fd().as_raw_fd(), libc::POLLIN);
+            }
+            let timeout = match exited_at {
+                Some(_) => EOF_GRACE.as_millis() as i32,
+                None => -1,
+            };
+            if sys::poll(&mut fds, timeout)? == 0 {
+                // Exited, and its output stayed silent: a background child
+                // holds it (or the host stopped reading; the caller waits).
                 break;
             }
-        }
-        let mut fds = Vec::with_capacity(4);
-        // Events 0: only a full hang-up (or error) of the host's end is reported.
-        fds.push(sys::pollfd(stream.as_raw_fd(), 0));
-        for r in readers.iter().flatten() {
-            fds.push(sys::pollfd(r.as_raw_fd(), libc::POLLIN));
-        }
-        if exited_at.is_none() {
-            fds.push(sys::pollfd(proc.exit.fd().as_raw_fd(), libc::POLLIN));
-        }
-        let timeout = match exited_at {
-            Some(_) => EOF_GRACE.as_millis() as i32,
-            None => -1,
-        };
-        if sys::poll(&mut fds, timeout)? == 0 {
-            // Exited, and its output stayed silent: a background child holds it.
-            break;
-        }
-        if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            return Err(io::ErrorKind::ConnectionAborted.into());
-        }
-        for (i, slot) in readers.iter_mut().enumerate() {
-            let Some(fd) = slot else { continue };
-            let ready = fds
-                .iter()
-                .skip(1)
-                .any(|p| p.fd == fd.as_raw_fd() && p.revents != 0);
-            if !ready {
-                continue;
+            if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(aborted());
             }
-            match sys::read(fd.as_fd(), &mut buf) {
-                Ok(0) => *slot = None,
-                Ok(n) => {
-                    let data = buf[..n].to_vec();
-                    let frame = if i == 0 {
-                        Frame::Stdout(data)
-                    } else {
-                        Frame::Stderr(data)
-                    };
-                    write_frame(&mut w, &frame)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // EIO: a PTY whose slave side is closed everywhere.
-                Err(_) => *slot = None,
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.read_host()?;
             }
-        }
-    }
-    proc.finished.store(true, Ordering::SeqCst);
-    Ok(())
-}
-
-enum Stop {
-    /// The session is over.
-    Done,
-    /// The command closed its input.
-    Closed,
-}
-
-/// Writes all of `data` to the non-blocking `fd`, unless `done` hangs up first.
-fn write_input(fd: BorrowedFd<'_>, mut data: &[u8], done: BorrowedFd<'_>) -> Result<(), Stop> {
-    while !data.is_empty() {
-        match sys::write(fd, data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut fds = [
-                    sys::pollfd(fd.as_raw_fd(), libc::POLLOUT),
-                    sys::pollfd(done.as_raw_fd(), libc::POLLIN),
-                ];
-                if sys::poll(&mut fds, -1).is_err() || fds[1].revents != 0 {
-                    return Err(Stop::Done);
+            if fds[0].revents & libc::POLLOUT != 0 {
+                self.flush_out()?;
+            }
+            for i in 0..2 {
+                if fds[1 + i].revents != 0 && !self.out_pending() {
+                    self.read_output(i)?;
                 }
             }
-            // EPIPE, or EIO on a PTY: nobody reads any more.
-            Err(_) => return Err(Stop::Closed),
-        }
-    }
-    Ok(())
-}
-
-/// Forwards `Stdin`, `StdinEof`, `Resize` and `Signal` frames from the host.
-fn pump_input(sock: UnixStream, input: OwnedFd, pty: bool, done: OwnedFd, proc: &Proc) {
-    let mut r = BufReader::with_capacity(CHUNK_LEN + 64, &sock);
-    let mut input = Some(input);
-    loop {
-        let frame = match read_frame(&mut r) {
-            Ok(Some(f)) => f,
-            // Closed or half-closed: the output side notices a real hang-up.
-            Ok(None) => return,
-            Err(_) => {
-                // Reset connection or malformed frames: drop the host.
-                proc.cancel();
-                let _ = sock.shutdown(Shutdown::Both);
-                return;
+            if fds[3].revents != 0 {
+                self.flush_stdin();
             }
-        };
+        }
+        proc.finished.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads what the host sent; a hang-up of its writing side is its stdin
+    /// EOF.
+    fn read_host(&mut self) -> io::Result<()> {
+        match sys::read_append(self.sock.as_fd(), &mut self.host, CHUNK_LEN + 64) {
+            Ok(0) => self.host_eof = true,
+            Ok(_) => {}
+            Err(e) if would_block(&e) => {}
+            // A reset connection: drop the host.
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Acts on the complete frames received, in order, as long as no stdin
+    /// data waits for the command (later frames must not overtake it).
+    fn handle_host_frames(&mut self, proc: &Proc) -> io::Result<()> {
+        let mut used = 0;
+        while !self.stdin_pending() {
+            let rest = &self.host[used..];
+            let Some(header) = rest.first_chunk::<4>() else {
+                break;
+            };
+            let len = body_len(*header).map_err(|_| protocol())?;
+            let Some(body) = rest.get(4..4 + len) else {
+                break;
+            };
+            let frame = decode(body).map_err(|_| protocol())?;
+            used += 4 + len;
+            self.handle_frame(frame, proc)?;
+        }
+        self.host.drain(..used);
+        if self.host_eof && !self.stdin_pending() {
+            if !self.host.is_empty() {
+                // Closed in the middle of a frame.
+                return Err(protocol());
+            }
+            // Whatever the host sent is written: the command's stdin ends.
+            self.input = None;
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, frame: Frame, proc: &Proc) -> io::Result<()> {
         match frame {
             Frame::Stdin(data) => {
-                if let Some(fd) = &input {
-                    match write_input(fd.as_fd(), &data, done.as_fd()) {
-                        Ok(()) => {}
-                        Err(Stop::Done) => return,
-                        Err(Stop::Closed) => input = None,
-                    }
+                if self.input.is_some() {
+                    self.stdin = data;
+                    self.stdin_pos = 0;
+                    self.flush_stdin();
                 }
             }
-            Frame::StdinEof if pty => {
-                if let Some(fd) = &input {
-                    if let Err(Stop::Done) = write_input(fd.as_fd(), &[VEOF], done.as_fd()) {
-                        return;
-                    }
+            Frame::StdinEof if self.pty => {
+                if self.input.is_some() {
+                    self.stdin = vec![VEOF];
+                    self.stdin_pos = 0;
+                    self.flush_stdin();
                 }
             }
-            Frame::StdinEof => input = None,
+            Frame::StdinEof => self.input = None,
             Frame::Resize(ws) => {
-                if let (true, Some(fd)) = (pty, &input) {
+                if let (true, Some(fd)) = (self.pty, &self.input) {
                     let _ = sys::set_winsize(fd.as_fd(), ws.cols, ws.rows);
                 }
             }
             Frame::Signal(sig) => proc.signal(sig),
-            _ => {
-                proc.cancel();
-                let _ = sock.shutdown(Shutdown::Both);
-                return;
+            _ => return Err(protocol()),
+        }
+        Ok(())
+    }
+
+    /// Writes pending stdin data as far as the command takes it now.
+    fn flush_stdin(&mut self) {
+        let Some(fd) = &self.input else {
+            self.stdin.clear();
+            self.stdin_pos = 0;
+            return;
+        };
+        while self.stdin_pending() {
+            match sys::write(fd.as_fd(), &self.stdin[self.stdin_pos..]) {
+                Ok(n) => self.stdin_pos += n,
+                Err(e) if would_block(&e) => return,
+                // EPIPE, or EIO on a PTY: nobody reads any more; later
+                // stdin is dropped.
+                Err(_) => {
+                    self.input = None;
+                    break;
+                }
             }
         }
+        self.stdin.clear();
+        self.stdin_pos = 0;
     }
+
+    /// Reads one chunk of output `i` (0 stdout, 1 stderr) into the output
+    /// frame and starts sending it.
+    fn read_output(&mut self, i: usize) -> io::Result<()> {
+        let Some(fd) = &self.readers[i] else {
+            return Ok(());
+        };
+        self.out.clear();
+        self.out_pos = 0;
+        self.out.extend_from_slice(&[0; OUTPUT_HEADER_LEN]);
+        match sys::read_append(fd.as_fd(), &mut self.out, CHUNK_LEN) {
+            Ok(0) => self.readers[i] = None,
+            Ok(n) => {
+                self.out[..OUTPUT_HEADER_LEN].copy_from_slice(&output_header(i == 1, n));
+                return self.flush_out();
+            }
+            Err(e) if would_block(&e) => {}
+            // EIO: a PTY whose slave side is closed everywhere.
+            Err(_) => self.readers[i] = None,
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Sends as much of the pending output frame as the host takes now.
+    fn flush_out(&mut self) -> io::Result<()> {
+        while self.out_pending() {
+            match sys::write(self.sock.as_fd(), &self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn protocol() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed frame from the host")
 }

@@ -1,5 +1,5 @@
-//! A pool of reusable threads for the agent's short jobs (one connection, one
-//! exec's input pump). Creating a thread (stack mapping, guard page, TLS,
+//! A pool of reusable threads for the agent's short jobs (one connection
+//! each). Creating a thread (stack mapping, guard page, TLS,
 //! signal stack) costs tens of microseconds, a visible share of a
 //! sub-millisecond exec round trip; a parked worker picks a job up in a few.
 //!
@@ -23,30 +23,14 @@ fn idle() -> &'static Mutex<Vec<Sender<Job>>> {
     IDLE.get_or_init(|| Mutex::new(Vec::new()))
 }
 
-/// Waits for a job run by [`spawn`].
-#[derive(Debug)]
-pub struct Completion(Receiver<()>);
-
-impl Completion {
-    /// Blocks until the job returned (or panicked).
-    pub fn join(self) {
-        let _ = self.0.recv();
-    }
-}
-
 /// Runs `job` on a parked worker, or on a new thread when none is idle.
-pub fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<Completion> {
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut job: Job = Box::new(move || {
-        // Sent when the job is dropped, so a panicking job completes too.
-        let _done = Signal(done_tx);
-        job();
-    });
+pub fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let mut job: Job = Box::new(job);
     loop {
         let worker = idle().lock().unwrap_or_else(|e| e.into_inner()).pop();
         match worker {
             Some(tx) => match tx.send(job) {
-                Ok(()) => return Ok(Completion(done_rx)),
+                Ok(()) => return Ok(()),
                 // That worker exited (its job panicked): try the next one.
                 Err(mpsc::SendError(back)) => job = back,
             },
@@ -58,7 +42,7 @@ pub fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<Completion>
         .name("agent-worker".into())
         .stack_size(STACK_SIZE)
         .spawn(move || worker(job, tx, &rx))?;
-    Ok(Completion(done_rx))
+    Ok(())
 }
 
 /// Runs `first`, then parks itself in the idle list and runs whatever it is
@@ -80,15 +64,6 @@ fn worker(first: Job, tx: Sender<Job>, rx: &Receiver<Job>) {
     }
 }
 
-/// Sends `()` when dropped.
-struct Signal(Sender<()>);
-
-impl Drop for Signal {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,9 +81,10 @@ mod tests {
                 r.fetch_add(1, Ordering::SeqCst);
                 let _ = tx.send(std::thread::current().id());
             })
-            .unwrap()
-            .join();
+            .unwrap();
             names.push(rx.recv().unwrap());
+            // Let the worker park itself again before the next job.
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert_eq!(ran.load(Ordering::SeqCst), 5);
         // Sequential jobs land on the worker the first one created (other
@@ -124,27 +100,31 @@ mod tests {
         // after the other would deadlock.
         let (a_tx, a_rx) = mpsc::channel::<()>();
         let (b_tx, b_rx) = mpsc::channel::<()>();
-        let first = spawn(move || {
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let done2 = done_tx.clone();
+        spawn(move || {
             a_tx.send(()).unwrap();
             b_rx.recv().unwrap();
+            done_tx.send(()).unwrap();
         })
         .unwrap();
-        let second = spawn(move || {
+        spawn(move || {
             a_rx.recv().unwrap();
             b_tx.send(()).unwrap();
+            done2.send(()).unwrap();
         })
         .unwrap();
-        first.join();
-        second.join();
+        done_rx.recv().unwrap();
+        done_rx.recv().unwrap();
     }
 
     #[test]
-    fn a_panicking_job_still_completes() {
-        let c = spawn(|| panic!("boom")).unwrap();
-        c.join();
+    fn a_panicking_job_does_not_break_the_pool() {
+        spawn(|| panic!("boom")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         // The pool still works afterwards.
         let (tx, rx) = mpsc::channel();
-        spawn(move || tx.send(7).unwrap()).unwrap().join();
+        spawn(move || tx.send(7).unwrap()).unwrap();
         assert_eq!(rx.recv().unwrap(), 7);
     }
 }

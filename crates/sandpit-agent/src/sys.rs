@@ -89,6 +89,27 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `read(2)` of at most `max` bytes, appended to `buf` (its spare room is
+/// not zeroed first), retried on EINTR.
+pub fn read_append(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut().as_mut_ptr();
+    loop {
+        // SAFETY: `reserve` made room for `max` bytes at `spare`, which read
+        // only writes to.
+        let n = unsafe { libc::read(fd.as_raw_fd(), spare.cast(), max) };
+        if n >= 0 {
+            // SAFETY: read initialised the first `n` (<= max) spare bytes.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// `write(2)`, retried on EINTR.
 pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {

@@ -524,14 +524,36 @@ fn cancel_works_while_stdin_is_stuck() {
     let a = start(&[]);
     let session = a.client.exec(req(&["sleep", "1000"])).unwrap();
     let pid = session.pid();
-    // `sleep` never reads: the pipe, the agent's input thread and the socket
-    // all fill up, and the writer blocks.
+    // `sleep` never reads: the pipe, the agent's pending stdin frame and the
+    // socket all fill up, and the writer blocks.
     let mut w = session.stdin_writer().unwrap();
     let feeder = std::thread::spawn(move || w.send_stdin(&vec![0u8; 8 << 20]));
     std::thread::sleep(Duration::from_millis(200));
     drop(session);
     wait_gone(pid);
     assert!(feeder.join().unwrap().is_err());
+}
+
+#[test]
+fn signals_arrive_while_the_host_does_not_read_output() {
+    let a = start(&[]);
+    // `yes` fills its pipe and the socket while we read nothing: the agent
+    // must still take control frames from the host meanwhile.
+    let mut s = a
+        .client
+        .exec(req(&["sh", "-c", "trap 'exit 7' TERM; yes; exit 3"]))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(15).unwrap();
+    let status = loop {
+        match s.next_event().unwrap() {
+            Some(ExecEvent::Exited(status)) => break status,
+            Some(_) => {}
+            None => panic!("no exit"),
+        }
+    };
+    // `yes` dies of the signal, then the shell runs its trap.
+    assert_eq!(status, ExitStatus::Code(7));
 }
 
 #[test]

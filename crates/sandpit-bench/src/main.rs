@@ -81,6 +81,24 @@ struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only these sections (comma-separated; all when absent), for quick
+    /// A/B comparisons of one measure: `engine` (in-process), and with
+    /// `--daemon`: `cold` (create until first exec, delete), `exec`
+    /// (StreamExec round trip), `files`, `cycles`, `density`, `python`.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+}
+
+/// A part of the benchmark that `--only` can select.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Engine,
+    Cold,
+    Exec,
+    Files,
+    Cycles,
+    Density,
+    Python,
 }
 
 #[derive(Debug, Clone)]
@@ -136,85 +154,12 @@ fn main() -> Result<()> {
             .join("sandpit-spawn"),
     };
 
-    let store = ImageStore::open(&args.data_dir.join("store"), IdShift::default())?;
-    let reference = Reference::parse("sandpit.bench/image:latest")?;
-    let image = match store.get(&reference) {
-        Ok(i) => i,
-        Err(_) => {
-            let f = std::fs::File::open(&args.image)
-                .with_context(|| format!("open {}", args.image.display()))?;
-            store.import_rootfs_tar(&reference, f, ImageConfig::default())?
-        }
+    let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let mut results = if want(Section::Engine) {
+        engine(&args, iterations, &spawner)?
+    } else {
+        Vec::new()
     };
-    let layers = store.lower_dirs(&image);
-    let rt = Runtime::new(RuntimeConfig {
-        state_dir: args.data_dir.join("state"),
-        agent_binary: std::fs::canonicalize(&args.agent)
-            .with_context(|| format!("agent {}", args.agent.display()))?,
-        spawner_binary: spawner,
-        id_map: Default::default(),
-        cgroup_parent: "sandpit-bench".into(),
-    })?;
-    rt.sweep(&Default::default())?;
-
-    let spec = |i: usize, argv: &[&str]| SandboxSpec {
-        id: format!("bench-{i}"),
-        hostname: None,
-        lower_dirs: layers.clone(),
-        init: InitSpec {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
-            cwd: "/".into(),
-            files: vec![],
-        },
-        limits: Default::default(),
-    };
-    let true_req = || ExecRequest {
-        argv: vec!["true".into()],
-        ..Default::default()
-    };
-
-    // Warm-up: page cache, overlay dentries.
-    for i in 0..3 {
-        let sb = rt.create(&spec(i, &[]))?;
-        sb.agent().ping()?;
-        rt.destroy(sb.id())?;
-    }
-
-    let mut create = Vec::new();
-    let mut first_exec = Vec::new();
-    let mut destroy = Vec::new();
-    for i in 0..iterations {
-        let t = Instant::now();
-        let sb = rt.create(&spec(i, &[]))?;
-        sb.agent().ping()?;
-        create.push(t.elapsed());
-        let out = sb.agent().run(true_req(), None)?;
-        first_exec.push(t.elapsed());
-        if out.status != ExitStatus::Code(0) {
-            bail!("true exited with {:?}", out.status);
-        }
-        let t = Instant::now();
-        rt.destroy(sb.id())?;
-        destroy.push(t.elapsed());
-    }
-
-    let sb = rt.create(&spec(iterations, &[]))?;
-    let agent = sb.agent();
-    let mut exec = Vec::new();
-    for _ in 0..iterations * 5 {
-        let t = Instant::now();
-        agent.run(true_req(), None)?;
-        exec.push(t.elapsed());
-    }
-    rt.destroy(sb.id())?;
-
-    let mut results = vec![
-        Stats::new("create until agent answers", create),
-        Stats::new("create until first `true` returned", first_exec),
-        Stats::new("exec `true` round trip", exec),
-        Stats::new("destroy", destroy),
-    ];
     if args.podman {
         results.extend(podman(&args.image, iterations.min(50))?);
     }
@@ -255,6 +200,26 @@ fn main() -> Result<()> {
                 }),
             }
         };
+        let mut counts = counts;
+        if !want(Section::Cold) {
+            counts.cold = 0;
+        }
+        if !want(Section::Exec) {
+            counts.exec = 0;
+        }
+        if !want(Section::Files) {
+            counts.small_files = 0;
+            counts.large_files = 0;
+        }
+        if !want(Section::Cycles) {
+            counts.cycles.clear();
+        }
+        if !want(Section::Density) {
+            counts.density = 0;
+        }
+        if !want(Section::Python) {
+            counts.python = None;
+        }
         let bin_dir = std::env::current_exe()?
             .parent()
             .context("exe dir")?
@@ -324,6 +289,89 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
     }
     Ok(())
+}
+
+/// The engine measures, in process: create, first exec, exec, destroy.
+fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> {
+    let store = ImageStore::open(&args.data_dir.join("store"), IdShift::default())?;
+    let reference = Reference::parse("sandpit.bench/image:latest")?;
+    let image = match store.get(&reference) {
+        Ok(i) => i,
+        Err(_) => {
+            let f = std::fs::File::open(&args.image)
+                .with_context(|| format!("open {}", args.image.display()))?;
+            store.import_rootfs_tar(&reference, f, ImageConfig::default())?
+        }
+    };
+    let layers = store.lower_dirs(&image);
+    let rt = Runtime::new(RuntimeConfig {
+        state_dir: args.data_dir.join("state"),
+        agent_binary: std::fs::canonicalize(&args.agent)
+            .with_context(|| format!("agent {}", args.agent.display()))?,
+        spawner_binary: spawner.to_path_buf(),
+        id_map: Default::default(),
+        cgroup_parent: "sandpit-bench".into(),
+    })?;
+    rt.sweep(&Default::default())?;
+
+    let spec = |i: usize, argv: &[&str]| SandboxSpec {
+        id: format!("bench-{i}"),
+        hostname: None,
+        lower_dirs: layers.clone(),
+        init: InitSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
+            cwd: "/".into(),
+            files: vec![],
+        },
+        limits: Default::default(),
+    };
+    let true_req = || ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+
+    // Warm-up: page cache, overlay dentries.
+    for i in 0..3 {
+        let sb = rt.create(&spec(i, &[]))?;
+        sb.agent().ping()?;
+        rt.destroy(sb.id())?;
+    }
+
+    let mut create = Vec::new();
+    let mut first_exec = Vec::new();
+    let mut destroy = Vec::new();
+    for i in 0..iterations {
+        let t = Instant::now();
+        let sb = rt.create(&spec(i, &[]))?;
+        sb.agent().ping()?;
+        create.push(t.elapsed());
+        let out = sb.agent().run(true_req(), None)?;
+        first_exec.push(t.elapsed());
+        if out.status != ExitStatus::Code(0) {
+            bail!("true exited with {:?}", out.status);
+        }
+        let t = Instant::now();
+        rt.destroy(sb.id())?;
+        destroy.push(t.elapsed());
+    }
+
+    let sb = rt.create(&spec(iterations, &[]))?;
+    let agent = sb.agent();
+    let mut exec = Vec::new();
+    for _ in 0..iterations * 5 {
+        let t = Instant::now();
+        agent.run(true_req(), None)?;
+        exec.push(t.elapsed());
+    }
+    rt.destroy(sb.id())?;
+
+    Ok(vec![
+        Stats::new("create until agent answers", create),
+        Stats::new("create until first `true` returned", first_exec),
+        Stats::new("exec `true` round trip", exec),
+        Stats::new("destroy", destroy),
+    ])
 }
 
 fn podman_cmd() -> Command {

@@ -125,7 +125,7 @@ enum FollowError {
 
 /// Reads one frame from the agent (hostile input: the length is bounded
 /// before anything is allocated). `Ok(None)`: clean close between frames.
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Frame>, WireError> {
     let mut len = [0u8; 4];

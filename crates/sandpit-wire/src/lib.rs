@@ -683,6 +683,20 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
     Ok(frame)
 }
 
+/// Length of the header [`output_header`] makes.
+pub const OUTPUT_HEADER_LEN: usize = 5;
+
+/// The header of a [`Frame::Stdout`] (or, with `stderr`, [`Frame::Stderr`])
+/// frame carrying `len` bytes of output: a sender can read output straight
+/// into its frame buffer after this header instead of copying it into a
+/// `Frame` and encoding that.
+pub fn output_header(stderr: bool, len: usize) -> [u8; OUTPUT_HEADER_LEN] {
+    let body = (len + 1) as u32;
+    let b = body.to_le_bytes();
+    let tag = if stderr { tag::STDERR } else { tag::STDOUT };
+    [b[0], b[1], b[2], b[3], tag]
+}
+
 /// Writes one frame. Callers that send many frames should wrap `w` in a `BufWriter`
 /// and flush at message boundaries.
 pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> io::Result<()> {
@@ -743,6 +757,26 @@ mod tests {
         encode(&f, &mut buf);
         let got = read_frame(&mut &buf[..]).unwrap().unwrap();
         assert_eq!(got, f);
+    }
+
+    #[test]
+    fn output_headers_match_encoded_frames() {
+        for (stderr, data) in [
+            (false, &b"out"[..]),
+            (true, &b""[..]),
+            (true, &[7u8; 300][..]),
+        ] {
+            let mut raw = output_header(stderr, data.len()).to_vec();
+            raw.extend_from_slice(data);
+            let frame = if stderr {
+                Frame::Stderr(data.to_vec())
+            } else {
+                Frame::Stdout(data.to_vec())
+            };
+            let mut encoded = Vec::new();
+            encode(&frame, &mut encoded);
+            assert_eq!(raw, encoded);
+        }
     }
 
     #[test]

@@ -1,23 +1,32 @@
 //! StreamExec and Exec: commands in a running sandbox, through its agent.
 //!
-//! The agent client is blocking; each exec gets two blocking-pool threads
-//! (one reads the command's events, one writes its stdin) joined to the
-//! gRPC streams by bounded channels ([`CHANNEL`] messages). A client that
-//! reads slowly fills them, the reader thread then stops reading the agent's
-//! socket, and the agent's blocking writes stop the command: memory stays
-//! bounded whatever the command prints. The call's deadline, its
-//! cancellation, or the daemon's shutdown close the agent connection, and
-//! the agent kills the command's process group.
+//! The agent connection is driven by the runtime itself (a tokio
+//! `UnixStream`): no blocking-pool thread sits between the agent and the
+//! gRPC streams, so an exec costs no thread hand-offs. One task reads the
+//! command's events and forwards them to the response stream through a
+//! bounded channel ([`CHANNEL`] messages) and, concurrently, forwards the
+//! client's stdin and control frames to the agent. A client that reads slowly fills
+//! the channel, the event task then stops reading the agent's socket, and
+//! the agent's blocking writes stop the command: memory stays bounded
+//! whatever the command prints. A command that does not read its stdin stops
+//! the stdin forwarding's socket writes, and HTTP/2 flow control stops the
+//! client.
+//! The call's deadline, its cancellation, or the daemon's shutdown close the
+//! agent connection, and the agent kills the command's process group.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, SystemTime};
 
 use sandpit_proto::sandbox::v1 as pb;
 use sandpit_proto::sandbox::v1::exec_stream_output::Stream as PbStream;
 use sandpit_proto::sandbox::v1::exec_stream_request::Message as In;
 use sandpit_proto::sandbox::v1::exec_stream_response::Message as Out;
-use sandpit_wire::client::{ClientError, ExecEvent, ExecSession, StdinWriter};
-use sandpit_wire::{ErrorKind, ExecRequest, WinSize};
+use sandpit_wire::client::{AgentClient, ClientError, ExecEvent};
+use sandpit_wire::{ErrorKind, ExecRequest, Frame, WinSize, CHUNK_LEN};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,6 +37,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::errors::{self, invalid_request, reason, Violation};
 use super::{convert, principal};
 use crate::engine::Engine;
+use crate::local::read_frame;
 use crate::manager::Manager;
 
 /// Messages buffered between the gRPC streams and the agent, each way.
@@ -148,9 +158,68 @@ async fn deadline_passed(deadline: Option<Instant>) {
     }
 }
 
+/// An exec connection to the agent, after its `Started`.
+struct Session {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Session {
+    /// Connects to the agent, sends the request and waits for the command
+    /// to run.
+    async fn open(agent: &AgentClient, req: ExecRequest) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(agent.socket())
+            .await
+            .map_err(ClientError::Connect)?;
+        let (reader, mut writer) = stream.into_split();
+        send(&mut writer, &Frame::Exec(req)).await?;
+        let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, reader);
+        match read_frame(&mut reader).await? {
+            Some(Frame::Started { .. }) => Ok(Self { reader, writer }),
+            Some(Frame::Error { kind, message }) => Err(ClientError::Agent { kind, message }),
+            Some(_) => Err(ClientError::Protocol(
+                "unexpected frame while starting exec".into(),
+            )),
+            None => Err(ClientError::Closed),
+        }
+    }
+}
+
+/// Sends one frame (a single write: nothing else writes to this half).
+async fn send(w: &mut OwnedWriteHalf, frame: &Frame) -> Result<(), ClientError> {
+    let mut buf = Vec::with_capacity(16);
+    sandpit_wire::encode(frame, &mut buf);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// The command's next event from the agent (hostile input: bounded frames,
+/// and only the frames an exec may carry).
+async fn next_event(r: &mut BufReader<OwnedReadHalf>) -> Result<ExecEvent, ClientError> {
+    match read_frame(r).await? {
+        Some(Frame::Stdout(d)) => Ok(ExecEvent::Stdout(d)),
+        Some(Frame::Stderr(d)) => Ok(ExecEvent::Stderr(d)),
+        Some(Frame::Exited(s)) => Ok(ExecEvent::Exited(s)),
+        Some(Frame::Error { kind, message }) => Err(ClientError::Agent { kind, message }),
+        Some(_) => Err(ClientError::Protocol("unexpected frame during exec".into())),
+        None => Err(ClientError::Closed),
+    }
+}
+
+/// Closes the agent connection in both directions, whoever holds a half of
+/// it: the agent sees the hang-up and kills the command's process group,
+/// and a write blocked on a command that does not read its stdin fails.
+fn abort(conn: &UnixStream) {
+    // SAFETY: shutdown takes the descriptor by value and touches no memory;
+    // `conn` keeps the descriptor open across the call.
+    unsafe {
+        libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
 /// How starting a command went.
 enum Started {
-    Running(ExecSession),
+    Running(Session),
     /// It did not start, as a shell reports it: a message and a code.
     Failed {
         message: String,
@@ -169,10 +238,7 @@ async fn start<E: Engine>(
         .agent_for(principal, id)
         .await
         .map_err(errors::from_manager)?;
-    let started = tokio::task::spawn_blocking(move || agent.exec(req))
-        .await
-        .map_err(|_| errors::status(Code::Internal, "exec task failed", reason::INTERNAL, &[]))?;
-    match started {
+    match Session::open(&agent, req).await {
         Ok(session) => Ok(Started::Running(session)),
         Err(ClientError::Agent {
             kind: ErrorKind::SpawnFailed | ErrorKind::NotFound | ErrorKind::PermissionDenied,
@@ -216,56 +282,6 @@ fn agent_failure<E: Engine>(
             )
         }
     }
-}
-
-/// Reads the session's events on a blocking thread into a bounded channel;
-/// ends after the exit, an error, or when the receiver is gone (dropping
-/// the session then kills the command).
-fn spawn_reader(mut session: ExecSession) -> mpsc::Receiver<Result<ExecEvent, ClientError>> {
-    let (tx, rx) = mpsc::channel(CHANNEL);
-    tokio::task::spawn_blocking(move || loop {
-        match session.next_event() {
-            Ok(Some(ev)) => {
-                let last = matches!(ev, ExecEvent::Exited(_));
-                if tx.blocking_send(Ok(ev)).is_err() || last {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        }
-    });
-    rx
-}
-
-enum StdinOp {
-    Data(Vec<u8>),
-    Close,
-    Resize(WinSize),
-}
-
-/// Writes stdin and control frames on a blocking thread, from a bounded
-/// channel: a command that does not read its stdin stops the client's
-/// stream (HTTP/2 flow control) instead of growing a buffer.
-fn spawn_writer(mut writer: StdinWriter) -> mpsc::Sender<StdinOp> {
-    let (tx, mut rx) = mpsc::channel::<StdinOp>(CHANNEL);
-    tokio::task::spawn_blocking(move || {
-        while let Some(op) = rx.blocking_recv() {
-            let sent = match op {
-                StdinOp::Data(d) => writer.send_stdin(&d),
-                StdinOp::Close => writer.close_stdin(),
-                StdinOp::Resize(ws) => writer.resize(ws),
-            };
-            // The command exited or the session ended: nothing reads stdin.
-            if sent.is_err() {
-                return;
-            }
-        }
-    });
-    tx
 }
 
 fn win_size(width: u32, height: u32) -> WinSize {
@@ -330,13 +346,7 @@ pub async fn stream_exec<E: Engine>(
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
     };
-    let writer = session
-        .stdin_writer()
-        .map_err(|e| agent_failure(manager, &principal, &init.sandbox_id, &e))?;
-    let aborter = writer.clone();
-    let events = spawn_reader(session);
-    let stdin = spawn_writer(writer);
-    let inbound_task = tokio::spawn(forward_stdin(inbound, stdin));
+    let Session { reader, writer } = session;
     let ready = pb::ExecStreamResponse {
         message: Some(Out::Ready(pb::ExecStreamReady {
             ready_time: Some(convert::timestamp(SystemTime::now())),
@@ -345,54 +355,68 @@ pub async fn stream_exec<E: Engine>(
     let _ = tx.try_send(Ok(ready));
     let sandbox_id = init.sandbox_id;
     tokio::spawn(async move {
-        let abort_inbound = inbound_task.abort_handle();
-        let outcome = pump(events, &tx, inbound_task, deadline, shutdown).await;
+        let mut reader = reader;
+        // Polled by the same task as the output, not spawned: one task per
+        // exec, so no wake-up crosses tasks (or worker threads) on its way.
+        let inbound = forward_stdin(inbound, writer);
+        let outcome = pump(&mut reader, &tx, inbound, deadline, shutdown).await;
         match outcome {
             Pumped::Exited => {}
             Pumped::Stopped(status) => {
-                aborter.abort();
+                abort(reader.get_ref().as_ref());
                 if let Some(status) = status {
                     let _ = tx.send(Err(status)).await;
                 }
             }
         }
-        abort_inbound.abort();
         tracing::debug!(%sandbox_id, "exec stream ended");
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
 }
 
-/// Stdin, close and resize from the client to the writer thread. Returns
-/// true when the client's stream failed (it went away), false at its
-/// half-close (stdin EOF, never a cancellation).
+/// Stdin, close and resize from the client to the agent. Returns true when
+/// the client's stream failed (it went away), false at its half-close
+/// (stdin EOF, never a cancellation).
 async fn forward_stdin(
     mut inbound: Streaming<pb::ExecStreamRequest>,
-    tx: mpsc::Sender<StdinOp>,
+    writer: OwnedWriteHalf,
 ) -> bool {
+    // `None` once a write failed: the command exited or the session ended,
+    // nothing reads stdin any more; the client's stream is still drained.
+    let mut writer = Some(writer);
     let mut closed = false;
     loop {
-        match inbound.message().await {
-            Ok(Some(m)) => {
-                let op = match m.message {
-                    Some(In::Stdin(d)) if !closed && !d.is_empty() => StdinOp::Data(d),
-                    Some(In::Close(_)) if !closed => {
-                        closed = true;
-                        StdinOp::Close
-                    }
-                    Some(In::Resize(r)) => StdinOp::Resize(win_size(r.width, r.height)),
-                    // Stdin after close, an empty chunk, a second init.
-                    _ => continue,
-                };
-                // The writer is gone once the command stopped reading.
-                let _ = tx.send(op).await;
-            }
+        let frames = match inbound.message().await {
+            Ok(Some(m)) => match m.message {
+                Some(In::Stdin(d)) if !closed && !d.is_empty() => d
+                    .chunks(CHUNK_LEN)
+                    .map(|c| Frame::Stdin(c.to_vec()))
+                    .collect(),
+                Some(In::Close(_)) if !closed => {
+                    closed = true;
+                    vec![Frame::StdinEof]
+                }
+                Some(In::Resize(r)) => vec![Frame::Resize(win_size(r.width, r.height))],
+                // Stdin after close, an empty chunk, a second init.
+                _ => continue,
+            },
             Ok(None) => {
                 if !closed {
-                    let _ = tx.send(StdinOp::Close).await;
+                    if let Some(w) = &mut writer {
+                        let _ = send(w, &Frame::StdinEof).await;
+                    }
                 }
                 return false;
             }
             Err(_) => return true,
+        };
+        if let Some(w) = &mut writer {
+            for frame in &frames {
+                if send(w, frame).await.is_err() {
+                    writer = None;
+                    break;
+                }
+            }
         }
     }
 }
@@ -406,39 +430,48 @@ enum Pumped {
 }
 
 async fn pump(
-    mut events: mpsc::Receiver<Result<ExecEvent, ClientError>>,
+    events: &mut BufReader<OwnedReadHalf>,
     tx: &mpsc::Sender<Result<pb::ExecStreamResponse, Status>>,
-    inbound: tokio::task::JoinHandle<bool>,
+    inbound: impl std::future::Future<Output = bool>,
     deadline: Option<Instant>,
     shutdown: watch::Receiver<bool>,
 ) -> Pumped {
+    // Also drives the stdin forwarding, which must go on while the output
+    // waits (for the agent, or for room in the channel). The deadline and
+    // the shutdown still count after the client's half-close.
     let stop = async move {
-        tokio::select! {
-            () = deadline_passed(deadline) => Pumped::Stopped(Some(command_timeout())),
-            () = shutdown_signal(shutdown) => Pumped::Stopped(Some(shutting_down())),
-            gone = inbound => match gone {
-                Ok(false) => std::future::pending().await,
-                _ => Pumped::Stopped(None),
-            },
+        let deadline = deadline_passed(deadline);
+        let shutdown = shutdown_signal(shutdown);
+        tokio::pin!(inbound, deadline, shutdown);
+        let mut forwarding = true;
+        loop {
+            tokio::select! {
+                () = &mut deadline => return Pumped::Stopped(Some(command_timeout())),
+                () = &mut shutdown => return Pumped::Stopped(Some(shutting_down())),
+                gone = &mut inbound, if forwarding => {
+                    if gone {
+                        return Pumped::Stopped(None);
+                    }
+                    forwarding = false;
+                }
+            }
         }
     };
     tokio::pin!(stop);
     loop {
+        // Not cancel-safe (a frame may be cut in half), which does not
+        // matter: the other branches end the session.
         let ev = tokio::select! {
             s = &mut stop => return s,
             () = tx.closed() => return Pumped::Stopped(None),
-            ev = events.recv() => ev,
+            ev = next_event(events) => ev,
         };
         let (frame, last) = match ev {
-            Some(Ok(ev)) => {
+            Ok(ev) => {
                 let last = matches!(ev, ExecEvent::Exited(_));
                 (event_frame(ev), last)
             }
-            Some(Err(e)) => (stream_error(format!("exec interrupted: {e}")), true),
-            None => (
-                stream_error("exec interrupted: the sandbox agent went away".into()),
-                true,
-            ),
+            Err(e) => (stream_error(format!("exec interrupted: {e}")), true),
         };
         tokio::select! {
             s = &mut stop => return s,
@@ -450,24 +483,6 @@ async fn pump(
         }
         if last {
             return Pumped::Exited;
-        }
-    }
-}
-
-/// Kills the session when dropped before [`AbortOnDrop::disarm`]: a unary
-/// call that is cancelled or times out drops its future.
-struct AbortOnDrop(Option<StdinWriter>);
-
-impl AbortOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(w) = self.0.take() {
-            w.abort();
         }
     }
 }
@@ -530,7 +545,7 @@ pub async fn exec<E: Engine>(
         cwd: None,
         tty: None,
     };
-    let mut session = match start(manager, &principal, &req.sandbox_id, exec_req).await? {
+    let session = match start(manager, &principal, &req.sandbox_id, exec_req).await? {
         Started::Running(s) => s,
         Started::Failed { message, code } => {
             let mut stderr = Capped::default();
@@ -544,42 +559,32 @@ pub async fn exec<E: Engine>(
             }));
         }
     };
-    let writer = session
-        .stdin_writer()
-        .map_err(|e| agent_failure(manager, &principal, &req.sandbox_id, &e))?;
-    let guard = AbortOnDrop(Some(writer));
-    let collect = tokio::task::spawn_blocking(move || {
+    // A call that is cancelled or times out drops this future, and with it
+    // the connection: the agent then kills the command.
+    let collect = async move {
+        let Session {
+            mut reader,
+            mut writer,
+        } = session;
         // A command that already exited may have closed the connection.
-        let _ = session.close_stdin();
+        let _ = send(&mut writer, &Frame::StdinEof).await;
         let mut out = Capped::default();
         let mut err = Capped::default();
         loop {
-            match session.next_event()? {
-                Some(ExecEvent::Stdout(d)) => out.push(&d, cap),
-                Some(ExecEvent::Stderr(d)) => err.push(&d, cap),
-                Some(ExecEvent::Exited(s)) => return Ok((out, err, s.shell_code())),
-                None => return Err(ClientError::Closed),
+            match next_event(&mut reader).await? {
+                ExecEvent::Stdout(d) => out.push(&d, cap),
+                ExecEvent::Stderr(d) => err.push(&d, cap),
+                ExecEvent::Exited(s) => return Ok::<_, ClientError>((out, err, s.shell_code())),
             }
         }
-    });
+    };
     let result = tokio::select! {
         r = collect => r,
         () = deadline_passed(deadline) => return Err(command_timeout()),
         () = shutdown_signal(shutdown) => return Err(shutting_down()),
     };
-    guard.disarm();
-    let (out, err, code) = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(agent_failure(manager, &principal, &req.sandbox_id, &e)),
-        Err(_) => {
-            return Err(errors::status(
-                Code::Internal,
-                "exec task failed",
-                reason::INTERNAL,
-                &[],
-            ))
-        }
-    };
+    let (out, err, code) =
+        result.map_err(|e| agent_failure(manager, &principal, &req.sandbox_id, &e))?;
     Ok(Response::new(pb::ExecResponse {
         stdout: out.data,
         stderr: err.data,
@@ -595,6 +600,27 @@ pub async fn exec<E: Engine>(
 mod tests {
     use super::*;
     use sandpit_wire::ExitStatus;
+
+    #[tokio::test]
+    async fn the_deadline_counts_after_the_half_close() {
+        let (agent, _peer) = UnixStream::pair().unwrap();
+        let (reader, _writer) = agent.into_split();
+        let mut reader = BufReader::new(reader);
+        let (tx, _rx) = mpsc::channel(CHANNEL);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        // The client half-closed at once; the command never ends.
+        let deadline = Some(Instant::now() + Duration::from_millis(50));
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(&mut reader, &tx, async { false }, deadline, stop_rx),
+        )
+        .await
+        .expect("the deadline was ignored");
+        match outcome {
+            Pumped::Stopped(Some(s)) => assert_eq!(s.code(), Code::DeadlineExceeded),
+            _ => panic!("not stopped by the deadline"),
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse() {
