@@ -129,6 +129,31 @@ impl Puller {
         credentials: Option<&Credentials>,
         progress: &(dyn Fn(&Progress) + Sync),
     ) -> Result<Image, PullError> {
+        self.pull_with(reference, credentials, progress, false)
+    }
+
+    /// [`Puller::pull`], unless the store already has an image recorded
+    /// under `reference` (Docker's `--pull missing`, what a sandbox start
+    /// wants): then that image, without asking the registry. The store is
+    /// checked under the lock that starts and joins pulls, and a pull
+    /// records its image before it retires, so a caller that just missed a
+    /// pull of the same reference finds its image instead of pulling again.
+    pub fn pull_if_missing(
+        &self,
+        reference: &Reference,
+        credentials: Option<&Credentials>,
+        progress: &(dyn Fn(&Progress) + Sync),
+    ) -> Result<Image, PullError> {
+        self.pull_with(reference, credentials, progress, true)
+    }
+
+    fn pull_with(
+        &self,
+        reference: &Reference,
+        credentials: Option<&Credentials>,
+        progress: &(dyn Fn(&Progress) + Sync),
+        if_missing: bool,
+    ) -> Result<Image, PullError> {
         let credentials = credentials.cloned().or_else(|| {
             let host = self.config.registries.get(&reference.registry)?;
             Some(Credentials {
@@ -139,6 +164,11 @@ impl Puller {
         let key = format!("{reference} {}", credentials_tag(credentials.as_ref()));
         let (flight, leader) = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if if_missing {
+                if let Ok(image) = self.store.get(reference) {
+                    return Ok(image);
+                }
+            }
             match in_flight.get(&key) {
                 Some(flight) => (flight.clone(), false),
                 None => {

@@ -1845,6 +1845,21 @@ fn concurrent_pulls_are_coalesced() {
     assert!(errors.iter().all(|e| *e == errors[0]));
     assert_eq!(errors[0].kind(), PullErrorKind::NotFound);
     assert_eq!(proxy.count("/manifests/absent"), 1);
+
+    // `pull_if_missing` (a sandbox start) takes the stored image without a
+    // request, even right after a pull retired; `pull` always asks.
+    let before = proxy.requests().len();
+    let stored = puller.pull_if_missing(&reference, None, &quiet).unwrap();
+    assert_eq!(&stored, first);
+    assert_eq!(proxy.requests().len(), before, "{:?}", proxy.requests());
+    pull(&puller, &reference.to_string()).unwrap();
+    assert_eq!(proxy.count("/manifests/"), 3, "{:?}", proxy.requests());
+    // A missing image is pulled.
+    let other = r(&format!("{}/coalesce/img:absent", proxy.addr));
+    expect_err(
+        puller.pull_if_missing(&other, None, &quiet),
+        PullErrorKind::NotFound,
+    );
 }
 
 /// How long pulling the Python rootfs takes; `cargo test --features

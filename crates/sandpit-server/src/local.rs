@@ -268,7 +268,7 @@ impl Engine for LocalEngine {
                     password: c.password,
                 });
             let image = puller
-                .pull(&parsed, credentials.as_ref(), &|p: &Progress| {
+                .pull_if_missing(&parsed, credentials.as_ref(), &|p: &Progress| {
                     if let Progress::LayerDone { index } = p {
                         tracing::debug!(layer = index, "layer pulled");
                     }
