@@ -3,7 +3,8 @@
 # image from a loopback registry with `sandpit image pull`, next to
 # `skopeo copy` (download into an OCI layout, no unpack) and `podman pull`
 # (download and unpack into containers-storage) of the same image from the
-# same registry. Every run starts from an empty store. Prints medians.
+# same registry. Every run starts from an empty store (a new directory).
+# Prints medians.
 #
 #   scripts/bench-pull.sh [RUNS]      (default 5; root; after cargo build --release --bins)
 set -euo pipefail
@@ -64,15 +65,17 @@ timed() {
 
 median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m}'; }
 
+# Each run gets fresh directories, and nothing is deleted until the end: on
+# ext4, creating thousands of files right after deleting thousands makes
+# inode allocation scan the recently deleted ones (`recently_deleted`), which
+# would measure the file system's history rather than the tools.
 declare -A results
 for i in $(seq "$runs"); do
-  rm -rf "$work/sp" "$work/oci" "$work/podman"
   sync
-  results[sandpit]+="$(timed "$sandpit" --data-dir "$work/sp" image pull --quiet --config "$work/sandpitd.toml" "$image") "
-  results[skopeo]+="$(timed skopeo copy --quiet --src-tls-verify=false "docker://$image" "oci:$work/oci:bench") "
-  results[podman]+="$(timed podman --root "$work/podman/root" --runroot "$work/podman/run" \
+  results[sandpit]+="$(timed "$sandpit" --data-dir "$work/sp-$i" image pull --quiet --config "$work/sandpitd.toml" "$image") "
+  results[skopeo]+="$(timed skopeo copy --quiet --src-tls-verify=false "docker://$image" "oci:$work/oci-$i:bench") "
+  results[podman]+="$(timed podman --root "$work/podman-$i/root" --runroot "$work/podman-$i/run" \
     pull --quiet --tls-verify=false "$image") "
-  podman --root "$work/podman/root" --runroot "$work/podman/run" system reset --force >/dev/null 2>&1 || true
 done
 
 sp=$(tr ' ' '\n' <<<"${results[sandpit]}" | grep . | median)
