@@ -100,25 +100,10 @@ impl std::fmt::Debug for RegistryCredentials {
     }
 }
 
-/// Why a pull failed, for callers that act on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullFailureKind {
-    /// No such repository, tag or digest.
-    NotFound,
-    /// The registry refused the credentials (or their absence).
-    Unauthorized,
-    /// The registry (and every mirror) could not be reached.
-    Unreachable,
-    /// A layer or the image is over the configured size cap.
-    TooLarge,
-    /// No linux/amd64 image in a multi-arch index.
-    NoMatchingPlatform,
-    /// The registry sent something unacceptable (bad digest, manifest,
-    /// media type or tar entry).
-    Invalid,
-    /// Local failure (store I/O).
-    Internal,
-}
+/// Why a pull failed, for callers that act on it: the registry client's
+/// classification (not found, unauthorized, unreachable, too large, no
+/// matching platform, invalid, local store), shared rather than mirrored.
+pub use sandpit_registry::PullErrorKind as PullFailureKind;
 
 /// A failed pull: what kind, and the message that becomes the sandbox's
 /// `state_reason`.

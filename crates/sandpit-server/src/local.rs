@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sandpit_image::{IdShift, Image, ImageError, ImageStore, Reference};
-use sandpit_registry::{Credentials, Progress, PullErrorKind, Puller, RegistryConfig};
+use sandpit_registry::{Credentials, Progress, Puller, RegistryConfig};
 use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
@@ -274,21 +274,13 @@ impl Engine for LocalEngine {
                     }
                 })
                 .map_err(|e| PullFailure {
-                    kind: match e.kind() {
-                        PullErrorKind::NotFound => PullFailureKind::NotFound,
-                        PullErrorKind::Unauthorized => PullFailureKind::Unauthorized,
-                        PullErrorKind::Unreachable => PullFailureKind::Unreachable,
-                        PullErrorKind::TooLarge => PullFailureKind::TooLarge,
-                        PullErrorKind::NoMatchingPlatform => PullFailureKind::NoMatchingPlatform,
-                        PullErrorKind::Invalid => PullFailureKind::Invalid,
-                        _ => PullFailureKind::Internal,
-                    },
+                    kind: e.kind(),
                     message: e.to_string(),
                 })?;
             Ok(image_info(&store, &image))
         });
         task.await.map_err(|_| PullFailure {
-            kind: PullFailureKind::Internal,
+            kind: PullFailureKind::Store,
             message: "pull task failed".into(),
         })?
     }
