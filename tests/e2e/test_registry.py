@@ -9,9 +9,11 @@ served by a loopback mirror, and only images the mirror has are asked for.
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -159,6 +161,16 @@ def registries(e2e_dirs: E2EDirs) -> Iterator[Registries]:
         skopeo_push(BUSYBOX_TAR, f"{public.host}/tools/busybox:1")
         skopeo_push(BUSYBOX_TAR, f"{public.host}/tools/busybox:shared")
         skopeo_push(BUSYBOX_TAR, f"{public.host}/tools/busybox:cli")
+        # A layer no other image shares (for the lease test).
+        unique = base / "unique.tar"
+        shutil.copyfile(BUSYBOX_TAR, unique)
+        with tarfile.open(unique, mode="a", format=tarfile.GNU_FORMAT) as tar:
+            data = b"only in this image\n"
+            info = tarfile.TarInfo("./etc/unique-marker")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+        skopeo_push(unique, f"{public.host}/tools/unique:1")
         # What the docker.io mirror serves: docker.io/library/busybox:1.36.
         skopeo_push(BUSYBOX_TAR, f"{public.host}/library/busybox:1.36")
         skopeo_push(
@@ -390,3 +402,36 @@ def test_cli_pull_ls_rm_gc(pull_server, registries, binaries):
     gc = sandpit(binaries, pull_server, "image", "gc")
     assert gc.returncode == 0, gc.stderr
     assert gc.stdout.strip().endswith("layers removed"), gc.stdout
+
+
+def layer_dirs(server: Server) -> set[str]:
+    return {p.name for p in (store_dir(server) / "layers" / "sha256").iterdir()}
+
+
+def test_a_running_sandbox_keeps_its_layers_through_image_rm_and_gc(
+    pull_server, registries, auth, binaries
+):
+    image = f"{registries.public.host}/tools/unique:1"
+    before = layer_dirs(pull_server)
+    sb = run(pull_server, auth, image)
+    try:
+        sb.wait()
+        added = layer_dirs(pull_server) - before
+        assert len(added) == 1, added
+        # Removing the image and collecting garbage while the sandbox runs
+        # must leave its (leased) layer in place: the sandbox keeps working.
+        assert sandpit(binaries, pull_server, "image", "rm", image).returncode == 0
+        gc = sandpit(binaries, pull_server, "image", "gc")
+        assert gc.returncode == 0, gc.stderr
+        assert added <= layer_dirs(pull_server)
+        result = sb.exec(["sh", "-c", "cat /etc/unique-marker && ls /bin/busybox"]).result(
+            timeout=RPC
+        )
+        assert result.stdout == "only in this image\n/bin/busybox\n", result.stderr
+    finally:
+        sb.stop().result(timeout=RPC)
+    # Stopped: the lease is gone, and the next gc collects the layer.
+    gc = sandpit(binaries, pull_server, "image", "gc")
+    assert gc.returncode == 0, gc.stderr
+    assert f"removed layer sha256:{next(iter(added))}" in gc.stdout, gc.stdout
+    assert not (added & layer_dirs(pull_server))
