@@ -380,8 +380,7 @@ impl ImageStore {
         expected_digest: Option<&str>,
         max_unpacked_bytes: u64,
     ) -> Result<LayerInfo, ImageError> {
-        let _lock = self.lock_shared()?;
-        self.import_layer_locked(
+        self.import_layer_verified(
             reader,
             compression,
             expected_digest,

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sandpit_registry::Credentials;
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::ExitStatus;
 
@@ -79,25 +80,14 @@ pub struct LaunchSpec {
     pub limits: Resources,
 }
 
-/// Credentials for one registry, resolved from a secret store.
-#[derive(Clone, PartialEq, Eq)]
+/// Credentials for one registry, resolved from a secret store. `Debug`
+/// hides the password (that of [`Credentials`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryCredentials {
     /// Registry host they are for (`ghcr.io`, `docker.io`).
     pub registry: String,
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
-
-impl std::fmt::Debug for RegistryCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryCredentials")
-            .field("registry", &self.registry)
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
+    /// User name and password or token.
+    pub credentials: Credentials,
 }
 
 /// Why a pull failed, for callers that act on it: the registry client's

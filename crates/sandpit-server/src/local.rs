@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sandpit_image::{IdShift, Image, ImageError, ImageStore, Reference};
-use sandpit_registry::{Credentials, Progress, Puller, RegistryConfig};
+use sandpit_registry::{Progress, Puller, RegistryConfig};
 use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
@@ -263,10 +263,7 @@ impl Engine for LocalEngine {
             // one registry: never sent to another.
             let credentials = credentials
                 .filter(|c| c.registry == parsed.registry)
-                .map(|c| Credentials {
-                    username: c.username,
-                    password: c.password,
-                });
+                .map(|c| c.credentials);
             let image = puller
                 .pull_if_missing(&parsed, credentials.as_ref(), &|p: &Progress| {
                     if let Progress::LayerDone { index } = p {

@@ -771,6 +771,16 @@ impl<E: Engine> Manager<E> {
         self.current(id)
     }
 
+    /// A receiver of the sandbox's state changes, whoever owns it.
+    fn changes(&self, id: &str) -> Result<watch::Receiver<State>, ManagerError> {
+        let table = lock(&self.inner.table);
+        table
+            .entries
+            .get(id)
+            .map(|e| e.changes.subscribe())
+            .ok_or_else(|| ManagerError::NotFound(id.to_owned()))
+    }
+
     /// Waits up to `limit` for a terminal state; returns the record as it is
     /// then.
     async fn wait_terminal(
@@ -778,13 +788,7 @@ impl<E: Engine> Manager<E> {
         id: &str,
         limit: Duration,
     ) -> Result<SandboxRecord, ManagerError> {
-        let mut rx = {
-            let table = lock(&self.inner.table);
-            match table.entries.get(id) {
-                Some(e) => e.changes.subscribe(),
-                None => return Err(ManagerError::NotFound(id.to_owned())),
-            }
-        };
+        let mut rx = self.changes(id)?;
         let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.is_terminal())).await;
         self.current(id)
     }
@@ -898,13 +902,7 @@ impl<E: Engine> Manager<E> {
         id: &str,
         grace: Duration,
     ) -> Result<SandboxRecord, ManagerError> {
-        let mut rx = {
-            let table = lock(&self.inner.table);
-            match table.entries.get(id) {
-                Some(e) => e.changes.subscribe(),
-                None => return Err(ManagerError::NotFound(id.to_owned())),
-            }
-        };
+        let mut rx = self.changes(id)?;
         // Without a main process to signal (none, or gone) there is nothing
         // to wait for.
         let signalled = match self.inner.engine.signal_main(id, SIGTERM).await {

@@ -22,6 +22,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+use sandpit_registry::Credentials;
+
 use crate::engine::RegistryCredentials;
 
 /// Largest secret file read.
@@ -120,56 +122,47 @@ impl SecretStores {
             ReadError::Other(reason) => unusable(&reason),
         })?;
         let value = if r.field.is_empty() {
-            Secret::parse(&text)
+            parse_credentials(&text)
         } else {
             let object: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&text).map_err(|_| unusable("not a JSON object"))?;
             match object.get(&r.field) {
-                Some(serde_json::Value::String(s)) => Secret::parse(s),
-                Some(v @ serde_json::Value::Object(_)) => Secret::from_json(v),
+                Some(serde_json::Value::String(s)) => parse_credentials(s),
+                Some(v @ serde_json::Value::Object(_)) => credentials_from_json(v),
                 Some(_) => None,
                 None => return Err(unusable(&format!("has no field {:?}", r.field))),
             }
         };
-        let (username, password) = value
-            .map(|s| (s.username, s.password))
+        let credentials = value
             .ok_or_else(|| unusable("not username:password nor {\"username\", \"password\"}"))?;
         Ok(RegistryCredentials {
             registry: r.registry.clone(),
-            username,
-            password,
+            credentials,
         })
     }
 }
 
-/// A parsed credential.
-struct Secret {
-    username: String,
-    password: String,
+/// `username:password`, or a JSON object of both.
+fn parse_credentials(text: &str) -> Option<Credentials> {
+    let text = text.trim();
+    if text.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        return credentials_from_json(&v);
+    }
+    let (user, password) = text.split_once(':')?;
+    (!user.is_empty()).then(|| Credentials {
+        username: user.to_owned(),
+        password: password.to_owned(),
+    })
 }
 
-impl Secret {
-    fn parse(text: &str) -> Option<Self> {
-        let text = text.trim();
-        if text.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(text).ok()?;
-            return Self::from_json(&v);
-        }
-        let (user, password) = text.split_once(':')?;
-        (!user.is_empty()).then(|| Self {
-            username: user.to_owned(),
-            password: password.to_owned(),
-        })
-    }
-
-    fn from_json(v: &serde_json::Value) -> Option<Self> {
-        let username = v.get("username")?.as_str()?;
-        let password = v.get("password")?.as_str()?;
-        (!username.is_empty()).then(|| Self {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        })
-    }
+fn credentials_from_json(v: &serde_json::Value) -> Option<Credentials> {
+    let username = v.get("username")?.as_str()?;
+    let password = v.get("password")?.as_str()?;
+    (!username.is_empty()).then(|| Credentials {
+        username: username.to_owned(),
+        password: password.to_owned(),
+    })
 }
 
 /// Relative, made of plain names (no `..`, `.`, empty or hidden-by-dot
@@ -286,17 +279,35 @@ mod tests {
         assert_eq!(
             (
                 c.registry.as_str(),
-                c.username.as_str(),
-                c.password.as_str()
+                c.credentials.username.as_str(),
+                c.credentials.password.as_str()
             ),
             ("ghcr.io", "bot", "s3cr:et")
         );
         let c = s.resolve(&sref("team/json", "")).unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p"));
+        assert_eq!(
+            (
+                c.credentials.username.as_str(),
+                c.credentials.password.as_str()
+            ),
+            ("u", "p")
+        );
         let c = s.resolve(&sref("bundle", "ghcr")).unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("g", "x"));
+        assert_eq!(
+            (
+                c.credentials.username.as_str(),
+                c.credentials.password.as_str()
+            ),
+            ("g", "x")
+        );
         let c = s.resolve(&sref("bundle", "quay")).unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("q", "y"));
+        assert_eq!(
+            (
+                c.credentials.username.as_str(),
+                c.credentials.password.as_str()
+            ),
+            ("q", "y")
+        );
 
         let e = s.resolve(&sref("bundle", "n")).unwrap_err();
         assert_eq!(e.field(), "field");
@@ -363,8 +374,10 @@ mod tests {
     fn debug_never_shows_the_password() {
         let c = RegistryCredentials {
             registry: "r".into(),
-            username: "u".into(),
-            password: "hunter2".into(),
+            credentials: Credentials {
+                username: "u".into(),
+                password: "hunter2".into(),
+            },
         };
         assert!(!format!("{c:?}").contains("hunter2"));
     }

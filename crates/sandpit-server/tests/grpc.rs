@@ -235,8 +235,8 @@ async fn missing_images_are_pulled_with_resolved_credentials() {
     assert_eq!(
         (
             creds.registry.as_str(),
-            creds.username.as_str(),
-            creds.password.as_str()
+            creds.credentials.username.as_str(),
+            creds.credentials.password.as_str()
         ),
         ("ghcr.io", "bot", "s3cret")
     );
