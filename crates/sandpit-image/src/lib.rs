@@ -62,7 +62,7 @@ mod reference;
 mod store;
 mod unpack;
 
-pub use reference::{Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use reference::{is_sha256_hex, Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::{ImageStore, ROOTFS_MAX_BYTES};
 
 /// How layer ownership is shifted: id `n` of a tar entry is stored as host id

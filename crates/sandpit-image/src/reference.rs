@@ -96,7 +96,7 @@ impl Reference {
         if name.is_empty() {
             return Err(invalid("empty name"));
         }
-        if digest.is_none() && is_hex64(name) {
+        if digest.is_none() && is_sha256_hex(name) {
             return Err(invalid("64-character hex name looks like an image id"));
         }
 
@@ -320,7 +320,9 @@ pub(crate) fn validate_digest(digest: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn is_hex64(s: &str) -> bool {
+/// Whether `s` is 64 lowercase hex digits: the hex of a sha256 digest as
+/// OCI writes it.
+pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 

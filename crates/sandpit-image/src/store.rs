@@ -72,7 +72,7 @@ fn sha256_hex(data: &[u8]) -> String {
 /// `sha256:<hex>` or `<hex>` -> `<hex>`, validated.
 pub(crate) fn layer_hex(diff_id: &str) -> Result<&str, ImageError> {
     let hex = diff_id.strip_prefix("sha256:").unwrap_or(diff_id);
-    if hex.len() == 64 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+    if crate::is_sha256_hex(hex) {
         Ok(hex)
     } else {
         Err(ImageError::InvalidDigest {

@@ -32,10 +32,10 @@ fn sha256_digest(data: &[u8]) -> String {
 
 /// Checks a `sha256:<64 lowercase hex>` digest from a registry document.
 fn check_digest(digest: &str, what: &str) -> Result<(), Failure> {
-    let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-    });
-    if ok {
+    if digest
+        .strip_prefix("sha256:")
+        .is_some_and(sandpit_image::is_sha256_hex)
+    {
         Ok(())
     } else {
         Err(Failure::invalid(format!(
