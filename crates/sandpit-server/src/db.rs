@@ -6,18 +6,25 @@
 //! crash of the daemon; only a power loss may drop the last commits.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::model::{Principal, Resources, SandboxRecord, State};
+use crate::model::{Principal, Resources, SandboxId, SandboxRecord, State};
+use crate::offload::{Batch, Offload};
 
-/// Errors of the database.
-#[derive(Debug, thiserror::Error)]
+/// Errors of the database. Cloneable: one failed commit answers every
+/// change of its batch.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DbError {
     /// SQLite failed.
     #[error("sqlite")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] Arc<rusqlite::Error>),
+    /// The writer went away before the change was written (the daemon is
+    /// shutting down).
+    #[error("database writer stopped")]
+    Stopped,
     /// A stored row does not decode.
     #[error("corrupt record {id}: {what}")]
     Corrupt {
@@ -29,6 +36,12 @@ pub enum DbError {
     /// The database was written by a newer sandpitd.
     #[error("database schema version {0} is newer than this sandpitd supports")]
     TooNew(i64),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        DbError::Sqlite(Arc::new(e))
+    }
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -105,7 +118,7 @@ impl Db {
                     max_lifetime_seconds = excluded.max_lifetime_seconds, spec = excluded.spec",
             )?
             .execute(params![
-                r.id,
+                r.id.as_str(),
                 r.principal.as_str(),
                 r.request_id,
                 r.state.as_str(),
@@ -127,19 +140,19 @@ impl Db {
     }
 
     /// Deletes a record; deleting a missing one is not an error.
-    pub fn delete(&self, id: &str) -> Result<(), DbError> {
+    pub fn delete(&self, id: &SandboxId) -> Result<(), DbError> {
         self.conn
             .prepare_cached("DELETE FROM sandboxes WHERE id = ?1")?
-            .execute([id])?;
+            .execute([id.as_str()])?;
         Ok(())
     }
 
     /// One record.
-    pub fn get(&self, id: &str) -> Result<Option<SandboxRecord>, DbError> {
+    pub fn get(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, DbError> {
         let row = self
             .conn
             .prepare_cached("SELECT * FROM sandboxes WHERE id = ?1")?
-            .query_row([id], RawRow::read)
+            .query_row([id.as_str()], RawRow::read)
             .optional()?;
         row.map(RawRow::decode).transpose()
     }
@@ -155,6 +168,103 @@ impl Db {
             out.push(row?.decode()?);
         }
         Ok(out)
+    }
+}
+
+/// Writes records from async code: every change is queued at once (so
+/// changes are written in the order they were made) and committed on the
+/// blocking pool, in one transaction per batch of concurrent changes; the
+/// caller awaits its commit before it publishes the change. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RecordWriter {
+    offload: Offload<Db, DbJob>,
+}
+
+/// What to do once a change was committed (or failed): runs on the
+/// blocking thread that committed it, so it must be quick (the manager
+/// publishes the change there).
+type Then = Box<dyn FnOnce(Result<(), DbError>) + Send>;
+
+/// A queued change, and what follows its commit.
+pub(crate) struct DbJob {
+    change: Change,
+    then: Then,
+}
+
+enum Change {
+    Put(Box<SandboxRecord>),
+    Delete(SandboxId),
+}
+
+impl Batch<Db> for DbJob {
+    fn run(db: &mut Db, jobs: Vec<Self>) {
+        let results = db.apply(jobs.iter().map(|j| &j.change));
+        for (job, result) in jobs.into_iter().zip(results) {
+            (job.then)(result);
+        }
+    }
+}
+
+impl Db {
+    /// Applies changes in one transaction; one result per change. A
+    /// statement that fails (a duplicate request id) fails alone; a failed
+    /// commit fails them all.
+    fn apply<'a>(&self, changes: impl Iterator<Item = &'a Change>) -> Vec<Result<(), DbError>> {
+        let tx = match self.conn.unchecked_transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = DbError::from(e);
+                return changes.map(|_| Err(e.clone())).collect();
+            }
+        };
+        let mut results: Vec<Result<(), DbError>> = changes
+            .map(|c| match c {
+                Change::Put(r) => self.put(r),
+                Change::Delete(id) => self.delete(id),
+            })
+            .collect();
+        if let Err(e) = tx.commit() {
+            let e = DbError::from(e);
+            for r in &mut results {
+                *r = Err(e.clone());
+            }
+        }
+        results
+    }
+}
+
+impl RecordWriter {
+    /// Takes the database over.
+    pub fn new(db: Db) -> Self {
+        Self {
+            offload: Offload::new(db),
+        }
+    }
+
+    /// Queues an insert or update of `r`; `then` runs with the outcome of
+    /// its commit. If the daemon shuts down first, `then` is dropped
+    /// unrun.
+    pub(crate) fn put(
+        &self,
+        r: SandboxRecord,
+        then: impl FnOnce(Result<(), DbError>) + Send + 'static,
+    ) {
+        self.offload.push(DbJob {
+            change: Change::Put(Box::new(r)),
+            then: Box::new(then),
+        });
+    }
+
+    /// Queues the deletion of a record, like [`RecordWriter::put`].
+    pub(crate) fn delete(
+        &self,
+        id: SandboxId,
+        then: impl FnOnce(Result<(), DbError>) + Send + 'static,
+    ) {
+        self.offload.push(DbJob {
+            change: Change::Delete(id),
+            then: Box::new(then),
+        });
     }
 }
 
@@ -207,6 +317,7 @@ impl RawRow {
             id: self.id.clone(),
             what,
         };
+        let id = SandboxId::parse(&self.id).map_err(|_| corrupt("id"))?;
         let state = State::parse(&self.state).ok_or_else(|| corrupt("state"))?;
         let tags = serde_json::from_str(&self.tags).map_err(|_| corrupt("tags"))?;
         let annotations =
@@ -235,7 +346,7 @@ impl RawRow {
             limits,
             max_lifetime_seconds: self.max_lifetime_seconds,
             spec_echo: self.spec,
-            id: self.id,
+            id,
         })
     }
 }
@@ -258,11 +369,16 @@ fn from_ms(ms: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
     use std::collections::BTreeMap;
+
+    fn sid(id: &str) -> SandboxId {
+        SandboxId::parse(id).unwrap()
+    }
 
     pub(crate) fn record(id: &str) -> SandboxRecord {
         SandboxRecord {
-            id: id.into(),
+            id: sid(id),
             principal: Principal("alice".into()),
             request_id: Some("req-1".into()),
             state: State::Running,
@@ -291,7 +407,7 @@ mod tests {
         let db = Db::open(&path).unwrap();
         let mut r = record("abc");
         db.put(&r).unwrap();
-        assert_eq!(db.get("abc").unwrap().unwrap(), r);
+        assert_eq!(db.get(&sid("abc")).unwrap().unwrap(), r);
         r.state = State::Completed;
         r.exit_code = Some(0);
         r.end_time = Some(UNIX_EPOCH + Duration::from_secs(1_700_000_100));
@@ -300,9 +416,9 @@ mod tests {
         // Reopening sees the last write.
         let db = Db::open(&path).unwrap();
         assert_eq!(db.load_all().unwrap(), vec![r]);
-        db.delete("abc").unwrap();
-        db.delete("abc").unwrap();
-        assert!(db.get("abc").unwrap().is_none());
+        db.delete(&sid("abc")).unwrap();
+        db.delete(&sid("abc")).unwrap();
+        assert!(db.get(&sid("abc")).unwrap().is_none());
     }
 
     #[test]
@@ -316,8 +432,57 @@ mod tests {
         let mut none = record("d");
         none.request_id = None;
         db.put(&none).unwrap();
-        none.id = "e".into();
+        none.id = sid("e");
         db.put(&none).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_commits_in_order_and_fails_changes_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let w = RecordWriter::new(Db::open(&path).unwrap());
+        let put = |r: SandboxRecord| {
+            let (tx, rx) = oneshot::channel();
+            w.put(r, move |res| {
+                let _ = tx.send(res);
+            });
+            rx
+        };
+        let committed =
+            |rx: oneshot::Receiver<Result<(), DbError>>| async move { rx.await.unwrap() };
+        let mut acks = Vec::new();
+        let mut r = record("abc");
+        for code in 0..50 {
+            r.exit_code = Some(code);
+            acks.push(put(r.clone()));
+        }
+        // Same principal and request id as "abc": refused by the unique
+        // index, alone.
+        let dup = put(record("dup"));
+        let mut other = record("other");
+        other.request_id = None;
+        let ok = put(other.clone());
+        let (tx, gone) = oneshot::channel();
+        w.delete(sid("nothing"), move |res| {
+            let _ = tx.send(res);
+        });
+        for a in acks {
+            committed(a).await.unwrap();
+        }
+        assert!(matches!(committed(dup).await, Err(DbError::Sqlite(_))));
+        committed(ok).await.unwrap();
+        committed(gone).await.unwrap();
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.get(&sid("abc")).unwrap().unwrap().exit_code, Some(49));
+        assert_eq!(db.get(&sid("other")).unwrap().unwrap(), other);
+        assert!(db.get(&sid("dup")).unwrap().is_none());
+    }
+
+    #[test]
+    fn errors_do_not_repeat_their_source() {
+        let e = DbError::from(rusqlite::Error::InvalidQuery);
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert!(!e.to_string().contains(&source));
     }
 
     #[test]

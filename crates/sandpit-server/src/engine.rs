@@ -8,14 +8,13 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use sandpit_registry::Credentials;
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::ExitStatus;
 
-use crate::logs::LogSink;
-use crate::model::{MountedFile, Resources};
+use crate::logs::LogWriter;
+use crate::model::{MountedFile, NewSandbox, Resources, SandboxId};
 
 /// Errors of an engine.
 #[derive(Debug, thiserror::Error)]
@@ -171,39 +170,97 @@ pub trait Engine: Send + Sync + 'static {
     /// nothing of the sandbox is left.
     fn create(
         &self,
-        id: &str,
+        id: &SandboxId,
         spec: LaunchSpec,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
 
     /// Waits, without polling, until the sandbox's main process ended,
-    /// passing its output to `sink` on the way. A sandbox without a main
-    /// command resolves only when its init dies.
-    fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> impl Future<Output = MainExit> + Send;
+    /// storing its output through `logs` on the way. A sandbox without a
+    /// main command resolves only when its init dies.
+    fn wait_exit(&self, id: &SandboxId, logs: LogWriter) -> impl Future<Output = MainExit> + Send;
 
     /// Sends a signal to the main process's process group.
     fn signal_main(
         &self,
-        id: &str,
+        id: &SandboxId,
         signal: i32,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
 
     /// Kills everything of the sandbox and removes its host resources.
     /// Destroying an unknown or already destroyed sandbox succeeds.
-    fn destroy(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+    fn destroy(&self, id: &SandboxId) -> impl Future<Output = Result<(), EngineError>> + Send;
 
     /// Re-attaches to a sandbox that outlived a daemon restart.
-    fn adopt(&self, id: &str) -> impl Future<Output = Adoption> + Send;
+    fn adopt(&self, id: &SandboxId) -> impl Future<Output = Adoption> + Send;
 
     /// Removes the host resources of every sandbox this daemon created that
     /// is not in `keep` (debris of a crash); returns how many.
     fn sweep(
         &self,
-        keep: HashSet<String>,
+        keep: HashSet<SandboxId>,
     ) -> impl Future<Output = Result<usize, EngineError>> + Send;
 
     /// A client for a running sandbox's agent (the data plane's way in).
-    fn agent(&self, id: &str) -> Option<AgentClient>;
+    fn agent(&self, id: &SandboxId) -> Option<AgentClient>;
 
     /// This host's capacity.
     fn capacity(&self) -> HostCapacity;
+}
+
+/// Default `PATH` when neither the image nor the request sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The main command, environment, working dir, files and limits of a
+/// sandbox, from its image and the request (Kubernetes semantics: `command`
+/// replaces the entrypoint, `args` the image's cmd).
+pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
+    let argv = match (&req.command, req.args.is_empty()) {
+        (Some(c), _) => std::iter::once(c.clone())
+            .chain(req.args.iter().cloned())
+            .collect(),
+        (None, false) => image
+            .entrypoint
+            .iter()
+            .chain(req.args.iter())
+            .cloned()
+            .collect(),
+        (None, true) => image
+            .entrypoint
+            .iter()
+            .chain(image.cmd.iter())
+            .cloned()
+            .collect(),
+    };
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(existing, _)| existing != k);
+        env.push((k.to_owned(), v.to_owned()));
+    };
+    for kv in &image.env {
+        match kv.split_once('=') {
+            Some((k, v)) => set(k, v),
+            None => set(kv, ""),
+        }
+    }
+    for (k, v) in &req.env {
+        set(k, v);
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    let cwd = req
+        .working_dir
+        .clone()
+        .filter(|d| !d.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    LaunchSpec {
+        lower_dirs: image.lower_dirs.clone(),
+        layers: image.layers.clone(),
+        argv,
+        env,
+        cwd,
+        files: req.files.clone(),
+        limits: req.limits,
+    }
 }

@@ -15,7 +15,8 @@ use crate::engine::{
     Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
     RegistryCredentials,
 };
-use crate::logs::{LogSink, OutputChunk, Stream};
+use crate::logs::{LogWriter, OutputChunk, Stream};
+use crate::model::SandboxId;
 
 /// One fake sandbox.
 #[derive(Debug)]
@@ -29,12 +30,12 @@ struct FakeSandbox {
 #[derive(Debug, Default)]
 struct FakeState {
     images: HashMap<String, ImageInfo>,
-    sandboxes: HashMap<String, FakeSandbox>,
+    sandboxes: HashMap<SandboxId, FakeSandbox>,
     fail_create: Option<String>,
     create_delay: Duration,
     sigterm_exits: bool,
     output: Vec<u8>,
-    swept_keep: Option<HashSet<String>>,
+    swept_keep: Option<HashSet<SandboxId>>,
     /// What a pull of a reference yields; unknown references are not found.
     remote: HashMap<String, Result<ImageInfo, PullFailure>>,
     /// Pulls asked for, with their credentials.
@@ -135,8 +136,8 @@ impl FakeEngine {
     }
 
     /// Ends a sandbox's main process.
-    pub fn exit(&self, id: &str, exit: MainExit) {
-        if let Some(sb) = self.lock().sandboxes.get(id) {
+    pub fn exit(&self, id: impl AsRef<str>, exit: MainExit) {
+        if let Some(sb) = self.lock().sandboxes.get(id.as_ref()) {
             sb.exit.send_if_modified(|e| {
                 if e.is_none() {
                     *e = Some(exit);
@@ -150,29 +151,35 @@ impl FakeEngine {
 
     /// Makes a sandbox vanish (as if its init was killed while the daemon
     /// was down).
-    pub fn vanish(&self, id: &str) {
-        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+    pub fn vanish(&self, id: impl AsRef<str>) {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id.as_ref()) {
             sb.destroyed = true;
         }
     }
 
     /// The spec a sandbox was created with.
-    pub fn spec(&self, id: &str) -> Option<LaunchSpec> {
-        self.lock().sandboxes.get(id).map(|s| s.spec.clone())
+    pub fn spec(&self, id: impl AsRef<str>) -> Option<LaunchSpec> {
+        self.lock()
+            .sandboxes
+            .get(id.as_ref())
+            .map(|s| s.spec.clone())
     }
 
     /// Signals sent to a sandbox's main process.
-    pub fn signals(&self, id: &str) -> Vec<i32> {
+    pub fn signals(&self, id: impl AsRef<str>) -> Vec<i32> {
         self.lock()
             .sandboxes
-            .get(id)
+            .get(id.as_ref())
             .map(|s| s.signals.clone())
             .unwrap_or_default()
     }
 
     /// Whether a sandbox was destroyed.
-    pub fn destroyed(&self, id: &str) -> bool {
-        self.lock().sandboxes.get(id).is_some_and(|s| s.destroyed)
+    pub fn destroyed(&self, id: impl AsRef<str>) -> bool {
+        self.lock()
+            .sandboxes
+            .get(id.as_ref())
+            .is_some_and(|s| s.destroyed)
     }
 
     /// Ids of sandboxes that were created and not destroyed.
@@ -182,14 +189,14 @@ impl FakeEngine {
             .sandboxes
             .iter()
             .filter(|(_, s)| !s.destroyed)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_string())
             .collect();
         v.sort();
         v
     }
 
     /// The `keep` set of the last sweep.
-    pub fn swept_keep(&self) -> Option<HashSet<String>> {
+    pub fn swept_keep(&self) -> Option<HashSet<SandboxId>> {
         self.lock().swept_keep.clone()
     }
 }
@@ -225,7 +232,7 @@ impl Engine for FakeEngine {
         outcome
     }
 
-    async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
+    async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
         let delay = self.lock().create_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -240,7 +247,7 @@ impl Engine for FakeEngine {
         let (exit, _) = watch::channel(None);
         // Without a main command the sandbox idles until destroyed.
         st.sandboxes.insert(
-            id.to_owned(),
+            id.clone(),
             FakeSandbox {
                 spec,
                 exit,
@@ -251,24 +258,26 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    async fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> MainExit {
+    async fn wait_exit(&self, id: &SandboxId, logs: LogWriter) -> MainExit {
         let (mut rx, output) = {
             let st = self.lock();
-            match st.sandboxes.get(id) {
+            match st.sandboxes.get(id.as_ref()) {
                 Some(sb) if !sb.destroyed => (sb.exit.subscribe(), st.output.clone()),
                 _ => return MainExit::InitDied { oom_kills: 0 },
             }
         };
         if !output.is_empty() {
-            sink.append(
+            let offset = logs.resume_offset(id).await;
+            logs.append(
                 id,
-                &OutputChunk {
-                    offset: sink.resume_offset(id),
+                OutputChunk {
+                    offset,
                     stream: Stream::Stdout,
                     time_ns: 0,
                     data: output,
                 },
-            );
+            )
+            .await;
         }
         let ended = rx.wait_for(|e| e.is_some()).await.map(|e| e.clone());
         match ended {
@@ -277,14 +286,14 @@ impl Engine for FakeEngine {
         }
     }
 
-    async fn signal_main(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+    async fn signal_main(&self, id: &SandboxId, signal: i32) -> Result<(), EngineError> {
         let mut st = self.lock();
         let exits = st.sigterm_exits;
         let sb = st
             .sandboxes
             .get_mut(id)
             .filter(|s| !s.destroyed)
-            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+            .ok_or_else(|| EngineError::Unknown(id.to_string()))?;
         if sb.spec.argv.is_empty() || sb.exit.borrow().is_some() {
             return Err(EngineError::Agent("main process is not running".into()));
         }
@@ -298,8 +307,8 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    async fn destroy(&self, id: &str) -> Result<(), EngineError> {
-        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+    async fn destroy(&self, id: &SandboxId) -> Result<(), EngineError> {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id.as_ref()) {
             sb.destroyed = true;
             sb.exit.send_if_modified(|e| {
                 if e.is_none() {
@@ -313,14 +322,14 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    async fn adopt(&self, id: &str) -> Adoption {
-        match self.lock().sandboxes.get(id) {
+    async fn adopt(&self, id: &SandboxId) -> Adoption {
+        match self.lock().sandboxes.get(id.as_ref()) {
             Some(sb) if !sb.destroyed => Adoption::Running,
             _ => Adoption::Gone,
         }
     }
 
-    async fn sweep(&self, keep: HashSet<String>) -> Result<usize, EngineError> {
+    async fn sweep(&self, keep: HashSet<SandboxId>) -> Result<usize, EngineError> {
         let mut st = self.lock();
         let mut n = 0;
         for (id, sb) in st.sandboxes.iter_mut() {
@@ -333,7 +342,7 @@ impl Engine for FakeEngine {
         Ok(n)
     }
 
-    fn agent(&self, id: &str) -> Option<AgentClient> {
+    fn agent(&self, id: &SandboxId) -> Option<AgentClient> {
         let st = self.lock();
         st.sandboxes
             .get(id)

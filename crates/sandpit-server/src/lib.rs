@@ -26,21 +26,26 @@ pub mod config;
 pub mod db;
 pub mod engine;
 pub mod fake;
+mod id_shim;
 pub mod local;
 pub mod logs;
 pub mod manager;
 pub mod model;
+mod offload;
 pub mod secrets;
 pub mod server;
 
-/// An error and its sources, each once (some messages already include
-/// their source's).
-pub fn describe(e: &dyn std::error::Error) -> String {
+/// An error and its sources along `source()`, joined with ": " (the one
+/// chain printer at the daemon's edges: gRPC messages, state reasons,
+/// logs). Errors of this workspace never repeat their source in their own
+/// message; a foreign one that does (some I/O and TLS errors print theirs)
+/// is not printed twice.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
         let msg = s.to_string();
-        if !out.contains(&msg) {
+        if !out.ends_with(&msg) {
             out.push_str(": ");
             out.push_str(&msg);
         }

@@ -21,12 +21,13 @@ use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::describe;
+use crate::chain as describe;
 use crate::engine::{
     Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
     PullFailureKind, RegistryCredentials,
 };
-use crate::logs::{LogSink, OutputChunk, Stream};
+use crate::logs::{LogWriter, OutputChunk, Stream};
+use crate::model::SandboxId;
 
 /// Bound on request-response agent calls (ping, signal).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +58,7 @@ pub struct LocalEngine {
     store: Arc<ImageStore>,
     puller: Arc<Puller>,
     pids_max: Option<u64>,
-    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -94,11 +95,11 @@ impl LocalEngine {
         })
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+    fn table(&self) -> MutexGuard<'_, HashMap<SandboxId, Arc<Sandbox>>> {
         self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+    fn sandbox(&self, id: &SandboxId) -> Option<Arc<Sandbox>> {
         self.table().get(id).cloned()
     }
 }
@@ -148,9 +149,9 @@ pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
 /// agent's `End` (the main process exited and its output was drained).
 async fn follow_output(
     socket: &Path,
-    id: &str,
+    id: &SandboxId,
     offset: &mut u64,
-    sink: &dyn LogSink,
+    logs: &LogWriter,
 ) -> Result<(), FollowError> {
     let mut stream = UnixStream::connect(socket)
         .await
@@ -185,15 +186,16 @@ async fn follow_output(
                 *offset = at
                     .checked_add(data.len() as u64)
                     .ok_or(FollowError::Unexpected)?;
-                sink.append(
+                logs.append(
                     id,
-                    &OutputChunk {
+                    OutputChunk {
                         offset: at,
                         stream,
                         time_ns,
                         data,
                     },
-                );
+                )
+                .await;
             }
             Some(_) => return Err(FollowError::Unexpected),
         }
@@ -282,11 +284,11 @@ impl Engine for LocalEngine {
         })?
     }
 
-    async fn create(&self, id: &str, spec: LaunchSpec) -> Result<(), EngineError> {
+    async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
         let runtime = Arc::clone(&self.runtime);
         let spec_layers = spec.layers;
         let spec = SandboxSpec {
-            id: id.to_owned(),
+            id: id.to_string(),
             hostname: None,
             lower_dirs: spec.lower_dirs,
             init: InitSpec {
@@ -345,18 +347,18 @@ impl Engine for LocalEngine {
             }
         })
         .await??;
-        self.table().insert(id.to_owned(), Arc::new(sandbox));
+        self.table().insert(id.clone(), Arc::new(sandbox));
         Ok(())
     }
 
-    async fn wait_exit(&self, id: &str, sink: Arc<dyn LogSink>) -> MainExit {
+    async fn wait_exit(&self, id: &SandboxId, logs: LogWriter) -> MainExit {
         let Some(sb) = self.sandbox(id) else {
             return MainExit::InitDied { oom_kills: 0 };
         };
         let socket = sb.agent_socket();
-        let mut offset = sink.resume_offset(id);
+        let mut offset = logs.resume_offset(id).await;
         loop {
-            if let Err(e) = follow_output(&socket, id, &mut offset, &*sink).await {
+            if let Err(e) = follow_output(&socket, id, &mut offset, &logs).await {
                 tracing::debug!(error = %describe(&e), "main output stream ended early");
             }
             match ping(&sb).await {
@@ -391,21 +393,21 @@ impl Engine for LocalEngine {
         }
     }
 
-    async fn signal_main(&self, id: &str, signal: i32) -> Result<(), EngineError> {
+    async fn signal_main(&self, id: &SandboxId, signal: i32) -> Result<(), EngineError> {
         let sb = self
             .sandbox(id)
-            .ok_or_else(|| EngineError::Unknown(id.to_owned()))?;
+            .ok_or_else(|| EngineError::Unknown(id.to_string()))?;
         let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
         blocking(move || agent.signal_main(signal))
             .await?
             .map_err(|e| EngineError::Agent(describe(&e)))
     }
 
-    async fn destroy(&self, id: &str) -> Result<(), EngineError> {
+    async fn destroy(&self, id: &SandboxId) -> Result<(), EngineError> {
         self.table().remove(id);
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
-        let id = id.to_owned();
+        let id = id.to_string();
         blocking(move || {
             runtime.destroy(&id)?;
             // Only once nothing is mounted any more.
@@ -416,15 +418,15 @@ impl Engine for LocalEngine {
         .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
     }
 
-    async fn adopt(&self, id: &str) -> Adoption {
+    async fn adopt(&self, id: &SandboxId) -> Adoption {
         let runtime = Arc::clone(&self.runtime);
-        let owned = id.to_owned();
+        let owned = id.to_string();
         let opened = blocking(move || runtime.open(&owned)).await;
         match opened {
             Ok(Ok(sb)) if sb.is_running() => {
                 let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
                 let status = blocking(move || agent.ping()).await;
-                self.table().insert(id.to_owned(), Arc::new(sb));
+                self.table().insert(id.clone(), Arc::new(sb));
                 match status {
                     Ok(Ok(MainStatus::Exited(_) | MainStatus::StartFailed(_))) => Adoption::Exited,
                     _ => Adoption::Running,
@@ -435,7 +437,7 @@ impl Engine for LocalEngine {
         }
     }
 
-    async fn sweep(&self, keep: HashSet<String>) -> Result<usize, EngineError> {
+    async fn sweep(&self, keep: HashSet<SandboxId>) -> Result<usize, EngineError> {
         // Not `Runtime::sweep`: it also removes every cgroup under the
         // shared parent that is not in `keep`, which would kill the
         // sandboxes of another sandpitd (another data dir) or of `sandpit
@@ -447,7 +449,7 @@ impl Engine for LocalEngine {
         blocking(move || {
             let mut removed = 0;
             for id in runtime.list()? {
-                if is_daemon_id(&id) && !keep.contains(&id) {
+                if is_daemon_id(&id) && !keep.contains(id.as_str()) {
                     runtime.destroy(&id)?;
                     removed += 1;
                 }
@@ -457,7 +459,7 @@ impl Engine for LocalEngine {
             match store.lease_holders() {
                 Ok(holders) => {
                     for holder in holders {
-                        if is_daemon_id(&holder) && !keep.contains(&holder) {
+                        if is_daemon_id(&holder) && !keep.contains(holder.as_str()) {
                             release_lease(&store, &holder);
                         }
                     }
@@ -470,7 +472,7 @@ impl Engine for LocalEngine {
         .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
     }
 
-    fn agent(&self, id: &str) -> Option<AgentClient> {
+    fn agent(&self, id: &SandboxId) -> Option<AgentClient> {
         self.sandbox(id).map(|sb| sb.agent())
     }
 

@@ -67,7 +67,7 @@ fn main() -> std::process::ExitCode {
     let config = match Config::load(args.config.as_deref(), overrides, env_keys.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sandpitd: {}", sandpit_server::describe(&e));
+            eprintln!("sandpitd: {}", sandpit_server::chain(&e));
             return std::process::ExitCode::from(2);
         }
     };
@@ -147,11 +147,11 @@ async fn run(config: Config) -> Result<()> {
     };
     let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
         .await?
-        .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+        .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
         .context("set up the engine")?;
     let db_path = config.db_path();
     let db = Db::open(&db_path)
-        .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+        .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
         .with_context(|| format!("open database {}", db_path.display()))?;
     let sink = FileSink::with_max_bytes(&config.logs_dir(), config.max_log_bytes)
         .with_context(|| format!("create {}", config.logs_dir().display()))?;
@@ -164,7 +164,7 @@ async fn run(config: Config) -> Result<()> {
         Arc::new(sink),
     )
     .await
-    .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))
+    .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
     .context("start the sandbox manager")?;
 
     let listener = TcpListener::bind(config.listen)
@@ -197,7 +197,7 @@ async fn run(config: Config) -> Result<()> {
         shutdown_signal(),
     )
     .await
-    .map_err(|e| anyhow::anyhow!(sandpit_server::describe(&e)))?;
+    .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }

@@ -5,13 +5,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::SystemTime;
 
-/// Lifecycle state of a sandbox.
-///
-/// ```text
-/// PENDING -> CREATING -> RUNNING -> COMPLETED | FAILED
-///    |          |           \-> TERMINATING -> TERMINATED
-///    \----------+-> FAILED (start-up error)
-/// ```
+pub use crate::id_shim::{InvalidSandboxId, SandboxId};
+
+/// Lifecycle state of a sandbox. Which transitions lead from one to another
+/// is decided in one place, [`crate::manager::lifecycle::apply`]; its table
+/// is in ARCHITECTURE.md (checked against the code by a test).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     /// Accepted; waiting for its image (a registry pull would run here).
@@ -146,8 +144,8 @@ pub struct NewSandbox {
 /// Everything known about one sandbox; persisted on every change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxRecord {
-    /// Short random id.
-    pub id: String,
+    /// Short random id ([`SandboxId::generate`]).
+    pub id: SandboxId,
     /// Owner.
     pub principal: Principal,
     /// Idempotency key of the creating request.

@@ -19,7 +19,7 @@ use sandpit_server::db::Db;
 use sandpit_server::local::{LocalEngine, LocalEngineConfig};
 use sandpit_server::logs::{FileSink, LogReader, Next};
 use sandpit_server::manager::{Manager, ManagerConfig};
-use sandpit_server::model::{NewSandbox, Principal, Resources, SandboxRecord, State};
+use sandpit_server::model::{NewSandbox, Principal, Resources, SandboxId, SandboxRecord, State};
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -108,7 +108,7 @@ fn sh(script: &str) -> NewSandbox {
     }
 }
 
-async fn wait_terminal(m: &Manager<LocalEngine>, id: &str) -> SandboxRecord {
+async fn wait_terminal(m: &Manager<LocalEngine>, id: &SandboxId) -> SandboxRecord {
     let p = Principal("p".into());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -156,7 +156,7 @@ async fn manager_over_the_local_engine() {
     }
     assert!(out.contains("hello\n") && out.contains("oops\n"), "{out:?}");
     // The engine's resources are gone.
-    assert!(!data.path().join("sandboxes").join(&r.id).exists());
+    assert!(!data.path().join("sandboxes").join(r.id.as_str()).exists());
 
     let ok = m.create(&p, sh("true")).await.unwrap();
     let ok = wait_terminal(&m, &ok.id).await;
@@ -231,7 +231,11 @@ async fn manager_over_the_local_engine() {
     assert!(t.elapsed() >= Duration::from_secs(1));
     assert_eq!(d.state, State::Terminated);
     assert_eq!(d.exit_code, Some(137));
-    assert!(!data.path().join("sandboxes").join(&stubborn.id).exists());
+    assert!(!data
+        .path()
+        .join("sandboxes")
+        .join(stubborn.id.as_str())
+        .exists());
 
     // No main command at all: it idles until stopped.
     let idle = m

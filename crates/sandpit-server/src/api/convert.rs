@@ -109,7 +109,7 @@ pub fn sandbox(r: &SandboxRecord, runner_id: &str) -> pb::Sandbox {
         ..Default::default()
     };
     pb::Sandbox {
-        sandbox_id: r.id.clone(),
+        sandbox_id: r.id.to_string(),
         spec,
         status: Some(status),
         display_name: r.display_name.clone(),

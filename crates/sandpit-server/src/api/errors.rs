@@ -197,7 +197,7 @@ pub fn from_manager(e: ManagerError) -> Status {
                 Code::FailedPrecondition,
                 message,
                 reason::SANDBOX_NOT_RUNNING,
-                &[("sandbox_id", id), ("state", state.to_string())],
+                &[("sandbox_id", id.to_string()), ("state", state.to_string())],
             )
         }
         ManagerError::InvalidPageToken => invalid_request(&[Violation::new(
@@ -205,10 +205,10 @@ pub fn from_manager(e: ManagerError) -> Status {
             "not a token this server handed out",
         )]),
         e @ (ManagerError::Db(_) | ManagerError::Engine(_)) => {
-            tracing::error!(error = %crate::describe(&e), "internal error");
+            tracing::error!(error = %crate::chain(&e), "internal error");
             status(
                 Code::Internal,
-                format!("internal error: {}", crate::describe(&e)),
+                format!("internal error: {}", crate::chain(&e)),
                 reason::INTERNAL,
                 &[],
             )

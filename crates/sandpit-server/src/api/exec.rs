@@ -235,7 +235,7 @@ async fn start<E: Engine>(
     req: ExecRequest,
 ) -> Result<Started, Status> {
     let agent = manager
-        .agent_for(principal, id)
+        .agent_for(principal, &super::known_id(id)?)
         .await
         .map_err(errors::from_manager)?;
     match Session::open(&agent, req).await {
@@ -263,10 +263,18 @@ fn agent_failure<E: Engine>(
     id: &str,
     e: &ClientError,
 ) -> Status {
-    match manager.get(principal, id) {
+    let Ok(id) = super::known_id(id) else {
+        return errors::status(
+            Code::Internal,
+            format!("sandbox agent: {e}"),
+            reason::INTERNAL,
+            &[],
+        );
+    };
+    match manager.get(principal, &id) {
         Ok(r) if r.state != crate::model::State::Running => {
             errors::from_manager(crate::manager::ManagerError::NotRunning {
-                id: id.to_owned(),
+                id: id.clone(),
                 state: r.state,
                 reason: r.state_reason,
             })

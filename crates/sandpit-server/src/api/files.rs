@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::errors::{self, invalid_request, reason, Violation};
 use super::exec::check_container;
-use super::principal;
+use super::{known_id, principal};
 use crate::engine::Engine;
 use crate::manager::Manager;
 
@@ -97,7 +97,7 @@ pub async fn read_file<E: Engine>(
     let req = request.into_inner();
     validate(&req.sandbox_id, &req.path, &req.container)?;
     let agent = manager
-        .agent_for(&principal, &req.sandbox_id)
+        .agent_for(&principal, &known_id(&req.sandbox_id)?)
         .await
         .map_err(errors::from_manager)?
         .with_timeout(AGENT_IO_TIMEOUT);
@@ -131,7 +131,7 @@ pub async fn write_file<E: Engine>(
         return Err(too_large(&req.path, size, max_bytes));
     }
     let agent = manager
-        .agent_for(&principal, &req.sandbox_id)
+        .agent_for(&principal, &known_id(&req.sandbox_id)?)
         .await
         .map_err(errors::from_manager)?
         .with_timeout(AGENT_IO_TIMEOUT);

@@ -18,11 +18,11 @@ use tonic::{Code, Request, Response, Status};
 
 use super::errors::{self, invalid_request, reason, Violation};
 use super::exec::{check_container, shutdown_signal, CHANNEL};
-use super::principal;
+use super::{known_id, principal};
 use crate::engine::Engine;
 use crate::logs::{rfc3339_nanos, LogCursor, LogReader, LogRecord, Next};
 use crate::manager::{Manager, ManagerError};
-use crate::model::Principal;
+use crate::model::{Principal, SandboxId};
 
 /// How often a follower looks for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -144,8 +144,9 @@ pub async fn stream_logs<E: Engine>(
         )]));
     }
     check_container(&req.container)?;
+    let sandbox_id = known_id(&req.sandbox_id)?;
     manager
-        .get(&principal, &req.sandbox_id)
+        .get(&principal, &sandbox_id)
         .map_err(errors::from_manager)?;
     let (tx, rx) = mpsc::channel(CHANNEL);
     let response = Response::new(Box::pin(ReceiverStream::new(rx)) as BoxStream<pb::LogEntry>);
@@ -178,7 +179,7 @@ pub async fn stream_logs<E: Engine>(
     let stream = LogStream {
         manager: manager.clone(),
         principal,
-        sandbox_id: req.sandbox_id,
+        sandbox_id,
         reader,
         follow: req.follow,
         session,
@@ -192,7 +193,7 @@ pub async fn stream_logs<E: Engine>(
 struct LogStream<E: Engine> {
     manager: Manager<E>,
     principal: Principal,
-    sandbox_id: String,
+    sandbox_id: SandboxId,
     reader: LogReader,
     follow: bool,
     session: String,

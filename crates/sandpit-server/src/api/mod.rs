@@ -18,10 +18,17 @@ pub mod validate;
 
 use tonic::{Code, Request, Status};
 
-use crate::model::Principal;
+use crate::manager::ManagerError;
+use crate::model::{Principal, SandboxId};
 
 pub use discovery::DiscoveryApi;
 pub use sandbox::{DataPlaneOptions, SandboxApi};
+
+/// A sandbox id from a request. One that is not even a valid id names no
+/// sandbox: NOT_FOUND, exactly like an unknown one.
+pub(crate) fn known_id(id: &str) -> Result<SandboxId, Status> {
+    SandboxId::parse(id).map_err(|_| errors::from_manager(ManagerError::NotFound(id.to_owned())))
+}
 
 /// The caller, as the auth interceptor recorded it.
 pub(crate) fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {

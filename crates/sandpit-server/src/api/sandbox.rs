@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::errors::{self, invalid_request, Violation};
 use super::validate::{self, CreatePolicy};
-use super::{convert, principal};
+use super::{convert, known_id, principal};
 use crate::engine::Engine;
 use crate::logs::LogReader;
 use crate::manager::{ListQuery, Manager, StateFilter};
@@ -149,7 +149,7 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
         require_id(id)?;
         let record = self
             .manager
-            .get(&principal, id)
+            .get(&principal, &known_id(id)?)
             .map_err(errors::from_manager)?;
         Ok(Response::new(self.sandbox(&record)))
     }
@@ -233,9 +233,16 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             ));
         }
         let grace = Duration::from_secs(req.grace_period_seconds as u64);
+        let id = match known_id(&req.sandbox_id) {
+            Ok(id) => id,
+            Err(_) if req.allow_missing => {
+                return Ok(Response::new(pb::DeleteSandboxResponse::default()))
+            }
+            Err(e) => return Err(e),
+        };
         let record = self
             .manager
-            .delete(&principal, &req.sandbox_id, grace, req.allow_missing)
+            .delete(&principal, &id, grace, req.allow_missing)
             .await
             .map_err(errors::from_manager)?;
         Ok(Response::new(pb::DeleteSandboxResponse {
@@ -260,7 +267,7 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
         let outcome = self.manager.purge(&principal, &req.tags, req.dry_run).await;
         Ok(Response::new(pb::PurgeSandboxesResponse {
             purge_count: outcome.count.min(i32::MAX as usize) as i32,
-            failed_sandbox_ids: outcome.failed,
+            failed_sandbox_ids: outcome.failed.iter().map(|id| id.to_string()).collect(),
             retryable_failed_sandbox_ids: vec![],
         }))
     }

@@ -1,11 +1,13 @@
 use std::time::UNIX_EPOCH;
 
+use sandpit_wire::ExitStatus;
+
 use super::*;
 use crate::clock::{SystemClock, TokioClock};
-use crate::engine::ImageInfo;
+use crate::engine::{launch_spec, ImageInfo, MainExit, DEFAULT_PATH};
 use crate::fake::FakeEngine;
 use crate::logs::NullSink;
-use crate::model::MountedFile;
+use crate::model::{MountedFile, NewSandbox};
 
 const IMAGE: &str = "docker.io/library/python:3.11";
 
@@ -59,7 +61,7 @@ fn tagged(tags: &[&str]) -> NewSandbox {
 }
 
 /// Waits (in paused time: instantly) until the sandbox is in `state`.
-async fn wait_for(m: &Manager<FakeEngine>, id: &str, state: State) -> SandboxRecord {
+async fn wait_for(m: &Manager<FakeEngine>, id: &SandboxId, state: State) -> SandboxRecord {
     for _ in 0..1000 {
         let r = m.get(&alice(), id).unwrap();
         if r.state == state {
@@ -76,7 +78,7 @@ async fn create_returns_running_and_a_clean_exit_completes() {
     let m = manager(&e).await;
     let r = m.create(&alice(), req(None)).await.unwrap();
     assert_eq!(r.state, State::Running);
-    assert_eq!(r.id.len(), 12);
+    assert_eq!(r.id.as_str().len(), 12);
     assert!(r.start_time.is_some() && r.end_time.is_none() && r.exit_code.is_none());
     assert_eq!(e.spec(&r.id).unwrap().argv, ["sleep", "infinity"]);
     e.exit(
@@ -153,7 +155,7 @@ async fn exits_map_to_failures_with_reasons() {
 }
 
 /// The record once it left PENDING/CREATING.
-async fn settled(m: &Manager<FakeEngine>, id: &str) -> SandboxRecord {
+async fn settled(m: &Manager<FakeEngine>, id: &SandboxId) -> SandboxRecord {
     for _ in 0..1000 {
         let r = m.get(&alice(), id).unwrap();
         if !matches!(r.state, State::Pending | State::Creating) {
@@ -262,12 +264,13 @@ async fn delete_waits_the_grace_then_kills() {
 async fn delete_edge_cases() {
     let e = engine();
     let m = manager(&e).await;
+    let nope = SandboxId::parse("nope").unwrap();
     assert!(matches!(
-        m.delete(&alice(), "nope", Duration::ZERO, false).await,
+        m.delete(&alice(), &nope, Duration::ZERO, false).await,
         Err(ManagerError::NotFound(_))
     ));
     assert!(m
-        .delete(&alice(), "nope", Duration::ZERO, true)
+        .delete(&alice(), &nope, Duration::ZERO, true)
         .await
         .unwrap()
         .is_none());
@@ -442,8 +445,8 @@ async fn list_filters_and_pages() {
     wait_for(&m, &ids[1], State::Completed).await;
 
     let pick =
-        |ids: &[String], at: &[usize]| at.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>();
-    let list = |q: ListQuery| -> Vec<String> {
+        |ids: &[SandboxId], at: &[usize]| at.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>();
+    let list = |q: ListQuery| -> Vec<SandboxId> {
         m.list(&alice(), &q)
             .unwrap()
             .sandboxes
@@ -593,7 +596,7 @@ async fn terminal_records_expire_after_the_retention() {
     );
     wait_for(&m, &r.id, State::Completed).await;
     tokio::time::sleep(Duration::from_secs(599)).await;
-    assert_eq!(m.collect_garbage(), 0);
+    assert_eq!(m.collect_garbage().await, 0);
     assert!(m.get(&alice(), &r.id).is_ok());
     // The periodic collector (every 60 s) removes it.
     tokio::time::sleep(Duration::from_secs(61)).await;

@@ -1,0 +1,241 @@
+//! The life of a CreateSandbox in the manager: reserve the record
+//! (idempotent per principal and request id), find or pull the image, have
+//! the engine create the sandbox, start watching it.
+
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use super::{lock, span, Applied, Manager, ManagerError, Transition, SETTLE_TIMEOUT};
+use crate::db::DbError;
+use crate::engine::{launch_spec, Engine, EngineError, ImageInfo};
+use crate::model::{NewSandbox, Principal, SandboxId, SandboxRecord, State};
+
+/// What [`Manager::reserve`] found.
+enum Reserved {
+    New(Box<SandboxRecord>),
+    Existing(SandboxId, watch::Receiver<State>),
+}
+
+impl<E: Engine> Manager<E> {
+    fn lifetime_for(&self, requested: Option<u32>) -> u32 {
+        let c = &self.inner.config;
+        match requested {
+            None | Some(0) => c.default_max_lifetime_seconds,
+            Some(n) => n.min(c.max_max_lifetime_seconds),
+        }
+    }
+
+    /// Creates a sandbox. With the image in the local store it is created
+    /// synchronously and returned RUNNING (or FAILED); otherwise it is
+    /// returned PENDING while the image is pulled, and a failed pull makes it
+    /// FAILED with the pull's reason. A retry with the same request id
+    /// returns the first one.
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        req: NewSandbox,
+    ) -> Result<SandboxRecord, ManagerError> {
+        let record = match self.reserve(principal, &req).await? {
+            Reserved::New(record) => *record,
+            Reserved::Existing(id, rx) => {
+                tracing::debug!(sandbox_id = %id, "idempotent create");
+                return self.settled(&id, rx).await;
+            }
+        };
+        tracing::info!(parent: &span(&record.id), principal = %principal, image = %record.image, "create");
+        let this = self.clone();
+        let id = record.id.clone();
+        self.detached(&record.id, async move { this.launch(&id, req).await })
+            .await
+    }
+
+    /// The sandbox of an earlier request with the same id, or a new PENDING
+    /// record, stored, if capacity allows.
+    async fn reserve(
+        &self,
+        principal: &Principal,
+        req: &NewSandbox,
+    ) -> Result<Reserved, ManagerError> {
+        let (record, stored) = {
+            let mut table = lock(&self.inner.table);
+            if let Some(rid) = &req.request_id {
+                if let Some(id) = table.by_request(principal, rid).cloned() {
+                    let rx = table.get(&id).expect("indexed ids exist").subscribe();
+                    return Ok(Reserved::Existing(id, rx));
+                }
+            }
+            let live = table.live();
+            let max = self.inner.config.max_sandboxes;
+            if live >= max {
+                return Err(ManagerError::CapacityExhausted { live, max });
+            }
+            let id = loop {
+                let id = SandboxId::generate();
+                if table.get(&id).is_none() {
+                    break id;
+                }
+            };
+            let record = SandboxRecord {
+                id,
+                principal: principal.clone(),
+                request_id: req.request_id.clone(),
+                state: State::Pending,
+                state_reason: String::new(),
+                create_time: self.now(),
+                start_time: None,
+                end_time: None,
+                exit_code: None,
+                image: req.image.clone(),
+                tags: req.tags.clone(),
+                annotations: req.annotations.clone(),
+                display_name: req.display_name.clone(),
+                limits: req.limits,
+                max_lifetime_seconds: self.lifetime_for(req.max_lifetime_seconds),
+                spec_echo: req.spec_echo.clone(),
+            };
+            let version = table.insert_new(record.clone());
+            let (tx, rx) = oneshot::channel();
+            let inner = Arc::clone(&self.inner);
+            let stored = record.clone();
+            self.inner.records.put(record.clone(), move |result| {
+                let mut table = lock(&inner.table);
+                match &result {
+                    Ok(()) => table.publish(&stored, version),
+                    // Never seen by anyone: forget it (a retry waiting on it
+                    // finds nothing).
+                    Err(_) => table.remove(&stored.id),
+                }
+                let _ = tx.send(result);
+            });
+            (record, rx)
+        };
+        stored.await.unwrap_or(Err(DbError::Stopped))?;
+        Ok(Reserved::New(Box::new(record)))
+    }
+
+    /// PENDING -> CREATING -> RUNNING, or FAILED with what broke. An image
+    /// missing from the local store is pulled in the background: the caller
+    /// gets the PENDING record at once and the sandbox starts (or fails with
+    /// the pull's reason) when the pull ends.
+    async fn launch(&self, id: &SandboxId, req: NewSandbox) -> Result<SandboxRecord, ManagerError> {
+        let image = match self.inner.engine.image(&req.image).await {
+            Ok(Some(image)) => image,
+            Ok(None) => {
+                self.spawn_pull(id, req);
+                return self.current(id);
+            }
+            Err(e) => return self.fail_start(id, crate::chain(&e)).await,
+        };
+        self.start_from(id, &req, &image).await
+    }
+
+    fn spawn_pull(&self, id: &SandboxId, mut req: NewSandbox) {
+        let this = self.clone();
+        let id = id.clone();
+        let span = span(&id);
+        tokio::spawn(
+            async move {
+                tracing::info!(image = %req.image, "pulling");
+                let started = std::time::Instant::now();
+                let credentials = req.pull_credentials.take();
+                let result = match this.inner.engine.pull(&req.image, credentials).await {
+                    Ok(image) => {
+                        tracing::info!(
+                            image = %req.image,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "pulled"
+                        );
+                        this.start_from(&id, &req, &image).await
+                    }
+                    Err(failure) => this.fail_start(&id, failure.message).await,
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %crate::chain(&e), "start after pull");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn start_from(
+        &self,
+        id: &SandboxId,
+        req: &NewSandbox,
+        image: &ImageInfo,
+    ) -> Result<SandboxRecord, ManagerError> {
+        let spec = launch_spec(image, req);
+        if let Applied::Refused(_) = self.commit(id, Transition::BeginCreate).await? {
+            // Stopped while PENDING.
+            return self.end_stopped(id).await;
+        }
+        match self.inner.engine.create(id, spec).await {
+            Ok(()) => {
+                let at = self.now();
+                match self.commit(id, Transition::Started { at }).await? {
+                    Applied::Changed { record, .. } => {
+                        self.spawn_watcher(id);
+                        self.arm_timer(id, at, record.max_lifetime_seconds);
+                        Ok(record)
+                    }
+                    // Stopped while CREATING: nothing ran yet, no grace to
+                    // give.
+                    Applied::Refused(_) => {
+                        if let Err(e) = self.inner.engine.destroy(id).await {
+                            tracing::warn!(error = %crate::chain(&e), "destroy");
+                        }
+                        self.end_stopped(id).await
+                    }
+                }
+            }
+            Err(e @ EngineError::StartFailed(_)) => self.fail_start(id, crate::chain(&e)).await,
+            Err(e) => {
+                self.fail_start(id, format!("start sandbox: {}", crate::chain(&e)))
+                    .await
+            }
+        }
+    }
+
+    /// A start-up failure: FAILED with `reason`, or TERMINATED if it was
+    /// being stopped anyway.
+    async fn fail_start(
+        &self,
+        id: &SandboxId,
+        reason: String,
+    ) -> Result<SandboxRecord, ManagerError> {
+        tracing::warn!(sandbox_id = %id, %reason, "start failed");
+        let at = self.now();
+        match self
+            .commit(id, Transition::StartFailed { reason, at })
+            .await?
+        {
+            Applied::Changed { record, .. } => Ok(record),
+            Applied::Refused(r) => self.after_refusal(id, r).await,
+        }
+    }
+
+    /// TERMINATING -> TERMINATED (keeping the reason set when stopping began).
+    pub(super) async fn end_stopped(&self, id: &SandboxId) -> Result<SandboxRecord, ManagerError> {
+        let at = self.now();
+        match self.commit(id, Transition::Stopped { at }).await? {
+            Applied::Changed { record, .. } => Ok(record),
+            Applied::Refused(r) => self.after_refusal(id, r).await,
+        }
+    }
+
+    /// The record to answer with when a transition found the sandbox
+    /// elsewhere: once its end is published if it ended (someone else's
+    /// change may still be being stored), as it is otherwise.
+    pub(super) async fn after_refusal(
+        &self,
+        id: &SandboxId,
+        refused: super::Refused,
+    ) -> Result<SandboxRecord, ManagerError> {
+        if refused.state.is_terminal() {
+            self.wait_terminal(id, SETTLE_TIMEOUT).await
+        } else {
+            self.current(id)
+        }
+    }
+}
