@@ -25,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod engine;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod id_shim;
 pub mod local;
