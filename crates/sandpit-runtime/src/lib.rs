@@ -2,23 +2,43 @@
 //! sandbox whose PID 1 is the agent, and tears it down without debris.
 //!
 //! - [`runtime`]: the public API ([`Runtime`], [`SandboxSpec`], [`Sandbox`]).
-//! - [`spawn`]: the single-threaded `sandpit-spawn` helper that does the
-//!   namespace work (the async daemon never forks).
-//! - [`rootfs`]: the mount plan, over the [`syscalls::Syscalls`] trait.
-//! - [`cgroup`], [`caps`], [`seccomp`]: limits and hardening.
+//! - [`cgroup`]: limits, statistics and teardown on cgroup v1 or v2.
 //! - [`quantity`]: `"256Mi"` / `"500m"` parsing for limits.
+//!
+//! Private: `spawn`, the single-threaded `sandpit-spawn` helper that does the
+//! namespace work (the async daemon never forks), reached only through
+//! [`spawner_main`]; `rootfs`, the mount plan over the `syscalls::Syscalls`
+//! trait; `caps` and `seccomp`, the hardening of every sandbox's PID 1.
 
-pub mod caps;
+mod caps;
 pub mod cgroup;
 pub mod quantity;
-pub mod rootfs;
+mod rootfs;
 pub mod runtime;
-pub mod seccomp;
-pub mod spawn;
-pub mod syscalls;
+mod seccomp;
+mod spawn;
+mod syscalls;
 
+pub use caps::DEFAULT_CAPS;
 pub use cgroup::Limits;
 pub use runtime::{
     default_agent_binary, default_spawner_binary, IdMap, Runtime, RuntimeConfig, RuntimeError,
     Sandbox, SandboxSpec, SweepReport,
 };
+
+/// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`
+/// shows a set (`CapBnd:` and friends). Numbers of 64 and above do not exist
+/// and are ignored. `capability_mask(DEFAULT_CAPS)` is what the bounding
+/// set of every sandbox's PID 1 must read.
+pub fn capability_mask(caps: &[u32]) -> u64 {
+    caps::mask_of(caps)
+}
+
+/// Entry point of the `sandpit-spawn` helper binary: reads one spawn request
+/// on stdin, creates the sandbox, prints the outcome as one JSON line on
+/// stdout and returns the process exit code. Not an API: only that binary
+/// (and the runtime, which starts it) know its protocol.
+#[doc(hidden)]
+pub fn spawner_main() -> i32 {
+    spawn::spawner_main()
+}

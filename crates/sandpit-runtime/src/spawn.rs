@@ -42,35 +42,35 @@ use crate::{caps, seccomp};
 
 /// What the spawner needs to create one sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SpawnConfig {
+pub(crate) struct SpawnConfig {
     /// Sandbox id (for messages).
-    pub id: String,
+    pub(crate) id: String,
     /// Hostname inside the sandbox.
-    pub hostname: String,
+    pub(crate) hostname: String,
     /// Overlay mount point.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Image layers, top-most first.
-    pub lower_dirs: Vec<PathBuf>,
+    pub(crate) lower_dirs: Vec<PathBuf>,
     /// Writable layer.
-    pub upper_dir: PathBuf,
+    pub(crate) upper_dir: PathBuf,
     /// Overlay work dir.
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
     /// Host path of the static agent binary.
-    pub agent_binary: PathBuf,
+    pub(crate) agent_binary: PathBuf,
     /// Host path where the agent's socket is bound.
-    pub agent_socket: PathBuf,
+    pub(crate) agent_socket: PathBuf,
     /// First host uid/gid of the sandbox's id range (root inside).
-    pub host_id_base: u32,
+    pub(crate) host_id_base: u32,
     /// Size of the id range.
-    pub id_count: u32,
+    pub(crate) id_count: u32,
     /// `cgroup.procs` files the sandbox's PID 1 is written to.
-    pub cgroup_procs: Vec<PathBuf>,
+    pub(crate) cgroup_procs: Vec<PathBuf>,
 }
 
 /// What the spawner reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum SpawnOutcome {
+pub(crate) enum SpawnOutcome {
     /// The agent runs as the sandbox's PID 1; `pid` is its host pid.
     Started {
         /// Host pid of the sandbox's PID 1.
@@ -85,7 +85,7 @@ pub enum SpawnOutcome {
 
 /// Why the spawner failed.
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     /// Bad input from the daemon.
     #[error("invalid spawn request: {0}")]
     BadRequest(String),
@@ -120,7 +120,7 @@ fn host_nix(step: &'static str) -> impl FnOnce(nix::errno::Errno) -> SpawnError 
 }
 
 /// Entry point of the `sandpit-spawn` binary. Returns the process exit code.
-pub fn spawner_main() -> i32 {
+pub(crate) fn spawner_main() -> i32 {
     let outcome = match spawn_from_stdin() {
         Ok(pid) => SpawnOutcome::Started { pid },
         Err(e) => SpawnOutcome::Failed {
@@ -154,7 +154,7 @@ fn spawn_from_stdin() -> Result<i32, SpawnError> {
 }
 
 /// Creates the sandbox described by `config`; `init_frame` is handed to the agent.
-pub fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, SpawnError> {
+pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, SpawnError> {
     // 1. Everything that allocates or touches host paths happens up front.
     let listener = UnixListener::bind(&config.agent_socket).map_err(host("bind agent socket"))?;
     std::fs::set_permissions(&config.agent_socket, std::fs::Permissions::from_mode(0o600))

@@ -212,7 +212,7 @@ fn probe_sees_an_isolated_unprivileged_environment() {
     let bnd = u64::from_str_radix(p["cap_bnd"].as_str().unwrap(), 16).unwrap();
     assert_eq!(
         bnd,
-        sandpit_runtime::caps::mask_of(sandpit_runtime::caps::DEFAULT_CAPS)
+        sandpit_runtime::capability_mask(sandpit_runtime::DEFAULT_CAPS)
     );
     for forbidden in [
         "mount_tmpfs",
