@@ -12,6 +12,7 @@
 
 mod caps;
 pub mod cgroup;
+mod chain;
 pub mod quantity;
 mod rootfs;
 pub mod runtime;

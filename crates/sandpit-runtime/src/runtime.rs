@@ -143,7 +143,8 @@ pub struct SandboxSpec {
     pub limits: Limits,
 }
 
-/// Errors of the engine.
+/// Errors of the engine. None repeats its source in its message: print
+/// them with their `source()` chain (`a: b: c`).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The id is not acceptable.
@@ -164,17 +165,20 @@ pub enum RuntimeError {
     #[error("sandbox {0} not found")]
     NotFound(String),
     /// A host-side file operation failed.
-    #[error("{step}: {source}")]
+    #[error("{step}")]
     Io {
         /// The step.
         step: &'static str,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// Cgroup setup or teardown failed.
-    #[error("cgroup: {0}")]
+    #[error("cgroup")]
     Cgroup(#[from] CgroupError),
-    /// The spawner reported a failure.
+    /// The spawner reported a failure: its whole error chain as text (it
+    /// comes from another process), e.g. `root filesystem: mount
+    /// /…/rootfs: ENOENT: No such file or directory`.
     #[error("start sandbox: {0}")]
     Spawn(String),
 }
