@@ -1,7 +1,8 @@
 //! The sandbox engine: turns unpacked image layers and a spec into an isolated
 //! sandbox whose PID 1 is the agent, and tears it down without debris.
 //!
-//! - [`runtime`]: the public API ([`Runtime`], [`SandboxSpec`], [`Sandbox`]).
+//! - [`runtime`]: the public API ([`Runtime`], [`SandboxSpec`], [`Sandbox`]),
+//!   with sandboxes named by [`SandboxId`].
 //! - [`cgroup`]: limits, statistics and teardown on cgroup v1 or v2.
 //! - [`quantity`]: `"256Mi"` / `"500m"` parsing for limits.
 //!
@@ -13,6 +14,7 @@
 mod caps;
 pub mod cgroup;
 mod chain;
+mod id;
 pub mod quantity;
 mod rootfs;
 pub mod runtime;
@@ -22,6 +24,7 @@ mod syscalls;
 
 pub use caps::DEFAULT_CAPS;
 pub use cgroup::Limits;
+pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
     default_agent_binary, default_spawner_binary, IdMap, Runtime, RuntimeConfig, RuntimeError,
     Sandbox, SandboxSpec, SweepReport,

@@ -1,6 +1,5 @@
 //! The engine's public face: create, adopt, list, destroy and sweep sandboxes.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,6 +10,7 @@ use sandpit_wire::InitSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupError, CgroupManager, Limits};
+use crate::id::SandboxId;
 use crate::spawn::{SpawnConfig, SpawnOutcome};
 
 /// Host uids/gids a sandbox's users map to. Root inside is `host_base`.
@@ -129,10 +129,10 @@ fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
 }
 
 /// What to create.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SandboxSpec {
-    /// Unique id: `[a-z0-9][a-z0-9_.-]*`, at most 63 characters.
-    pub id: String,
+    /// Unique among the sandboxes of the runtime's state dir.
+    pub id: SandboxId,
     /// Hostname inside; the id when `None`.
     pub hostname: Option<String>,
     /// Unpacked image layers, top-most first.
@@ -147,9 +147,6 @@ pub struct SandboxSpec {
 /// them with their `source()` chain (`a: b: c`).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// The id is not acceptable.
-    #[error("invalid sandbox id {0:?}")]
-    InvalidId(String),
     /// A spec field is not acceptable.
     #[error("invalid {field}: {reason}")]
     InvalidSpec {
@@ -160,10 +157,10 @@ pub enum RuntimeError {
     },
     /// A sandbox with that id exists already.
     #[error("sandbox {0} already exists")]
-    AlreadyExists(String),
+    AlreadyExists(SandboxId),
     /// No sandbox with that id.
     #[error("sandbox {0} not found")]
-    NotFound(String),
+    NotFound(SandboxId),
     /// A host-side file operation failed.
     #[error("{step}")]
     Io {
@@ -190,7 +187,7 @@ fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
 /// What is kept on disk so that a restarted daemon can adopt a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SandboxRecord {
-    id: String,
+    id: SandboxId,
     pid: i32,
     /// Start time of `pid` (field 22 of /proc/PID/stat): guards against pid reuse.
     start_time: u64,
@@ -199,7 +196,7 @@ struct SandboxRecord {
 /// A running (or recently dead) sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
-    id: String,
+    id: SandboxId,
     pid: i32,
     start_time: u64,
     dir: PathBuf,
@@ -208,7 +205,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// The sandbox id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &SandboxId {
         &self.id
     }
 
@@ -259,8 +256,9 @@ pub struct Runtime {
     /// down from two places at once (a stop request and the watcher that
     /// saw its main process end); the second waits for the first and then
     /// finds nothing left, instead of racing it through the cgroup.
-    destroying:
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
+    destroying: std::sync::Mutex<
+        std::collections::HashMap<SandboxId, std::sync::Arc<std::sync::Mutex<()>>>,
+    >,
 }
 
 impl Runtime {
@@ -294,11 +292,17 @@ impl Runtime {
             });
         }
         let cgroups = CgroupManager::detect(&config.cgroup_parent)?;
-        Ok(Self {
+        Ok(Self::with_cgroups(config, cgroups))
+    }
+
+    /// A runtime over given cgroups, without the checks of [`Runtime::new`]
+    /// (for tests of what needs no sandbox to start: listing, sweeping).
+    fn with_cgroups(config: RuntimeConfig, cgroups: CgroupManager) -> Self {
+        Self {
             config,
             cgroups,
             destroying: Default::default(),
-        })
+        }
     }
 
     /// The configuration in force.
@@ -311,13 +315,12 @@ impl Runtime {
         &self.cgroups
     }
 
-    fn dir_of(&self, id: &str) -> PathBuf {
-        self.config.state_dir.join(id)
+    fn dir_of(&self, id: &SandboxId) -> PathBuf {
+        self.config.state_dir.join(id.as_str())
     }
 
     /// Creates a sandbox and returns once its agent is listening.
     pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox, RuntimeError> {
-        validate_id(&spec.id)?;
         if spec.lower_dirs.is_empty() {
             return Err(RuntimeError::InvalidSpec {
                 field: "image",
@@ -330,7 +333,7 @@ impl Runtime {
                 reason: "empty program name".into(),
             });
         }
-        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.clone());
+        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.to_string());
         if hostname.is_empty() || hostname.len() > 63 {
             return Err(RuntimeError::InvalidSpec {
                 field: "hostname",
@@ -347,7 +350,7 @@ impl Runtime {
         }
         let result = self.create_in(spec, &dir, hostname);
         if result.is_err() {
-            let _ = self.cgroups.open(&spec.id).destroy();
+            let _ = self.cgroups.open(spec.id.as_str()).destroy();
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
@@ -370,7 +373,7 @@ impl Runtime {
         std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))
             .map_err(io("chmod upper dir"))?;
 
-        let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
+        let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
         let config = SpawnConfig {
             id: spec.id.clone(),
             hostname,
@@ -433,28 +436,33 @@ impl Runtime {
     }
 
     /// Adopts an existing sandbox (after a daemon restart).
-    pub fn open(&self, id: &str) -> Result<Sandbox, RuntimeError> {
-        validate_id(id)?;
+    pub fn open(&self, id: &SandboxId) -> Result<Sandbox, RuntimeError> {
         let dir = self.dir_of(id);
-        let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
         Ok(Sandbox {
             id: record.id,
             pid: record.pid,
             start_time: record.start_time,
             dir,
-            cgroup: self.cgroups.open(id),
+            cgroup: self.cgroups.open(id.as_str()),
         })
     }
 
-    /// Ids of every sandbox with state on this host.
-    pub fn list(&self) -> Result<Vec<String>, RuntimeError> {
+    /// Ids of every sandbox with state in this runtime's state dir, sorted.
+    /// Entries whose names are not ids are skipped (and logged at debug
+    /// level): nothing of ours.
+    pub fn list(&self) -> Result<Vec<SandboxId>, RuntimeError> {
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&self.config.state_dir).map_err(io("list state dir"))? {
             let entry = entry.map_err(io("list state dir"))?;
-            if let Some(name) = entry.file_name().to_str() {
-                if validate_id(name).is_ok() {
-                    ids.push(name.to_string());
-                }
+            let name = entry.file_name();
+            match name.to_str().map(SandboxId::parse) {
+                Some(Ok(id)) => ids.push(id),
+                _ => tracing::debug!(
+                    name = %name.to_string_lossy(),
+                    state_dir = %self.config.state_dir.display(),
+                    "not a sandbox id: skipped"
+                ),
             }
         }
         ids.sort();
@@ -463,11 +471,10 @@ impl Runtime {
 
     /// Kills every process of the sandbox and removes all its state.
     /// Destroying a sandbox that is already gone is not an error.
-    pub fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
-        validate_id(id)?;
+    pub fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let lock = {
             let mut map = self.destroying.lock().unwrap_or_else(|e| e.into_inner());
-            std::sync::Arc::clone(map.entry(id.to_string()).or_default())
+            std::sync::Arc::clone(map.entry(id.clone()).or_default())
         };
         let result = {
             let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -484,7 +491,7 @@ impl Runtime {
         result
     }
 
-    fn destroy_locked(&self, id: &str) -> Result<(), RuntimeError> {
+    fn destroy_locked(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let dir = self.dir_of(id);
         if let Some(record) = read_record(&dir) {
             // PID 1 dying takes the whole PID namespace with it.
@@ -498,7 +505,7 @@ impl Runtime {
             wait_gone(record.pid, record.start_time);
         }
         // Catches anything that was mid-fork or otherwise outlived PID 1.
-        self.cgroups.open(id).destroy()?;
+        self.cgroups.open(id.as_str()).destroy()?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -508,12 +515,19 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes the debris of this runtime's sandboxes not in `keep` (after a
-    /// crash): everything with a state dir under this runtime's state dir.
-    pub fn sweep(&self, keep: &HashSet<String>) -> Result<SweepReport, RuntimeError> {
+    /// Destroys (processes, cgroup, state dir: see [`destroy`]) every
+    /// sandbox of this runtime's state dir whose id `remove` picks, e.g. the
+    /// debris a crashed daemon left: `sweep(|id| id.is_generated() &&
+    /// !keep.contains(id))` takes the daemon's own sandboxes that it does not
+    /// know any more, and leaves those of `sandpit run` (`run-…`) sharing
+    /// the state dir alone. Stops at the first sandbox that cannot be
+    /// destroyed.
+    ///
+    /// [`destroy`]: Runtime::destroy
+    pub fn sweep(&self, remove: impl Fn(&SandboxId) -> bool) -> Result<SweepReport, RuntimeError> {
         let mut report = SweepReport::default();
         for id in self.list()? {
-            if !keep.contains(&id) {
+            if remove(&id) {
                 self.destroy(&id)?;
                 report.state_dirs += 1;
             }
@@ -521,23 +535,8 @@ impl Runtime {
         // Cgroups are not swept on their own: the parent group is shared
         // with other engines (another daemon's data dir, `sandpit run`), and
         // a sandbox's cgroup never exists without its state dir (created
-        // first, removed last), so `destroy` above took every one of ours.
+        // first, removed last), so `destroy` above took every one picked.
         Ok(report)
-    }
-}
-
-/// Accepts `[a-z0-9][a-z0-9_.-]*`, 1 to 63 characters.
-pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
-        && id.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(RuntimeError::InvalidId(id.into()))
     }
 }
 
@@ -602,17 +601,9 @@ fn reap(pid: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashSet;
 
-    #[test]
-    fn ids_are_validated() {
-        for ok in ["a", "sb-0123abcd", "x.y_z-1"] {
-            validate_id(ok).unwrap();
-        }
-        for bad in ["", "-a", "A", "a/b", "..", ".a", "a b", &"a".repeat(64)] {
-            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
-        }
-    }
+    use super::*;
 
     #[test]
     fn elf_interpreter_detection() {
@@ -633,5 +624,78 @@ mod tests {
         assert_eq!(process_start_time(me), Some(t));
         assert!(!is_zombie(me));
         assert_eq!(process_start_time(i32::MAX), None);
+    }
+
+    /// A runtime over a state dir and a fake v2 cgroup tree, both in `t`.
+    fn fake_runtime(t: &Path) -> Runtime {
+        let state_dir = t.join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        let cgroup_root = t.join("cgroup");
+        std::fs::create_dir_all(cgroup_root.join("sandpit")).unwrap();
+        let cgroups =
+            CgroupManager::with_root(crate::cgroup::CgroupVersion::V2, &cgroup_root, "sandpit")
+                .unwrap();
+        Runtime::with_cgroups(
+            RuntimeConfig {
+                state_dir,
+                agent_binary: "/nonexistent/agent".into(),
+                spawner_binary: "/nonexistent/spawner".into(),
+                id_map: IdMap::default(),
+                cgroup_parent: "sandpit".into(),
+            },
+            cgroups,
+        )
+    }
+
+    /// A sandbox's leftovers: its state dir and an empty cgroup directory.
+    fn debris(rt: &Runtime, id: &str) -> SandboxId {
+        let id = SandboxId::parse(id).unwrap();
+        std::fs::create_dir_all(rt.dir_of(&id).join("upper")).unwrap();
+        for dir in rt.cgroups.open(id.as_str()).paths() {
+            std::fs::create_dir(dir).unwrap();
+        }
+        id
+    }
+
+    fn has_cgroup(rt: &Runtime, id: &SandboxId) -> bool {
+        rt.cgroups.open(id.as_str()).paths()[0].is_dir()
+    }
+
+    #[test]
+    fn list_skips_names_that_are_not_ids() {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        let b = debris(&rt, "b-1");
+        let a = debris(&rt, "a.1");
+        std::fs::create_dir(rt.config.state_dir.join("Not-An-Id")).unwrap();
+        std::fs::write(rt.config.state_dir.join(".hidden"), "").unwrap();
+        assert_eq!(rt.list().unwrap(), [a, b]);
+    }
+
+    #[test]
+    fn sweep_removes_exactly_what_the_predicate_picks() {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        let lost = debris(&rt, "0123456789ab");
+        let kept = debris(&rt, "abcdef012345");
+        let run = debris(&rt, "run-0123456789ab");
+        let stranger = rt.config.state_dir.join("Not-An-Id");
+        std::fs::create_dir(&stranger).unwrap();
+        // What the daemon asks for: its own ids that it does not know.
+        let keep = HashSet::from([kept.clone()]);
+        let report = rt
+            .sweep(|id| id.is_generated() && !keep.contains(id))
+            .unwrap();
+        assert_eq!(report, SweepReport { state_dirs: 1 });
+        assert_eq!(rt.list().unwrap(), [kept.clone(), run.clone()]);
+        assert!(!rt.dir_of(&lost).exists());
+        assert!(!has_cgroup(&rt, &lost), "the swept sandbox's cgroup stays");
+        assert!(has_cgroup(&rt, &kept) && has_cgroup(&rt, &run));
+        assert!(stranger.is_dir(), "not an id: not ours to remove");
+        // Everything goes when everything is picked; nothing is left to do.
+        assert_eq!(rt.sweep(|_| true).unwrap().state_dirs, 2);
+        assert!(rt.list().unwrap().is_empty());
+        assert!(!has_cgroup(&rt, &kept) && !has_cgroup(&rt, &run));
+        assert_eq!(rt.sweep(|_| true).unwrap(), SweepReport::default());
     }
 }

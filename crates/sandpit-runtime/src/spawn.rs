@@ -37,6 +37,7 @@ use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::chain;
+use crate::id::SandboxId;
 use crate::rootfs::{self, RootfsPlan, AGENT_PATH_IN_SANDBOX};
 use crate::syscalls::LinuxSyscalls;
 use crate::{caps, seccomp};
@@ -45,7 +46,7 @@ use crate::{caps, seccomp};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SpawnConfig {
     /// Sandbox id (for messages).
-    pub(crate) id: String,
+    pub(crate) id: SandboxId,
     /// Hostname inside the sandbox.
     pub(crate) hostname: String,
     /// Overlay mount point.
