@@ -1,6 +1,7 @@
 //! The engine's public face: create, adopt, list, destroy and sweep sandboxes.
 
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -227,6 +228,34 @@ impl Sandbox {
     /// Whether the sandbox's PID 1 still runs.
     pub fn is_running(&self) -> bool {
         process_start_time(self.pid) == Some(self.start_time) && !is_zombie(self.pid)
+    }
+
+    /// A pidfd (`pidfd_open(2)`) for the sandbox's PID 1. It becomes
+    /// readable once that process has exited, so a caller can wait for the
+    /// sandbox to end with `poll(2)`/epoll (or tokio's `AsyncFd`) instead of
+    /// polling [`is_running`](Sandbox::is_running). Close-on-exec.
+    ///
+    /// `Ok(None)` when PID 1 no longer runs: it exited, or its pid now names
+    /// another process. That is checked after opening, so a returned pidfd
+    /// always refers to the sandbox's PID 1, never to a process that reused
+    /// its pid. `Err` where the kernel has no pidfds (before Linux 5.3:
+    /// `ENOSYS`) or refuses one; callers then fall back to polling.
+    pub fn pidfd(&self) -> std::io::Result<Option<OwnedFd>> {
+        // SAFETY: pidfd_open takes a pid and flags by value and returns a new
+        // descriptor or -1; no memory is shared with the kernel.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No process with that pid at all.
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(self.is_running().then_some(fd))
     }
 
     /// How many processes the kernel OOM-killed in this sandbox.
@@ -697,5 +726,54 @@ mod tests {
         assert!(rt.list().unwrap().is_empty());
         assert!(!has_cgroup(&rt, &kept) && !has_cgroup(&rt, &run));
         assert_eq!(rt.sweep(|_| true).unwrap(), SweepReport::default());
+    }
+
+    /// A `Sandbox` whose PID 1 is `pid`, recorded with `start_time`.
+    fn sandbox_of(pid: i32, start_time: u64) -> Sandbox {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        Sandbox {
+            id: SandboxId::parse("sb").unwrap(),
+            pid,
+            start_time,
+            dir: t.path().join("state/sb"),
+            cgroup: rt.cgroups.open("sb"),
+        }
+    }
+
+    fn readable(fd: &OwnedFd, timeout_ms: u16) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, timeout_ms).unwrap() == 1
+    }
+
+    #[test]
+    fn pidfd_is_readable_once_init_exits_and_guards_pid_reuse() {
+        let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start_time = process_start_time(pid).unwrap();
+        let sb = sandbox_of(pid, start_time);
+        let fd = match sb.pidfd() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                eprintln!("skipped: no pidfds on this kernel");
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return;
+            }
+            other => other.unwrap().expect("init runs"),
+        };
+        assert!(!readable(&fd, 0), "readable while init runs");
+        // The same pid recorded with another start time is another process.
+        assert!(sandbox_of(pid, start_time + 1).pidfd().unwrap().is_none());
+        child.kill().unwrap();
+        assert!(readable(&fd, 5000), "not readable after init exited");
+        child.wait().unwrap();
+        assert!(readable(&fd, 0), "still readable once reaped");
+        assert!(sb.pidfd().unwrap().is_none(), "init is gone");
+        // No such process at all.
+        assert!(sandbox_of(i32::MAX, 1).pidfd().unwrap().is_none());
     }
 }

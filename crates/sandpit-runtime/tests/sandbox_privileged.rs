@@ -547,6 +547,46 @@ fn sweep_takes_only_what_the_predicate_picks() {
     assert_eq!(rt.list().unwrap(), [runs.id().clone()]);
 }
 
+// -------------------------------------------------------------------- pidfd
+
+fn readable(fd: &std::os::fd::OwnedFd, timeout_ms: u16) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, timeout_ms).unwrap() == 1
+}
+
+#[test]
+fn pidfd_becomes_readable_when_the_sandbox_is_destroyed() {
+    let rt = runtime();
+    let sb = rt
+        .create(&spec("pidfd", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    let fd = sb.pidfd().unwrap().expect("init runs");
+    assert!(!readable(&fd, 100), "readable while the sandbox runs");
+    // An adopted handle (a restarted daemon) gets one too.
+    let adopted = rt.open(sb.id()).unwrap().pidfd().unwrap().expect("adopted");
+    rt.destroy(sb.id()).unwrap();
+    assert!(readable(&fd, 5000), "not readable after destroy");
+    assert!(readable(&adopted, 5000), "adopted pidfd not readable");
+    assert!(sb.pidfd().unwrap().is_none(), "a pidfd for a gone init");
+}
+
+#[test]
+fn pidfd_becomes_readable_when_init_dies_on_its_own() {
+    let rt = runtime();
+    let sb = start(rt, spec("pidfd-kill", busybox(), &["sleep", "1000"]));
+    let fd = sb.pidfd().unwrap().expect("init runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sb.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(readable(&fd, 5000), "not readable after init was killed");
+}
+
 // -------------------------------------------------------------------- agent
 
 #[test]
