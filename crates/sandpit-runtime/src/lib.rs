@@ -11,10 +11,12 @@
 //! [`spawner_main`]; `rootfs`, the mount plan over the `syscalls::Syscalls`
 //! trait; `caps` and `seccomp`, the hardening of every sandbox's PID 1.
 
+mod binaries;
 mod caps;
 pub mod cgroup;
 mod chain;
 mod id;
+mod process;
 pub mod quantity;
 mod rootfs;
 pub mod runtime;

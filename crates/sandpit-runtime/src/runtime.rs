@@ -10,8 +10,11 @@ use sandpit_wire::client::AgentClient;
 use sandpit_wire::InitSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::binaries::is_dynamically_linked;
+pub use crate::binaries::{default_agent_binary, default_spawner_binary, AGENT_ENV, SPAWNER_ENV};
 use crate::cgroup::{Cgroup, CgroupError, CgroupManager, Limits};
 use crate::id::SandboxId;
+use crate::process::{is_zombie, process_start_time, reap, wait_gone};
 use crate::spawn::{SpawnConfig, SpawnOutcome};
 
 /// Host uids/gids a sandbox's users map to. Root inside is `host_base`.
@@ -50,83 +53,6 @@ pub struct RuntimeConfig {
     pub id_map: IdMap,
     /// Name of the parent cgroup that holds every sandbox's cgroup.
     pub cgroup_parent: String,
-}
-
-/// Environment variable that overrides where the static agent is found.
-pub const AGENT_ENV: &str = "SANDPIT_AGENT";
-/// Environment variable that overrides where `sandpit-spawn` is found.
-pub const SPAWNER_ENV: &str = "SANDPIT_SPAWN";
-
-/// Where the static agent is looked for: `$SANDPIT_AGENT`, the output of
-/// `scripts/build-agent.sh` relative to the running binary's directory
-/// (`target/release/` -> `target/agent/...`), then `/usr/libexec/sandpit/`.
-pub fn default_agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os(AGENT_ENV) {
-        return PathBuf::from(p);
-    }
-    let candidates = exe_dir()
-        .map(|d| d.join("../agent/x86_64-unknown-linux-gnu/release/sandpit-agent"))
-        .into_iter()
-        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-agent")]);
-    first_file(candidates, "/usr/libexec/sandpit/sandpit-agent")
-}
-
-/// Where `sandpit-spawn` is looked for: `$SANDPIT_SPAWN`, next to the running
-/// binary, then `/usr/libexec/sandpit/`.
-pub fn default_spawner_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os(SPAWNER_ENV) {
-        return PathBuf::from(p);
-    }
-    let candidates = exe_dir()
-        .map(|d| d.join("sandpit-spawn"))
-        .into_iter()
-        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-spawn")]);
-    first_file(candidates, "/usr/libexec/sandpit/sandpit-spawn")
-}
-
-fn exe_dir() -> Option<PathBuf> {
-    std::env::current_exe()
-        .ok()?
-        .parent()
-        .map(Path::to_path_buf)
-}
-
-fn first_file(candidates: impl Iterator<Item = PathBuf>, fallback: &str) -> PathBuf {
-    candidates
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(fallback))
-}
-
-/// Whether an ELF executable asks for a program interpreter (`PT_INTERP`).
-fn is_dynamically_linked(path: &Path) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(4096);
-    std::fs::File::open(path)?
-        .take(64 * 1024)
-        .read_to_end(&mut head)?;
-    Ok(elf_has_interpreter(&head).unwrap_or(false))
-}
-
-/// Scans the program headers of a little-endian ELF64 image; `None` when the
-/// bytes are not one (or the headers lie beyond what was read).
-fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
-    const PT_INTERP: u32 = 3;
-    if elf.get(..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
-        return None;
-    }
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let phoff = u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?) as usize;
-    let phentsize = u16_at(0x36)? as usize;
-    let phnum = u16_at(0x38)? as usize;
-    for i in 0..phnum {
-        let at = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        let p_type = u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?);
-        if p_type == PT_INTERP {
-            return Some(true);
-        }
-    }
-    Some(false)
 }
 
 /// What to create.
@@ -580,80 +506,11 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
-fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            rest.split(' ').next().map(|st| st == "Z" || st == "X")
-        })
-        .unwrap_or(false)
-}
-
-/// Waits (briefly, with backoff) until the sandbox's PID 1 is a zombie or
-/// gone. The kernel kills and reaps the rest of the PID namespace before
-/// PID 1 finishes exiting, so afterwards the cgroup holds nothing alive and
-/// teardown needs no freeze.
-fn wait_gone(pid: i32, start_time: u64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut pause = std::time::Duration::from_micros(100);
-    while process_start_time(pid) == Some(start_time)
-        && !is_zombie(pid)
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_millis(10));
-    }
-}
-
-/// Collects the exit status of a sandbox's PID 1 when this process is its
-/// reaper (a subreaper daemon); harmless otherwise.
-fn reap(pid: i32) {
-    let pid = nix::unistd::Pid::from_raw(pid);
-    for _ in 0..200 {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                std::thread::sleep(std::time::Duration::from_millis(5))
-            }
-            _ => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
 
     use super::*;
-
-    #[test]
-    fn elf_interpreter_detection() {
-        // The test binary itself is dynamically linked.
-        let me = std::env::current_exe().unwrap();
-        assert!(is_dynamically_linked(&me).unwrap());
-        assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), None);
-        assert_eq!(elf_has_interpreter(b""), None);
-        // A truncated header is not trusted either way.
-        let head = std::fs::read(&me).unwrap();
-        assert_eq!(elf_has_interpreter(&head[..0x30]), None);
-    }
-
-    #[test]
-    fn start_time_of_self_is_readable_and_stable() {
-        let me = std::process::id() as i32;
-        let t = process_start_time(me).unwrap();
-        assert_eq!(process_start_time(me), Some(t));
-        assert!(!is_zombie(me));
-        assert_eq!(process_start_time(i32::MAX), None);
-    }
 
     /// A runtime over a state dir and a fake v2 cgroup tree, both in `t`.
     fn fake_runtime(t: &Path) -> Runtime {
