@@ -9,7 +9,13 @@
 //! Private: `spawn`, the single-threaded `sandpit-spawn` helper that does the
 //! namespace work (the async daemon never forks), reached only through
 //! [`spawner_main`]; `rootfs`, the mount plan over the `syscalls::Syscalls`
-//! trait; `caps` and `seccomp`, the hardening of every sandbox's PID 1.
+//! trait; `caps` and `seccomp`, the hardening of every sandbox's PID 1
+//! ([`DEFAULT_CAPS`] is public for tests that check it from inside);
+//! `binaries` and `process`, the runtime's helpers; `chain`, errors as one
+//! line where they cross a process boundary.
+//!
+//! No error of this crate repeats its `source()` in its message: print them
+//! with their source chain (`a: b: c`).
 
 mod binaries;
 mod caps;

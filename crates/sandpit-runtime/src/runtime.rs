@@ -114,7 +114,9 @@ fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
 /// What is kept on disk so that a restarted daemon can adopt a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SandboxRecord {
-    id: SandboxId,
+    /// The id, for whoever reads the file: the directory's name is what
+    /// counts, and nothing in it must keep `destroy` from the pid.
+    id: String,
     pid: i32,
     /// Start time of `pid` (field 22 of /proc/PID/stat): guards against pid reuse.
     start_time: u64,
@@ -371,7 +373,7 @@ impl Runtime {
         let start_time = process_start_time(pid)
             .ok_or_else(|| RuntimeError::Spawn("sandbox init exited right after start".into()))?;
         let record = SandboxRecord {
-            id: spec.id.clone(),
+            id: spec.id.to_string(),
             pid,
             start_time,
         };
@@ -395,7 +397,7 @@ impl Runtime {
         let dir = self.dir_of(id);
         let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
         Ok(Sandbox {
-            id: record.id,
+            id: id.clone(),
             pid: record.pid,
             start_time: record.start_time,
             dir,
