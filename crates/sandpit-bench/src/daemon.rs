@@ -37,7 +37,7 @@ const IDLE: [&str; 2] = ["-c", "trap \"exit 0\" TERM INT; sleep infinity & wait"
 
 /// How many of each measure.
 #[derive(Debug, Clone)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Cold starts (create, first exec, delete).
     pub cold: usize,
     /// StreamExec `true` round trips.
@@ -57,7 +57,7 @@ pub struct Counts {
 
 /// The Python client block's settings.
 #[derive(Debug, Clone)]
-pub struct PythonRun {
+pub(crate) struct PythonRun {
     pub interpreter: PathBuf,
     pub iterations: usize,
     pub explicit: bool,
@@ -65,7 +65,7 @@ pub struct PythonRun {
 
 /// A single figure (not a latency distribution): a rate, a memory size.
 #[derive(Debug, Clone)]
-pub struct Figure {
+pub(crate) struct Figure {
     pub name: String,
     pub value: f64,
     pub unit: &'static str,
@@ -80,7 +80,7 @@ fn fig(name: &str, value: f64, unit: &'static str) -> Figure {
 }
 
 /// Runs the daemon measures; `bin_dir` holds `sandpitd` and `sandpit`.
-pub fn run(
+pub(crate) fn run(
     bin_dir: &Path,
     rootfs: &Path,
     bench_data_dir: &Path,

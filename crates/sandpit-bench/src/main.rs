@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
-use sandpit_runtime::{Runtime, RuntimeConfig, SandboxSpec};
+use sandpit_runtime::{Runtime, RuntimeConfig, SandboxId, SandboxSpec};
 use sandpit_wire::{ExecRequest, ExitStatus, InitSpec};
 
 #[derive(Parser, Debug)]
@@ -312,10 +312,10 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
         id_map: Default::default(),
         cgroup_parent: "sandpit-bench".into(),
     })?;
-    rt.sweep(&Default::default())?;
+    rt.sweep(|_| true)?;
 
     let spec = |i: usize, argv: &[&str]| SandboxSpec {
-        id: format!("bench-{i}"),
+        id: SandboxId::parse(&format!("bench-{i}")).expect("a valid id"),
         hostname: None,
         lower_dirs: layers.clone(),
         init: InitSpec {

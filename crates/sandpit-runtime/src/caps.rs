@@ -8,39 +8,42 @@
 use nix::errno::Errno;
 
 /// `CAP_CHOWN`.
-pub const CAP_CHOWN: u32 = 0;
+pub(crate) const CAP_CHOWN: u32 = 0;
 /// `CAP_DAC_OVERRIDE`.
-pub const CAP_DAC_OVERRIDE: u32 = 1;
+pub(crate) const CAP_DAC_OVERRIDE: u32 = 1;
 /// `CAP_FOWNER`.
-pub const CAP_FOWNER: u32 = 3;
+pub(crate) const CAP_FOWNER: u32 = 3;
 /// `CAP_FSETID`.
-pub const CAP_FSETID: u32 = 4;
+pub(crate) const CAP_FSETID: u32 = 4;
 /// `CAP_KILL`.
-pub const CAP_KILL: u32 = 5;
+pub(crate) const CAP_KILL: u32 = 5;
 /// `CAP_SETGID`.
-pub const CAP_SETGID: u32 = 6;
+pub(crate) const CAP_SETGID: u32 = 6;
 /// `CAP_SETUID`.
-pub const CAP_SETUID: u32 = 7;
+pub(crate) const CAP_SETUID: u32 = 7;
 /// `CAP_SETPCAP`.
-pub const CAP_SETPCAP: u32 = 8;
+pub(crate) const CAP_SETPCAP: u32 = 8;
 /// `CAP_NET_BIND_SERVICE`.
-pub const CAP_NET_BIND_SERVICE: u32 = 10;
+pub(crate) const CAP_NET_BIND_SERVICE: u32 = 10;
 /// `CAP_NET_RAW`.
-pub const CAP_NET_RAW: u32 = 13;
+pub(crate) const CAP_NET_RAW: u32 = 13;
 /// `CAP_SYS_CHROOT`.
-pub const CAP_SYS_CHROOT: u32 = 18;
-/// `CAP_SYS_ADMIN` (never kept; named for tests and messages).
-pub const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_SYS_CHROOT: u32 = 18;
+/// `CAP_SYS_ADMIN` (never kept; named for the tests that check so).
+#[cfg(test)]
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
 /// `CAP_MKNOD`.
-pub const CAP_MKNOD: u32 = 27;
+pub(crate) const CAP_MKNOD: u32 = 27;
 /// `CAP_AUDIT_WRITE`.
-pub const CAP_AUDIT_WRITE: u32 = 29;
+pub(crate) const CAP_AUDIT_WRITE: u32 = 29;
 /// `CAP_SETFCAP`.
-pub const CAP_SETFCAP: u32 = 31;
+pub(crate) const CAP_SETFCAP: u32 = 31;
 
 /// Docker's default capability set (its `CapBnd` is `0x00000000a80425fb`):
 /// what images expect root to be able to do, minus everything that reaches
-/// beyond the sandbox.
+/// beyond the sandbox. Every sandbox's PID 1 gets exactly these as its
+/// bounding, effective and permitted sets (capability numbers, as in
+/// `linux/capability.h`; see [`capability_mask`](crate::capability_mask)).
 pub const DEFAULT_CAPS: &[u32] = &[
     CAP_CHOWN,
     CAP_DAC_OVERRIDE,
@@ -63,7 +66,7 @@ const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Why a capability operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum CapsError {
+pub(crate) enum CapsError {
     /// `/proc/sys/kernel/cap_last_cap` could not be read.
     #[error("read /proc/sys/kernel/cap_last_cap: {0}")]
     ReadLastCap(Errno),
@@ -91,7 +94,7 @@ pub enum CapsError {
 
 /// The bit mask of `caps` (as in `CapBnd:` of `/proc/PID/status`).
 /// Numbers of 64 and above do not exist and are ignored.
-pub fn mask_of(caps: &[u32]) -> u64 {
+pub(crate) fn mask_of(caps: &[u32]) -> u64 {
     caps.iter()
         .filter(|&&c| c < 64)
         .fold(0, |mask, &c| mask | (1u64 << c))
@@ -100,7 +103,7 @@ pub fn mask_of(caps: &[u32]) -> u64 {
 /// The highest capability number this kernel knows.
 ///
 /// Read in the spawner before it forks, so the child need not open files.
-pub fn last_cap() -> Result<u32, CapsError> {
+pub(crate) fn last_cap() -> Result<u32, CapsError> {
     let text = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").map_err(|e| {
         CapsError::ReadLastCap(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
     })?;
@@ -114,7 +117,7 @@ pub fn last_cap() -> Result<u32, CapsError> {
 /// Drops every capability in `0..=last_cap` that is not in `keep` from the
 /// bounding set, so no later exec (even of a file with capabilities) can
 /// gain one. Needs `CAP_SETPCAP` in the current user namespace.
-pub fn restrict_bounding_set(keep: &[u32], last_cap: u32) -> Result<(), CapsError> {
+pub(crate) fn restrict_bounding_set(keep: &[u32], last_cap: u32) -> Result<(), CapsError> {
     for cap in 0..=last_cap {
         if keep.contains(&cap) {
             continue;
@@ -140,7 +143,7 @@ pub fn restrict_bounding_set(keep: &[u32], last_cap: u32) -> Result<(), CapsErro
 }
 
 /// Empties the ambient set: nothing is handed across exec implicitly.
-pub fn clear_ambient() -> Result<(), CapsError> {
+pub(crate) fn clear_ambient() -> Result<(), CapsError> {
     // SAFETY: PR_CAP_AMBIENT takes integer arguments and touches no memory.
     let rc = unsafe {
         libc::prctl(
@@ -159,7 +162,7 @@ pub fn clear_ambient() -> Result<(), CapsError> {
 
 /// Sets `no_new_privs`: setuid bits and file capabilities grant nothing from
 /// now on, and seccomp filters may be installed without `CAP_SYS_ADMIN`.
-pub fn set_no_new_privs() -> Result<(), CapsError> {
+pub(crate) fn set_no_new_privs() -> Result<(), CapsError> {
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments and touches no memory.
     let rc = unsafe {
         libc::prctl(
@@ -198,7 +201,7 @@ struct CapData {
 /// exec of a non-root program. It can only shrink the sets, so calling it
 /// after [`restrict_bounding_set`] (which needs `CAP_SETPCAP`) is the safe
 /// order, though `CAP_SETPCAP` is in [`DEFAULT_CAPS`] anyway.
-pub fn restrict_process_caps(keep: &[u32]) -> Result<(), CapsError> {
+pub(crate) fn restrict_process_caps(keep: &[u32]) -> Result<(), CapsError> {
     let mask = mask_of(keep);
     let header = CapHeader {
         version: CAPABILITY_VERSION_3,

@@ -16,7 +16,7 @@ use crate::syscalls::{FileKind, SysError, Syscalls};
 
 /// Where the agent binary appears inside every sandbox. It lives on the `/dev`
 /// tmpfs, so the image is never modified to hold it.
-pub const AGENT_PATH_IN_SANDBOX: &str = "/dev/.sandpit-agent";
+pub(crate) const AGENT_PATH_IN_SANDBOX: &str = "/dev/.sandpit-agent";
 
 /// Device nodes bind-mounted from the host into the sandbox's `/dev`.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -51,24 +51,24 @@ const READONLY_PATHS: &[&str] = &[
 
 /// Everything needed to build one sandbox's root.
 #[derive(Debug, Clone)]
-pub struct RootfsPlan {
+pub(crate) struct RootfsPlan {
     /// Mount point of the overlay (a directory in the sandbox's state dir).
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Image layers, top-most first.
-    pub lower_dirs: Vec<PathBuf>,
+    pub(crate) lower_dirs: Vec<PathBuf>,
     /// Writable layer.
-    pub upper_dir: PathBuf,
+    pub(crate) upper_dir: PathBuf,
     /// Overlayfs work dir (same filesystem as `upper_dir`).
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
     /// Host path of the static agent binary.
-    pub agent_binary: PathBuf,
+    pub(crate) agent_binary: PathBuf,
     /// Host uid/gid that is root inside the sandbox.
-    pub root_id: u32,
+    pub(crate) root_id: u32,
 }
 
 /// Why the root filesystem could not be assembled.
 #[derive(Debug, thiserror::Error)]
-pub enum RootfsError {
+pub(crate) enum RootfsError {
     /// A system call failed.
     #[error(transparent)]
     Sys(#[from] SysError),
@@ -86,14 +86,14 @@ pub enum RootfsError {
 const MS_NONE: MsFlags = MsFlags::empty();
 
 /// Mounts everything and pivots into the new root.
-pub fn build_and_enter(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsError> {
+pub(crate) fn build_and_enter(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsError> {
     build(sys, plan)?;
     sys.pivot_root(&plan.root)?;
     Ok(())
 }
 
 /// Mounts everything under `plan.root` (without pivoting).
-pub fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsError> {
+pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsError> {
     let root = &plan.root;
     let owner = (plan.root_id, plan.root_id);
     let at = |rel: &str| root.join(rel);

@@ -1,7 +1,7 @@
 //! The engine's public face: create, adopt, list, destroy and sweep sandboxes.
 
-use std::collections::HashSet;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,7 +10,11 @@ use sandpit_wire::client::AgentClient;
 use sandpit_wire::InitSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::binaries::is_dynamically_linked;
+pub use crate::binaries::{default_agent_binary, default_spawner_binary, AGENT_ENV, SPAWNER_ENV};
 use crate::cgroup::{Cgroup, CgroupError, CgroupManager, Limits};
+use crate::id::SandboxId;
+use crate::process::{is_zombie, process_start_time, reap, wait_gone};
 use crate::spawn::{SpawnConfig, SpawnOutcome};
 
 /// Host uids/gids a sandbox's users map to. Root inside is `host_base`.
@@ -51,88 +55,11 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
 }
 
-/// Environment variable that overrides where the static agent is found.
-pub const AGENT_ENV: &str = "SANDPIT_AGENT";
-/// Environment variable that overrides where `sandpit-spawn` is found.
-pub const SPAWNER_ENV: &str = "SANDPIT_SPAWN";
-
-/// Where the static agent is looked for: `$SANDPIT_AGENT`, the output of
-/// `scripts/build-agent.sh` relative to the running binary's directory
-/// (`target/release/` -> `target/agent/...`), then `/usr/libexec/sandpit/`.
-pub fn default_agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os(AGENT_ENV) {
-        return PathBuf::from(p);
-    }
-    let candidates = exe_dir()
-        .map(|d| d.join("../agent/x86_64-unknown-linux-gnu/release/sandpit-agent"))
-        .into_iter()
-        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-agent")]);
-    first_file(candidates, "/usr/libexec/sandpit/sandpit-agent")
-}
-
-/// Where `sandpit-spawn` is looked for: `$SANDPIT_SPAWN`, next to the running
-/// binary, then `/usr/libexec/sandpit/`.
-pub fn default_spawner_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os(SPAWNER_ENV) {
-        return PathBuf::from(p);
-    }
-    let candidates = exe_dir()
-        .map(|d| d.join("sandpit-spawn"))
-        .into_iter()
-        .chain([PathBuf::from("/usr/libexec/sandpit/sandpit-spawn")]);
-    first_file(candidates, "/usr/libexec/sandpit/sandpit-spawn")
-}
-
-fn exe_dir() -> Option<PathBuf> {
-    std::env::current_exe()
-        .ok()?
-        .parent()
-        .map(Path::to_path_buf)
-}
-
-fn first_file(candidates: impl Iterator<Item = PathBuf>, fallback: &str) -> PathBuf {
-    candidates
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(fallback))
-}
-
-/// Whether an ELF executable asks for a program interpreter (`PT_INTERP`).
-fn is_dynamically_linked(path: &Path) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(4096);
-    std::fs::File::open(path)?
-        .take(64 * 1024)
-        .read_to_end(&mut head)?;
-    Ok(elf_has_interpreter(&head).unwrap_or(false))
-}
-
-/// Scans the program headers of a little-endian ELF64 image; `None` when the
-/// bytes are not one (or the headers lie beyond what was read).
-fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
-    const PT_INTERP: u32 = 3;
-    if elf.get(..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
-        return None;
-    }
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let phoff = u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?) as usize;
-    let phentsize = u16_at(0x36)? as usize;
-    let phnum = u16_at(0x38)? as usize;
-    for i in 0..phnum {
-        let at = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        let p_type = u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?);
-        if p_type == PT_INTERP {
-            return Some(true);
-        }
-    }
-    Some(false)
-}
-
 /// What to create.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SandboxSpec {
-    /// Unique id: `[a-z0-9][a-z0-9_.-]*`, at most 63 characters.
-    pub id: String,
+    /// Unique among the sandboxes of the runtime's state dir.
+    pub id: SandboxId,
     /// Hostname inside; the id when `None`.
     pub hostname: Option<String>,
     /// Unpacked image layers, top-most first.
@@ -143,12 +70,10 @@ pub struct SandboxSpec {
     pub limits: Limits,
 }
 
-/// Errors of the engine.
+/// Errors of the engine. None repeats its source in its message: print
+/// them with their `source()` chain (`a: b: c`).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// The id is not acceptable.
-    #[error("invalid sandbox id {0:?}")]
-    InvalidId(String),
     /// A spec field is not acceptable.
     #[error("invalid {field}: {reason}")]
     InvalidSpec {
@@ -159,22 +84,25 @@ pub enum RuntimeError {
     },
     /// A sandbox with that id exists already.
     #[error("sandbox {0} already exists")]
-    AlreadyExists(String),
+    AlreadyExists(SandboxId),
     /// No sandbox with that id.
     #[error("sandbox {0} not found")]
-    NotFound(String),
+    NotFound(SandboxId),
     /// A host-side file operation failed.
-    #[error("{step}: {source}")]
+    #[error("{step}")]
     Io {
         /// The step.
         step: &'static str,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// Cgroup setup or teardown failed.
-    #[error("cgroup: {0}")]
+    #[error("cgroup")]
     Cgroup(#[from] CgroupError),
-    /// The spawner reported a failure.
+    /// The spawner reported a failure: its whole error chain as text (it
+    /// comes from another process), e.g. `root filesystem: mount
+    /// /…/rootfs: ENOENT: No such file or directory`.
     #[error("start sandbox: {0}")]
     Spawn(String),
 }
@@ -186,6 +114,8 @@ fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
 /// What is kept on disk so that a restarted daemon can adopt a sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SandboxRecord {
+    /// The id, for whoever reads the file: the directory's name is what
+    /// counts, and nothing in it must keep `destroy` from the pid.
     id: String,
     pid: i32,
     /// Start time of `pid` (field 22 of /proc/PID/stat): guards against pid reuse.
@@ -195,7 +125,7 @@ struct SandboxRecord {
 /// A running (or recently dead) sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
-    id: String,
+    id: SandboxId,
     pid: i32,
     start_time: u64,
     dir: PathBuf,
@@ -204,7 +134,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// The sandbox id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &SandboxId {
         &self.id
     }
 
@@ -226,6 +156,34 @@ impl Sandbox {
     /// Whether the sandbox's PID 1 still runs.
     pub fn is_running(&self) -> bool {
         process_start_time(self.pid) == Some(self.start_time) && !is_zombie(self.pid)
+    }
+
+    /// A pidfd (`pidfd_open(2)`) for the sandbox's PID 1. It becomes
+    /// readable once that process has exited, so a caller can wait for the
+    /// sandbox to end with `poll(2)`/epoll (or tokio's `AsyncFd`) instead of
+    /// polling [`is_running`](Sandbox::is_running). Close-on-exec.
+    ///
+    /// `Ok(None)` when PID 1 no longer runs: it exited, or its pid now names
+    /// another process. That is checked after opening, so a returned pidfd
+    /// always refers to the sandbox's PID 1, never to a process that reused
+    /// its pid. `Err` where the kernel has no pidfds (before Linux 5.3:
+    /// `ENOSYS`) or refuses one; callers then fall back to polling.
+    pub fn pidfd(&self) -> std::io::Result<Option<OwnedFd>> {
+        // SAFETY: pidfd_open takes a pid and flags by value and returns a new
+        // descriptor or -1; no memory is shared with the kernel.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No process with that pid at all.
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(self.is_running().then_some(fd))
     }
 
     /// How many processes the kernel OOM-killed in this sandbox.
@@ -255,8 +213,9 @@ pub struct Runtime {
     /// down from two places at once (a stop request and the watcher that
     /// saw its main process end); the second waits for the first and then
     /// finds nothing left, instead of racing it through the cgroup.
-    destroying:
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
+    destroying: std::sync::Mutex<
+        std::collections::HashMap<SandboxId, std::sync::Arc<std::sync::Mutex<()>>>,
+    >,
 }
 
 impl Runtime {
@@ -290,11 +249,17 @@ impl Runtime {
             });
         }
         let cgroups = CgroupManager::detect(&config.cgroup_parent)?;
-        Ok(Self {
+        Ok(Self::with_cgroups(config, cgroups))
+    }
+
+    /// A runtime over given cgroups, without the checks of [`Runtime::new`]
+    /// (for tests of what needs no sandbox to start: listing, sweeping).
+    fn with_cgroups(config: RuntimeConfig, cgroups: CgroupManager) -> Self {
+        Self {
             config,
             cgroups,
             destroying: Default::default(),
-        })
+        }
     }
 
     /// The configuration in force.
@@ -307,13 +272,12 @@ impl Runtime {
         &self.cgroups
     }
 
-    fn dir_of(&self, id: &str) -> PathBuf {
-        self.config.state_dir.join(id)
+    fn dir_of(&self, id: &SandboxId) -> PathBuf {
+        self.config.state_dir.join(id.as_str())
     }
 
     /// Creates a sandbox and returns once its agent is listening.
     pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox, RuntimeError> {
-        validate_id(&spec.id)?;
         if spec.lower_dirs.is_empty() {
             return Err(RuntimeError::InvalidSpec {
                 field: "image",
@@ -326,7 +290,7 @@ impl Runtime {
                 reason: "empty program name".into(),
             });
         }
-        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.clone());
+        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.to_string());
         if hostname.is_empty() || hostname.len() > 63 {
             return Err(RuntimeError::InvalidSpec {
                 field: "hostname",
@@ -343,7 +307,7 @@ impl Runtime {
         }
         let result = self.create_in(spec, &dir, hostname);
         if result.is_err() {
-            let _ = self.cgroups.open(&spec.id).destroy();
+            let _ = self.cgroups.open(spec.id.as_str()).destroy();
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
@@ -366,7 +330,7 @@ impl Runtime {
         std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))
             .map_err(io("chmod upper dir"))?;
 
-        let cgroup = self.cgroups.create(&spec.id, &spec.limits)?;
+        let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
         let config = SpawnConfig {
             id: spec.id.clone(),
             hostname,
@@ -409,7 +373,7 @@ impl Runtime {
         let start_time = process_start_time(pid)
             .ok_or_else(|| RuntimeError::Spawn("sandbox init exited right after start".into()))?;
         let record = SandboxRecord {
-            id: spec.id.clone(),
+            id: spec.id.to_string(),
             pid,
             start_time,
         };
@@ -429,28 +393,33 @@ impl Runtime {
     }
 
     /// Adopts an existing sandbox (after a daemon restart).
-    pub fn open(&self, id: &str) -> Result<Sandbox, RuntimeError> {
-        validate_id(id)?;
+    pub fn open(&self, id: &SandboxId) -> Result<Sandbox, RuntimeError> {
         let dir = self.dir_of(id);
-        let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        let record = read_record(&dir).ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
         Ok(Sandbox {
-            id: record.id,
+            id: id.clone(),
             pid: record.pid,
             start_time: record.start_time,
             dir,
-            cgroup: self.cgroups.open(id),
+            cgroup: self.cgroups.open(id.as_str()),
         })
     }
 
-    /// Ids of every sandbox with state on this host.
-    pub fn list(&self) -> Result<Vec<String>, RuntimeError> {
+    /// Ids of every sandbox with state in this runtime's state dir, sorted.
+    /// Entries whose names are not ids are skipped (and logged at debug
+    /// level): nothing of ours.
+    pub fn list(&self) -> Result<Vec<SandboxId>, RuntimeError> {
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&self.config.state_dir).map_err(io("list state dir"))? {
             let entry = entry.map_err(io("list state dir"))?;
-            if let Some(name) = entry.file_name().to_str() {
-                if validate_id(name).is_ok() {
-                    ids.push(name.to_string());
-                }
+            let name = entry.file_name();
+            match name.to_str().map(SandboxId::parse) {
+                Some(Ok(id)) => ids.push(id),
+                _ => tracing::debug!(
+                    name = %name.to_string_lossy(),
+                    state_dir = %self.config.state_dir.display(),
+                    "not a sandbox id: skipped"
+                ),
             }
         }
         ids.sort();
@@ -459,11 +428,10 @@ impl Runtime {
 
     /// Kills every process of the sandbox and removes all its state.
     /// Destroying a sandbox that is already gone is not an error.
-    pub fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
-        validate_id(id)?;
+    pub fn destroy(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let lock = {
             let mut map = self.destroying.lock().unwrap_or_else(|e| e.into_inner());
-            std::sync::Arc::clone(map.entry(id.to_string()).or_default())
+            std::sync::Arc::clone(map.entry(id.clone()).or_default())
         };
         let result = {
             let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -480,7 +448,7 @@ impl Runtime {
         result
     }
 
-    fn destroy_locked(&self, id: &str) -> Result<(), RuntimeError> {
+    fn destroy_locked(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let dir = self.dir_of(id);
         if let Some(record) = read_record(&dir) {
             // PID 1 dying takes the whole PID namespace with it.
@@ -494,7 +462,7 @@ impl Runtime {
             wait_gone(record.pid, record.start_time);
         }
         // Catches anything that was mid-fork or otherwise outlived PID 1.
-        self.cgroups.open(id).destroy()?;
+        self.cgroups.open(id.as_str()).destroy()?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -504,12 +472,19 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes the debris of this runtime's sandboxes not in `keep` (after a
-    /// crash): everything with a state dir under this runtime's state dir.
-    pub fn sweep(&self, keep: &HashSet<String>) -> Result<SweepReport, RuntimeError> {
+    /// Destroys (processes, cgroup, state dir: see [`destroy`]) every
+    /// sandbox of this runtime's state dir whose id `remove` picks, e.g. the
+    /// debris a crashed daemon left: `sweep(|id| id.is_generated() &&
+    /// !keep.contains(id))` takes the daemon's own sandboxes that it does not
+    /// know any more, and leaves those of `sandpit run` (`run-…`) sharing
+    /// the state dir alone. Stops at the first sandbox that cannot be
+    /// destroyed.
+    ///
+    /// [`destroy`]: Runtime::destroy
+    pub fn sweep(&self, remove: impl Fn(&SandboxId) -> bool) -> Result<SweepReport, RuntimeError> {
         let mut report = SweepReport::default();
         for id in self.list()? {
-            if !keep.contains(&id) {
+            if remove(&id) {
                 self.destroy(&id)?;
                 report.state_dirs += 1;
             }
@@ -517,23 +492,8 @@ impl Runtime {
         // Cgroups are not swept on their own: the parent group is shared
         // with other engines (another daemon's data dir, `sandpit run`), and
         // a sandbox's cgroup never exists without its state dir (created
-        // first, removed last), so `destroy` above took every one of ours.
+        // first, removed last), so `destroy` above took every one picked.
         Ok(report)
-    }
-}
-
-/// Accepts `[a-z0-9][a-z0-9_.-]*`, 1 to 63 characters.
-pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
-        && id.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(RuntimeError::InvalidId(id.into()))
     }
 }
 
@@ -548,86 +508,131 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
-fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            rest.split(' ').next().map(|st| st == "Z" || st == "X")
-        })
-        .unwrap_or(false)
-}
-
-/// Waits (briefly, with backoff) until the sandbox's PID 1 is a zombie or
-/// gone. The kernel kills and reaps the rest of the PID namespace before
-/// PID 1 finishes exiting, so afterwards the cgroup holds nothing alive and
-/// teardown needs no freeze.
-fn wait_gone(pid: i32, start_time: u64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut pause = std::time::Duration::from_micros(100);
-    while process_start_time(pid) == Some(start_time)
-        && !is_zombie(pid)
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_millis(10));
-    }
-}
-
-/// Collects the exit status of a sandbox's PID 1 when this process is its
-/// reaper (a subreaper daemon); harmless otherwise.
-fn reap(pid: i32) {
-    let pid = nix::unistd::Pid::from_raw(pid);
-    for _ in 0..200 {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                std::thread::sleep(std::time::Duration::from_millis(5))
-            }
-            _ => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
-    #[test]
-    fn ids_are_validated() {
-        for ok in ["a", "sb-0123abcd", "x.y_z-1"] {
-            validate_id(ok).unwrap();
+    /// A runtime over a state dir and a fake v2 cgroup tree, both in `t`.
+    fn fake_runtime(t: &Path) -> Runtime {
+        let state_dir = t.join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        let cgroup_root = t.join("cgroup");
+        std::fs::create_dir_all(cgroup_root.join("sandpit")).unwrap();
+        let cgroups =
+            CgroupManager::with_root(crate::cgroup::CgroupVersion::V2, &cgroup_root, "sandpit")
+                .unwrap();
+        Runtime::with_cgroups(
+            RuntimeConfig {
+                state_dir,
+                agent_binary: "/nonexistent/agent".into(),
+                spawner_binary: "/nonexistent/spawner".into(),
+                id_map: IdMap::default(),
+                cgroup_parent: "sandpit".into(),
+            },
+            cgroups,
+        )
+    }
+
+    /// A sandbox's leftovers: its state dir and an empty cgroup directory.
+    fn debris(rt: &Runtime, id: &str) -> SandboxId {
+        let id = SandboxId::parse(id).unwrap();
+        std::fs::create_dir_all(rt.dir_of(&id).join("upper")).unwrap();
+        for dir in rt.cgroups.open(id.as_str()).paths() {
+            std::fs::create_dir(dir).unwrap();
         }
-        for bad in ["", "-a", "A", "a/b", "..", ".a", "a b", &"a".repeat(64)] {
-            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
-        }
+        id
+    }
+
+    fn has_cgroup(rt: &Runtime, id: &SandboxId) -> bool {
+        rt.cgroups.open(id.as_str()).paths()[0].is_dir()
     }
 
     #[test]
-    fn elf_interpreter_detection() {
-        // The test binary itself is dynamically linked.
-        let me = std::env::current_exe().unwrap();
-        assert!(is_dynamically_linked(&me).unwrap());
-        assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), None);
-        assert_eq!(elf_has_interpreter(b""), None);
-        // A truncated header is not trusted either way.
-        let head = std::fs::read(&me).unwrap();
-        assert_eq!(elf_has_interpreter(&head[..0x30]), None);
+    fn list_skips_names_that_are_not_ids() {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        let b = debris(&rt, "b-1");
+        let a = debris(&rt, "a.1");
+        std::fs::create_dir(rt.config.state_dir.join("Not-An-Id")).unwrap();
+        std::fs::write(rt.config.state_dir.join(".hidden"), "").unwrap();
+        assert_eq!(rt.list().unwrap(), [a, b]);
     }
 
     #[test]
-    fn start_time_of_self_is_readable_and_stable() {
-        let me = std::process::id() as i32;
-        let t = process_start_time(me).unwrap();
-        assert_eq!(process_start_time(me), Some(t));
-        assert!(!is_zombie(me));
-        assert_eq!(process_start_time(i32::MAX), None);
+    fn sweep_removes_exactly_what_the_predicate_picks() {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        let lost = debris(&rt, "0123456789ab");
+        let kept = debris(&rt, "abcdef012345");
+        let run = debris(&rt, "run-0123456789ab");
+        let stranger = rt.config.state_dir.join("Not-An-Id");
+        std::fs::create_dir(&stranger).unwrap();
+        // What the daemon asks for: its own ids that it does not know.
+        let keep = HashSet::from([kept.clone()]);
+        let report = rt
+            .sweep(|id| id.is_generated() && !keep.contains(id))
+            .unwrap();
+        assert_eq!(report, SweepReport { state_dirs: 1 });
+        assert_eq!(rt.list().unwrap(), [kept.clone(), run.clone()]);
+        assert!(!rt.dir_of(&lost).exists());
+        assert!(!has_cgroup(&rt, &lost), "the swept sandbox's cgroup stays");
+        assert!(has_cgroup(&rt, &kept) && has_cgroup(&rt, &run));
+        assert!(stranger.is_dir(), "not an id: not ours to remove");
+        // Everything goes when everything is picked; nothing is left to do.
+        assert_eq!(rt.sweep(|_| true).unwrap().state_dirs, 2);
+        assert!(rt.list().unwrap().is_empty());
+        assert!(!has_cgroup(&rt, &kept) && !has_cgroup(&rt, &run));
+        assert_eq!(rt.sweep(|_| true).unwrap(), SweepReport::default());
+    }
+
+    /// A `Sandbox` whose PID 1 is `pid`, recorded with `start_time`.
+    fn sandbox_of(pid: i32, start_time: u64) -> Sandbox {
+        let t = tempfile::tempdir().unwrap();
+        let rt = fake_runtime(t.path());
+        Sandbox {
+            id: SandboxId::parse("sb").unwrap(),
+            pid,
+            start_time,
+            dir: t.path().join("state/sb"),
+            cgroup: rt.cgroups.open("sb"),
+        }
+    }
+
+    fn readable(fd: &OwnedFd, timeout_ms: u16) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, timeout_ms).unwrap() == 1
+    }
+
+    #[test]
+    fn pidfd_is_readable_once_init_exits_and_guards_pid_reuse() {
+        let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start_time = process_start_time(pid).unwrap();
+        let sb = sandbox_of(pid, start_time);
+        let fd = match sb.pidfd() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                eprintln!("skipped: no pidfds on this kernel");
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return;
+            }
+            other => other.unwrap().expect("init runs"),
+        };
+        assert!(!readable(&fd, 0), "readable while init runs");
+        // The same pid recorded with another start time is another process.
+        assert!(sandbox_of(pid, start_time + 1).pidfd().unwrap().is_none());
+        child.kill().unwrap();
+        assert!(readable(&fd, 5000), "not readable after init exited");
+        child.wait().unwrap();
+        assert!(readable(&fd, 0), "still readable once reaped");
+        assert!(sb.pidfd().unwrap().is_none(), "init is gone");
+        // No such process at all.
+        assert!(sandbox_of(i32::MAX, 1).pidfd().unwrap().is_none());
     }
 }

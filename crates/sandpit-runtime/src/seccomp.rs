@@ -25,7 +25,7 @@ use seccompiler::{
 
 /// Why building or installing the filter failed.
 #[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
+pub(crate) enum SeccompError {
     /// The filter has no rules for this CPU architecture.
     #[error("unsupported architecture {0}")]
     UnsupportedArch(&'static str),
@@ -232,7 +232,7 @@ fn prefix() -> Vec<sock_filter> {
 }
 
 /// Builds the sandbox's filter. Call before forking: it allocates.
-pub fn default_filter() -> Result<BpfProgram, SeccompError> {
+pub(crate) fn default_filter() -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules()?,
         SeccompAction::Allow,
@@ -261,7 +261,7 @@ const _: () = assert!(
 ///
 /// Needs `no_new_privs` (or `CAP_SYS_ADMIN`). Allocation-free: it runs in the
 /// forked child just before exec.
-pub fn install(filter: &BpfProgram) -> Result<(), SeccompError> {
+pub(crate) fn install(filter: &BpfProgram) -> Result<(), SeccompError> {
     let len = match u16::try_from(filter.len()) {
         Ok(n) if n > 0 => n,
         _ => return Err(SeccompError::BadLength(filter.len())),

@@ -36,41 +36,43 @@ use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
+use crate::chain::chain;
+use crate::id::SandboxId;
 use crate::rootfs::{self, RootfsPlan, AGENT_PATH_IN_SANDBOX};
 use crate::syscalls::LinuxSyscalls;
 use crate::{caps, seccomp};
 
 /// What the spawner needs to create one sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SpawnConfig {
+pub(crate) struct SpawnConfig {
     /// Sandbox id (for messages).
-    pub id: String,
+    pub(crate) id: SandboxId,
     /// Hostname inside the sandbox.
-    pub hostname: String,
+    pub(crate) hostname: String,
     /// Overlay mount point.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Image layers, top-most first.
-    pub lower_dirs: Vec<PathBuf>,
+    pub(crate) lower_dirs: Vec<PathBuf>,
     /// Writable layer.
-    pub upper_dir: PathBuf,
+    pub(crate) upper_dir: PathBuf,
     /// Overlay work dir.
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
     /// Host path of the static agent binary.
-    pub agent_binary: PathBuf,
+    pub(crate) agent_binary: PathBuf,
     /// Host path where the agent's socket is bound.
-    pub agent_socket: PathBuf,
+    pub(crate) agent_socket: PathBuf,
     /// First host uid/gid of the sandbox's id range (root inside).
-    pub host_id_base: u32,
+    pub(crate) host_id_base: u32,
     /// Size of the id range.
-    pub id_count: u32,
+    pub(crate) id_count: u32,
     /// `cgroup.procs` files the sandbox's PID 1 is written to.
-    pub cgroup_procs: Vec<PathBuf>,
+    pub(crate) cgroup_procs: Vec<PathBuf>,
 }
 
 /// What the spawner reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum SpawnOutcome {
+pub(crate) enum SpawnOutcome {
     /// The agent runs as the sandbox's PID 1; `pid` is its host pid.
     Started {
         /// Host pid of the sandbox's PID 1.
@@ -83,28 +85,34 @@ pub enum SpawnOutcome {
     },
 }
 
-/// Why the spawner failed.
+/// Why the spawner failed. Reported to the runtime as text: the whole
+/// chain ([`chain`]), since no variant repeats its source.
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
-    /// Bad input from the daemon.
-    #[error("invalid spawn request: {0}")]
-    BadRequest(String),
+pub(crate) enum SpawnError {
+    /// The request has no config line.
+    #[error("invalid spawn request: missing config line")]
+    MissingConfig,
+    /// The config line is not a [`SpawnConfig`].
+    #[error("invalid spawn request")]
+    BadConfig(#[source] serde_json::Error),
     /// A host-side step failed.
-    #[error("{step}: {source}")]
+    #[error("{step}")]
     Host {
         /// The step.
         step: &'static str,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
-    /// The sandbox's PID 1 reported a failure before exec.
+    /// The sandbox's PID 1 reported a failure before exec (already a
+    /// whole chain, see [`step_failed`]).
     #[error("{0}")]
     Child(String),
     /// Seccomp filter construction failed.
-    #[error("seccomp: {0}")]
+    #[error("seccomp")]
     Seccomp(#[from] seccomp::SeccompError),
     /// Capability setup failed.
-    #[error("capabilities: {0}")]
+    #[error("capabilities")]
     Caps(#[from] caps::CapsError),
 }
 
@@ -119,13 +127,17 @@ fn host_nix(step: &'static str) -> impl FnOnce(nix::errno::Errno) -> SpawnError 
     }
 }
 
+/// How the sandbox's PID 1 reports a failed step: `step: error chain`,
+/// e.g. `root filesystem: mount /…/rootfs: ENOENT: No such file or directory`.
+fn step_failed(step: &str, e: &dyn std::error::Error) -> String {
+    format!("{step}: {}", chain(e))
+}
+
 /// Entry point of the `sandpit-spawn` binary. Returns the process exit code.
-pub fn spawner_main() -> i32 {
+pub(crate) fn spawner_main() -> i32 {
     let outcome = match spawn_from_stdin() {
         Ok(pid) => SpawnOutcome::Started { pid },
-        Err(e) => SpawnOutcome::Failed {
-            message: e.to_string(),
-        },
+        Err(e) => SpawnOutcome::Failed { message: chain(&e) },
     };
     let ok = matches!(outcome, SpawnOutcome::Started { .. });
     let line = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -147,14 +159,14 @@ fn spawn_from_stdin() -> Result<i32, SpawnError> {
     let nl = input
         .iter()
         .position(|&b| b == b'\n')
-        .ok_or_else(|| SpawnError::BadRequest("missing config line".into()))?;
+        .ok_or(SpawnError::MissingConfig)?;
     let config: SpawnConfig =
-        serde_json::from_slice(&input[..nl]).map_err(|e| SpawnError::BadRequest(e.to_string()))?;
+        serde_json::from_slice(&input[..nl]).map_err(SpawnError::BadConfig)?;
     spawn(&config, &input[nl + 1..])
 }
 
 /// Creates the sandbox described by `config`; `init_frame` is handed to the agent.
-pub fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, SpawnError> {
+pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, SpawnError> {
     // 1. Everything that allocates or touches host paths happens up front.
     let listener = UnixListener::bind(&config.agent_socket).map_err(host("bind agent socket"))?;
     std::fs::set_permissions(&config.agent_socket, std::fs::Permissions::from_mode(0o600))
@@ -326,7 +338,7 @@ fn child(mut a: ChildArgs<'_>) -> String {
         ($what:expr, $e:expr) => {
             match $e {
                 Ok(v) => v,
-                Err(e) => return format!("{}: {}", $what, e),
+                Err(e) => return step_failed($what, &e),
             }
         };
     }
@@ -427,7 +439,7 @@ fn child(mut a: ChildArgs<'_>) -> String {
         // SAFETY: dup2 on descriptors we own; the targets are fixed slots the
         // agent expects, and nothing else uses them in this process.
         if unsafe { libc::dup2(src, dst) } < 0 {
-            return format!("dup2: {}", std::io::Error::last_os_error());
+            return step_failed("dup2", &std::io::Error::last_os_error());
         }
     }
     // Everything else (including the report pipe) closes at exec.
@@ -451,7 +463,7 @@ fn child(mut a: ChildArgs<'_>) -> String {
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     // SAFETY: argv and envp are NUL-terminated arrays of pointers to live CStrings.
     unsafe { libc::execve(a.agent_path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    format!("exec agent: {}", std::io::Error::last_os_error())
+    step_failed("exec agent", &std::io::Error::last_os_error())
 }
 
 fn memfd_with(data: &[u8]) -> Result<OwnedFd, SpawnError> {
@@ -490,4 +502,28 @@ fn loopback_up() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::RootfsError;
+    use crate::syscalls::SysError;
+
+    #[test]
+    fn failed_steps_read_step_then_cause() {
+        let e = RootfsError::Sys(SysError {
+            op: "mount",
+            path: "/s/x/rootfs".into(),
+            errno: nix::errno::Errno::ENOENT,
+        });
+        assert_eq!(
+            step_failed("root filesystem", &e),
+            "root filesystem: mount /s/x/rootfs: ENOENT: No such file or directory"
+        );
+        assert_eq!(
+            step_failed("setsid", &nix::errno::Errno::EPERM),
+            "setsid: EPERM: Operation not permitted"
+        );
+    }
 }

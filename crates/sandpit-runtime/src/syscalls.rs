@@ -9,13 +9,13 @@ use nix::mount::MsFlags;
 /// A failed system call, with the path it was about.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {}: {errno}", path.display())]
-pub struct SysError {
+pub(crate) struct SysError {
     /// The operation (`mount`, `mkdir`...).
-    pub op: &'static str,
+    pub(crate) op: &'static str,
     /// The path it acted on.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The error number.
-    pub errno: nix::errno::Errno,
+    pub(crate) errno: nix::errno::Errno,
 }
 
 impl SysError {
@@ -30,7 +30,7 @@ impl SysError {
 
 /// What an `lstat` found at a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
+pub(crate) enum FileKind {
     /// A directory.
     Dir,
     /// A regular file.
@@ -42,7 +42,7 @@ pub enum FileKind {
 }
 
 /// The system calls used to assemble a sandbox's root filesystem.
-pub trait Syscalls {
+pub(crate) trait Syscalls {
     /// mount(2).
     fn mount(
         &self,
@@ -66,7 +66,7 @@ pub trait Syscalls {
 
 /// The real thing.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct LinuxSyscalls;
+pub(crate) struct LinuxSyscalls;
 
 impl Syscalls for LinuxSyscalls {
     fn mount(

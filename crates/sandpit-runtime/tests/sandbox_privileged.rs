@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
 use sandpit_runtime::cgroup::Limits;
-use sandpit_runtime::{Runtime, RuntimeConfig, RuntimeError, Sandbox, SandboxSpec};
+use sandpit_runtime::{Runtime, RuntimeConfig, RuntimeError, Sandbox, SandboxId, SandboxSpec};
 use sandpit_wire::client::{AgentClient, ClientError, ExecEvent, ExecSession, Output};
 use sandpit_wire::{ErrorKind, ExecRequest, ExitStatus, InitFile, InitSpec, MainStatus, WinSize};
 
@@ -92,13 +92,14 @@ fn runtime() -> &'static Runtime {
     RT.get_or_init(|| new_runtime("main"))
 }
 
-fn unique_id(prefix: &str) -> String {
+fn unique_id(prefix: &str) -> SandboxId {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
+    SandboxId::parse(&format!(
         "{prefix}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
-    )
+    ))
+    .unwrap()
 }
 
 fn spec(prefix: &str, layers: Vec<PathBuf>, argv: &[&str]) -> SandboxSpec {
@@ -204,7 +205,7 @@ fn probe_sees_an_isolated_unprivileged_environment() {
             .collect::<Vec<_>>(),
         ["0", base.as_str(), "65536"]
     );
-    assert_eq!(p["hostname"], sb.id());
+    assert_eq!(p["hostname"], sb.id().as_str());
     // Own PID namespace: the agent is PID 1 and the host's processes are invisible.
     assert!(p["pids_visible"].as_u64().unwrap() < 5, "{p}");
     assert_eq!(p["no_new_privs"], 1);
@@ -212,7 +213,7 @@ fn probe_sees_an_isolated_unprivileged_environment() {
     let bnd = u64::from_str_radix(p["cap_bnd"].as_str().unwrap(), 16).unwrap();
     assert_eq!(
         bnd,
-        sandpit_runtime::caps::mask_of(sandpit_runtime::caps::DEFAULT_CAPS)
+        sandpit_runtime::capability_mask(sandpit_runtime::DEFAULT_CAPS)
     );
     for forbidden in [
         "mount_tmpfs",
@@ -378,7 +379,7 @@ fn fork_bomb_is_contained_by_the_pids_limit() {
         .unwrap()
         .success());
     eprintln!("host `true` during the fork bomb: {:?}", t.elapsed());
-    let id = sb.id().to_string();
+    let id = sb.id().clone();
     drop(sb);
     assert!(rt.open(&id).is_err(), "state left behind");
 }
@@ -439,7 +440,7 @@ fn processes_in(marker: &str) -> usize {
 fn hundred_cycles_and_a_killed_main_leave_no_debris() {
     // A runtime of its own, so counts are not disturbed by the other tests.
     let rt = new_runtime("debris");
-    rt.sweep(&HashSet::new()).unwrap();
+    rt.sweep(|_| true).unwrap();
     let marker = "sandpit-test-debris";
     let (mounts, links) = (mount_count(), link_count());
     assert_eq!(rt.cgroups().list().unwrap().len(), 0);
@@ -503,7 +504,7 @@ fn hundred_cycles_and_a_killed_main_leave_no_debris() {
 #[test]
 fn sweep_removes_the_debris_of_a_crash() {
     let rt = new_runtime("sweep");
-    rt.sweep(&HashSet::new()).unwrap();
+    rt.sweep(|_| true).unwrap();
     let a = rt
         .create(&spec("keep", busybox(), &["sleep", "1000"]))
         .unwrap();
@@ -512,7 +513,8 @@ fn sweep_removes_the_debris_of_a_crash() {
         .unwrap();
     // As if the daemon crashed and forgot `b`: a new runtime instance sweeps it.
     let rt2 = new_runtime("sweep");
-    let report = rt2.sweep(&HashSet::from([a.id().to_string()])).unwrap();
+    let keep = HashSet::from([a.id().clone()]);
+    let report = rt2.sweep(|id| !keep.contains(id)).unwrap();
     assert_eq!(report.state_dirs, 1);
     assert!(!b.is_running());
     assert!(a.is_running());
@@ -521,6 +523,68 @@ fn sweep_removes_the_debris_of_a_crash() {
     rt2.destroy(a.id()).unwrap();
     assert!(rt2.list().unwrap().is_empty());
     assert!(rt2.cgroups().list().unwrap().is_empty());
+}
+
+#[test]
+fn sweep_takes_only_what_the_predicate_picks() {
+    // The daemon's sweep: its own (generated) ids, never `sandpit run`'s.
+    let rt = new_runtime("sweep-pick");
+    rt.sweep(|_| true).unwrap();
+    let mut daemons = spec("unused", busybox(), &["sleep", "1000"]);
+    daemons.id = SandboxId::generate();
+    let mut runs = spec("unused", busybox(), &["sleep", "1000"]);
+    runs.id = SandboxId::generate_prefixed("run");
+    let daemons = rt.create(&daemons).unwrap();
+    let runs = start(&rt, runs);
+    let report = rt.sweep(|id| id.is_generated()).unwrap();
+    assert_eq!(report.state_dirs, 1);
+    assert!(!daemons.is_running());
+    for dir in daemons.cgroup().paths() {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    assert!(runs.is_running());
+    assert!(runs.agent().ping().is_ok());
+    assert_eq!(rt.list().unwrap(), [runs.id().clone()]);
+}
+
+// -------------------------------------------------------------------- pidfd
+
+fn readable(fd: &std::os::fd::OwnedFd, timeout_ms: u16) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, timeout_ms).unwrap() == 1
+}
+
+#[test]
+fn pidfd_becomes_readable_when_the_sandbox_is_destroyed() {
+    let rt = runtime();
+    let sb = rt
+        .create(&spec("pidfd", busybox(), &["sleep", "1000"]))
+        .unwrap();
+    let fd = sb.pidfd().unwrap().expect("init runs");
+    assert!(!readable(&fd, 100), "readable while the sandbox runs");
+    // An adopted handle (a restarted daemon) gets one too.
+    let adopted = rt.open(sb.id()).unwrap().pidfd().unwrap().expect("adopted");
+    rt.destroy(sb.id()).unwrap();
+    assert!(readable(&fd, 5000), "not readable after destroy");
+    assert!(readable(&adopted, 5000), "adopted pidfd not readable");
+    assert!(sb.pidfd().unwrap().is_none(), "a pidfd for a gone init");
+}
+
+#[test]
+fn pidfd_becomes_readable_when_init_dies_on_its_own() {
+    let rt = runtime();
+    let sb = start(rt, spec("pidfd-kill", busybox(), &["sleep", "1000"]));
+    let fd = sb.pidfd().unwrap().expect("init runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sb.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(readable(&fd, 5000), "not readable after init was killed");
 }
 
 // -------------------------------------------------------------------- agent
@@ -673,7 +737,7 @@ fn main_command_env_cwd_files_and_output() {
 #[test]
 fn bad_input_fails_clearly_without_debris() {
     let rt = new_runtime("bad");
-    rt.sweep(&HashSet::new()).unwrap();
+    rt.sweep(|_| true).unwrap();
     let mounts = mount_count();
 
     let mut s = spec("nolayer", vec![PathBuf::from("/nonexistent/layer")], &[]);
@@ -691,11 +755,9 @@ fn bad_input_fails_clearly_without_debris() {
             ..
         }
     ));
-    s.id = "Bad/Id".into();
-    assert!(matches!(
-        rt.create(&s).unwrap_err(),
-        RuntimeError::InvalidId(_)
-    ));
+    // An invalid id cannot reach `create` at all: a spec holds a SandboxId.
+    let bad = SandboxId::parse("Bad/Id").unwrap_err();
+    assert_eq!(bad.to_string(), "invalid sandbox id \"Bad/Id\"");
 
     // A main command that does not exist: the sandbox starts, the agent says why.
     let sb = rt

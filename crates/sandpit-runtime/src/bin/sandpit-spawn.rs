@@ -1,6 +1,6 @@
 //! `sandpit-spawn`: the single-threaded helper that creates one sandbox.
-//! See `sandpit_runtime::spawn` for its protocol.
+//! Its protocol is private to `sandpit_runtime` (the crate's `spawn` module).
 
 fn main() {
-    std::process::exit(sandpit_runtime::spawn::spawner_main());
+    std::process::exit(sandpit_runtime::spawner_main());
 }
