@@ -14,7 +14,8 @@ use nix::sys::termios;
 use sandpit_image::Reference;
 use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
 use sandpit_runtime::{
-    default_agent_binary, default_spawner_binary, Limits, Runtime, RuntimeConfig, SandboxSpec,
+    default_agent_binary, default_spawner_binary, Limits, Runtime, RuntimeConfig, SandboxId,
+    SandboxSpec,
 };
 use sandpit_wire::client::ExecEvent;
 use sandpit_wire::{ExecRequest, InitSpec, WinSize};
@@ -123,7 +124,7 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
         id_map: Default::default(),
         cgroup_parent: "sandpit".into(),
     })?;
-    let id = format!("run-{}", random_hex());
+    let id = SandboxId::generate_prefixed("run");
     // The sandbox idles (no main command); the user's command runs as an
     // exec so its output streams back and its exit code is ours.
     let spec = SandboxSpec {
@@ -148,18 +149,18 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
 
     // Leased while mounted: a gc (here or in sandpitd) must not collect
     // the layers under the sandbox.
-    store.lease(&id, &image.layers)?;
+    store.lease(id.as_str(), &image.layers)?;
     let sandbox = match runtime.create(&spec) {
         Ok(sandbox) => sandbox,
         Err(e) => {
-            let _ = store.release(&id);
+            let _ = store.release(id.as_str());
             return Err(e.into());
         }
     };
     let result = attach(&sandbox, argv, cwd, tty, forwarded);
     match runtime.destroy(&id) {
         Ok(()) => {
-            if let Err(e) = store.release(&id) {
+            if let Err(e) = store.release(id.as_str()) {
                 eprintln!("sandpit: release image lease {id}: {e}");
             }
         }
@@ -303,19 +304,4 @@ fn terminal_size() -> Option<WinSize> {
         cols: ws.ws_col,
         rows: ws.ws_row,
     })
-}
-
-fn random_hex() -> String {
-    let mut bytes = [0u8; 6];
-    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if filled.is_err() {
-        // Unique enough for a one-off name: pid and clock.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        bytes[..4].copy_from_slice(&nanos.to_le_bytes());
-        bytes[4..].copy_from_slice(&(std::process::id() as u16).to_le_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

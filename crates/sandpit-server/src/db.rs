@@ -369,8 +369,8 @@ fn from_ms(ms: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
     use std::collections::BTreeMap;
+    use tokio::sync::oneshot;
 
     fn sid(id: &str) -> SandboxId {
         SandboxId::parse(id).unwrap()

@@ -8,7 +8,6 @@
 //! main process is noticed.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -206,26 +205,18 @@ async fn follow_output(
 /// so nothing polls. Falls back to checking once a second where pidfds are
 /// unavailable (kernels before 5.3).
 async fn wait_init_exit(sb: &Sandbox) {
-    // SAFETY: pidfd_open takes a pid and flags by value and returns a new
-    // descriptor or -1; no memory is shared with the kernel.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, sb.pid(), 0) };
-    if fd >= 0 {
-        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // Checked after opening: the pidfd is for the sandbox's init, not a
-        // process that reused its pid.
-        if !sb.is_running() {
-            return;
+    match sb.pidfd() {
+        // Not the process it recorded any more: ended already.
+        Ok(None) => return,
+        Ok(Some(fd)) => {
+            if let Ok(afd) =
+                tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+            {
+                let _ = afd.readable().await;
+                return;
+            }
         }
-        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and refers
-        // to the same pidfd until the AsyncFd is dropped.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        };
-        if let Ok(afd) = registered {
-            let _ = afd.readable().await;
-            return;
-        }
+        Err(e) => tracing::debug!(error = %e, "no pidfd; polling"),
     }
     while sb.is_running() {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -288,7 +279,7 @@ impl Engine for LocalEngine {
         let runtime = Arc::clone(&self.runtime);
         let spec_layers = spec.layers;
         let spec = SandboxSpec {
-            id: id.to_string(),
+            id: id.clone(),
             hostname: None,
             lower_dirs: spec.lower_dirs,
             init: InitSpec {
@@ -317,12 +308,12 @@ impl Engine for LocalEngine {
             // Leased before mounting: `sandpit image rm` or a gc in another
             // process must not collect a layer under a running sandbox.
             store
-                .lease(&spec.id, &layers)
+                .lease(spec.id.as_str(), &layers)
                 .map_err(|e| EngineError::Image(describe(&e)))?;
             let sandbox = match runtime.create(&spec) {
                 Ok(sandbox) => sandbox,
                 Err(e) => {
-                    release_lease(&store, &spec.id);
+                    release_lease(&store, spec.id.as_str());
                     return Err(EngineError::Runtime(describe(&e)));
                 }
             };
@@ -339,7 +330,7 @@ impl Engine for LocalEngine {
                 Ok(()) => Ok(sandbox),
                 Err(e) => {
                     match runtime.destroy(sandbox.id()) {
-                        Ok(()) => release_lease(&store, sandbox.id()),
+                        Ok(()) => release_lease(&store, sandbox.id().as_str()),
                         Err(d) => tracing::warn!(error = %d, "destroy after failed start"),
                     }
                     Err(e)
@@ -407,11 +398,11 @@ impl Engine for LocalEngine {
         self.table().remove(id);
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
-        let id = id.to_string();
+        let id = id.clone();
         blocking(move || {
             runtime.destroy(&id)?;
             // Only once nothing is mounted any more.
-            release_lease(&store, &id);
+            release_lease(&store, id.as_str());
             Ok(())
         })
         .await?
@@ -420,7 +411,7 @@ impl Engine for LocalEngine {
 
     async fn adopt(&self, id: &SandboxId) -> Adoption {
         let runtime = Arc::clone(&self.runtime);
-        let owned = id.to_string();
+        let owned = id.clone();
         let opened = blocking(move || runtime.open(&owned)).await;
         match opened {
             Ok(Ok(sb)) if sb.is_running() => {
@@ -438,35 +429,27 @@ impl Engine for LocalEngine {
     }
 
     async fn sweep(&self, keep: HashSet<SandboxId>) -> Result<usize, EngineError> {
-        // Not `Runtime::sweep`: it also removes every cgroup under the
-        // shared parent that is not in `keep`, which would kill the
-        // sandboxes of another sandpitd (another data dir) or of `sandpit
-        // run`. Only state dirs of this daemon's own ids are swept;
-        // `destroy` takes each one's cgroup with it, and a sandbox's cgroup
-        // never exists without its state dir.
+        // Only this daemon's own ids: `sandpit run` shares the state dir
+        // with ids of another shape (`run-...`), and its sandboxes are not
+        // ours to remove.
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
         blocking(move || {
-            let mut removed = 0;
-            for id in runtime.list()? {
-                if is_daemon_id(&id) && !keep.contains(id.as_str()) {
-                    runtime.destroy(&id)?;
-                    removed += 1;
-                }
-            }
+            let ours = |id: &SandboxId| id.is_generated() && !keep.contains(id);
+            let report = runtime.sweep(ours)?;
             // Leases of sandboxes that are gone (a crash between destroy and
             // release) would pin their layers forever.
             match store.lease_holders() {
                 Ok(holders) => {
                     for holder in holders {
-                        if is_daemon_id(&holder) && !keep.contains(holder.as_str()) {
+                        if SandboxId::parse(&holder).is_ok_and(|id| ours(&id)) {
                             release_lease(&store, &holder);
                         }
                     }
                 }
                 Err(e) => tracing::warn!(error = %describe(&e), "list image leases"),
             }
-            Ok(removed)
+            Ok(report.state_dirs)
         })
         .await?
         .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
@@ -499,15 +482,6 @@ fn release_lease(store: &ImageStore, holder: &str) {
     }
 }
 
-/// Whether `id` has the shape of the ids the manager hands out (12
-/// lowercase hex digits), as opposed to `sandpit run`'s `run-...`.
-fn is_daemon_id(id: &str) -> bool {
-    id.len() == 12
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// CPUs this process may use, memory from `/proc/meminfo`.
 pub fn host_capacity() -> HostCapacity {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
@@ -535,14 +509,6 @@ fn parse_meminfo(text: &str) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_daemon_ids_are_swept() {
-        assert!(is_daemon_id("0123456789ab"));
-        assert!(!is_daemon_id("run-0123456789"));
-        assert!(!is_daemon_id("0123456789AB"));
-        assert!(!is_daemon_id("0123456789a"));
-    }
 
     #[test]
     fn meminfo_is_parsed() {

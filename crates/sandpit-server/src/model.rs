@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::SystemTime;
 
-pub use crate::id_shim::{InvalidSandboxId, SandboxId};
+pub use sandpit_runtime::{InvalidSandboxId, SandboxId};
 
 /// Lifecycle state of a sandbox. Which transitions lead from one to another
 /// is decided in one place, [`crate::manager::lifecycle::apply`]; its table

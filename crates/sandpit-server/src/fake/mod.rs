@@ -261,7 +261,7 @@ impl Engine for FakeEngine {
     async fn wait_exit(&self, id: &SandboxId, logs: LogWriter) -> MainExit {
         let (mut rx, output) = {
             let st = self.lock();
-            match st.sandboxes.get(id.as_ref()) {
+            match st.sandboxes.get(id) {
                 Some(sb) if !sb.destroyed => (sb.exit.subscribe(), st.output.clone()),
                 _ => return MainExit::InitDied { oom_kills: 0 },
             }
@@ -308,7 +308,7 @@ impl Engine for FakeEngine {
     }
 
     async fn destroy(&self, id: &SandboxId) -> Result<(), EngineError> {
-        if let Some(sb) = self.lock().sandboxes.get_mut(id.as_ref()) {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
             sb.destroyed = true;
             sb.exit.send_if_modified(|e| {
                 if e.is_none() {
@@ -323,7 +323,7 @@ impl Engine for FakeEngine {
     }
 
     async fn adopt(&self, id: &SandboxId) -> Adoption {
-        match self.lock().sandboxes.get(id.as_ref()) {
+        match self.lock().sandboxes.get(id) {
             Some(sb) if !sb.destroyed => Adoption::Running,
             _ => Adoption::Gone,
         }
