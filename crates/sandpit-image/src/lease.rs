@@ -15,8 +15,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{layer_hex, read_json, write_file_synced};
-use crate::{ImageError, ImageStore};
+use crate::store::{read_json, write_file_synced};
+use crate::{Digest, ImageError, ImageStore};
 
 const LEASES_DIR: &str = "leases";
 /// Longest holder name: file-name safe with room for the extension.
@@ -24,7 +24,7 @@ const MAX_HOLDER_LEN: usize = 128;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Lease {
-    layers: Vec<String>,
+    layers: Vec<Digest>,
 }
 
 fn check_holder(holder: &str) -> Result<(), ImageError> {
@@ -51,7 +51,7 @@ impl ImageStore {
     /// (`[A-Za-z0-9_.-]`, e.g. a sandbox id). Replaces an earlier lease of
     /// the same holder. Fails with [`ImageError::LayerNotFound`] when a layer
     /// is gone (collected since the caller looked the image up).
-    pub fn lease(&self, holder: &str, layers: &[String]) -> Result<(), ImageError> {
+    pub fn lease(&self, holder: &str, layers: &[Digest]) -> Result<(), ImageError> {
         check_holder(holder)?;
         let _lock = self.lock_shared()?;
         for layer in layers {
@@ -108,9 +108,10 @@ impl ImageStore {
         Ok(holders)
     }
 
-    /// Hex diff ids of every leased layer. An unreadable lease fails the
-    /// call: collecting nothing beats collecting a mounted layer.
-    pub(crate) fn leased_layers(&self) -> Result<HashSet<String>, ImageError> {
+    /// Diff ids of every leased layer. An unreadable lease (an invalid
+    /// digest included) fails the call: collecting nothing beats collecting
+    /// a mounted layer.
+    pub(crate) fn leased_layers(&self) -> Result<HashSet<Digest>, ImageError> {
         let mut layers = HashSet::new();
         for holder in self.lease_holders()? {
             let path = self.lease_path(&holder);
@@ -121,11 +122,7 @@ impl ImageStore {
                 }
                 Err(e) => return Err(e),
             };
-            for layer in lease.layers {
-                if let Ok(hex) = layer_hex(&layer) {
-                    layers.insert(hex.to_owned());
-                }
-            }
+            layers.extend(lease.layers);
         }
         Ok(layers)
     }

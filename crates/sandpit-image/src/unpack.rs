@@ -48,10 +48,9 @@ use nix::sys::stat::{
 };
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
-use sha2::{Digest, Sha256};
 use tar::EntryType;
 
-use crate::{IdShift, ImageError};
+use crate::{Digest, DigestWriter, IdShift, ImageError};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -83,7 +82,7 @@ pub struct UnpackStats {
 /// feeds it.
 #[derive(Debug)]
 pub(crate) struct Tally {
-    hasher: Option<Sha256>,
+    hasher: Option<DigestWriter>,
     pub bytes: u64,
     limit: u64,
     pub exceeded: bool,
@@ -92,18 +91,16 @@ pub(crate) struct Tally {
 impl Tally {
     pub fn new(hash: bool, limit: u64) -> Rc<RefCell<Self>> {
         Rc::new(RefCell::new(Self {
-            hasher: hash.then(Sha256::new),
+            hasher: hash.then(DigestWriter::new),
             bytes: 0,
             limit,
             exceeded: false,
         }))
     }
 
-    /// `sha256:<hex>` of everything read so far.
-    pub fn digest(&self) -> Option<String> {
-        self.hasher
-            .as_ref()
-            .map(|h| format!("sha256:{}", hex::encode(h.clone().finalize())))
+    /// The digest of everything read so far.
+    pub fn digest(&self) -> Option<Digest> {
+        self.hasher.as_ref().map(DigestWriter::digest)
     }
 }
 

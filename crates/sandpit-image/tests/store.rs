@@ -11,6 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use sandpit_image::Digest as ImageDigest;
 use sandpit_image::{Compression, IdShift, ImageConfig, ImageError, ImageStore, Reference};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -141,8 +142,9 @@ impl TarBuilder {
     }
 }
 
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+/// Computed here with `sha2`, not with the store's own hashing.
+fn sha256(data: &[u8]) -> ImageDigest {
+    ImageDigest::parse(&format!("sha256:{}", hex::encode(Sha256::digest(data)))).unwrap()
 }
 
 fn layer_count(store: &ImageStore) -> usize {
@@ -225,13 +227,13 @@ fn imports_all_entry_kinds_with_shifted_ownership() {
         .unwrap();
     assert_eq!(image.reference, "sandpit.test/kinds:1");
     assert_eq!(image.layers, vec![sha256(&tar)]);
-    assert!(image.id.starts_with("sha256:"));
+    assert!(image.id.as_str().starts_with("sha256:"));
     let root = store.lower_dirs(&image).remove(0);
     assert_eq!(
         root,
         dir.path()
             .join("layers/sha256")
-            .join(&image.layers[0][7..])
+            .join(&image.layers[0].as_str()[7..])
             .join("rootfs")
     );
 
@@ -293,7 +295,7 @@ fn imports_all_entry_kinds_with_shifted_ownership() {
     let json: serde_json::Value =
         serde_json::from_slice(&fs::read(root.parent().unwrap().join("layer.json")).unwrap())
             .unwrap();
-    assert_eq!(json["diff_id"], image.layers[0]);
+    assert_eq!(json["diff_id"], image.layers[0].as_str());
     assert!(tmp_is_empty(&store));
     // Store internals are not reachable by host users.
     assert_eq!(
@@ -721,7 +723,7 @@ fn remove_collects_unreferenced_layers() {
         hex::encode(Sha256::digest(two.reference.as_bytes()))
     )))
     .unwrap();
-    let in_use: HashSet<String> = [two.layers[0].clone()].into();
+    let in_use: HashSet<ImageDigest> = [two.layers[0].clone()].into();
     assert_eq!(store.gc(&in_use).unwrap(), Vec::<String>::new());
     assert!(store.has_layer(&two.layers[0]));
     assert_eq!(store.gc(&HashSet::new()).unwrap(), two.layers);
@@ -773,8 +775,9 @@ fn gzip_layers_and_digest_checks() {
         store.import_layer(&tar[..], Compression::None, Some(&sha256(&gz)), 1 << 20),
         Err(ImageError::DigestMismatch { .. })
     ));
+    // An invalid expected digest cannot even be spelled: parsing refuses it.
     assert!(matches!(
-        store.import_layer(&tar[..], Compression::None, Some("sha256:nothex"), 1 << 20),
+        ImageDigest::parse("sha256:nothex"),
         Err(ImageError::InvalidDigest { .. })
     ));
     assert_eq!(layer_count(&store), 0);
@@ -784,7 +787,7 @@ fn gzip_layers_and_digest_checks() {
         .unwrap();
     assert_eq!(info.diff_id, sha256(&tar));
     assert_eq!(info.digest, Some(sha256(&gz)));
-    assert_eq!(info.blob_digest(), sha256(&gz));
+    assert_eq!(*info.blob_digest(), sha256(&gz));
     assert_eq!(
         fs::read(store.layer_path(&info.diff_id).join("hello")).unwrap(),
         b"world"
@@ -1113,7 +1116,7 @@ fn diff_id_is_checked_before_the_layer_is_visible() {
     assert!(!store.has_layer(&sha256(&tar)));
     assert!(tmp_is_empty(&store));
     assert!(matches!(
-        store.import_layer_verified(&gz[..], Compression::Gzip, None, Some("sha256:zz"), 1 << 20),
+        ImageDigest::parse("sha256:zz"),
         Err(ImageError::InvalidDigest { .. })
     ));
 
@@ -1139,4 +1142,160 @@ fn diff_id_is_checked_before_the_layer_is_visible() {
         Err(ImageError::DiffIdMismatch { .. })
     ));
     assert_eq!(layer_count(&store), 1);
+}
+
+/// A store written before digests were typed: the JSON files as they are on
+/// disk. Written by hand (no import), so this runs as any user.
+fn write_legacy_store(root: &Path, reference: &str, layer_hex: &str) -> serde_json::Value {
+    drop(open(root));
+    let layer_dir = root.join("layers/sha256").join(layer_hex);
+    fs::create_dir_all(layer_dir.join("rootfs")).unwrap();
+    fs::write(
+        layer_dir.join("layer.json"),
+        format!(
+            "{{\n  \"diff_id\": \"sha256:{layer_hex}\",\n  \"digest\": \"{}\",\n  \"size\": 5\n}}",
+            sha256(b"blob")
+        ),
+    )
+    .unwrap();
+    let record = serde_json::json!({
+        "reference": reference,
+        "id": sha256(b"content").as_str(),
+        "layers": [format!("sha256:{layer_hex}")],
+        "config": {
+            "env": ["PATH=/bin"],
+            "entrypoint": [],
+            "cmd": ["sh"],
+            "working_dir": "",
+            "user": ""
+        },
+        "size_bytes": 5,
+        "created": 1_700_000_000u64,
+        "manifest_digest": sha256(b"manifest").as_str()
+    });
+    fs::write(record_path(root, reference), record.to_string()).unwrap();
+    record
+}
+
+fn record_path(root: &Path, reference: &str) -> PathBuf {
+    root.join("images").join(format!(
+        "{}.json",
+        hex::encode(Sha256::digest(reference.as_bytes()))
+    ))
+}
+
+#[test]
+fn existing_stores_keep_loading_with_the_same_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer_hex = "ab".repeat(32);
+    let record = write_legacy_store(dir.path(), "sandpit.test/legacy:1", &layer_hex);
+    let store = open(dir.path());
+    let image = store.get(&reference("sandpit.test/legacy:1")).unwrap();
+    let diff_id = ImageDigest::from_sha256_hex(&layer_hex).unwrap();
+    assert_eq!(image.layers, [diff_id.clone()]);
+    assert_eq!(image.id, sha256(b"content"));
+    assert_eq!(image.manifest_digest, Some(sha256(b"manifest")));
+    assert_eq!(image.config.cmd, ["sh"]);
+    assert_eq!(store.list().unwrap(), [image.clone()]);
+    // Serialising gives back the same JSON: the format did not change.
+    assert_eq!(serde_json::to_value(&image).unwrap(), record);
+    assert!(store.has_layer(&diff_id));
+    let layer = store.layer(&diff_id).unwrap();
+    assert_eq!(layer.diff_id, diff_id);
+    assert_eq!(layer.digest, Some(sha256(b"blob")));
+    assert_eq!(layer.size, 5);
+    assert_eq!(
+        store.layer_path(&diff_id),
+        dir.path()
+            .join("layers/sha256")
+            .join(&layer_hex)
+            .join("rootfs")
+    );
+    // Leases are plain strings on disk too.
+    store
+        .lease("sandbox-1", std::slice::from_ref(&diff_id))
+        .unwrap();
+    let lease: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("leases/sandbox-1.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        lease,
+        serde_json::json!({ "layers": [format!("sha256:{layer_hex}")] })
+    );
+    // Referenced and leased: kept.
+    assert_eq!(
+        store.gc(&HashSet::new()).unwrap(),
+        Vec::<ImageDigest>::new()
+    );
+    assert!(store.has_layer(&diff_id));
+    // A directory under layers/ that is no digest is not a layer: left alone.
+    fs::create_dir(dir.path().join("layers/sha256/not-a-digest")).unwrap();
+    store.release("sandbox-1").unwrap();
+    store.remove(&reference("sandpit.test/legacy:1")).unwrap();
+    assert!(!store.has_layer(&diff_id));
+    assert!(dir.path().join("layers/sha256/not-a-digest").is_dir());
+}
+
+#[test]
+fn corrupt_digests_in_store_files_are_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer_hex = "cd".repeat(32);
+    let mut record = write_legacy_store(dir.path(), "sandpit.test/bad:1", &layer_hex);
+    write_legacy_store(dir.path(), "sandpit.test/good:1", &layer_hex);
+    let store = open(dir.path());
+    for bad in ["sha256:nothex", "../../../../etc", &layer_hex, ""] {
+        record["layers"] = serde_json::json!([bad]);
+        fs::write(
+            record_path(dir.path(), "sandpit.test/bad:1"),
+            record.to_string(),
+        )
+        .unwrap();
+        match store.get(&reference("sandpit.test/bad:1")) {
+            Err(e @ ImageError::Corrupt { .. }) => {
+                let source = std::error::Error::source(&e).unwrap().to_string();
+                assert!(source.contains("invalid digest"), "{bad:?}: {source}");
+            }
+            other => panic!("{bad:?}: expected a corrupt record, got {other:?}"),
+        }
+        // Listing skips it; gc collects nothing rather than guess.
+        let refs: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.reference)
+            .collect();
+        assert_eq!(refs, ["sandpit.test/good:1"]);
+        assert!(matches!(
+            store.gc(&HashSet::new()),
+            Err(ImageError::Corrupt { .. })
+        ));
+    }
+    fs::remove_file(record_path(dir.path(), "sandpit.test/bad:1")).unwrap();
+    assert_eq!(
+        store.gc(&HashSet::new()).unwrap(),
+        Vec::<ImageDigest>::new()
+    );
+
+    // A corrupt layer.json, and a corrupt lease.
+    let layer_json = dir
+        .path()
+        .join("layers/sha256")
+        .join(&layer_hex)
+        .join("layer.json");
+    fs::write(&layer_json, br#"{"diff_id": "sha256:XYZ", "size": 1}"#).unwrap();
+    let diff_id = ImageDigest::from_sha256_hex(&layer_hex).unwrap();
+    assert!(matches!(
+        store.layer(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+    fs::create_dir_all(dir.path().join("leases")).unwrap();
+    fs::write(
+        dir.path().join("leases/sandbox-x.json"),
+        br#"{"layers": ["sha256:short"]}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        store.gc(&HashSet::new()),
+        Err(ImageError::Corrupt { .. })
+    ));
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sandpit_image::Digest;
 use serde::Deserialize;
 use ureq::config::RedirectAuthHeaders;
 use ureq::http::Response;
@@ -439,7 +440,7 @@ impl Session<'_> {
     }
 
     /// GETs a blob; the caller reads (and verifies) the body.
-    pub fn blob(&self, digest: &str) -> Result<Response<Body>, Failure> {
+    pub fn blob(&self, digest: &Digest) -> Result<Response<Body>, Failure> {
         self.get(&format!("blobs/{digest}"), None, &format!("blob {digest}"))
     }
 }

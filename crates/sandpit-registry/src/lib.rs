@@ -20,6 +20,8 @@
 
 use std::fmt;
 
+use sandpit_image::Digest;
+
 mod auth;
 mod client;
 mod config;
@@ -45,7 +47,7 @@ pub enum Progress {
         endpoint: String,
         /// Digest of the manifest the reference names (the index for a
         /// multi-arch image).
-        manifest_digest: String,
+        manifest_digest: Digest,
         /// Layers, bottom first; `index` in later events refers to this.
         layers: Vec<LayerProgressInfo>,
     },
@@ -60,8 +62,8 @@ pub enum Progress {
 /// A layer of a resolved image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerProgressInfo {
-    /// `sha256:<hex>` of the blob.
-    pub digest: String,
+    /// Digest of the blob.
+    pub digest: Digest,
     /// Blob size in bytes (compressed).
     pub size: u64,
 }

@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use sandpit_image::{Compression, Image, ImageError, ImageStore, LayerInfo, Reference};
-use sha2::{Digest, Sha256};
+use sandpit_image::{
+    Compression, Digest, Image, ImageConfig, ImageError, ImageStore, LayerInfo, Reference,
+};
 use ureq::tls::Certificate;
 
 use crate::auth::{credentials_tag, AuthCache};
 use crate::client::{self, Agents, Endpoint, Session};
-use crate::manifest::{self, Descriptor, Manifest, ParsedConfig, Platform};
+use crate::manifest::{self, Manifest, Platform};
 use crate::{
     chain, Credentials, Failure, LayerProgressInfo, Progress, PullError, PullErrorKind,
     RegistryConfig, RegistryError,
@@ -26,22 +27,11 @@ const DOCKER_HUB_ENDPOINT: &str = "https://registry-1.docker.io";
 /// Progress is reported at most once per this many bytes of a layer.
 const PROGRESS_STEP: u64 = 1 << 20;
 
-fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// Checks a `sha256:<64 lowercase hex>` digest from a registry document.
-fn check_digest(digest: &str, what: &str) -> Result<(), Failure> {
-    if digest
-        .strip_prefix("sha256:")
-        .is_some_and(sandpit_image::is_sha256_hex)
-    {
-        Ok(())
-    } else {
-        Err(Failure::invalid(format!(
-            "{what} digest {digest:?} is not sha256:<hex>"
-        )))
-    }
+/// Parses a digest from a registry document (or the reference): past
+/// this point every digest is a validated `sha256:<hex>`.
+fn check_digest(digest: &str, what: &str) -> Result<Digest, Failure> {
+    Digest::parse(digest)
+        .map_err(|_| Failure::invalid(format!("{what} digest {digest:?} is not sha256:<hex>")))
 }
 
 /// The outcome of one pull, shared with the callers that joined it.
@@ -77,10 +67,22 @@ impl fmt::Debug for Puller {
 /// What a manifest resolves to.
 #[derive(Debug)]
 struct Resolved {
-    manifest_digest: String,
-    layers: Vec<Descriptor>,
-    compressions: Vec<Compression>,
-    config: ParsedConfig,
+    manifest_digest: Digest,
+    /// Bottom first.
+    layers: Vec<Layer>,
+    config: ImageConfig,
+}
+
+/// One layer of a resolved image, verified against its manifest and config.
+#[derive(Debug)]
+struct Layer {
+    /// Digest of the blob (compressed).
+    digest: Digest,
+    /// Blob size the manifest gives.
+    size: u64,
+    compression: Compression,
+    /// The config's `rootfs.diff_ids` entry for this layer.
+    diff_id: Digest,
 }
 
 impl Puller {
@@ -332,18 +334,19 @@ impl Puller {
     /// Fetches and verifies the manifest (through an index to the host
     /// platform's) and the config.
     fn resolve(&self, session: &Session<'_>, reference: &Reference) -> Result<Resolved, Failure> {
-        let target = match (&reference.digest, &reference.tag) {
-            (Some(digest), _) => {
-                check_digest(digest, "reference")?;
-                digest.clone()
-            }
-            (None, Some(tag)) => tag.clone(),
-            (None, None) => sandpit_image::DEFAULT_TAG.to_owned(),
+        let pinned = match &reference.digest {
+            Some(digest) => Some(check_digest(digest, "reference")?),
+            None => None,
+        };
+        let target = match (&pinned, &reference.tag) {
+            (Some(digest), _) => digest.as_str(),
+            (None, Some(tag)) => tag.as_str(),
+            (None, None) => sandpit_image::DEFAULT_TAG,
         };
         let (bytes, content_type) =
-            session.manifest(&target, manifest::MANIFEST_ACCEPT, METADATA_MAX)?;
-        let manifest_digest = sha256_digest(&bytes);
-        if let Some(expected) = &reference.digest {
+            session.manifest(target, manifest::MANIFEST_ACCEPT, METADATA_MAX)?;
+        let manifest_digest = Digest::sha256_of(&bytes);
+        if let Some(expected) = &pinned {
             if *expected != manifest_digest {
                 return Err(Failure::invalid(format!(
                     "manifest digest mismatch: expected {expected}, got {manifest_digest}"
@@ -357,17 +360,16 @@ impl Puller {
             Manifest::Index(entries) => {
                 let entry = manifest::select_platform(&entries, &self.platform)
                     .map_err(|m| Failure::new(PullErrorKind::NoMatchingPlatform, m))?;
-                check_digest(&entry.digest, "index entry")?;
+                let entry_digest = check_digest(&entry.digest, "index entry")?;
                 let (bytes, content_type) = session.manifest(
-                    &entry.digest,
+                    entry_digest.as_str(),
                     manifest::MANIFEST_ACCEPT,
                     METADATA_MAX.min(entry.size.max(1)),
                 )?;
-                let actual = sha256_digest(&bytes);
-                if actual != entry.digest {
+                let actual = Digest::sha256_of(&bytes);
+                if actual != entry_digest {
                     return Err(Failure::invalid(format!(
-                        "manifest digest mismatch: expected {}, got {actual}",
-                        entry.digest
+                        "manifest digest mismatch: expected {entry_digest}, got {actual}"
                     )));
                 }
                 match manifest::parse_manifest(&bytes, content_type.as_deref())
@@ -381,19 +383,18 @@ impl Puller {
             }
         };
 
-        check_digest(&config.digest, "config")?;
+        let config_digest = check_digest(&config.digest, "config")?;
         if config.size > METADATA_MAX {
             return Err(Failure::invalid(format!(
                 "image config larger than {METADATA_MAX} bytes"
             )));
         }
-        let mut response = session.blob(&config.digest)?;
+        let mut response = session.blob(&config_digest)?;
         let bytes = client::read_limited(&mut response, METADATA_MAX, "image config")?;
-        let actual = sha256_digest(&bytes);
-        if actual != config.digest {
+        let actual = Digest::sha256_of(&bytes);
+        if actual != config_digest {
             return Err(Failure::invalid(format!(
-                "config digest mismatch: expected {}, got {actual}",
-                config.digest
+                "config digest mismatch: expected {config_digest}, got {actual}"
             )));
         }
         let parsed = manifest::parse_config(&bytes).map_err(Failure::invalid)?;
@@ -412,18 +413,23 @@ impl Puller {
                 layers.len()
             )));
         }
-        let mut compressions = Vec::with_capacity(layers.len());
-        for (layer, diff_id) in layers.iter().zip(&parsed.diff_ids) {
-            compressions
-                .push(manifest::layer_compression(&layer.media_type).map_err(Failure::invalid)?);
-            check_digest(&layer.digest, "layer")?;
-            check_digest(diff_id, "diff id")?;
-        }
+        let layers = layers
+            .iter()
+            .zip(&parsed.diff_ids)
+            .map(|(layer, diff_id)| {
+                Ok(Layer {
+                    compression: manifest::layer_compression(&layer.media_type)
+                        .map_err(Failure::invalid)?,
+                    digest: check_digest(&layer.digest, "layer")?,
+                    size: layer.size,
+                    diff_id: check_digest(diff_id, "diff id")?,
+                })
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
         Ok(Resolved {
             manifest_digest,
             layers,
-            compressions,
-            config: parsed,
+            config: parsed.config,
         })
     }
 
@@ -448,16 +454,15 @@ impl Puller {
                 })
                 .collect(),
         });
-        let diff_ids = &resolved.config.diff_ids;
         let mut todo = Vec::new();
         let mut queued = HashSet::new();
         let mut cached_bytes = 0u64;
-        for (index, diff_id) in diff_ids.iter().enumerate() {
+        for (index, Layer { diff_id, .. }) in resolved.layers.iter().enumerate() {
             if self.store.has_layer(diff_id) {
                 cached_bytes = cached_bytes
                     .saturating_add(self.store.layer(diff_id).map(|l| l.size).unwrap_or(0));
                 progress(&Progress::LayerCached { index });
-            } else if queued.insert(diff_id.as_str()) {
+            } else if queued.insert(diff_id) {
                 todo.push(index);
             } else {
                 // The same layer twice in one image: one download serves both.
@@ -526,12 +531,13 @@ impl Puller {
         if let Some(f) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(f);
         }
+        let diff_ids: Vec<Digest> = resolved.layers.iter().map(|l| l.diff_id.clone()).collect();
         self.store
             .put_image(
                 reference,
-                diff_ids,
-                resolved.config.config.clone(),
-                Some(resolved.manifest_digest.clone()),
+                &diff_ids,
+                resolved.config,
+                Some(resolved.manifest_digest),
             )
             .map_err(|e| store_failure(&e, "record image"))
     }
@@ -587,7 +593,6 @@ impl Puller {
         progress: &(dyn Fn(&Progress) + Sync),
     ) -> Result<LayerInfo, Option<Failure>> {
         let layer = &resolved.layers[index];
-        let diff_id = &resolved.config.diff_ids[index];
         let started = Instant::now();
         let response = session.blob(&layer.digest)?;
         let mut reader = BlobReader {
@@ -604,9 +609,9 @@ impl Puller {
         };
         let result = self.store.import_layer_verified(
             &mut reader,
-            resolved.compressions[index],
+            layer.compression,
             Some(&layer.digest),
-            Some(diff_id),
+            Some(&layer.diff_id),
             self.config.max_layer_bytes,
         );
         match result {
@@ -651,7 +656,7 @@ fn store_failure(e: &ImageError, context: &str) -> Failure {
 /// remembers a network failure (the store only sees an `io::Error`).
 struct BlobReader<'a, R> {
     inner: R,
-    digest: &'a str,
+    digest: &'a Digest,
     index: usize,
     done: u64,
     total: u64,
