@@ -70,6 +70,7 @@ mod store;
 mod unpack;
 
 pub use digest::{Digest, DigestWriter};
+pub use lease::LeaseGuard;
 pub use reference::{Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::{ImageStore, ROOTFS_MAX_BYTES};
 
@@ -356,5 +357,9 @@ mod tests {
         check::<ImageStore>();
         check::<ImageError>();
         check::<Image>();
+        check::<Digest>();
+        check::<DigestWriter>();
+        check::<LeaseGuard<&ImageStore>>();
+        check::<LeaseGuard<std::sync::Arc<ImageStore>>>();
     }
 }
