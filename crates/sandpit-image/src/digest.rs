@@ -307,9 +307,14 @@ mod tests {
     #[test]
     fn compares_and_looks_up_as_its_string() {
         let d = Digest::parse(HELLO).unwrap();
-        assert!(d == HELLO && HELLO == d);
-        assert!(d == *HELLO && *HELLO == d);
-        assert!(d == HELLO.to_owned() && HELLO.to_owned() == d);
+        // Both ways, against &str, str and String.
+        let (s, owned): (&str, String) = (HELLO, HELLO.to_owned());
+        assert_eq!(d, s);
+        assert_eq!(s, d);
+        assert_eq!(d, *s);
+        assert_eq!(*s, d);
+        assert_eq!(d, owned);
+        assert_eq!(owned, d);
         let set: HashSet<Digest> = [d.clone()].into();
         assert!(set.contains(HELLO));
         let zeros = Digest::from_sha256_hex(&"0".repeat(64)).unwrap();
