@@ -210,6 +210,10 @@ impl Compression {
 }
 
 /// Errors of the image store.
+///
+/// Messages are short and lowercase; a variant with a `#[source]` never
+/// prints it (whoever reports the error joins the chain once, e.g. an
+/// `anyhow` `{:#}` or the daemon's `describe`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImageError {
@@ -349,6 +353,66 @@ mod tests {
                 Err(ImageError::UnsupportedMediaType(_))
             ));
         }
+    }
+
+    /// The chain as an edge prints it: each Display along `source()`.
+    fn joined(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn errors_with_a_source_do_not_repeat_it() {
+        let io = || io::Error::other("disk on fire");
+        let corrupt = serde_json::from_slice::<Image>(b"{").unwrap_err();
+        let corrupt_text = corrupt.to_string();
+        let cases = [
+            (
+                ImageError::io("read", "/store/x.json", io()),
+                "read /store/x.json: disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Archive(io()),
+                "read layer: disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Entry {
+                    path: "etc/passwd".into(),
+                    source: io(),
+                },
+                "tar entry \"etc/passwd\": disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Corrupt {
+                    path: "/store/images/a.json".into(),
+                    source: corrupt,
+                },
+                format!("corrupt /store/images/a.json: {corrupt_text}"),
+            ),
+        ];
+        for (e, want) in cases {
+            let source = std::error::Error::source(&e).expect("has a source");
+            assert!(
+                !e.to_string().contains(&source.to_string()),
+                "{e} repeats its source"
+            );
+            assert_eq!(joined(&e), want);
+        }
+        // Without a source, the message says it all.
+        let e = ImageError::DigestMismatch {
+            expected: Digest::sha256_of(b"a"),
+            actual: Digest::sha256_of(b"b"),
+        };
+        assert!(std::error::Error::source(&e).is_none());
+        assert!(e
+            .to_string()
+            .starts_with("layer digest mismatch: expected sha256:"));
     }
 
     #[test]
