@@ -637,7 +637,7 @@ impl Puller {
 /// The failure an error of the store means.
 fn store_failure(e: &ImageError, context: &str) -> Failure {
     match e {
-        ImageError::TooLarge { .. } => Failure::new(PullErrorKind::TooLarge, e.to_string()),
+        ImageError::TooLarge { .. } => Failure::new(PullErrorKind::TooLarge, chain(e)),
         ImageError::DigestMismatch { .. }
         | ImageError::DiffIdMismatch { .. }
         | ImageError::BadEntry { .. }
