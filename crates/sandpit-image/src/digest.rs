@@ -35,7 +35,9 @@ pub(crate) fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// A content digest, `sha256:<64 lowercase hex>`.
+/// A content digest, `sha256:<64 lowercase hex>`. Only sha256 is
+/// supported: a sha512 digest (which OCI also allows) is refused as
+/// [`ImageError::InvalidDigest`], a known gap.
 ///
 /// Serialised as that plain string (the store's JSON files hold digests
 /// that way) and validated when deserialised, so a corrupt store file is

@@ -22,7 +22,8 @@
 //!
 //! [`RegistryError`] keeps its causes as `source()` and never prints them
 //! (the caller joins the chain once, at the edge). [`PullError`] is the
-//! exception, on purpose: see [`chain`].
+//! exception, on purpose: see its docs, and the crate-internal `chain()`
+//! that builds its message.
 
 #![forbid(unsafe_code)]
 
@@ -124,7 +125,7 @@ impl fmt::Display for PullErrorKind {
 /// A kind and a message built once, where the failure happened, rather
 /// than an error with a `source()`: every waiter of a coalesced pull gets a
 /// clone, and the foreign errors behind it (ureq, rustls, io, the store's)
-/// are not `Clone`. The message is the cause chain flattened by [`chain`]
+/// are not `Clone`. The message is the cause chain flattened by `chain()`
 /// (`registry unreachable: connection refused`); `source()` is `None`, so
 /// an edge that joins the chain prints it once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
