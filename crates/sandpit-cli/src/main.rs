@@ -135,7 +135,7 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
             println!(
                 "imported {} ({}, {} in {:.1}s)",
                 image.reference,
-                short_id(&image.id),
+                short_id(image.id.as_str()),
                 human_size(image.size_bytes),
                 started.elapsed().as_secs_f64()
             );
@@ -149,7 +149,7 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
                 println!(
                     "{:<48} {:<14} {:>6} {:>10}",
                     image.reference,
-                    short_id(&image.id),
+                    short_id(image.id.as_str()),
                     image.layers.len(),
                     human_size(image.size_bytes)
                 );

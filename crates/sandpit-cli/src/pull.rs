@@ -85,7 +85,7 @@ pub(crate) fn pull(data_dir: &Path, args: PullArgs) -> Result<()> {
     println!(
         "{}  {}  {} layers  {}  pulled in {:.1}s",
         image.reference,
-        short_id(&image.id),
+        short_id(image.id.as_str()),
         image.layers.len(),
         human_size(image.size_bytes),
         started.elapsed().as_secs_f64()
@@ -136,7 +136,7 @@ impl Display {
                 self.layers = layers
                     .iter()
                     .map(|l| LayerState {
-                        digest: l.digest.clone(),
+                        digest: l.digest.to_string(),
                         total: l.size,
                         ..Default::default()
                     })

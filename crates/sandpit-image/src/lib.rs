@@ -43,6 +43,12 @@
 //!   entries replace earlier ones; a directory over a directory keeps its
 //!   content.
 //!
+//! # Digests
+//!
+//! Diff ids, blob and manifest digests and image ids are [`Digest`]s
+//! (`sha256:<64 lowercase hex>`, validated when parsed or read from a store
+//! file). Only sha256 is supported; see `digest.rs`.
+//!
 //! # Leases
 //!
 //! `<root>/leases/<holder>.json` names the layers a sandbox has mounted;
@@ -57,12 +63,15 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod digest;
 mod lease;
 mod reference;
 mod store;
 mod unpack;
 
-pub use reference::{is_sha256_hex, Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
+pub use digest::{Digest, DigestWriter};
+pub use lease::LeaseGuard;
+pub use reference::{Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
 pub use store::{ImageStore, ROOTFS_MAX_BYTES};
 
 /// How layer ownership is shifted: id `n` of a tar entry is stored as host id
@@ -139,11 +148,11 @@ pub struct ImageConfig {
 pub struct Image {
     /// Normalised reference (`docker.io/library/python:3.11`).
     pub reference: String,
-    /// `sha256:<hex>` of the image content (layers and config): images with
-    /// the same content have the same id whatever their reference.
-    pub id: String,
-    /// Diff ids (`sha256:<hex>`), bottom layer first.
-    pub layers: Vec<String>,
+    /// Digest of the image content (layers and config): images with the
+    /// same content have the same id whatever their reference.
+    pub id: Digest,
+    /// Diff ids, bottom layer first.
+    pub layers: Vec<Digest>,
     pub config: ImageConfig,
     /// Sum of the layers' unpacked sizes.
     pub size_bytes: u64,
@@ -151,18 +160,18 @@ pub struct Image {
     pub created: u64,
     /// Digest of the registry manifest the image came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manifest_digest: Option<String>,
+    pub manifest_digest: Option<Digest>,
 }
 
 /// A stored layer (`layer.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
-    /// `sha256:<hex>` of the uncompressed tar; names the layer in the store.
-    pub diff_id: String,
-    /// `sha256:<hex>` of the blob as it arrived (compressed), when it differs
-    /// from the diff id.
+    /// Digest of the uncompressed tar; names the layer in the store.
+    pub diff_id: Digest,
+    /// Digest of the blob as it arrived (compressed), when it differs from
+    /// the diff id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
     /// Bytes of file content unpacked.
     pub size: u64,
 }
@@ -170,8 +179,8 @@ pub struct LayerInfo {
 impl LayerInfo {
     /// The digest of the blob as it arrived: [`LayerInfo::digest`], or the
     /// diff id for an uncompressed layer.
-    pub fn blob_digest(&self) -> &str {
-        self.digest.as_deref().unwrap_or(&self.diff_id)
+    pub fn blob_digest(&self) -> &Digest {
+        self.digest.as_ref().unwrap_or(&self.diff_id)
     }
 }
 
@@ -201,6 +210,10 @@ impl Compression {
 }
 
 /// Errors of the image store.
+///
+/// Messages are short and lowercase; a variant with a `#[source]` never
+/// prints it (whoever reports the error joins the chain once, e.g. an
+/// `anyhow` `{:#}` or the daemon's `describe`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImageError {
@@ -212,7 +225,7 @@ pub enum ImageError {
     #[error("image {0} not found")]
     NotFound(String),
     #[error("layer {0} not found")]
-    LayerNotFound(String),
+    LayerNotFound(Digest),
     #[error("invalid digest {digest:?}: {reason}")]
     InvalidDigest {
         digest: String,
@@ -240,9 +253,9 @@ pub enum ImageError {
     #[error("unsupported layer media type {0:?}")]
     UnsupportedMediaType(String),
     #[error("layer digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { expected: String, actual: String },
+    DigestMismatch { expected: Digest, actual: Digest },
     #[error("layer diff id mismatch: expected {expected}, got {actual}")]
-    DiffIdMismatch { expected: String, actual: String },
+    DiffIdMismatch { expected: Digest, actual: Digest },
     #[error("layer larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("read layer")]
@@ -342,11 +355,75 @@ mod tests {
         }
     }
 
+    /// The chain as an edge prints it: each Display along `source()`.
+    fn joined(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn errors_with_a_source_do_not_repeat_it() {
+        let io = || io::Error::other("disk on fire");
+        let corrupt = serde_json::from_slice::<Image>(b"{").unwrap_err();
+        let corrupt_text = corrupt.to_string();
+        let cases = [
+            (
+                ImageError::io("read", "/store/x.json", io()),
+                "read /store/x.json: disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Archive(io()),
+                "read layer: disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Entry {
+                    path: "etc/passwd".into(),
+                    source: io(),
+                },
+                "tar entry \"etc/passwd\": disk on fire".to_owned(),
+            ),
+            (
+                ImageError::Corrupt {
+                    path: "/store/images/a.json".into(),
+                    source: corrupt,
+                },
+                format!("corrupt /store/images/a.json: {corrupt_text}"),
+            ),
+        ];
+        for (e, want) in cases {
+            let source = std::error::Error::source(&e).expect("has a source");
+            assert!(
+                !e.to_string().contains(&source.to_string()),
+                "{e} repeats its source"
+            );
+            assert_eq!(joined(&e), want);
+        }
+        // Without a source, the message says it all.
+        let e = ImageError::DigestMismatch {
+            expected: Digest::sha256_of(b"a"),
+            actual: Digest::sha256_of(b"b"),
+        };
+        assert!(std::error::Error::source(&e).is_none());
+        assert!(e
+            .to_string()
+            .starts_with("layer digest mismatch: expected sha256:"));
+    }
+
     #[test]
     fn public_types_are_send_sync_debug() {
         fn check<T: Send + Sync + fmt::Debug>() {}
         check::<ImageStore>();
         check::<ImageError>();
         check::<Image>();
+        check::<Digest>();
+        check::<DigestWriter>();
+        check::<LeaseGuard<&ImageStore>>();
+        check::<LeaseGuard<std::sync::Arc<ImageStore>>>();
     }
 }

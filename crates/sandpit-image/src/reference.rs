@@ -25,6 +25,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::digest::{is_lower_hex, SHA256_HEX_LEN};
 use crate::ImageError;
 
 /// The registry Docker assumes when a reference names none.
@@ -51,7 +52,10 @@ pub struct Reference {
     pub repository: String,
     /// Tag; `None` only when the reference is pinned by digest alone.
     pub tag: Option<String>,
-    /// Content digest (`sha256:<64 hex>`) pinning the manifest.
+    /// Content digest pinning the manifest: `sha256:<64 hex>`, or
+    /// `sha512:<128 hex>`, which the grammar allows but the registry client
+    /// cannot pull (see [`crate::Digest`]). A string, not a `Digest`, so
+    /// that such references still parse and print.
     pub digest: Option<String>,
 }
 
@@ -96,7 +100,7 @@ impl Reference {
         if name.is_empty() {
             return Err(invalid("empty name"));
         }
-        if digest.is_none() && is_sha256_hex(name) {
+        if digest.is_none() && is_lower_hex(name, SHA256_HEX_LEN) {
             return Err(invalid("64-character hex name looks like an image id"));
         }
 
@@ -306,24 +310,20 @@ fn validate_tag(tag: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Accepts `sha256:<64 lowercase hex>` and `sha512:<128 lowercase hex>`.
-pub(crate) fn validate_digest(digest: &str) -> Result<(), &'static str> {
+/// Accepts `sha256:<64 lowercase hex>` and `sha512:<128 lowercase hex>`:
+/// the reference grammar's digests. Wider than [`crate::Digest`] on
+/// purpose: a sha512 reference is well formed, it just cannot be pulled.
+fn validate_digest(digest: &str) -> Result<(), &'static str> {
     let (algorithm, hex) = digest.split_once(':').ok_or("digest without algorithm")?;
     let len = match algorithm {
-        "sha256" => 64,
-        "sha512" => 128,
+        "sha256" => SHA256_HEX_LEN,
+        "sha512" => 2 * SHA256_HEX_LEN,
         _ => return Err("unsupported digest algorithm"),
     };
-    if hex.len() != len || !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+    if !is_lower_hex(hex, len) {
         return Err("invalid digest hex");
     }
     Ok(())
-}
-
-/// Whether `s` is 64 lowercase hex digits: the hex of a sha256 digest as
-/// OCI writes it.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! The on-disk store: layers by diff id, image records by reference.
+//! Importing layers is in `import.rs`.
+
+mod import;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,10 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::unpack::{Tally, Tallying, Unpacker};
-use crate::{Compression, IdShift, Image, ImageConfig, ImageError, LayerInfo, Reference};
+use crate::{Digest, IdShift, Image, ImageConfig, ImageError, LayerInfo, Reference};
 
 const STORE_VERSION: u32 = 1;
 const STORE_FILE: &str = "store.json";
@@ -23,7 +24,6 @@ pub const ROOTFS_MAX_BYTES: u64 = 64 << 30;
 /// How long a layer imported by this process stays protected from `gc`
 /// while no image references it yet (a pull in progress).
 const FRESH_LAYER_GRACE: Duration = Duration::from_secs(600);
-const IO_BUF: usize = 1 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct StoreMeta {
@@ -41,7 +41,7 @@ pub struct ImageStore {
     root: PathBuf,
     shift: IdShift,
     /// Layers imported by this process that no image referenced yet.
-    fresh: Mutex<HashMap<String, Instant>>,
+    fresh: Mutex<HashMap<Digest, Instant>>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -63,48 +63,6 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-/// `sha256:<hex>` or `<hex>` -> `<hex>`, validated.
-pub(crate) fn layer_hex(diff_id: &str) -> Result<&str, ImageError> {
-    let hex = diff_id.strip_prefix("sha256:").unwrap_or(diff_id);
-    if crate::is_sha256_hex(hex) {
-        Ok(hex)
-    } else {
-        Err(ImageError::InvalidDigest {
-            digest: diff_id.to_owned(),
-            reason: "not sha256:<64 lowercase hex>",
-        })
-    }
-}
-
-/// Removes a staging directory on drop unless disarmed.
-struct Staging {
-    path: Option<PathBuf>,
-}
-
-impl Staging {
-    fn path(&self) -> &Path {
-        self.path.as_deref().expect("staging dir already taken")
-    }
-
-    fn disarm(&mut self) -> PathBuf {
-        self.path.take().expect("staging dir already taken")
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if let Some(path) = self.path.take() {
-            if let Err(e) = fs::remove_dir_all(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove staging dir");
-            }
-        }
-    }
 }
 
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ImageError> {
@@ -244,21 +202,20 @@ impl ImageStore {
         }
     }
 
-    fn layer_dir(&self, hex: &str) -> PathBuf {
-        self.root.join("layers/sha256").join(hex)
+    fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers/sha256").join(diff_id.hex())
     }
 
     fn record_path(&self, reference: &Reference) -> PathBuf {
-        self.root.join("images").join(format!(
-            "{}.json",
-            sha256_hex(reference.to_string().as_bytes())
-        ))
+        let name = Digest::sha256_of(reference.to_string().as_bytes());
+        self.root
+            .join("images")
+            .join(format!("{}.json", name.hex()))
     }
 
     /// The unpacked root of layer `diff_id`: its overlayfs lower dir.
-    pub fn layer_path(&self, diff_id: &str) -> PathBuf {
-        let hex = diff_id.strip_prefix("sha256:").unwrap_or(diff_id);
-        self.layer_dir(hex).join("rootfs")
+    pub fn layer_path(&self, diff_id: &Digest) -> PathBuf {
+        self.layer_dir(diff_id).join("rootfs")
     }
 
     /// The layers' unpacked roots, top-most first: overlayfs `lowerdir` order.
@@ -272,17 +229,16 @@ impl ImageStore {
     }
 
     /// Whether layer `diff_id` is in the store.
-    pub fn has_layer(&self, diff_id: &str) -> bool {
-        layer_hex(diff_id).is_ok_and(|hex| self.layer_dir(hex).join("layer.json").is_file())
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        self.layer_dir(diff_id).join("layer.json").is_file()
     }
 
     /// The record of layer `diff_id`.
-    pub fn layer(&self, diff_id: &str) -> Result<LayerInfo, ImageError> {
-        let hex = layer_hex(diff_id)?;
-        let path = self.layer_dir(hex).join("layer.json");
+    pub fn layer(&self, diff_id: &Digest) -> Result<LayerInfo, ImageError> {
+        let path = self.layer_dir(diff_id).join("layer.json");
         match read_json(&path) {
             Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Err(ImageError::LayerNotFound(format!("sha256:{hex}")))
+                Err(ImageError::LayerNotFound(diff_id.clone()))
             }
             other => other,
         }
@@ -291,16 +247,14 @@ impl ImageStore {
     /// The image `reference` names; [`ImageError::NotFound`] when absent.
     pub fn get(&self, reference: &Reference) -> Result<Image, ImageError> {
         let path = self.record_path(reference);
-        let image: Image = match read_json(&path) {
+        // Digests are validated as the record is read: a corrupt one is
+        // `Corrupt`, never a path outside `layers/`.
+        match read_json(&path) {
             Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                return Err(ImageError::NotFound(reference.to_string()))
+                Err(ImageError::NotFound(reference.to_string()))
             }
-            other => other?,
-        };
-        for layer in &image.layers {
-            layer_hex(layer)?;
+            other => other,
         }
-        Ok(image)
     }
 
     /// Every image, sorted by reference. Unreadable records are skipped with
@@ -314,16 +268,16 @@ impl ImageStore {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
+            // Invalid layer ids make a record unreadable (`Corrupt`).
             match read_json::<Image>(&path) {
-                Ok(image) if image.layers.iter().all(|l| layer_hex(l).is_ok()) => {
-                    images.push(image)
-                }
-                Ok(_) => {
-                    tracing::warn!(path = %path.display(), "skipping image record with invalid layer ids")
-                }
+                Ok(image) => images.push(image),
                 Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "skipping unreadable image record")
+                    tracing::warn!(
+                        path = %path.display(),
+                        error = &e as &dyn std::error::Error,
+                        "skipping unreadable image record"
+                    )
                 }
             }
         }
@@ -331,236 +285,14 @@ impl ImageStore {
         Ok(images)
     }
 
-    /// Imports a rootfs tarball (e.g. from `mmdebstrap`) as a one-layer
-    /// image: [`ImageStore::import_layer`] without compression, capped at
-    /// [`ROOTFS_MAX_BYTES`], then [`ImageStore::put_image`].
-    pub fn import_rootfs_tar(
-        &self,
-        reference: &Reference,
-        reader: impl Read,
-        config: ImageConfig,
-    ) -> Result<Image, ImageError> {
-        let _lock = self.lock_shared()?;
-        let started = Instant::now();
-        let layer =
-            self.import_layer_locked(reader, Compression::None, None, None, ROOTFS_MAX_BYTES)?;
-        let image = self.put_image_locked(
-            reference,
-            std::slice::from_ref(&layer.diff_id),
-            config,
-            None,
-        )?;
-        tracing::info!(
-            reference = %image.reference,
-            layer = %layer.diff_id,
-            bytes = layer.size,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "rootfs imported"
-        );
-        Ok(image)
-    }
-
-    /// Imports one layer blob. The blob (`digest`) and the uncompressed tar
-    /// (`diff_id`) are hashed while the tar is unpacked into `tmp/`; the
-    /// result is renamed to `layers/sha256/<diff id hex>` or dropped when that
-    /// layer is already there. Fails, leaving nothing behind, when the digest
-    /// differs from `expected_digest` (`sha256:<hex>` of the blob as it
-    /// arrives), when the uncompressed tar, the blob or the unpacked content
-    /// exceeds `max_unpacked_bytes`, or on a refused entry (see the crate
-    /// documentation: `..`, writes through symlinks, hard links leaving the
-    /// layer).
-    ///
-    /// A layer no image references yet is protected from [`ImageStore::gc`]
-    /// in this process for ten minutes, time for a pull to call
-    /// [`ImageStore::put_image`].
-    pub fn import_layer(
-        &self,
-        reader: impl Read,
-        compression: Compression,
-        expected_digest: Option<&str>,
-        max_unpacked_bytes: u64,
-    ) -> Result<LayerInfo, ImageError> {
-        self.import_layer_verified(
-            reader,
-            compression,
-            expected_digest,
-            None,
-            max_unpacked_bytes,
-        )
-    }
-
-    /// [`ImageStore::import_layer`] that also checks the diff id (the
-    /// sha256 of the uncompressed tar) against `expected_diff_id`, e.g. the
-    /// image config's `rootfs.diff_ids`, before the layer becomes visible: a
-    /// mismatch ([`ImageError::DiffIdMismatch`]) leaves nothing behind.
-    pub fn import_layer_verified(
-        &self,
-        reader: impl Read,
-        compression: Compression,
-        expected_digest: Option<&str>,
-        expected_diff_id: Option<&str>,
-        max_unpacked_bytes: u64,
-    ) -> Result<LayerInfo, ImageError> {
-        let _lock = self.lock_shared()?;
-        self.import_layer_locked(
-            reader,
-            compression,
-            expected_digest,
-            expected_diff_id,
-            max_unpacked_bytes,
-        )
-    }
-
-    fn import_layer_locked(
-        &self,
-        reader: impl Read,
-        compression: Compression,
-        expected_digest: Option<&str>,
-        expected_diff_id: Option<&str>,
-        limit: u64,
-    ) -> Result<LayerInfo, ImageError> {
-        for expected in expected_digest.iter().chain(expected_diff_id.iter()) {
-            layer_hex(expected)?;
-            if !expected.starts_with("sha256:") {
-                return Err(ImageError::InvalidDigest {
-                    digest: expected.to_string(),
-                    reason: "missing sha256: prefix",
-                });
-            }
-        }
-        if let Some(expected) = expected_digest {
-            // Uncompressed: the blob digest is the diff id.
-            if compression == Compression::None && self.has_layer(expected) {
-                if let Some(diff_id) = expected_diff_id.filter(|d| *d != expected) {
-                    return Err(ImageError::DiffIdMismatch {
-                        expected: diff_id.to_owned(),
-                        actual: expected.to_owned(),
-                    });
-                }
-                self.mark_fresh(expected);
-                return self.layer(expected);
-            }
-        }
-
-        let mut staging = self.new_staging()?;
-        let rootfs = staging.path().join("rootfs");
-        fs::create_dir(&rootfs).map_err(|e| ImageError::io("create", &rootfs, e))?;
-
-        let blob_tally = Tally::new(compression != Compression::None, limit);
-        let tar_tally = Tally::new(true, limit);
-        let mut unpacker = Unpacker::new(&rootfs, self.shift, limit)?;
-        let result = (|| -> Result<(), ImageError> {
-            let mut blob =
-                Tallying::new(BufReader::with_capacity(IO_BUF, reader), blob_tally.clone());
-            {
-                let decoded: Box<dyn Read + '_> = match compression {
-                    Compression::None => Box::new(&mut blob),
-                    Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
-                    // The decoder's default window cap (128 MiB) bounds its
-                    // memory; the tar tally bounds the output.
-                    Compression::Zstd => Box::new(
-                        zstd::stream::read::Decoder::new(&mut blob).map_err(ImageError::Archive)?,
-                    ),
-                };
-                let tar = Tallying::new(decoded, tar_tally.clone());
-                let mut archive = tar::Archive::new(BufReader::with_capacity(IO_BUF, tar));
-                unpacker.unpack(&mut archive)?;
-                // The diff id covers the whole tar, padding after the end
-                // marker included.
-                io::copy(&mut archive.into_inner(), &mut io::sink())
-                    .map_err(ImageError::Archive)?;
-            }
-            io::copy(&mut blob, &mut io::sink()).map_err(ImageError::Archive)?;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            if blob_tally.borrow().exceeded || tar_tally.borrow().exceeded {
-                return Err(ImageError::TooLarge { limit });
-            }
-            return Err(e);
-        }
-
-        let diff_id = tar_tally.borrow().digest().expect("tar is hashed");
-        let digest = blob_tally.borrow().digest();
-        let actual = digest.as_deref().unwrap_or(&diff_id);
-        if let Some(expected) = expected_digest {
-            if expected != actual {
-                return Err(ImageError::DigestMismatch {
-                    expected: expected.to_owned(),
-                    actual: actual.to_owned(),
-                });
-            }
-        }
-        if let Some(expected) = expected_diff_id {
-            if expected != diff_id {
-                return Err(ImageError::DiffIdMismatch {
-                    expected: expected.to_owned(),
-                    actual: diff_id,
-                });
-            }
-        }
-        let info = LayerInfo {
-            diff_id: diff_id.clone(),
-            digest,
-            size: unpacker.stats.content_bytes,
-        };
-        drop(unpacker);
-        let meta_path = staging.path().join("layer.json");
-        write_file_synced(
-            &meta_path,
-            &serde_json::to_vec_pretty(&info).expect("layer info serialises"),
-        )?;
-        // Durable before visible: a layer in place is never torn.
-        let dir =
-            File::open(staging.path()).map_err(|e| ImageError::io("open", staging.path(), e))?;
-        nix::unistd::syncfs(&dir).map_err(|e| ImageError::io("sync", staging.path(), e.into()))?;
-
-        let hex = layer_hex(&diff_id)?.to_owned();
-        let target = self.layer_dir(&hex);
-        let result = match fs::rename(staging.path(), &target) {
-            Ok(()) => {
-                staging.disarm();
-                tracing::debug!(layer = %diff_id, "layer stored");
-                Ok(info)
-            }
-            // The layer is already there (another import won): reuse it.
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENOTEMPTY)
-                    || e.kind() == io::ErrorKind::AlreadyExists =>
-            {
-                tracing::debug!(layer = %diff_id, "layer already stored");
-                self.layer(&diff_id)
-            }
-            Err(e) => Err(ImageError::io("rename", &target, e)),
-        };
-        if result.is_ok() {
-            self.mark_fresh(&diff_id);
-        }
-        result
-    }
-
-    fn new_staging(&self) -> Result<Staging, ImageError> {
-        let path = self.root.join("tmp").join(unique_name("layer-"));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| ImageError::io("create", &path, e))?;
-        Ok(Staging { path: Some(path) })
-    }
-
-    fn mark_fresh(&self, diff_id: &str) {
-        let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
-        fresh.insert(diff_id.to_owned(), Instant::now());
-    }
-
     /// Writes the record of an image made of `layers` (diff ids, bottom
     /// first, all in the store), replacing any record of `reference`.
     pub fn put_image(
         &self,
         reference: &Reference,
-        layers: &[String],
+        layers: &[Digest],
         config: ImageConfig,
-        manifest_digest: Option<String>,
+        manifest_digest: Option<Digest>,
     ) -> Result<Image, ImageError> {
         let _lock = self.lock_shared()?;
         self.put_image_locked(reference, layers, config, manifest_digest)
@@ -569,18 +301,10 @@ impl ImageStore {
     fn put_image_locked(
         &self,
         reference: &Reference,
-        layers: &[String],
+        layers: &[Digest],
         config: ImageConfig,
-        manifest_digest: Option<String>,
+        manifest_digest: Option<Digest>,
     ) -> Result<Image, ImageError> {
-        if let Some(digest) = &manifest_digest {
-            crate::reference::validate_digest(digest).map_err(|reason| {
-                ImageError::InvalidDigest {
-                    digest: digest.clone(),
-                    reason,
-                }
-            })?;
-        }
         let mut normalised = Vec::with_capacity(layers.len());
         let mut size_bytes = 0u64;
         for layer in layers {
@@ -590,7 +314,7 @@ impl ImageStore {
         }
         #[derive(Serialize)]
         struct Content<'a> {
-            layers: &'a [String],
+            layers: &'a [Digest],
             config: &'a ImageConfig,
         }
         let content = serde_json::to_vec(&Content {
@@ -600,7 +324,7 @@ impl ImageStore {
         .expect("image content serialises");
         let image = Image {
             reference: reference.to_string(),
-            id: format!("sha256:{}", sha256_hex(&content)),
+            id: Digest::sha256_of(&content),
             layers: normalised,
             config,
             size_bytes,
@@ -657,29 +381,22 @@ impl ImageStore {
     }
 
     /// Removes every layer that no image references, that is not in
-    /// `in_use` (diff ids, `sha256:<hex>` or bare hex), and that this process
-    /// did not import in the last ten minutes; also clears `tmp/`. Returns
-    /// the diff ids removed.
-    pub fn gc(&self, in_use: &HashSet<String>) -> Result<Vec<String>, ImageError> {
+    /// `in_use` (diff ids), not leased, and that this process did not import
+    /// in the last ten minutes; also clears `tmp/`. Returns the diff ids
+    /// removed, sorted.
+    pub fn gc(&self, in_use: &HashSet<Digest>) -> Result<Vec<Digest>, ImageError> {
         let _lock = self.lock_exclusive()?;
         self.gc_locked(in_use)
     }
 
-    fn gc_locked(&self, in_use: &HashSet<String>) -> Result<Vec<String>, ImageError> {
+    fn gc_locked(&self, in_use: &HashSet<Digest>) -> Result<Vec<Digest>, ImageError> {
         // Nobody is importing (the lock is exclusive): staging is debris.
         self.clear_tmp();
-        let mut keep: HashSet<String> = in_use
-            .iter()
-            .map(|l| l.strip_prefix("sha256:").unwrap_or(l).to_owned())
-            .collect();
+        let mut keep = in_use.clone();
         {
             let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
             fresh.retain(|_, at| at.elapsed() < FRESH_LAYER_GRACE);
-            keep.extend(
-                fresh
-                    .keys()
-                    .map(|l| l.strip_prefix("sha256:").unwrap_or(l).to_owned()),
-            );
+            keep.extend(fresh.keys().cloned());
         }
         // Layers mounted by sandboxes, whoever created them.
         keep.extend(self.leased_layers()?);
@@ -691,22 +408,21 @@ impl ImageStore {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            // An unreadable record might still name layers: collect nothing.
+            // An unreadable record (invalid layer ids included) might still
+            // name layers: collect nothing.
             let image: Image = read_json(&path)?;
-            keep.extend(
-                image
-                    .layers
-                    .iter()
-                    .map(|l| l.strip_prefix("sha256:").unwrap_or(l).to_owned()),
-            );
+            keep.extend(image.layers);
         }
         let layers = self.root.join("layers/sha256");
         let mut removed = Vec::new();
         for entry in fs::read_dir(&layers).map_err(|e| ImageError::io("read", &layers, e))? {
             let entry = entry.map_err(|e| ImageError::io("read", &layers, e))?;
             let name = entry.file_name();
-            let Some(hex) = name.to_str() else { continue };
-            if layer_hex(hex).is_err() || keep.contains(hex) {
+            // Not a layer directory's name: not ours to collect.
+            let Some(diff_id) = name.to_str().and_then(|n| Digest::from_sha256_hex(n).ok()) else {
+                continue;
+            };
+            if keep.contains(&diff_id) {
                 continue;
             }
             // Out of sight first (atomic), then deleted.
@@ -714,8 +430,8 @@ impl ImageStore {
             let path = entry.path();
             fs::rename(&path, &doomed).map_err(|e| ImageError::io("rename", &path, e))?;
             fs::remove_dir_all(&doomed).map_err(|e| ImageError::io("remove", &doomed, e))?;
-            tracing::debug!(layer = %hex, "layer collected");
-            removed.push(format!("sha256:{hex}"));
+            tracing::debug!(layer = %diff_id, "layer collected");
+            removed.push(diff_id);
         }
         removed.sort();
         Ok(removed)

@@ -29,13 +29,15 @@
 //! - Directory mtimes are applied after all content.
 //! - File content written counts against the size cap (sparse files cannot
 //!   expand past it).
+//!
+//! Path resolution lives in `unpack/walk.rs`, the xattr policy in
+//! `unpack/xattr.rs`.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -47,11 +49,16 @@ use nix::sys::stat::{
     UtimensatFlags,
 };
 use nix::sys::time::TimeSpec;
-use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
-use sha2::{Digest, Sha256};
+use nix::unistd::{fchown, fchownat, linkat, symlinkat, Gid, Uid};
 use tar::EntryType;
 
 use crate::{IdShift, ImageError};
+
+mod walk;
+mod xattr;
+
+use walk::{normalize, split_parent};
+use xattr::fsetxattr;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -61,80 +68,22 @@ const COPY_BUF: usize = 256 * 1024;
 
 /// What an unpack did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct UnpackStats {
-    pub entries: u64,
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    pub hardlinks: u64,
-    pub fifos: u64,
-    pub whiteouts: u64,
-    pub opaque_dirs: u64,
-    pub skipped_devices: u64,
-    pub skipped_other: u64,
-    pub clamped_ids: u64,
-    pub xattrs: u64,
-    pub skipped_xattrs: u64,
+pub(crate) struct UnpackStats {
+    pub(crate) entries: u64,
+    pub(crate) files: u64,
+    pub(crate) dirs: u64,
+    pub(crate) symlinks: u64,
+    pub(crate) hardlinks: u64,
+    pub(crate) fifos: u64,
+    pub(crate) whiteouts: u64,
+    pub(crate) opaque_dirs: u64,
+    pub(crate) skipped_devices: u64,
+    pub(crate) skipped_other: u64,
+    pub(crate) clamped_ids: u64,
+    pub(crate) xattrs: u64,
+    pub(crate) skipped_xattrs: u64,
     /// Bytes of file content written.
-    pub content_bytes: u64,
-}
-
-/// Byte count and running sha256 of a stream, shared with the reader that
-/// feeds it.
-#[derive(Debug)]
-pub(crate) struct Tally {
-    hasher: Option<Sha256>,
-    pub bytes: u64,
-    limit: u64,
-    pub exceeded: bool,
-}
-
-impl Tally {
-    pub fn new(hash: bool, limit: u64) -> Rc<RefCell<Self>> {
-        Rc::new(RefCell::new(Self {
-            hasher: hash.then(Sha256::new),
-            bytes: 0,
-            limit,
-            exceeded: false,
-        }))
-    }
-
-    /// `sha256:<hex>` of everything read so far.
-    pub fn digest(&self) -> Option<String> {
-        self.hasher
-            .as_ref()
-            .map(|h| format!("sha256:{}", hex::encode(h.clone().finalize())))
-    }
-}
-
-/// A reader that counts and hashes what passes through it and fails once
-/// more than the tally's limit has been read.
-#[derive(Debug)]
-pub(crate) struct Tallying<R> {
-    inner: R,
-    tally: Rc<RefCell<Tally>>,
-}
-
-impl<R> Tallying<R> {
-    pub fn new(inner: R, tally: Rc<RefCell<Tally>>) -> Self {
-        Self { inner, tally }
-    }
-}
-
-impl<R: Read> Read for Tallying<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut t = self.tally.borrow_mut();
-        t.bytes += n as u64;
-        if t.bytes > t.limit {
-            t.exceeded = true;
-            return Err(io::Error::other("size limit exceeded"));
-        }
-        if let Some(h) = &mut t.hasher {
-            h.update(&buf[..n]);
-        }
-        Ok(n)
-    }
+    pub(crate) content_bytes: u64,
 }
 
 /// Unpacks tar entries under `root` (an empty directory).
@@ -149,7 +98,7 @@ pub(crate) struct Unpacker {
     /// Directory mtimes, applied last. Key: normalised path, "" for the root.
     dir_mtimes: HashMap<Vec<u8>, TimeSpec>,
     buf: Vec<u8>,
-    pub stats: UnpackStats,
+    pub(crate) stats: UnpackStats,
 }
 
 impl std::fmt::Debug for Unpacker {
@@ -184,34 +133,6 @@ fn entry_err(path: &[u8], source: impl Into<io::Error>) -> ImageError {
     }
 }
 
-/// Normalises a tar path: drops empty, `.` and leading `/` components;
-/// refuses `..` and NUL. `""` is the layer root.
-pub(crate) fn normalize(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
-    let mut out = Vec::with_capacity(raw.len());
-    for component in raw.split(|b| *b == b'/') {
-        match component {
-            b"" | b"." => continue,
-            b".." => return Err("path contains \"..\""),
-            c if c.contains(&0) => return Err("path contains NUL"),
-            c => {
-                if !out.is_empty() {
-                    out.push(b'/');
-                }
-                out.extend_from_slice(c);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Splits a normalised non-root path into parent and name.
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (b"", path),
-    }
-}
-
 fn parse_pax_time(value: &[u8]) -> Option<TimeSpec> {
     let s = std::str::from_utf8(value).ok()?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
@@ -237,7 +158,7 @@ impl Unpacker {
     /// `root` must be an empty directory only this unpacker writes to. Its
     /// ownership is set to the shifted root, its mode to 0755 (a tar entry for
     /// `./` overrides both).
-    pub fn new(root_path: &Path, shift: IdShift, limit: u64) -> Result<Self, ImageError> {
+    pub(crate) fn new(root_path: &Path, shift: IdShift, limit: u64) -> Result<Self, ImageError> {
         let root = openat(
             nix::fcntl::AT_FDCWD,
             root_path,
@@ -266,7 +187,10 @@ impl Unpacker {
     }
 
     /// Unpacks every entry, then applies directory mtimes.
-    pub fn unpack<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<(), ImageError> {
+    pub(crate) fn unpack<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<R>,
+    ) -> Result<(), ImageError> {
         for entry in archive.entries().map_err(ImageError::Archive)? {
             let mut entry = entry.map_err(ImageError::Archive)?;
             self.stats.entries += 1;
@@ -407,102 +331,6 @@ impl Unpacker {
         ImageError::io(op, self.root_path.join(OsStr::from_bytes(path)), e.into())
     }
 
-    /// Opens directory `dir` (normalised, "" = root) one component at a time
-    /// without following symlinks, creating missing components when `create`.
-    fn walk(&mut self, dir: &[u8], create: bool, entry: &[u8]) -> Result<Rc<OwnedFd>, ImageError> {
-        let mut cur = self.root.clone();
-        if dir.is_empty() {
-            return Ok(cur);
-        }
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let mut end = 0;
-        for component in dir.split(|b| *b == b'/') {
-            end += component.len();
-            let here = &dir[..end];
-            let next = match openat(&*cur, component, flags, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT) if create => self.mkdir_implicit(&cur, component, here)?,
-                Err(Errno::ENOENT) => return Err(bad(entry, "parent directory missing")),
-                Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                    let st = fstatat(&*cur, component, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
-                    let file_type = st.map(|st| st.st_mode & libc::S_IFMT);
-                    let whiteout =
-                        file_type == Some(libc::S_IFCHR) && st.is_some_and(|st| st.st_rdev == 0);
-                    if create && whiteout {
-                        // `.wh.d` then `d/f`: the directory is recreated.
-                        unlinkat(&*cur, component, UnlinkatFlags::NoRemoveDir)
-                            .map_err(|e| self.io_err("unlink", here, e))?;
-                        self.mkdir_implicit(&cur, component, here)?
-                    } else if file_type == Some(libc::S_IFLNK) {
-                        return Err(bad(entry, "path goes through a symlink"));
-                    } else {
-                        return Err(bad(entry, "parent is not a directory"));
-                    }
-                }
-                Err(e) => return Err(self.io_err("open", here, e)),
-            };
-            cur = Rc::new(next);
-            end += 1;
-        }
-        Ok(cur)
-    }
-
-    /// Creates directory `dir/name` as an implicit parent: shifted root, 0755.
-    fn mkdir_implicit(
-        &self,
-        dir: &OwnedFd,
-        name: &[u8],
-        path: &[u8],
-    ) -> Result<OwnedFd, ImageError> {
-        mkdirat(dir, name, Mode::from_bits_truncate(0o700))
-            .map_err(|e| self.io_err("mkdir", path, e))?;
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd =
-            openat(dir, name, flags, Mode::empty()).map_err(|e| self.io_err("open", path, e))?;
-        self.set_owner_mode(fd.as_fd(), self.shift.base, self.shift.base, 0o755, path)?;
-        Ok(fd)
-    }
-
-    /// The parent directory of `path` (created when missing) and the name.
-    fn parent<'p>(&mut self, path: &'p [u8]) -> Result<(Rc<OwnedFd>, &'p [u8]), ImageError> {
-        let (dir, name) = split_parent(path);
-        if dir.is_empty() {
-            return Ok((self.root.clone(), name));
-        }
-        if let Some((cached, fd)) = &self.parent_cache {
-            if cached.as_slice() == dir {
-                return Ok((fd.clone(), name));
-            }
-        }
-        let fd = self.walk(dir, true, path)?;
-        self.parent_cache = Some((dir.to_vec(), fd.clone()));
-        Ok((fd, name))
-    }
-
-    /// Removes what is at `dir/name` so that a new entry can take its place
-    /// (later entries win).
-    fn clear(&mut self, dir: &OwnedFd, name: &[u8], path: &[u8]) -> Result<(), ImageError> {
-        let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(self.io_err("stat", path, e)),
-        };
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            // The parents of `path` were just opened without following
-            // symlinks, and only this unpacker writes under the root.
-            let full = self.root_path.join(OsStr::from_bytes(path));
-            std::fs::remove_dir_all(&full).map_err(|e| ImageError::io("remove", &full, e))?;
-            self.parent_cache = None;
-            self.dir_mtimes.retain(|k, _| {
-                !(k.as_slice() == path || (k.starts_with(path) && k.get(path.len()) == Some(&b'/')))
-            });
-        } else {
-            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| self.io_err("unlink", path, e))?;
-        }
-        Ok(())
-    }
-
     fn set_owner_mode(
         &self,
         fd: BorrowedFd<'_>,
@@ -515,30 +343,6 @@ impl Unpacker {
         fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| self.io_err("chown", path, e))?;
         fchmod(fd, Mode::from_bits_truncate(mode)).map_err(|e| self.io_err("chmod", path, e))
-    }
-
-    fn set_xattrs(&mut self, fd: BorrowedFd<'_>, xattrs: &[(Vec<u8>, Vec<u8>)], path: &[u8]) {
-        for (name, value) in xattrs {
-            let value = match xattr_policy(name) {
-                XattrPolicy::Keep => Some(value.clone()),
-                XattrPolicy::Capability => shift_capability(value, &self.shift),
-                XattrPolicy::Acl => shift_acl(value, &self.shift),
-                XattrPolicy::Drop => None,
-            };
-            let lossy = String::from_utf8_lossy(name);
-            let Some(value) = value else {
-                tracing::debug!(path = %String::from_utf8_lossy(path), xattr = %lossy, "dropping xattr");
-                self.stats.skipped_xattrs += 1;
-                continue;
-            };
-            match fsetxattr(fd, name, &value) {
-                Ok(()) => self.stats.xattrs += 1,
-                Err(e) => {
-                    tracing::debug!(path = %String::from_utf8_lossy(path), xattr = %lossy, error = %e, "cannot set xattr");
-                    self.stats.skipped_xattrs += 1;
-                }
-            }
-        }
     }
 
     fn file<R: Read>(
@@ -753,106 +557,9 @@ impl Unpacker {
     }
 }
 
-fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Result<()> {
-    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `fd` is a valid open descriptor for the duration of the call,
-    // `name` is NUL-terminated, and `value` is valid for `value.len()` bytes.
-    let rc = unsafe {
-        libc::fsetxattr(
-            fd.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum XattrPolicy {
-    Keep,
-    Capability,
-    Acl,
-    Drop,
-}
-
-fn xattr_policy(name: &[u8]) -> XattrPolicy {
-    match name {
-        b"security.capability" => XattrPolicy::Capability,
-        b"system.posix_acl_access" | b"system.posix_acl_default" => XattrPolicy::Acl,
-        n if n.starts_with(b"user.") => XattrPolicy::Keep,
-        _ => XattrPolicy::Drop,
-    }
-}
-
-/// Rewrites a `security.capability` value as a v3 (namespaced) capability
-/// whose root is the shifted root id, so that file capabilities apply inside
-/// the sandboxes' user namespace and nowhere else. `None` when malformed.
-pub(crate) fn shift_capability(value: &[u8], shift: &IdShift) -> Option<Vec<u8>> {
-    const REVISION_MASK: u32 = 0xff00_0000;
-    const REVISION_1: u32 = 0x0100_0000;
-    const REVISION_2: u32 = 0x0200_0000;
-    const REVISION_3: u32 = 0x0300_0000;
-    const FLAGS_EFFECTIVE: u32 = 0x0000_0001;
-    let magic = u32::from_le_bytes(value.get(0..4)?.try_into().ok()?);
-    let (words, root) = match (magic & REVISION_MASK, value.len()) {
-        (REVISION_1, 12) => (1, 0),
-        (REVISION_2, 20) => (2, 0),
-        (REVISION_3, 24) => (2, u32::from_le_bytes(value[20..24].try_into().ok()?)),
-        _ => return None,
-    };
-    let mut out = Vec::with_capacity(24);
-    out.extend_from_slice(&(REVISION_3 | (magic & FLAGS_EFFECTIVE)).to_le_bytes());
-    out.extend_from_slice(&value[4..4 + 8 * words]);
-    out.resize(20, 0);
-    out.extend_from_slice(&shift.map(u64::from(root)).0.to_le_bytes());
-    Some(out)
-}
-
-/// Shifts the user and group ids of a POSIX ACL xattr value.
-pub(crate) fn shift_acl(value: &[u8], shift: &IdShift) -> Option<Vec<u8>> {
-    const VERSION: u32 = 2;
-    const ACL_USER: u16 = 0x02;
-    const ACL_GROUP: u16 = 0x08;
-    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) {
-        return None;
-    }
-    if u32::from_le_bytes(value[..4].try_into().ok()?) != VERSION {
-        return None;
-    }
-    let mut out = value.to_vec();
-    for entry in out[4..].chunks_exact_mut(8) {
-        let tag = u16::from_le_bytes([entry[0], entry[1]]);
-        if tag == ACL_USER || tag == ACL_GROUP {
-            let id = u32::from_le_bytes(entry[4..8].try_into().ok()?);
-            entry[4..8].copy_from_slice(&shift.map(u64::from(id)).0.to_le_bytes());
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normalizes_paths() {
-        assert_eq!(normalize(b"./a/b/").unwrap(), b"a/b");
-        assert_eq!(normalize(b"/etc/x").unwrap(), b"etc/x");
-        assert_eq!(normalize(b"//a//./b").unwrap(), b"a/b");
-        assert_eq!(normalize(b"./").unwrap(), b"");
-        assert_eq!(normalize(b"").unwrap(), b"");
-        assert_eq!(normalize(b"a/..b/c..").unwrap(), b"a/..b/c..");
-        assert!(normalize(b"../x").is_err());
-        assert!(normalize(b"a/../../x").is_err());
-        assert!(normalize(b"a/..").is_err());
-        assert!(normalize(b"a\0b").is_err());
-    }
 
     #[test]
     fn parses_pax_times() {
@@ -868,95 +575,5 @@ mod tests {
         );
         assert_eq!(parse_pax_time(b"x"), None);
         assert_eq!(parse_pax_time(b"1.x"), None);
-    }
-
-    #[test]
-    fn shifts_capabilities() {
-        let shift = IdShift::default();
-        // v2, effective, cap_net_raw (bit 13) permitted.
-        let mut v2 = Vec::new();
-        v2.extend_from_slice(&0x0200_0001u32.to_le_bytes());
-        v2.extend_from_slice(&(1u32 << 13).to_le_bytes());
-        v2.extend_from_slice(&0u32.to_le_bytes());
-        v2.extend_from_slice(&[0; 8]);
-        let v3 = shift_capability(&v2, &shift).unwrap();
-        assert_eq!(v3.len(), 24);
-        assert_eq!(&v3[0..4], &0x0300_0001u32.to_le_bytes());
-        assert_eq!(&v3[4..20], &v2[4..20]);
-        assert_eq!(&v3[20..24], &1_000_000_000u32.to_le_bytes());
-        // v3 with a root of 1000 in the image.
-        let mut v3_in = v3.clone();
-        v3_in[20..24].copy_from_slice(&1000u32.to_le_bytes());
-        assert_eq!(
-            &shift_capability(&v3_in, &shift).unwrap()[20..24],
-            &1_000_001_000u32.to_le_bytes()
-        );
-        // v1 is widened.
-        let mut v1 = 0x0100_0000u32.to_le_bytes().to_vec();
-        v1.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
-        let out = shift_capability(&v1, &shift).unwrap();
-        assert_eq!(out.len(), 24);
-        assert_eq!(&out[0..4], &0x0300_0000u32.to_le_bytes());
-        assert_eq!(&out[4..12], &v1[4..12]);
-        assert_eq!(&out[12..20], &[0; 8]);
-        assert!(shift_capability(&v2[..19], &shift).is_none());
-        assert!(shift_capability(b"", &shift).is_none());
-    }
-
-    #[test]
-    fn shifts_acls() {
-        let shift = IdShift::default();
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, id) in [
-            (0x01u16, u32::MAX),
-            (0x02, 1000),
-            (0x04, u32::MAX),
-            (0x08, 50),
-            (0x10, u32::MAX),
-            (0x20, u32::MAX),
-        ] {
-            acl.extend_from_slice(&tag.to_le_bytes());
-            acl.extend_from_slice(&7u16.to_le_bytes());
-            acl.extend_from_slice(&id.to_le_bytes());
-        }
-        let out = shift_acl(&acl, &shift).unwrap();
-        let id =
-            |i: usize| u32::from_le_bytes(out[4 + 8 * i + 4..4 + 8 * i + 8].try_into().unwrap());
-        assert_eq!(id(0), u32::MAX);
-        assert_eq!(id(1), 1_000_001_000);
-        assert_eq!(id(3), 1_000_000_050);
-        assert_eq!(id(5), u32::MAX);
-        assert!(shift_acl(&acl[..10], &shift).is_none());
-        assert!(shift_acl(&[1, 0, 0, 0], &shift).is_none());
-    }
-
-    #[test]
-    fn xattr_policies() {
-        assert_eq!(xattr_policy(b"user.foo"), XattrPolicy::Keep);
-        assert_eq!(
-            xattr_policy(b"security.capability"),
-            XattrPolicy::Capability
-        );
-        assert_eq!(xattr_policy(b"system.posix_acl_default"), XattrPolicy::Acl);
-        assert_eq!(xattr_policy(b"trusted.overlay.opaque"), XattrPolicy::Drop);
-        assert_eq!(xattr_policy(b"trusted.overlay.redirect"), XattrPolicy::Drop);
-        assert_eq!(xattr_policy(b"security.selinux"), XattrPolicy::Drop);
-    }
-
-    #[test]
-    fn tally_counts_hashes_and_limits() {
-        let tally = Tally::new(true, 10);
-        let mut r = Tallying::new(&b"hello"[..], tally.clone());
-        io::copy(&mut r, &mut io::sink()).unwrap();
-        assert_eq!(tally.borrow().bytes, 5);
-        assert_eq!(
-            tally.borrow().digest().unwrap(),
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
-        let tally = Tally::new(false, 3);
-        let mut r = Tallying::new(&b"hello"[..], tally.clone());
-        assert!(io::copy(&mut r, &mut io::sink()).is_err());
-        assert!(tally.borrow().exceeded);
-        assert_eq!(tally.borrow().digest(), None);
     }
 }

@@ -128,7 +128,7 @@ pub(crate) struct TokenResponse {
 
 impl TokenResponse {
     /// The token (`token`, or OAuth2's `access_token`) and how long it lives.
-    pub fn into_token(self) -> Option<(String, Duration)> {
+    pub(crate) fn into_token(self) -> Option<(String, Duration)> {
         let token = self
             .token
             .filter(|t| !t.is_empty())
@@ -172,7 +172,7 @@ pub(crate) struct AuthCache {
 }
 
 impl AuthCache {
-    pub fn get(&self, key: &(String, String, String)) -> Option<Accepted> {
+    pub(crate) fn get(&self, key: &(String, String, String)) -> Option<Accepted> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         match entries.get(key) {
             Some(Accepted::Bearer { until, .. }) if *until <= Instant::now() => {
@@ -183,18 +183,23 @@ impl AuthCache {
         }
     }
 
-    pub fn put_bearer(&self, key: (String, String, String), token: String, lifetime: Duration) {
+    pub(crate) fn put_bearer(
+        &self,
+        key: (String, String, String),
+        token: String,
+        lifetime: Duration,
+    ) {
         let until = Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.insert(key, Accepted::Bearer { token, until });
     }
 
-    pub fn put_basic(&self, key: (String, String, String)) {
+    pub(crate) fn put_basic(&self, key: (String, String, String)) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.insert(key, Accepted::Basic);
     }
 
-    pub fn forget(&self, key: &(String, String, String)) {
+    pub(crate) fn forget(&self, key: &(String, String, String)) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.remove(key);
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sandpit_image::Digest;
 use serde::Deserialize;
 use ureq::config::RedirectAuthHeaders;
 use ureq::http::Response;
@@ -31,7 +32,7 @@ pub(crate) struct Agents {
 }
 
 impl Agents {
-    pub fn new(config: &RegistryConfig, roots: RootCerts) -> Self {
+    pub(crate) fn new(config: &RegistryConfig, roots: RootCerts) -> Self {
         let build = |https_only: bool| {
             let tls = TlsConfig::builder().root_certs(roots.clone()).build();
             let timeout = Some(Duration::from_secs(config.timeout_secs));
@@ -233,9 +234,9 @@ fn tls_reason(e: &rustls::Error) -> String {
         rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
     );
     if plain {
-        format!("tls: {e} (is it a plain http server?)")
+        format!("tls: {} (is it a plain http server?)", chain(e))
     } else {
-        format!("tls: {e}")
+        format!("tls: {}", chain(e))
     }
 }
 
@@ -292,7 +293,7 @@ impl Session<'_> {
 
     /// GETs `path` (under `/v2/<repository>/`), authenticating on a 401;
     /// any status but 2xx is a failure.
-    pub fn get(
+    pub(crate) fn get(
         &self,
         path: &str,
         accept: Option<&str>,
@@ -414,7 +415,7 @@ impl Session<'_> {
             return Err(failure);
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| Failure::invalid(format!("malformed token response: {e}")))?;
+            .map_err(|e| Failure::invalid(format!("malformed token response: {}", chain(&e))))?;
         tracing::debug!(
             endpoint = %self.endpoint.url,
             repository = %self.repository,
@@ -426,7 +427,7 @@ impl Session<'_> {
     }
 
     /// GETs a manifest: its bytes (at most `limit`) and content type.
-    pub fn manifest(
+    pub(crate) fn manifest(
         &self,
         reference: &str,
         accept: &str,
@@ -439,7 +440,7 @@ impl Session<'_> {
     }
 
     /// GETs a blob; the caller reads (and verifies) the body.
-    pub fn blob(&self, digest: &str) -> Result<Response<Body>, Failure> {
+    pub(crate) fn blob(&self, digest: &Digest) -> Result<Response<Body>, Failure> {
         self.get(&format!("blobs/{digest}"), None, &format!("blob {digest}"))
     }
 }

@@ -17,8 +17,19 @@
 //!
 //! The API is blocking: call it from a thread that may block (the daemon
 //! uses `spawn_blocking`).
+//!
+//! # Errors
+//!
+//! [`RegistryError`] keeps its causes as `source()` and never prints them
+//! (the caller joins the chain once, at the edge). [`PullError`] is the
+//! exception, on purpose: see its docs, and the crate-internal `chain()`
+//! that builds its message.
+
+#![forbid(unsafe_code)]
 
 use std::fmt;
+
+use sandpit_image::Digest;
 
 mod auth;
 mod client;
@@ -45,7 +56,7 @@ pub enum Progress {
         endpoint: String,
         /// Digest of the manifest the reference names (the index for a
         /// multi-arch image).
-        manifest_digest: String,
+        manifest_digest: Digest,
         /// Layers, bottom first; `index` in later events refers to this.
         layers: Vec<LayerProgressInfo>,
     },
@@ -60,8 +71,8 @@ pub enum Progress {
 /// A layer of a resolved image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerProgressInfo {
-    /// `sha256:<hex>` of the blob.
-    pub digest: String,
+    /// Digest of the blob.
+    pub digest: Digest,
     /// Blob size in bytes (compressed).
     pub size: u64,
 }
@@ -111,9 +122,12 @@ impl fmt::Display for PullErrorKind {
 
 /// Why a pull failed. `Clone`: callers of a coalesced pull all get it.
 ///
-/// The message flattens the cause chain (`registry unreachable: connection
-/// refused`): the error crosses threads and processes (gRPC) as text, so
-/// it carries no `source()`.
+/// A kind and a message built once, where the failure happened, rather
+/// than an error with a `source()`: every waiter of a coalesced pull gets a
+/// clone, and the foreign errors behind it (ureq, rustls, io, the store's)
+/// are not `Clone`. The message is the cause chain flattened by `chain()`
+/// (`registry unreachable: connection refused`); `source()` is `None`, so
+/// an edge that joins the chain prints it once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("pull {reference}: {message}")]
 pub struct PullError {
@@ -147,18 +161,18 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    pub fn new(kind: PullErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: PullErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
         }
     }
 
-    pub fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(PullErrorKind::Invalid, message)
     }
 
-    pub fn into_pull_error(self, reference: &str) -> PullError {
+    pub(crate) fn into_pull_error(self, reference: &str) -> PullError {
         PullError {
             reference: reference.to_owned(),
             kind: self.kind,
@@ -167,13 +181,25 @@ impl Failure {
     }
 }
 
-/// `err` and its sources, `: `-separated.
+/// `err` and its sources, `: `-separated: the one place this crate turns
+/// an error into text. [`PullError`] must be a plain value (see there), so
+/// the errors behind a failure (ureq, rustls, io, serde, the store's
+/// `ImageError`) are flattened into its message here, once; the reason
+/// helpers of `client.rs` only pick short words for the common transport
+/// failures and fall back on this. Every other error of the crate keeps its
+/// source instead.
+///
+/// A source whose text already ends the message is skipped: our own errors
+/// never print their source (tested), but foreign ones may both print it
+/// and return it from `source()` (an `io::Error` wrapping another error
+/// displays the inner one and returns the inner one's source), and the
+/// message must not say it twice. Nothing else in this crate
+/// de-duplicates.
 pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {
         let text = e.to_string();
-        // Some errors print their source themselves.
         if !out.ends_with(&text) {
             out.push_str(": ");
             out.push_str(&text);
@@ -218,5 +244,27 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(chain(&e), "outer: inner");
+        // A foreign error that prints its source and returns it too.
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapper: {0}")]
+        struct Loud(#[source] Outer);
+        let e = Loud(Outer(std::io::Error::other("inner")));
+        assert_eq!(chain(&e), "wrapper: outer: inner");
+    }
+
+    /// Our errors with a source never print it: the edge joins the chain.
+    #[test]
+    fn errors_with_a_source_do_not_repeat_it() {
+        let e = RegistryError::CaFile {
+            path: "/etc/ca.pem".into(),
+            source: std::io::Error::other("permission denied"),
+        };
+        let source = std::error::Error::source(&e).expect("has a source");
+        assert!(!e.to_string().contains(&source.to_string()), "{e}");
+        assert_eq!(e.to_string(), "read ca file /etc/ca.pem");
+        assert_eq!(chain(&e), "read ca file /etc/ca.pem: permission denied");
+        // The store's errors, flattened into a pull's message, appear once.
+        let store = sandpit_image::ImageError::Archive(std::io::Error::other("bad gzip header"));
+        assert_eq!(chain(&store), "read layer: bad gzip header");
     }
 }

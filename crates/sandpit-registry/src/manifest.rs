@@ -6,17 +6,19 @@ use std::fmt;
 use sandpit_image::{Compression, ImageConfig};
 use serde::Deserialize;
 
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use crate::chain;
+
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 const DOCKER_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// The `Accept` header of manifest requests: what this client understands.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json";
@@ -24,7 +26,7 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 /// A content descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(default)]
     pub media_type: String,
     pub digest: String,
@@ -37,7 +39,7 @@ pub struct Descriptor {
 
 /// An OS/architecture pair, with an optional variant (`v8`, `v7`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Platform {
+pub(crate) struct Platform {
     #[serde(default)]
     pub os: String,
     #[serde(default)]
@@ -58,7 +60,7 @@ impl fmt::Display for Platform {
 
 impl Platform {
     /// The platform of this host, in OCI spelling.
-    pub fn host() -> Self {
+    pub(crate) fn host() -> Self {
         let architecture = match std::env::consts::ARCH {
             "x86_64" => "amd64",
             "aarch64" => "arm64",
@@ -88,7 +90,7 @@ impl Platform {
 
 /// A parsed manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Manifest {
+pub(crate) enum Manifest {
     /// OCI index or Docker manifest list.
     Index(Vec<Descriptor>),
     /// OCI image manifest or Docker schema 2 manifest.
@@ -120,9 +122,9 @@ fn bare_media_type(value: &str) -> &str {
 
 /// Parses a manifest. Its kind comes from its `mediaType`, else the
 /// response's `Content-Type`, else its shape.
-pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, String> {
+pub(crate) fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, String> {
     let raw: RawManifest =
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed manifest: {e}"))?;
+        serde_json::from_slice(bytes).map_err(|e| format!("malformed manifest: {}", chain(&e)))?;
     let declared = raw
         .media_type
         .as_deref()
@@ -168,7 +170,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
 /// best variant the platform runs. Attestations (`unknown/unknown`) and
 /// entries without a platform are skipped. The error lists what the index
 /// offers.
-pub fn select_platform<'a>(
+pub(crate) fn select_platform<'a>(
     entries: &'a [Descriptor],
     platform: &Platform,
 ) -> Result<&'a Descriptor, String> {
@@ -209,7 +211,7 @@ pub fn select_platform<'a>(
 
 /// The compression of a layer media type; foreign and non-distributable
 /// layers, and anything not a layer tar, are refused.
-pub fn layer_compression(media_type: &str) -> Result<Compression, String> {
+pub(crate) fn layer_compression(media_type: &str) -> Result<Compression, String> {
     if media_type.contains(".foreign.") || media_type.contains(".nondistributable.") {
         return Err(format!(
             "foreign layer {media_type:?} is not supported (it is not in the registry)"
@@ -255,7 +257,7 @@ struct RawImageConfig {
 
 /// What a pull needs from an image config blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedConfig {
+pub(crate) struct ParsedConfig {
     pub config: ImageConfig,
     pub diff_ids: Vec<String>,
     /// `os/architecture` when the config names them.
@@ -263,9 +265,9 @@ pub struct ParsedConfig {
 }
 
 /// Parses an image config blob.
-pub fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
-    let raw: RawImageConfig =
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed image config: {e}"))?;
+pub(crate) fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
+    let raw: RawImageConfig = serde_json::from_slice(bytes)
+        .map_err(|e| format!("malformed image config: {}", chain(&e)))?;
     if raw.rootfs.kind != "layers" {
         return Err(format!(
             "image config rootfs type {:?}, not \"layers\"",
