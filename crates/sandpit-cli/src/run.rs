@@ -148,23 +148,25 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     forwarded.thread_block().context("block signals")?;
 
     // Leased while mounted: a gc (here or in sandpitd) must not collect
-    // the layers under the sandbox.
-    store.lease(id.as_str(), &image.layers)?;
-    let sandbox = match runtime.create(&spec) {
-        Ok(sandbox) => sandbox,
-        Err(e) => {
-            let _ = store.release(id.as_str());
-            return Err(e.into());
-        }
-    };
+    // the layers under the sandbox. The guard releases the lease if the
+    // sandbox cannot be created.
+    let lease = store.lease_guard(id.as_str(), &image.layers)?;
+    let sandbox = runtime.create(&spec)?;
     let result = attach(&sandbox, argv, cwd, tty, forwarded);
     match runtime.destroy(&id) {
         Ok(()) => {
-            if let Err(e) = store.release(id.as_str()) {
-                eprintln!("sandpit: release image lease {id}: {e}");
+            if let Err(e) = lease.release() {
+                eprintln!(
+                    "sandpit: release image lease {id}: {e:#}",
+                    e = anyhow::Error::from(e)
+                );
             }
         }
-        Err(e) => eprintln!("sandpit: remove sandbox {id}: {e}"),
+        Err(e) => {
+            // Still mounted: the layers stay leased.
+            lease.keep();
+            eprintln!("sandpit: remove sandbox {id}: {:#}", anyhow::Error::from(e));
+        }
     }
     result
 }

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 
+use sandpit_image::Digest;
 use sandpit_registry::Credentials;
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::ExitStatus;
@@ -56,7 +57,7 @@ pub struct ImageInfo {
     /// Unpacked layers, top-most first.
     pub lower_dirs: Vec<PathBuf>,
     /// Diff ids of the layers, bottom first (leased while a sandbox runs).
-    pub layers: Vec<String>,
+    pub layers: Vec<Digest>,
 }
 
 /// Everything the engine needs to start a sandbox.
@@ -66,7 +67,7 @@ pub struct LaunchSpec {
     pub lower_dirs: Vec<PathBuf>,
     /// Their diff ids, bottom first: kept from image garbage collection
     /// while the sandbox exists.
-    pub layers: Vec<String>,
+    pub layers: Vec<Digest>,
     /// Main command; empty means none (the sandbox idles until stopped).
     pub argv: Vec<String>,
     /// Environment of the main command and of every exec.

@@ -306,17 +306,14 @@ impl Engine for LocalEngine {
         let layers = spec_layers;
         let sandbox = blocking(move || {
             // Leased before mounting: `sandpit image rm` or a gc in another
-            // process must not collect a layer under a running sandbox.
-            store
-                .lease(spec.id.as_str(), &layers)
+            // process must not collect a layer under a running sandbox. The
+            // guard releases it on every way out but the ones that keep it.
+            let lease = store
+                .lease_guard_owned(spec.id.as_str(), &layers)
                 .map_err(|e| EngineError::Image(describe(&e)))?;
-            let sandbox = match runtime.create(&spec) {
-                Ok(sandbox) => sandbox,
-                Err(e) => {
-                    release_lease(&store, spec.id.as_str());
-                    return Err(EngineError::Runtime(describe(&e)));
-                }
-            };
+            let sandbox = runtime
+                .create(&spec)
+                .map_err(|e| EngineError::Runtime(describe(&e)))?;
             // The agent starts the main command before it serves its first
             // connection, so one ping tells whether it started: a client
             // then sees FAILED from CreateSandbox itself, never a RUNNING
@@ -327,11 +324,15 @@ impl Engine for LocalEngine {
                 Err(e) => Err(EngineError::Agent(e.to_string())),
             };
             match verdict {
-                Ok(()) => Ok(sandbox),
+                Ok(()) => {
+                    lease.keep();
+                    Ok(sandbox)
+                }
                 Err(e) => {
-                    match runtime.destroy(sandbox.id()) {
-                        Ok(()) => release_lease(&store, sandbox.id().as_str()),
-                        Err(d) => tracing::warn!(error = %d, "destroy after failed start"),
+                    if let Err(d) = runtime.destroy(sandbox.id()) {
+                        // Still mounted: the layers stay leased.
+                        tracing::warn!(error = %describe(&d), "destroy after failed start");
+                        lease.keep();
                     }
                     Err(e)
                 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use sandpit_image::Digest;
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::ExitStatus;
 use tokio::sync::watch;
@@ -69,7 +70,7 @@ impl FakeEngine {
             env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
             working_dir: String::new(),
             lower_dirs: vec![PathBuf::from("/fake/layer")],
-            layers: vec![format!("sha256:{}", "a".repeat(64))],
+            layers: vec![Digest::from_sha256_hex(&"a".repeat(64)).expect("a digest")],
         };
         self.lock().images.insert(reference.to_owned(), info);
     }
@@ -84,7 +85,7 @@ impl FakeEngine {
             env: vec!["PATH=/usr/bin:/bin".into()],
             working_dir: String::new(),
             lower_dirs: vec![PathBuf::from("/fake/pulled")],
-            layers: vec![format!("sha256:{}", "b".repeat(64))],
+            layers: vec![Digest::from_sha256_hex(&"b".repeat(64)).expect("a digest")],
         };
         self.lock().remote.insert(reference.to_owned(), Ok(info));
     }
