@@ -151,7 +151,7 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     // the layers under the sandbox. The guard releases the lease if the
     // sandbox cannot be created.
     let lease = store.lease_guard(id.as_str(), &image.layers)?;
-    let sandbox = runtime.create(&spec)?;
+    let sandbox = runtime.create(&spec).context("start sandbox")?;
     let result = attach(&sandbox, argv, cwd, tty, forwarded);
     match runtime.destroy(&id) {
         Ok(()) => {

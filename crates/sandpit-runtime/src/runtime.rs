@@ -103,7 +103,7 @@ pub enum RuntimeError {
     /// The spawner reported a failure: its whole error chain as text (it
     /// comes from another process), e.g. `root filesystem: mount
     /// /…/rootfs: ENOENT: No such file or directory`.
-    #[error("start sandbox: {0}")]
+    #[error("{0}")]
     Spawn(String),
 }
 

@@ -17,28 +17,54 @@ use sandpit_wire::ExitStatus;
 use crate::logs::LogWriter;
 use crate::model::{MountedFile, NewSandbox, Resources, SandboxId};
 
+/// What failed inside an engine's machinery. Boxed: engines differ in what
+/// fails (a runtime and an image store here; a VMM or a remote node
+/// elsewhere), and the manager only prints the chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Errors of an engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The image store failed (not "image missing": that is `Ok(None)`).
-    #[error("image store: {0}")]
-    Image(String),
-    /// Creating, adopting or destroying a sandbox failed.
-    #[error("{0}")]
-    Runtime(String),
+    #[error("image store")]
+    Image(#[source] BoxError),
+    /// Creating the sandbox failed; nothing of it is left.
+    #[error("start sandbox")]
+    Start(#[source] BoxError),
+    /// Destroying, adopting or sweeping sandboxes, or setting the engine
+    /// up, failed.
+    #[error("{op}")]
+    Runtime {
+        /// What was being done.
+        op: &'static str,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
     /// Talking to a sandbox's agent failed.
-    #[error("agent: {0}")]
-    Agent(String),
+    #[error("agent")]
+    Agent(#[source] sandpit_wire::client::ClientError),
     /// The sandbox started but its main command did not (missing binary,
-    /// bad working directory...); nothing of it is left.
+    /// bad working directory...); nothing of it is left. The reason is the
+    /// agent's, from inside the sandbox: text, not an error of ours.
     #[error("main command failed to start: {0}")]
     StartFailed(String),
     /// The engine knows no sandbox with this id.
     #[error("sandbox {0} is not known to the engine")]
-    Unknown(String),
+    Unknown(SandboxId),
     /// A blocking task panicked or was cancelled.
     #[error("engine task failed")]
     Task,
+}
+
+impl EngineError {
+    /// A failed `op` of the machinery.
+    pub fn runtime(op: &'static str, source: impl Into<BoxError>) -> Self {
+        EngineError::Runtime {
+            op,
+            source: source.into(),
+        }
+    }
 }
 
 /// The runtime part of an image, resolved from the local store.

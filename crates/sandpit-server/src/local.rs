@@ -73,7 +73,7 @@ impl LocalEngine {
     /// binaries, detects cgroups).
     pub fn new(config: LocalEngineConfig) -> Result<Self, EngineError> {
         let store = ImageStore::open(&config.store_dir, IdShift::default())
-            .map_err(|e| EngineError::Image(describe(&e)))?;
+            .map_err(|e| EngineError::Image(e.into()))?;
         let runtime = Runtime::new(RuntimeConfig {
             state_dir: config.state_dir,
             agent_binary: config.agent_binary,
@@ -81,10 +81,10 @@ impl LocalEngine {
             id_map: IdMap::default(),
             cgroup_parent: config.cgroup_parent,
         })
-        .map_err(|e| EngineError::Runtime(describe(&e)))?;
+        .map_err(|e| EngineError::runtime("set up the runtime", e))?;
         let store = Arc::new(store);
         let puller = Puller::new(Arc::clone(&store), config.registry)
-            .map_err(|e| EngineError::Image(describe(&e)))?;
+            .map_err(|e| EngineError::Image(e.into()))?;
         Ok(Self {
             runtime: Arc::new(runtime),
             puller: Arc::new(puller),
@@ -107,7 +107,7 @@ async fn ping(sb: &Arc<Sandbox>) -> Result<MainStatus, EngineError> {
     let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
     blocking(move || agent.ping())
         .await?
-        .map_err(|e| EngineError::Agent(describe(&e)))
+        .map_err(EngineError::Agent)
 }
 
 /// Why following the main output stopped before its `End`.
@@ -228,12 +228,11 @@ impl Engine for LocalEngine {
         let store = Arc::clone(&self.store);
         let reference = reference.to_owned();
         blocking(move || {
-            let parsed =
-                Reference::parse(&reference).map_err(|e| EngineError::Image(describe(&e)))?;
+            let parsed = Reference::parse(&reference).map_err(|e| EngineError::Image(e.into()))?;
             match store.get(&parsed) {
                 Ok(image) => Ok(Some(image_info(&store, &image))),
                 Err(ImageError::NotFound(_)) => Ok(None),
-                Err(e) => Err(EngineError::Image(describe(&e))),
+                Err(e) => Err(EngineError::Image(e.into())),
             }
         })
         .await?
@@ -310,10 +309,10 @@ impl Engine for LocalEngine {
             // guard releases it on every way out but the ones that keep it.
             let lease = store
                 .lease_guard_owned(spec.id.as_str(), &layers)
-                .map_err(|e| EngineError::Image(describe(&e)))?;
+                .map_err(|e| EngineError::Start(Box::new(EngineError::Image(e.into()))))?;
             let sandbox = runtime
                 .create(&spec)
-                .map_err(|e| EngineError::Runtime(describe(&e)))?;
+                .map_err(|e| EngineError::Start(e.into()))?;
             // The agent starts the main command before it serves its first
             // connection, so one ping tells whether it started: a client
             // then sees FAILED from CreateSandbox itself, never a RUNNING
@@ -321,7 +320,7 @@ impl Engine for LocalEngine {
             let verdict = match sandbox.agent().with_timeout(AGENT_TIMEOUT).ping() {
                 Ok(MainStatus::StartFailed(msg)) => Err(EngineError::StartFailed(msg)),
                 Ok(_) => Ok(()),
-                Err(e) => Err(EngineError::Agent(e.to_string())),
+                Err(e) => Err(EngineError::Start(Box::new(EngineError::Agent(e)))),
             };
             match verdict {
                 Ok(()) => {
@@ -388,11 +387,11 @@ impl Engine for LocalEngine {
     async fn signal_main(&self, id: &SandboxId, signal: i32) -> Result<(), EngineError> {
         let sb = self
             .sandbox(id)
-            .ok_or_else(|| EngineError::Unknown(id.to_string()))?;
+            .ok_or_else(|| EngineError::Unknown(id.clone()))?;
         let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
         blocking(move || agent.signal_main(signal))
             .await?
-            .map_err(|e| EngineError::Agent(describe(&e)))
+            .map_err(EngineError::Agent)
     }
 
     async fn destroy(&self, id: &SandboxId) -> Result<(), EngineError> {
@@ -407,7 +406,7 @@ impl Engine for LocalEngine {
             Ok(())
         })
         .await?
-        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
+        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::runtime("destroy sandbox", e))
     }
 
     async fn adopt(&self, id: &SandboxId) -> Adoption {
@@ -453,7 +452,7 @@ impl Engine for LocalEngine {
             Ok(report.state_dirs)
         })
         .await?
-        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::Runtime(describe(&e)))
+        .map_err(|e: sandpit_runtime::RuntimeError| EngineError::runtime("sweep", e))
     }
 
     fn agent(&self, id: &SandboxId) -> Option<AgentClient> {
@@ -537,6 +536,24 @@ mod tests {
             read_frame(&mut &bytes[..2]).await,
             Err(WireError::Truncated)
         ));
+    }
+
+    #[test]
+    fn engine_errors_keep_their_sources() {
+        let io = || Box::new(std::io::Error::other("disk on fire"));
+        let spawn = sandpit_runtime::RuntimeError::Spawn("root filesystem: mount: ENOENT".into());
+        for (e, text) in [
+            (EngineError::Image(io()), "image store: disk on fire"),
+            (
+                EngineError::Start(Box::new(spawn)),
+                "start sandbox: root filesystem: mount: ENOENT",
+            ),
+            (EngineError::runtime("sweep", io()), "sweep: disk on fire"),
+        ] {
+            let source = std::error::Error::source(&e).unwrap().to_string();
+            assert!(!e.to_string().contains(&source), "{e}");
+            assert_eq!(crate::chain(&e), text);
+        }
     }
 
     #[test]

@@ -240,10 +240,12 @@ impl Engine for FakeEngine {
         }
         let mut st = self.lock();
         if let Some(msg) = &st.fail_create {
-            return Err(EngineError::Runtime(msg.clone()));
+            return Err(EngineError::Start(msg.clone().into()));
         }
         if st.sandboxes.contains_key(id) {
-            return Err(EngineError::Runtime(format!("sandbox {id} already exists")));
+            return Err(EngineError::Start(
+                format!("sandbox {id} already exists").into(),
+            ));
         }
         let (exit, _) = watch::channel(None);
         // Without a main command the sandbox idles until destroyed.
@@ -294,9 +296,14 @@ impl Engine for FakeEngine {
             .sandboxes
             .get_mut(id)
             .filter(|s| !s.destroyed)
-            .ok_or_else(|| EngineError::Unknown(id.to_string()))?;
+            .ok_or_else(|| EngineError::Unknown(id.clone()))?;
         if sb.spec.argv.is_empty() || sb.exit.borrow().is_some() {
-            return Err(EngineError::Agent("main process is not running".into()));
+            return Err(EngineError::Agent(
+                sandpit_wire::client::ClientError::Agent {
+                    kind: sandpit_wire::ErrorKind::NotRunning,
+                    message: "main process is not running".into(),
+                },
+            ));
         }
         sb.signals.push(signal);
         if exits && signal == 15 {

@@ -189,7 +189,10 @@ impl<E: Engine> Manager<E> {
                     }
                 }
             }
-            Err(e @ EngineError::StartFailed(_)) => self.fail_start(id, crate::chain(&e)).await,
+            // These say what they were doing themselves.
+            Err(e @ (EngineError::StartFailed(_) | EngineError::Start(_))) => {
+                self.fail_start(id, crate::chain(&e)).await
+            }
             Err(e) => {
                 self.fail_start(id, format!("start sandbox: {}", crate::chain(&e)))
                     .await
