@@ -24,6 +24,8 @@
 //! only (8 cycles each), skips density and the Python block, and asserts
 //! nothing about speed.
 
+#![forbid(unsafe_code)]
+
 mod daemon;
 
 use std::path::{Path, PathBuf};

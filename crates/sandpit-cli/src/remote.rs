@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 
 /// Where the daemon is and who we are.
 #[derive(Args, Debug, Clone)]
-pub struct ServerArgs {
+pub(crate) struct ServerArgs {
     /// The daemon's address.
     #[arg(
         long,
@@ -66,7 +66,7 @@ async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client
 
 /// The remote subcommands.
 #[derive(clap::Subcommand, Debug)]
-pub enum RemoteCommand {
+pub(crate) enum RemoteCommand {
     /// List sandboxes.
     Ls {
         /// Include finished and stopped sandboxes.
@@ -112,7 +112,11 @@ pub enum RemoteCommand {
 }
 
 /// Runs one remote command.
-pub fn run(server: &ServerArgs, data_dir: &std::path::Path, command: RemoteCommand) -> Result<()> {
+pub(crate) fn run(
+    server: &ServerArgs,
+    data_dir: &std::path::Path,
+    command: RemoteCommand,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -22,6 +22,8 @@
 //! );
 //! ```
 
+#![forbid(unsafe_code)]
+
 /// Generated code, one module per protobuf package.
 pub mod coreweave {
     /// `coreweave.sandbox.*`

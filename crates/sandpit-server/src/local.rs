@@ -209,9 +209,13 @@ async fn wait_init_exit(sb: &Sandbox) {
         // Not the process it recorded any more: ended already.
         Ok(None) => return,
         Ok(Some(fd)) => {
-            if let Ok(afd) =
-                tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
-            {
+            // SAFETY: the AsyncFd takes the OwnedFd over: the descriptor stays
+            // open, and names the same pidfd, for as long as it is
+            // registered (until the AsyncFd is dropped).
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            };
+            if let Ok(afd) = registered {
                 let _ = afd.readable().await;
                 return;
             }
