@@ -1,128 +1,20 @@
 //! The gRPC server in-process on 127.0.0.1:0 with the fake engine, driven by
 //! the generated tonic clients as a remote caller would.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sandpit_proto::sandbox::v1 as pb;
 use sandpit_proto::sandbox::v1::discovery_service_client::DiscoveryServiceClient;
 use sandpit_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
-use sandpit_server::auth::{ApiKey, Auth};
-use sandpit_server::clock::SystemClock;
-use sandpit_server::db::Db;
 use sandpit_server::engine::{MainExit, PullFailure, PullFailureKind};
-use sandpit_server::fake::FakeEngine;
-use sandpit_server::logs::NullSink;
-use sandpit_server::manager::{Manager, ManagerConfig};
-use sandpit_server::secrets::{SecretStoreConfig, SecretStores};
-use sandpit_server::server::{serve, ServerOptions};
 use sandpit_wire::ExitStatus;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-const ALICE: &str = "alice-key";
-const BOB: &str = "bob-key";
-
-struct Server {
-    url: String,
-    _secrets: tempfile::TempDir,
-    engine: FakeEngine,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start() -> Server {
-    let engine = FakeEngine::new();
-    engine.add_image("docker.io/library/python:3.11", &[], &["python3"]);
-    let manager = Manager::start(
-        ManagerConfig::default(),
-        engine.clone(),
-        Db::in_memory().unwrap(),
-        Arc::new(SystemClock),
-        Arc::new(NullSink),
-    )
-    .await
-    .unwrap();
-    let auth = Auth::new(&[
-        ApiKey {
-            key: ALICE.into(),
-            name: Some("alice".into()),
-        },
-        ApiKey {
-            key: BOB.into(),
-            name: None,
-        },
-    ]);
-    let secrets = tempfile::tempdir().unwrap();
-    std::fs::write(secrets.path().join("ghcr"), "bot:s3cret\n").unwrap();
-    let secret_stores = SecretStores::new(
-        [(
-            "local".to_owned(),
-            SecretStoreConfig {
-                dir: secrets.path().to_owned(),
-            },
-        )]
-        .into(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        serve(
-            listener,
-            manager,
-            auth,
-            ServerOptions {
-                max_message_bytes: 100 << 20,
-                tls: None,
-                runner_id: "runner-1".into(),
-                started: SystemTime::now(),
-                max_file_bytes: 32 << 20,
-                logs: None,
-                secret_stores,
-            },
-            async {
-                let _ = rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    Server {
-        url,
-        _secrets: secrets,
-        engine,
-        stop: Some(tx),
-        task,
-    }
-}
-
-impl Server {
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn client(&self) -> SandboxServiceClient<Channel> {
-        SandboxServiceClient::new(self.channel().await)
-    }
-}
-
-fn with_key<T>(msg: T, key: &str) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
-    );
-    r
-}
+mod common;
+use common::*;
 
 fn create_request(tags: &[&str], request_id: &str) -> pb::CreateSandboxRequest {
     let mut spec = pb::SandboxSpec {
