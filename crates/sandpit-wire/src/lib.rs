@@ -26,6 +26,12 @@
 //! - [`Frame::SignalMain`] -> [`Frame::Ok`] or [`Frame::Error`].
 //!
 //! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
+//!
+//! Errors follow one convention: a variant that wraps another error names
+//! only its own step and leaves the cause to [`std::error::Error::source`],
+//! so a printer that joins the chain with `": "` says everything once.
+
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
 
@@ -40,7 +46,7 @@ pub const CHUNK_LEN: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The transport failed.
-    #[error("transport: {0}")]
+    #[error("transport")]
     Io(#[from] io::Error),
     /// The peer announced a frame larger than [`MAX_FRAME_LEN`].
     #[error("frame of {0} bytes exceeds the limit")]
@@ -280,29 +286,29 @@ pub enum Frame {
 }
 
 mod tag {
-    pub const PING: u8 = 1;
-    pub const PONG: u8 = 2;
-    pub const EXEC: u8 = 3;
-    pub const STARTED: u8 = 4;
-    pub const STDIN: u8 = 5;
-    pub const STDIN_EOF: u8 = 6;
-    pub const RESIZE: u8 = 7;
-    pub const SIGNAL: u8 = 8;
-    pub const STDOUT: u8 = 9;
-    pub const STDERR: u8 = 10;
-    pub const EXITED: u8 = 11;
-    pub const READ_FILE: u8 = 12;
-    pub const FILE_INFO: u8 = 13;
-    pub const DATA: u8 = 14;
-    pub const END: u8 = 15;
-    pub const WRITE_FILE: u8 = 16;
-    pub const OK: u8 = 17;
-    pub const ERROR: u8 = 18;
-    pub const MAIN_OUTPUT: u8 = 19;
-    pub const GAP: u8 = 20;
-    pub const MAIN_CHUNK: u8 = 21;
-    pub const SIGNAL_MAIN: u8 = 22;
-    pub const INIT: u8 = 23;
+    pub(crate) const PING: u8 = 1;
+    pub(crate) const PONG: u8 = 2;
+    pub(crate) const EXEC: u8 = 3;
+    pub(crate) const STARTED: u8 = 4;
+    pub(crate) const STDIN: u8 = 5;
+    pub(crate) const STDIN_EOF: u8 = 6;
+    pub(crate) const RESIZE: u8 = 7;
+    pub(crate) const SIGNAL: u8 = 8;
+    pub(crate) const STDOUT: u8 = 9;
+    pub(crate) const STDERR: u8 = 10;
+    pub(crate) const EXITED: u8 = 11;
+    pub(crate) const READ_FILE: u8 = 12;
+    pub(crate) const FILE_INFO: u8 = 13;
+    pub(crate) const DATA: u8 = 14;
+    pub(crate) const END: u8 = 15;
+    pub(crate) const WRITE_FILE: u8 = 16;
+    pub(crate) const OK: u8 = 17;
+    pub(crate) const ERROR: u8 = 18;
+    pub(crate) const MAIN_OUTPUT: u8 = 19;
+    pub(crate) const GAP: u8 = 20;
+    pub(crate) const MAIN_CHUNK: u8 = 21;
+    pub(crate) const SIGNAL_MAIN: u8 = 22;
+    pub(crate) const INIT: u8 = 23;
 }
 
 struct Enc<'a>(&'a mut Vec<u8>);
@@ -748,9 +754,41 @@ impl WireError {
     }
 }
 
+/// Joins an error's Display with its sources' along the chain, as the
+/// printers at the edges of the programs do.
+#[cfg(test)]
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn wire_errors_do_not_repeat_their_sources() {
+        let e = WireError::Io(io::Error::other("disk on fire"));
+        let source = e.source().expect("io has a source").to_string();
+        assert!(!e.to_string().contains(&source), "{e}");
+        // What the Display alone said before sources were split off.
+        assert_eq!(chain(&e), "transport: disk on fire");
+        for e in [
+            WireError::TooLarge(5),
+            WireError::Malformed("x"),
+            WireError::UnknownTag(9),
+            WireError::Truncated,
+        ] {
+            assert!(e.source().is_none(), "{e}");
+        }
+    }
 
     fn roundtrip(f: Frame) {
         let mut buf = Vec::new();
