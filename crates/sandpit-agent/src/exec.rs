@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sandpit_wire::{
-    body_len, decode, output_header, write_frame, ErrorKind, ExecRequest, Frame, CHUNK_LEN,
+    body_len, decode, output_header, write_frame, ErrorKind, ExecRequest, Frame, Signal, CHUNK_LEN,
     OUTPUT_HEADER_LEN,
 };
 
@@ -58,7 +58,8 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: i32) {
+    fn signal(&self, sig: Signal) {
+        let sig = sig.number();
         if sys::kill(-self.pid, sig).is_err() && self.exit.status().is_none() {
             let _ = sys::kill(self.pid, sig);
         }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, CHUNK_LEN};
+use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, Signal, CHUNK_LEN};
 
 use crate::reaper::{lock, ExitCell, Reaper};
 use crate::spawn::{self, Command, SpawnError};
@@ -293,7 +293,7 @@ impl Main {
     }
 
     /// Signals the main command's process group.
-    pub fn signal(&self, sig: i32) -> Result<(), (ErrorKind, String)> {
+    pub fn signal(&self, sig: Signal) -> Result<(), (ErrorKind, String)> {
         let st = lock(&self.state);
         let not_running = || {
             (
@@ -310,13 +310,13 @@ impl Main {
         let pid = pid as i32;
         // The group first (setsid made the command its leader); the process
         // itself if it moved to another group.
-        let group = sys::kill(-pid, sig);
-        let single = sys::kill(pid, sig);
+        let group = sys::kill(-pid, sig.number());
+        let single = sys::kill(pid, sig.number());
         match (group, single) {
             (Ok(()), _) | (_, Ok(())) => Ok(()),
             (_, Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => Err((
                 ErrorKind::InvalidArgument,
-                format!("signal {sig}: invalid argument"),
+                format!("signal {}: invalid argument", sig.number()),
             )),
             (_, Err(_)) => Err(not_running()),
         }

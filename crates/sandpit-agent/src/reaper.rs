@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sandpit_wire::ExitStatus;
+use sandpit_wire::{ExitStatus, Signal};
 
 /// Where the exit status of one child lands.
 #[derive(Debug)]
@@ -172,8 +172,30 @@ impl Reaper {
 /// Decodes a raw wait status.
 pub fn decode(raw: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(raw) {
-        ExitStatus::Signal(libc::WTERMSIG(raw))
+        let sig = libc::WTERMSIG(raw);
+        // The kernel's signals are 1..=64; anything else would be a broken
+        // status word: report what a shell would.
+        Signal::new(sig).map_or(ExitStatus::Code(128 + sig), ExitStatus::Signal)
     } else {
         ExitStatus::Code(libc::WEXITSTATUS(raw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_statuses_decode_to_codes_and_signals() {
+        // The kernel's encoding: exit code in bits 8-15, signal in bits 0-6.
+        assert_eq!(decode(3 << 8), ExitStatus::Code(3));
+        assert_eq!(decode(0), ExitStatus::Code(0));
+        assert_eq!(decode(libc::SIGKILL), ExitStatus::Signal(Signal::KILL));
+        // With the core-dump bit.
+        assert_eq!(
+            decode(libc::SIGSEGV | 0x80),
+            ExitStatus::Signal(Signal::new(libc::SIGSEGV).unwrap())
+        );
+        assert_eq!(decode(64), ExitStatus::Signal(Signal::new(64).unwrap()));
     }
 }

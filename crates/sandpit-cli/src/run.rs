@@ -22,7 +22,7 @@ use sandpit_wire::{ExecRequest, InitSpec, WinSize};
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Args, Debug)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Memory limit, e.g. `256Mi`.
     #[arg(long)]
     memory: Option<String>,
@@ -52,7 +52,7 @@ pub struct RunArgs {
 }
 
 /// Runs the command and returns its shell-style exit code.
-pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
+pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     let limits = Limits {
         memory_bytes: args
             .memory
@@ -215,7 +215,11 @@ fn attach(
     let mut signal_control = control.clone();
     std::thread::spawn(move || {
         while let Ok(sig) = forwarded.wait() {
-            if signal_control.signal(sig as i32).is_err() {
+            // Only SIGINT, SIGTERM and SIGHUP are waited for: all in range.
+            let Some(sig) = sandpit_wire::Signal::new(sig as i32) else {
+                continue;
+            };
+            if signal_control.signal(sig).is_err() {
                 return;
             }
         }

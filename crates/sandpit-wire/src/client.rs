@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{
-    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, WinSize, WireError,
-    CHUNK_LEN,
+    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, Signal, WinSize,
+    WireError, CHUNK_LEN,
 };
 
 /// Largest file [`AgentClient::read_file`] accepts; use
@@ -191,7 +191,7 @@ impl AgentClient {
     }
 
     /// Sends a signal to the main command's process group.
-    pub fn signal_main(&self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal_main(&self, sig: Signal) -> Result<(), ClientError> {
         let mut s = self.start(&Frame::SignalMain(sig), true)?;
         match expect_frame(&mut s)? {
             Frame::Ok => Ok(()),
@@ -430,7 +430,7 @@ impl ExecSession {
     }
 
     /// Sends a signal to the command's process group.
-    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal(&mut self, sig: Signal) -> Result<(), ClientError> {
         self.control().signal(sig)
     }
 
@@ -537,7 +537,7 @@ impl StdinWriter {
     }
 
     /// Sends a signal to the command's process group.
-    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal(&mut self, sig: Signal) -> Result<(), ClientError> {
         self.send(&Frame::Signal(sig))
     }
 

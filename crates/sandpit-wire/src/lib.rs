@@ -36,6 +36,9 @@
 use std::io::{self, Read, Write};
 
 pub mod client;
+mod signal;
+
+pub use signal::{InvalidSignal, Signal};
 
 /// Largest frame accepted from the peer (header excluded).
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
@@ -77,7 +80,7 @@ pub enum ExitStatus {
     /// Normal exit with a code.
     Code(i32),
     /// Killed by a signal.
-    Signal(i32),
+    Signal(Signal),
 }
 
 impl ExitStatus {
@@ -85,7 +88,7 @@ impl ExitStatus {
     pub fn shell_code(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => 128 + s.number(),
         }
     }
 }
@@ -215,7 +218,7 @@ pub enum Frame {
     /// Host: new terminal size.
     Resize(WinSize),
     /// Host: send a signal to the command's process group.
-    Signal(i32),
+    Signal(Signal),
     /// Agent: output on stdout (or the PTY).
     Stdout(Vec<u8>),
     /// Agent: output on stderr.
@@ -280,7 +283,7 @@ pub enum Frame {
         data: Vec<u8>,
     },
     /// Host: send a signal to the main process.
-    SignalMain(i32),
+    SignalMain(Signal),
     /// Spawner -> agent at start-up.
     Init(InitSpec),
 }
@@ -349,6 +352,9 @@ impl Enc<'_> {
             self.str(val);
         }
     }
+    fn signal(&mut self, s: Signal) {
+        self.i32(s.number());
+    }
     fn exit(&mut self, v: ExitStatus) {
         match v {
             ExitStatus::Code(c) => {
@@ -357,7 +363,7 @@ impl Enc<'_> {
             }
             ExitStatus::Signal(s) => {
                 self.u8(1);
-                self.i32(s);
+                self.signal(s);
             }
         }
     }
@@ -420,10 +426,13 @@ impl<'a> Dec<'a> {
         let n = self.count()?;
         (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
     }
+    fn signal(&mut self) -> Result<Signal, WireError> {
+        Signal::new(self.i32()?).ok_or(WireError::Malformed("signal"))
+    }
     fn exit(&mut self) -> Result<ExitStatus, WireError> {
         match self.u8()? {
             0 => Ok(ExitStatus::Code(self.i32()?)),
-            1 => Ok(ExitStatus::Signal(self.i32()?)),
+            1 => Ok(ExitStatus::Signal(self.signal()?)),
             _ => Err(WireError::Malformed("exit status")),
         }
     }
@@ -503,7 +512,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         }
         Frame::Signal(s) => {
             e.u8(tag::SIGNAL);
-            e.i32(*s);
+            e.signal(*s);
         }
         Frame::Stdout(d) => {
             e.u8(tag::STDOUT);
@@ -566,7 +575,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         }
         Frame::SignalMain(s) => {
             e.u8(tag::SIGNAL_MAIN);
-            e.i32(*s);
+            e.signal(*s);
         }
         Frame::Init(spec) => {
             e.u8(tag::INIT);
@@ -623,7 +632,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             cols: d.u16()?,
             rows: d.u16()?,
         }),
-        tag::SIGNAL => Frame::Signal(d.i32()?),
+        tag::SIGNAL => Frame::Signal(d.signal()?),
         tag::STDOUT => return Ok(Frame::Stdout(d.0.to_vec())),
         tag::STDERR => return Ok(Frame::Stderr(d.0.to_vec())),
         tag::EXITED => Frame::Exited(d.exit()?),
@@ -662,7 +671,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
                 data: d.0.to_vec(),
             });
         }
-        tag::SIGNAL_MAIN => Frame::SignalMain(d.i32()?),
+        tag::SIGNAL_MAIN => Frame::SignalMain(d.signal()?),
         tag::INIT => {
             let argv = d.strs()?;
             let env = d.env()?;
@@ -822,7 +831,9 @@ mod tests {
         roundtrip(Frame::Ping);
         roundtrip(Frame::Pong(MainStatus::Idle));
         roundtrip(Frame::Pong(MainStatus::Running { pid: 7 }));
-        roundtrip(Frame::Pong(MainStatus::Exited(ExitStatus::Signal(9))));
+        roundtrip(Frame::Pong(MainStatus::Exited(ExitStatus::Signal(
+            Signal::KILL,
+        ))));
         roundtrip(Frame::Pong(MainStatus::StartFailed("nope".into())));
         roundtrip(Frame::Exec(ExecRequest {
             argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
@@ -835,7 +846,8 @@ mod tests {
         roundtrip(Frame::Stdin(vec![0, 1, 2, 255]));
         roundtrip(Frame::StdinEof);
         roundtrip(Frame::Resize(WinSize { cols: 1, rows: 2 }));
-        roundtrip(Frame::Signal(15));
+        roundtrip(Frame::Signal(Signal::TERM));
+        roundtrip(Frame::Signal(Signal::new(64).unwrap()));
         roundtrip(Frame::Stdout(b"out".to_vec()));
         roundtrip(Frame::Stderr(vec![]));
         roundtrip(Frame::Exited(ExitStatus::Code(-1)));
@@ -866,7 +878,7 @@ mod tests {
             time_ns: 99,
             data: b"line\n".to_vec(),
         });
-        roundtrip(Frame::SignalMain(2));
+        roundtrip(Frame::SignalMain(Signal::INT));
         roundtrip(Frame::Init(InitSpec {
             argv: vec!["true".into()],
             env: vec![("PATH".into(), "/bin".into())],
@@ -915,6 +927,36 @@ mod tests {
     #[test]
     fn shell_code_follows_the_shell_convention() {
         assert_eq!(ExitStatus::Code(3).shell_code(), 3);
-        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signal(Signal::KILL).shell_code(), 137);
+        assert_eq!(
+            ExitStatus::Signal(Signal::new(64).unwrap()).shell_code(),
+            192
+        );
+    }
+
+    #[test]
+    fn signal_numbers_outside_linux_are_malformed() {
+        let frames = |n: i32| {
+            let n = n.to_le_bytes();
+            [
+                [&[tag::SIGNAL][..], &n].concat(),
+                [&[tag::SIGNAL_MAIN][..], &n].concat(),
+                [&[tag::EXITED, 1][..], &n].concat(),
+                [&[tag::PONG, 2, 1][..], &n].concat(),
+            ]
+        };
+        for bad in [0, -1, 65, 128, i32::MAX] {
+            for body in frames(bad) {
+                assert!(
+                    matches!(decode(&body), Err(WireError::Malformed("signal"))),
+                    "{bad}: {body:?}"
+                );
+            }
+        }
+        for good in [1, 64] {
+            for body in frames(good) {
+                assert!(decode(&body).is_ok(), "{good}: {body:?}");
+            }
+        }
     }
 }

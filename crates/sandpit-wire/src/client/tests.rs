@@ -43,7 +43,7 @@ fn missing_socket_is_a_connect_error() {
 fn ping_and_signal_main() {
     let (_d, client, h) = fake_agent(3, |s, first| match first {
         Frame::Ping => put(&s, Frame::Pong(MainStatus::Running { pid: 9 })),
-        Frame::SignalMain(15) => put(&s, Frame::Ok),
+        Frame::SignalMain(Signal::TERM) => put(&s, Frame::Ok),
         Frame::SignalMain(_) => put(
             &s,
             Frame::Error {
@@ -54,8 +54,8 @@ fn ping_and_signal_main() {
         other => panic!("{other:?}"),
     });
     assert_eq!(client.ping().unwrap(), MainStatus::Running { pid: 9 });
-    client.signal_main(15).unwrap();
-    let err = client.signal_main(2).unwrap_err();
+    client.signal_main(Signal::TERM).unwrap();
+    let err = client.signal_main(Signal::INT).unwrap_err();
     assert_eq!(
         err.to_string(),
         "agent: not running: main process is not running"
@@ -167,10 +167,10 @@ fn session_events_control_frames_and_end() {
         s.next_event().unwrap(),
         Some(ExecEvent::Stdout(b"hi".to_vec()))
     );
-    w.signal(9).unwrap();
+    w.signal(Signal::KILL).unwrap();
     assert_eq!(
         s.next_event().unwrap(),
-        Some(ExecEvent::Exited(ExitStatus::Signal(9)))
+        Some(ExecEvent::Exited(ExitStatus::Signal(Signal::KILL)))
     );
     assert_eq!(s.next_event().unwrap(), None);
     h.join().unwrap();
