@@ -76,7 +76,7 @@ pub fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> 
     if req.argv.is_empty() {
         return error(&stream, ErrorKind::InvalidArgument, "empty command".into());
     }
-    let mut env = spawn::merge_env(&ctx.env, &req.env);
+    let mut env = sandpit_wire::process::merge_env(&ctx.env, &req.env);
     // What `docker exec -t` gives a terminal that nobody described.
     if req.tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm".into()));

@@ -14,7 +14,6 @@ use sandpit_wire::{decode, read_frame, write_frame, ErrorKind, Frame, InitSpec};
 use crate::files;
 use crate::mainproc::Main;
 use crate::reaper::Reaper;
-use crate::spawn;
 use crate::sys;
 
 /// Why the agent could not start serving.
@@ -146,7 +145,7 @@ pub fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
     if !Path::new(&cwd).is_dir() {
         let _ = std::fs::DirBuilder::new().recursive(true).create(&cwd);
     }
-    let env = spawn::merge_env(&init.env, &[]);
+    let env = sandpit_wire::process::merge_env(&init.env, &[]);
     let main = match (init.argv.is_empty(), failed) {
         (true, _) => Main::not_started(None),
         (false, Some(reason)) => Main::not_started(Some(reason)),

@@ -18,13 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use sandpit_wire::process::DEFAULT_PATH;
 use sandpit_wire::ErrorKind;
 
 use crate::reaper::{ExitCell, Reaper};
 use crate::sys;
-
-/// `PATH` for commands when the sandbox's environment sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Why a command did not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,25 +99,6 @@ pub struct Child {
     pub pid: i32,
     /// Where its exit status lands.
     pub exit: Arc<ExitCell>,
-}
-
-/// Merges `overrides` into `base` (same key: the override wins) and adds the
-/// default `PATH` when neither sets one.
-pub fn merge_env(
-    base: &[(String, String)],
-    overrides: &[(String, String)],
-) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::with_capacity(base.len() + overrides.len() + 1);
-    for (k, v) in base.iter().chain(overrides) {
-        match env.iter_mut().find(|(key, _)| key == k) {
-            Some(slot) => slot.1 = v.clone(),
-            None => env.push((k.clone(), v.clone())),
-        }
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    env
 }
 
 /// Looks `program` up like a shell does: as given when it has a slash, else in
@@ -369,14 +348,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn env_overrides_and_default_path() {
-        let env = merge_env(&kv(&[("A", "1"), ("B", "2")]), &kv(&[("B", "3")]));
-        assert_eq!(env, kv(&[("A", "1"), ("B", "3"), ("PATH", DEFAULT_PATH)]));
-        let env = merge_env(&kv(&[("PATH", "/x")]), &[]);
-        assert_eq!(env, kv(&[("PATH", "/x")]));
     }
 
     #[test]

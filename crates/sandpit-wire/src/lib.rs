@@ -36,6 +36,7 @@
 use std::io::{self, Read, Write};
 
 pub mod client;
+pub mod process;
 mod signal;
 
 pub use signal::{InvalidSignal, Signal};
