@@ -31,20 +31,20 @@ pub enum SpawnError {
     #[error("{0}: command not found")]
     NotFound(String),
     /// The working directory is unusable.
-    #[error("chdir {path}: {desc}")]
+    #[error("chdir {path}: {}", sys::errno_desc(*errno))]
     Chdir {
         /// The directory.
         path: String,
-        /// What went wrong.
-        desc: String,
+        /// Why `chdir` failed.
+        errno: i32,
     },
     /// `execve` failed.
-    #[error("{program}: {desc}")]
+    #[error("{program}: {}", sys::errno_desc(*errno))]
     Exec {
         /// The program as given.
         program: String,
-        /// What went wrong.
-        desc: String,
+        /// Why `execve` failed.
+        errno: i32,
     },
     /// The request cannot be turned into C strings.
     #[error("{0} contains a nul byte")]
@@ -60,13 +60,28 @@ pub enum SpawnError {
 }
 
 impl SpawnError {
-    /// The protocol's category for this error.
+    /// The protocol's category for this error: what a shell tells apart
+    /// (127 for a command it cannot find, 126 for one it cannot run, see
+    /// [`ErrorKind::spawn_exit_code`]) comes from the errno, never from the
+    /// message.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            SpawnError::NotFound(_) => ErrorKind::NotFound,
+            SpawnError::Chdir { errno, .. } | SpawnError::Exec { errno, .. } => errno_kind(*errno),
             SpawnError::Nul(_) => ErrorKind::InvalidArgument,
             SpawnError::Os { .. } => ErrorKind::Io,
-            _ => ErrorKind::SpawnFailed,
         }
+    }
+}
+
+/// The category of a failed `chdir` or `execve`.
+fn errno_kind(errno: i32) -> ErrorKind {
+    match errno {
+        libc::ENOENT | libc::ENOTDIR => ErrorKind::NotFound,
+        // EACCES is also what execve says of a directory or a file without
+        // the exec bit; ENOEXEC of a file that is no executable format.
+        libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR => ErrorKind::PermissionDenied,
+        _ => ErrorKind::SpawnFailed,
     }
 }
 
@@ -233,16 +248,16 @@ pub fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
     if stage == 0 {
         return Ok(Child { pid, exit });
     }
-    let desc = sys::errno_desc(plan.failed_errno.load(Ordering::Acquire));
+    let errno = plan.failed_errno.load(Ordering::Acquire);
     // The child exited; the reaper collects it into `exit`, unread.
     Err(match stage {
         STAGE_CHDIR => SpawnError::Chdir {
             path: cmd.cwd.to_string(),
-            desc,
+            errno,
         },
         _ => SpawnError::Exec {
             program: program.to_string(),
-            desc,
+            errno,
         },
     })
 }
@@ -348,6 +363,48 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn spawn_errors_are_categorised_by_errno() {
+        let exec = |errno| SpawnError::Exec {
+            program: "p".into(),
+            errno,
+        };
+        let chdir = |errno| SpawnError::Chdir {
+            path: "/d".into(),
+            errno,
+        };
+        for (errno, kind) in [
+            (libc::ENOENT, ErrorKind::NotFound),
+            (libc::ENOTDIR, ErrorKind::NotFound),
+            (libc::EACCES, ErrorKind::PermissionDenied),
+            (libc::EPERM, ErrorKind::PermissionDenied),
+            (libc::ENOEXEC, ErrorKind::PermissionDenied),
+            (libc::EISDIR, ErrorKind::PermissionDenied),
+            (libc::E2BIG, ErrorKind::SpawnFailed),
+            (libc::ENOMEM, ErrorKind::SpawnFailed),
+            (libc::ETXTBSY, ErrorKind::SpawnFailed),
+        ] {
+            assert_eq!(exec(errno).kind(), kind, "execve errno {errno}");
+            assert_eq!(chdir(errno).kind(), kind, "chdir errno {errno}");
+        }
+        assert_eq!(SpawnError::NotFound("x".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(
+            SpawnError::Nul("argument").kind(),
+            ErrorKind::InvalidArgument
+        );
+        let os = SpawnError::Os {
+            what: "pipe",
+            desc: "too many open files".into(),
+        };
+        assert_eq!(os.kind(), ErrorKind::Io);
+        // The messages stay what they were.
+        assert_eq!(exec(libc::EACCES).to_string(), "p: permission denied");
+        assert_eq!(
+            chdir(libc::ENOENT).to_string(),
+            "chdir /d: no such file or directory"
+        );
     }
 
     #[test]

@@ -608,16 +608,24 @@ fn spawn_failures_are_reported() {
         ClientError::Agent { kind, message } => (kind, message),
         other => panic!("{other}"),
     };
+    // Kinds by errno, not by message: what a shell reports as 127 or 126.
     assert_eq!(
         agent_err(req(&["nope-cmd"])),
-        (ErrorKind::SpawnFailed, "nope-cmd: command not found".into())
+        (ErrorKind::NotFound, "nope-cmd: command not found".into())
+    );
+    assert_eq!(
+        agent_err(req(&["/no/such/binary"])),
+        (
+            ErrorKind::NotFound,
+            "/no/such/binary: no such file or directory".into()
+        )
     );
     let mut r = req(&["true"]);
     r.cwd = Some("/no/dir".into());
     assert_eq!(
         agent_err(r),
         (
-            ErrorKind::SpawnFailed,
+            ErrorKind::NotFound,
             "chdir /no/dir: no such file or directory".into()
         )
     );
@@ -625,8 +633,31 @@ fn spawn_failures_are_reported() {
     std::fs::create_dir_all(a.cwd()).unwrap();
     std::fs::write(&script, "#!/bin/sh\n").unwrap();
     let (kind, message) = agent_err(req(&["./not-executable"]));
-    assert_eq!(kind, ErrorKind::SpawnFailed);
+    assert_eq!(kind, ErrorKind::PermissionDenied);
     assert_eq!(message, "./not-executable: permission denied");
+    std::fs::create_dir_all(a.cwd().join("a-dir")).unwrap();
+    assert_eq!(
+        agent_err(req(&["./a-dir"])),
+        (
+            ErrorKind::PermissionDenied,
+            "./a-dir: permission denied".into()
+        )
+    );
+    // A file that is executable but in no format the kernel runs.
+    let junk = a.cwd().join("junk");
+    std::fs::write(&junk, [0u8; 64]).unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        agent_err(req(&["./junk"])),
+        (
+            ErrorKind::PermissionDenied,
+            "./junk: exec format error".into()
+        )
+    );
+    // A working directory that is a file.
+    let mut r = req(&["true"]);
+    r.cwd = Some("not-executable".into());
+    assert_eq!(agent_err(r).0, ErrorKind::NotFound);
     // The agent carries on.
     assert_eq!(sh(&a, "echo ok").stdout, b"ok\n");
 }

@@ -738,7 +738,7 @@ fn bad_input_fails_clearly_without_debris() {
         )
         .unwrap_err();
     assert!(
-        matches!(&nobin, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("nope-cmd")),
+        matches!(&nobin, ClientError::Agent { kind: ErrorKind::NotFound, message } if message.contains("nope-cmd")),
         "{nobin}"
     );
     let nocwd = agent
@@ -752,7 +752,7 @@ fn bad_input_fails_clearly_without_debris() {
         )
         .unwrap_err();
     assert!(
-        matches!(&nocwd, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("/no/dir")),
+        matches!(&nocwd, ClientError::Agent { kind: ErrorKind::NotFound, message } if message.contains("/no/dir")),
         "{nocwd}"
     );
     rt.destroy(sb.id()).unwrap();

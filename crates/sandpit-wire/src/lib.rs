@@ -150,6 +150,18 @@ impl ErrorKind {
         })
     }
 
+    /// The exit code a shell gives a command that did not start, for the
+    /// kind of an exec's spawn failure: 127 when the command (or its working
+    /// directory) was not found, 126 when it was found but could not run
+    /// (permission denied, not executable, or any other failure), as POSIX
+    /// shells do.
+    pub fn spawn_exit_code(self) -> i32 {
+        match self {
+            Self::NotFound => 127,
+            _ => 126,
+        }
+    }
+
     /// Maps an OS error to the closest kind.
     pub fn from_io(err: &io::Error) -> Self {
         match err.raw_os_error() {
@@ -923,6 +935,19 @@ mod tests {
             decode(&[tag::PING, 0]),
             Err(WireError::Malformed("trailing bytes"))
         ));
+    }
+
+    #[test]
+    fn spawn_failures_get_shell_exit_codes() {
+        assert_eq!(ErrorKind::NotFound.spawn_exit_code(), 127);
+        for kind in [
+            ErrorKind::PermissionDenied,
+            ErrorKind::SpawnFailed,
+            ErrorKind::IsDirectory,
+            ErrorKind::Io,
+        ] {
+            assert_eq!(kind.spawn_exit_code(), 126, "{kind:?}");
+        }
     }
 
     #[test]
