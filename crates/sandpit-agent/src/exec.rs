@@ -72,7 +72,7 @@ fn error(stream: &UnixStream, kind: ErrorKind, message: String) -> io::Result<()
 }
 
 /// Serves one `Exec` request on `stream`.
-pub fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> {
+pub(crate) fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> {
     if req.argv.is_empty() {
         return error(&stream, ErrorKind::InvalidArgument, "empty command".into());
     }

@@ -26,7 +26,7 @@ use crate::sys;
 
 /// Why a command did not start.
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     /// `argv[0]` is not in `PATH`.
     #[error("{0}: command not found")]
     NotFound(String),
@@ -64,7 +64,7 @@ impl SpawnError {
     /// (127 for a command it cannot find, 126 for one it cannot run, see
     /// [`ErrorKind::spawn_exit_code`]) comes from the errno, never from the
     /// message.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             SpawnError::NotFound(_) => ErrorKind::NotFound,
             SpawnError::Chdir { errno, .. } | SpawnError::Exec { errno, .. } => errno_kind(*errno),
@@ -94,26 +94,26 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
 
 /// What to start.
 #[derive(Debug)]
-pub struct Command<'a> {
+pub(crate) struct Command<'a> {
     /// Program and arguments; `argv[0]` without a slash is looked up in `PATH`.
-    pub argv: &'a [String],
+    pub(crate) argv: &'a [String],
     /// The complete environment.
-    pub env: &'a [(String, String)],
+    pub(crate) env: &'a [(String, String)],
     /// Absolute working directory.
-    pub cwd: &'a str,
+    pub(crate) cwd: &'a str,
     /// Descriptors for the child's 0, 1 and 2.
-    pub stdio: [BorrowedFd<'a>; 3],
+    pub(crate) stdio: [BorrowedFd<'a>; 3],
     /// Make the child's stdin its controlling terminal (a PTY slave).
-    pub ctty: bool,
+    pub(crate) ctty: bool,
 }
 
 /// A started process: the leader of its own session and process group.
 #[derive(Debug)]
-pub struct Child {
+pub(crate) struct Child {
     /// Its pid (also its process group id).
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Where its exit status lands.
-    pub exit: Arc<ExitCell>,
+    pub(crate) exit: Arc<ExitCell>,
 }
 
 /// Looks `program` up like a shell does: as given when it has a slash, else in
@@ -171,7 +171,7 @@ const STAGE_EXEC: u8 = 2;
 const CHILD_STACK: usize = 64 * 1024;
 
 /// Starts `cmd`. Returns once the child called `execve` successfully.
-pub fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
+pub(crate) fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
     let program = cmd.argv.first().map(String::as_str).unwrap_or_default();
     let path = resolve(program, cmd.env, cmd.cwd)?;
     let path = CString::new(path.into_os_string().into_encoded_bytes())
