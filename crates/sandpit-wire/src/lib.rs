@@ -607,10 +607,58 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
+/// Longest [`tail_prefix`].
+pub(crate) const MAX_TAIL_PREFIX: usize = 17;
+
+/// For the frames whose payload ends in raw bytes (stdin, output, file data,
+/// main output): the length of the fixed fields between the tag and those
+/// bytes. Readers read the bytes straight into the frame's own buffer
+/// instead of copying them out of a frame body.
+pub(crate) fn tail_prefix(tag: u8) -> Option<usize> {
+    match tag {
+        tag::STDIN | tag::STDOUT | tag::STDERR | tag::DATA => Some(0),
+        // offset u64, stream u8, time u64
+        tag::MAIN_CHUNK => Some(MAX_TAIL_PREFIX),
+        _ => None,
+    }
+}
+
+/// Builds a frame of a [`tail_prefix`] tag from its fixed fields and bytes.
+pub(crate) fn with_tail(tag: u8, prefix: &[u8], data: Vec<u8>) -> Result<Frame, WireError> {
+    let mut d = Dec(prefix);
+    let frame = match tag {
+        tag::STDIN => Frame::Stdin(data),
+        tag::STDOUT => Frame::Stdout(data),
+        tag::STDERR => Frame::Stderr(data),
+        tag::DATA => Frame::Data(data),
+        tag::MAIN_CHUNK => Frame::MainChunk {
+            offset: d.u64()?,
+            stream: d.u8()?,
+            time_ns: d.u64()?,
+            data,
+        },
+        other => return Err(WireError::UnknownTag(other)),
+    };
+    d.finish()?;
+    Ok(frame)
+}
+
+/// The length header and tag of a frame of a [`tail_prefix`] tag without
+/// fixed fields, carrying `len` bytes.
+pub(crate) fn data_header(tag: u8, len: usize) -> [u8; OUTPUT_HEADER_LEN] {
+    debug_assert_eq!(tail_prefix(tag), Some(0));
+    let b = ((len + 1) as u32).to_le_bytes();
+    [b[0], b[1], b[2], b[3], tag]
+}
+
 /// Decodes one frame body (tag and payload, without the length header).
 pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
     let mut d = Dec(body);
     let t = d.u8()?;
+    if let Some(p) = tail_prefix(t) {
+        let fixed = d.take(p)?;
+        return with_tail(t, fixed, d.0.to_vec());
+    }
     let frame = match t {
         tag::PING => Frame::Ping,
         tag::PONG => Frame::Pong(match d.u8()? {
@@ -639,22 +687,18 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             })
         }
         tag::STARTED => Frame::Started { pid: d.u32()? },
-        tag::STDIN => return Ok(Frame::Stdin(d.0.to_vec())),
         tag::STDIN_EOF => Frame::StdinEof,
         tag::RESIZE => Frame::Resize(WinSize {
             cols: d.u16()?,
             rows: d.u16()?,
         }),
         tag::SIGNAL => Frame::Signal(d.signal()?),
-        tag::STDOUT => return Ok(Frame::Stdout(d.0.to_vec())),
-        tag::STDERR => return Ok(Frame::Stderr(d.0.to_vec())),
         tag::EXITED => Frame::Exited(d.exit()?),
         tag::READ_FILE => Frame::ReadFile { path: d.str()? },
         tag::FILE_INFO => Frame::FileInfo {
             size: d.u64()?,
             mode: d.u32()?,
         },
-        tag::DATA => return Ok(Frame::Data(d.0.to_vec())),
         tag::END => Frame::End,
         tag::WRITE_FILE => Frame::WriteFile {
             path: d.str()?,
@@ -673,17 +717,6 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             from: d.u64()?,
             to: d.u64()?,
         },
-        tag::MAIN_CHUNK => {
-            let offset = d.u64()?;
-            let stream = d.u8()?;
-            let time_ns = d.u64()?;
-            return Ok(Frame::MainChunk {
-                offset,
-                stream,
-                time_ns,
-                data: d.0.to_vec(),
-            });
-        }
         tag::SIGNAL_MAIN => Frame::SignalMain(d.signal()?),
         tag::INIT => {
             let argv = d.strs()?;
@@ -719,10 +752,7 @@ pub const OUTPUT_HEADER_LEN: usize = 5;
 /// into its frame buffer after this header instead of copying it into a
 /// `Frame` and encoding that.
 pub fn output_header(stderr: bool, len: usize) -> [u8; OUTPUT_HEADER_LEN] {
-    let body = (len + 1) as u32;
-    let b = body.to_le_bytes();
-    let tag = if stderr { tag::STDERR } else { tag::STDOUT };
-    [b[0], b[1], b[2], b[3], tag]
+    data_header(if stderr { tag::STDERR } else { tag::STDOUT }, len)
 }
 
 /// Writes one frame. Callers that send many frames should wrap `w` in a `BufWriter`
@@ -735,11 +765,13 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> io::Result<()
 
 /// Reads one frame. `Ok(None)` means the peer closed the connection cleanly
 /// between frames.
+///
+/// Output and data bytes are read straight into the frame's own buffer.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, WireError> {
-    let mut len = [0u8; 4];
+    let mut head = [0u8; 5 + MAX_TAIL_PREFIX];
     let mut got = 0;
     while got < 4 {
-        match r.read(&mut len[got..]) {
+        match r.read(&mut head[got..4]) {
             Ok(0) if got == 0 => return Ok(None),
             Ok(0) => return Err(WireError::Truncated),
             Ok(n) => got += n,
@@ -747,9 +779,32 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, WireErro
             Err(e) => return Err(e.into()),
         }
     }
-    let mut body = vec![0u8; body_len(len)?];
-    r.read_exact(&mut body).map_err(WireError::reading_body)?;
-    decode(&body).map(Some)
+    let len = body_len([head[0], head[1], head[2], head[3]])?;
+    if len == 0 {
+        return Err(WireError::Malformed("short payload"));
+    }
+    r.read_exact(&mut head[4..5])
+        .map_err(WireError::reading_body)?;
+    let tag = head[4];
+    match tail_prefix(tag) {
+        Some(p) => {
+            let data_len = (len - 1)
+                .checked_sub(p)
+                .ok_or(WireError::Malformed("short payload"))?;
+            r.read_exact(&mut head[5..5 + p])
+                .map_err(WireError::reading_body)?;
+            let mut data = vec![0u8; data_len];
+            r.read_exact(&mut data).map_err(WireError::reading_body)?;
+            with_tail(tag, &head[5..5 + p], data).map(Some)
+        }
+        None => {
+            let mut body = vec![0u8; len];
+            body[0] = tag;
+            r.read_exact(&mut body[1..])
+                .map_err(WireError::reading_body)?;
+            decode(&body).map(Some)
+        }
+    }
 }
 
 /// The body length a frame header announces, refused beyond
@@ -948,6 +1003,27 @@ mod tests {
         ] {
             assert_eq!(kind.spawn_exit_code(), 126, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn frames_shorter_than_their_fixed_fields_are_malformed() {
+        let body = [tag::MAIN_CHUNK, 1, 2, 3];
+        assert!(matches!(
+            decode(&body),
+            Err(WireError::Malformed("short payload"))
+        ));
+        let mut raw = (body.len() as u32).to_le_bytes().to_vec();
+        raw.extend_from_slice(&body);
+        assert!(matches!(
+            read_frame(&mut &raw[..]),
+            Err(WireError::Malformed("short payload"))
+        ));
+        // A frame without even a tag.
+        assert!(matches!(
+            read_frame(&mut &[0, 0, 0, 0][..]),
+            Err(WireError::Malformed("short payload"))
+        ));
+        assert!(matches!(decode(&[]), Err(WireError::Malformed(_))));
     }
 
     #[test]
