@@ -105,7 +105,7 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn unexpected(f: Frame, during: &str) -> ClientError {
+pub(crate) fn unexpected(f: Frame, during: &str) -> ClientError {
     match f {
         Frame::Error { kind, message } => ClientError::Agent { kind, message },
         other => {
@@ -129,7 +129,9 @@ fn send(mut w: &UnixStream, frame: &Frame) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn is_disconnect(e: &ClientError) -> bool {
+/// Whether a send failed because the agent closed the connection (its
+/// answer, already sent, then says why).
+pub(crate) fn is_disconnect(e: &ClientError) -> bool {
     matches!(e, ClientError::Wire(WireError::Io(io)) if matches!(
         io.kind(),
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
@@ -163,6 +165,11 @@ impl AgentClient {
     /// Path of the agent's socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The bound of [`AgentClient::with_timeout`], if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     fn connect(&self, bounded: bool) -> Result<UnixStream, ClientError> {
@@ -565,6 +572,50 @@ impl Write for StdinWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Which of the main command's outputs a chunk is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+}
+
+impl OutputStream {
+    /// The stream of a [`Frame::MainChunk`]'s `stream` byte (1 or 2).
+    pub fn from_wire(stream: u8) -> Option<Self> {
+        match stream {
+            1 => Some(Self::Stdout),
+            2 => Some(Self::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// One item of the main command's output stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MainOutputEvent {
+    /// Bytes between these offsets were dropped from the agent's buffer
+    /// before anyone read them.
+    Gap {
+        /// First offset asked for.
+        from: u64,
+        /// First offset still held.
+        to: u64,
+    },
+    /// A chunk of output.
+    Chunk {
+        /// Offset of the first byte of `data` (over stdout and stderr together).
+        offset: u64,
+        /// Where it was written.
+        stream: OutputStream,
+        /// Unix time in nanoseconds when the agent read it.
+        time_ns: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// The main command's output: [`Frame::Gap`] and [`Frame::MainChunk`] frames,

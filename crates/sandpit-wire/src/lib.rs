@@ -27,6 +27,12 @@
 //!
 //! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
 //!
+//! Host-side clients: [`client::AgentClient`] (blocking, threads) and, with
+//! the `tokio` feature, `async_client::AsyncAgentClient` (any transport
+//! through an `async_client::Connector`); the `testing` feature adds an
+//! in-memory transport for fake agents. [`process`] turns an image's
+//! config and a request into the process to start, for every component.
+//!
 //! Errors follow one convention: a variant that wraps another error names
 //! only its own step and leaves the cause to [`std::error::Error::source`],
 //! so a printer that joins the chain with `": "` says everything once.
@@ -35,6 +41,8 @@
 
 use std::io::{self, Read, Write};
 
+#[cfg(feature = "tokio")]
+pub mod async_client;
 pub mod client;
 mod codec;
 pub mod process;
