@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sandpit_wire::{
-    body_len, decode, output_header, write_frame, ErrorKind, ExecRequest, Frame, CHUNK_LEN,
+    body_len, decode, output_header, write_frame, ErrorKind, ExecRequest, Frame, Signal, CHUNK_LEN,
     OUTPUT_HEADER_LEN,
 };
 
@@ -58,7 +58,8 @@ impl Proc {
         }
     }
 
-    fn signal(&self, sig: i32) {
+    fn signal(&self, sig: Signal) {
+        let sig = sig.number();
         if sys::kill(-self.pid, sig).is_err() && self.exit.status().is_none() {
             let _ = sys::kill(self.pid, sig);
         }
@@ -71,11 +72,11 @@ fn error(stream: &UnixStream, kind: ErrorKind, message: String) -> io::Result<()
 }
 
 /// Serves one `Exec` request on `stream`.
-pub fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> {
+pub(crate) fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Result<()> {
     if req.argv.is_empty() {
         return error(&stream, ErrorKind::InvalidArgument, "empty command".into());
     }
-    let mut env = spawn::merge_env(&ctx.env, &req.env);
+    let mut env = sandpit_wire::process::merge_env(&ctx.env, &req.env);
     // What `docker exec -t` gives a terminal that nobody described.
     if req.tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm".into()));

@@ -15,11 +15,11 @@ use crate::sys;
 /// A failed file operation, as reported to the host.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct FileError {
+pub(crate) struct FileError {
     /// Category.
-    pub kind: ErrorKind,
+    pub(crate) kind: ErrorKind,
     /// `path: reason`.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl FileError {
@@ -35,7 +35,7 @@ impl FileError {
     }
 
     /// The error frame for the host.
-    pub fn frame(self) -> Frame {
+    pub(crate) fn frame(self) -> Frame {
         Frame::Error {
             kind: self.kind,
             message: self.message,
@@ -44,7 +44,7 @@ impl FileError {
 }
 
 /// Resolves a host-given path: relative paths start at the sandbox's cwd.
-pub fn resolve(cwd: &str, path: &str) -> Result<PathBuf, FileError> {
+pub(crate) fn resolve(cwd: &str, path: &str) -> Result<PathBuf, FileError> {
     if path.is_empty() {
         return Err(FileError::new(
             ErrorKind::InvalidArgument,
@@ -63,7 +63,7 @@ pub fn resolve(cwd: &str, path: &str) -> Result<PathBuf, FileError> {
 }
 
 /// Serves `ReadFile`: `FileInfo`, exactly `size` bytes of `Data`, `End`.
-pub fn serve_read(stream: &UnixStream, cwd: &str, path: &str) -> io::Result<()> {
+pub(crate) fn serve_read(stream: &UnixStream, cwd: &str, path: &str) -> io::Result<()> {
     let mut w = stream;
     let (mut file, size, mode) = match open_for_read(cwd, path) {
         Ok(v) => v,
@@ -121,7 +121,7 @@ fn open_for_read(cwd: &str, path: &str) -> Result<(File, u64, u32), FileError> {
 
 /// A file being written next to its target, renamed over it on commit.
 #[derive(Debug)]
-pub struct AtomicFile {
+pub(crate) struct AtomicFile {
     path: String,
     target: PathBuf,
     tmp: PathBuf,
@@ -134,7 +134,7 @@ pub struct AtomicFile {
 impl AtomicFile {
     /// Creates missing parent directories (0755) and the temp file. An
     /// existing regular file's mode and owner are kept; `mode` is for new files.
-    pub fn create(cwd: &str, path: &str, mode: u32) -> Result<Self, FileError> {
+    pub(crate) fn create(cwd: &str, path: &str, mode: u32) -> Result<Self, FileError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let target = resolve(cwd, path)?;
         let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
@@ -192,14 +192,14 @@ impl AtomicFile {
     }
 
     /// Appends data.
-    pub fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
+    pub(crate) fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
         self.file
             .write_all(data)
             .map_err(|e| FileError::io(&self.path, &e))
     }
 
     /// Sets mode and owner, then renames over the target.
-    pub fn commit(mut self) -> Result<(), FileError> {
+    pub(crate) fn commit(mut self) -> Result<(), FileError> {
         let err = |e: io::Error| FileError::io(&self.path, &e);
         if let Some((uid, gid)) = self.owner {
             // Best effort: keeping the owner needs CAP_CHOWN, which root has.
@@ -224,7 +224,7 @@ impl Drop for AtomicFile {
 }
 
 /// Writes a whole file atomically (Init files).
-pub fn write_all(cwd: &str, path: &str, mode: u32, data: &[u8]) -> Result<(), FileError> {
+pub(crate) fn write_all(cwd: &str, path: &str, mode: u32, data: &[u8]) -> Result<(), FileError> {
     let mut f = AtomicFile::create(cwd, path, mode)?;
     f.write(data)?;
     f.commit()
@@ -233,7 +233,7 @@ pub fn write_all(cwd: &str, path: &str, mode: u32, data: &[u8]) -> Result<(), Fi
 /// Serves `WriteFile`: reads `Data`* `End`, answers `Ok` or `Error`. On an
 /// early error the rest of the data is still read, so the host always gets
 /// its answer after sending everything.
-pub fn serve_write(stream: &UnixStream, cwd: &str, path: &str, mode: u32) -> io::Result<()> {
+pub(crate) fn serve_write(stream: &UnixStream, cwd: &str, path: &str, mode: u32) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(CHUNK_LEN + 64, stream);
     let mut file = AtomicFile::create(cwd, path, mode);
     loop {

@@ -19,6 +19,7 @@ mod serve;
 mod spawn;
 mod sys;
 
+use std::error::Error;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: sandpit-agent serve --listen-fd N --init-fd N | sandpit-agent probe";
@@ -47,6 +48,19 @@ fn parse_serve(args: &[String]) -> Result<(i32, i32), String> {
     }
 }
 
+/// An error and its sources, joined with ": " (each error names only its
+/// own step).
+fn chain(e: &dyn Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
         .skip(1)
@@ -57,7 +71,7 @@ fn main() -> ExitCode {
             Ok((listen, init)) => match serve::run(listen, init) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("sandpit-agent: {e}");
+                    eprintln!("sandpit-agent: {}", chain(&e));
                     ExitCode::FAILURE
                 }
             },
@@ -80,6 +94,18 @@ mod tests {
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn errors_do_not_repeat_their_sources() {
+        let e = serve::ServeError::Os("reaper thread", std::io::Error::other("no threads"));
+        let source = e.source().expect("os errors have a source").to_string();
+        assert!(!e.to_string().contains(&source), "{e}");
+        // What the Display alone said before the source was split off.
+        assert_eq!(chain(&e), "reaper thread: no threads");
+        let e = serve::ServeError::Init("not an init frame".into());
+        assert!(e.source().is_none());
+        assert_eq!(chain(&e), "init spec: not an init frame");
     }
 
     #[test]

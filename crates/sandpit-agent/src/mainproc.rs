@@ -8,19 +8,19 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, CHUNK_LEN};
+use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, Signal, CHUNK_LEN};
 
 use crate::reaper::{lock, ExitCell, Reaper};
 use crate::spawn::{self, Command, SpawnError};
 use crate::sys;
 
 /// Bytes of output kept; older chunks are dropped first.
-pub const RING_BYTES: usize = 16 << 20;
+pub(crate) const RING_BYTES: usize = 16 << 20;
 /// After the process exited, how long its pipes may stay silent before we
 /// stop waiting for EOF (a background child may hold them open forever).
-pub const EOF_GRACE: Duration = Duration::from_millis(250);
+pub(crate) const EOF_GRACE: Duration = Duration::from_millis(250);
 /// After the process exited, the longest we keep reading leftover output.
-pub const EOF_CAP: Duration = Duration::from_secs(2);
+pub(crate) const EOF_CAP: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct Chunk {
@@ -32,7 +32,7 @@ struct Chunk {
 
 /// Output chunks over both streams, addressed by a running byte offset.
 #[derive(Debug)]
-pub struct Ring {
+pub(crate) struct Ring {
     chunks: VecDeque<Chunk>,
     bytes: usize,
     cap: usize,
@@ -44,7 +44,7 @@ pub struct Ring {
 
 impl Ring {
     /// An empty ring holding at most `cap` bytes.
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             chunks: VecDeque::new(),
             bytes: 0,
@@ -55,7 +55,7 @@ impl Ring {
     }
 
     /// Appends a chunk, dropping the oldest ones beyond the cap.
-    pub fn push(&mut self, stream: u8, time_ns: u64, data: Vec<u8>) {
+    pub(crate) fn push(&mut self, stream: u8, time_ns: u64, data: Vec<u8>) {
         if data.is_empty() {
             return;
         }
@@ -77,7 +77,7 @@ impl Ring {
 
     /// Frames from `*cursor` on (a `Gap` first if that was dropped), about
     /// `budget` bytes at most; advances the cursor.
-    pub fn read_from(&self, cursor: &mut u64, budget: usize) -> Vec<Frame> {
+    pub(crate) fn read_from(&self, cursor: &mut u64, budget: usize) -> Vec<Frame> {
         let mut frames = Vec::new();
         if *cursor < self.start {
             frames.push(Frame::Gap {
@@ -120,14 +120,14 @@ struct State {
 
 /// The main command as the connections see it.
 #[derive(Debug)]
-pub struct Main {
+pub(crate) struct Main {
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Main {
     /// A main command that never runs: no argv, or `reason` why it failed.
-    pub fn not_started(reason: Option<String>) -> Arc<Main> {
+    pub(crate) fn not_started(reason: Option<String>) -> Arc<Main> {
         Arc::new(Main {
             state: Mutex::new(State {
                 status: reason.map_or(MainStatus::Idle, MainStatus::StartFailed),
@@ -140,7 +140,7 @@ impl Main {
     }
 
     /// Starts the main command with stdin on /dev/null and its output captured.
-    pub fn start(
+    pub(crate) fn start(
         reaper: &Reaper,
         argv: &[String],
         env: &[(String, String)],
@@ -288,12 +288,12 @@ impl Main {
     }
 
     /// The status for `Pong`.
-    pub fn status(&self) -> MainStatus {
+    pub(crate) fn status(&self) -> MainStatus {
         lock(&self.state).status.clone()
     }
 
     /// Signals the main command's process group.
-    pub fn signal(&self, sig: i32) -> Result<(), (ErrorKind, String)> {
+    pub(crate) fn signal(&self, sig: Signal) -> Result<(), (ErrorKind, String)> {
         let st = lock(&self.state);
         let not_running = || {
             (
@@ -310,13 +310,13 @@ impl Main {
         let pid = pid as i32;
         // The group first (setsid made the command its leader); the process
         // itself if it moved to another group.
-        let group = sys::kill(-pid, sig);
-        let single = sys::kill(pid, sig);
+        let group = sys::kill(-pid, sig.number());
+        let single = sys::kill(pid, sig.number());
         match (group, single) {
             (Ok(()), _) | (_, Ok(())) => Ok(()),
             (_, Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => Err((
                 ErrorKind::InvalidArgument,
-                format!("signal {sig}: invalid argument"),
+                format!("signal {}: invalid argument", sig.number()),
             )),
             (_, Err(_)) => Err(not_running()),
         }
@@ -324,7 +324,12 @@ impl Main {
 
     /// Serves `MainOutput`: frames from `offset`, then `End`; with `follow`,
     /// `End` only once the process exited and its output was drained.
-    pub fn serve_output(&self, stream: &UnixStream, offset: u64, follow: bool) -> io::Result<()> {
+    pub(crate) fn serve_output(
+        &self,
+        stream: &UnixStream,
+        offset: u64,
+        follow: bool,
+    ) -> io::Result<()> {
         const BATCH: usize = 1 << 20;
         let mut cursor = offset;
         let mut w = stream;

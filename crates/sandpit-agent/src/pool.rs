@@ -24,7 +24,7 @@ fn idle() -> &'static Mutex<Vec<Sender<Job>>> {
 }
 
 /// Runs `job` on a parked worker, or on a new thread when none is idle.
-pub fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+pub(crate) fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     let mut job: Job = Box::new(job);
     loop {
         let worker = idle().lock().unwrap_or_else(|e| e.into_inner()).pop();

@@ -346,7 +346,7 @@ fn report() -> Value {
 }
 
 /// Prints the report; always exits 0 when it could print it.
-pub fn run() -> ExitCode {
+pub(crate) fn run() -> ExitCode {
     println!("{}", report());
     ExitCode::SUCCESS
 }

@@ -12,11 +12,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sandpit_wire::ExitStatus;
+use sandpit_wire::{ExitStatus, Signal};
 
 /// Where the exit status of one child lands.
 #[derive(Debug)]
-pub struct ExitCell {
+pub(crate) struct ExitCell {
     status: Mutex<Option<ExitStatus>>,
     /// Write end of a pipe, dropped at exit: the read end then polls as hung up,
     /// so threads can wait for the exit and for output in one `poll`.
@@ -26,7 +26,7 @@ pub struct ExitCell {
 
 impl ExitCell {
     /// A cell for a child about to be spawned.
-    pub fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         let (r, w) = crate::sys::pipe()?;
         Ok(Self {
             status: Mutex::new(None),
@@ -41,19 +41,19 @@ impl ExitCell {
     }
 
     /// The exit status, once the child was reaped.
-    pub fn status(&self) -> Option<ExitStatus> {
+    pub(crate) fn status(&self) -> Option<ExitStatus> {
         *lock(&self.status)
     }
 
     /// Polls readable (hung up) once the child was reaped.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.notify_r.as_fd()
     }
 }
 
 /// Locks a mutex, ignoring poisoning: a panicked connection thread must not
 /// take the agent's shared state down with it.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -66,21 +66,21 @@ struct Registry {
 
 /// The reaper's shared state.
 #[derive(Debug, Default)]
-pub struct Reaper {
+pub(crate) struct Reaper {
     registry: Mutex<Registry>,
     wake: Condvar,
 }
 
 /// Held across `fork`: the reaper cannot route a status until it is dropped.
 #[derive(Debug)]
-pub struct Registration<'a> {
+pub(crate) struct Registration<'a> {
     guard: MutexGuard<'a, Registry>,
     reaper: &'a Reaper,
 }
 
 impl Registration<'_> {
     /// Routes `pid`'s exit status to `cell`.
-    pub fn register(mut self, pid: i32, cell: Arc<ExitCell>) {
+    pub(crate) fn register(mut self, pid: i32, cell: Arc<ExitCell>) {
         self.guard.waiters.insert(pid, cell);
         self.guard.generation += 1;
         self.reaper.wake.notify_all();
@@ -89,7 +89,7 @@ impl Registration<'_> {
 
 impl Reaper {
     /// Starts the reaper thread.
-    pub fn start() -> std::io::Result<Arc<Reaper>> {
+    pub(crate) fn start() -> std::io::Result<Arc<Reaper>> {
         let reaper = Arc::new(Reaper::default());
         let r = Arc::clone(&reaper);
         std::thread::Builder::new()
@@ -100,7 +100,7 @@ impl Reaper {
     }
 
     /// Takes the registry lock; hold it across fork and register the child.
-    pub fn lock(&self) -> Registration<'_> {
+    pub(crate) fn lock(&self) -> Registration<'_> {
         Registration {
             guard: lock(&self.registry),
             reaper: self,
@@ -170,10 +170,32 @@ impl Reaper {
 }
 
 /// Decodes a raw wait status.
-pub fn decode(raw: libc::c_int) -> ExitStatus {
+pub(crate) fn decode(raw: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(raw) {
-        ExitStatus::Signal(libc::WTERMSIG(raw))
+        let sig = libc::WTERMSIG(raw);
+        // The kernel's signals are 1..=64; anything else would be a broken
+        // status word: report what a shell would.
+        Signal::new(sig).map_or(ExitStatus::Code(128 + sig), ExitStatus::Signal)
     } else {
         ExitStatus::Code(libc::WEXITSTATUS(raw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_statuses_decode_to_codes_and_signals() {
+        // The kernel's encoding: exit code in bits 8-15, signal in bits 0-6.
+        assert_eq!(decode(3 << 8), ExitStatus::Code(3));
+        assert_eq!(decode(0), ExitStatus::Code(0));
+        assert_eq!(decode(libc::SIGKILL), ExitStatus::Signal(Signal::KILL));
+        // With the core-dump bit.
+        assert_eq!(
+            decode(libc::SIGSEGV | 0x80),
+            ExitStatus::Signal(Signal::new(libc::SIGSEGV).unwrap())
+        );
+        assert_eq!(decode(64), ExitStatus::Signal(Signal::new(64).unwrap()));
     }
 }

@@ -14,31 +14,30 @@ use sandpit_wire::{decode, read_frame, write_frame, ErrorKind, Frame, InitSpec};
 use crate::files;
 use crate::mainproc::Main;
 use crate::reaper::Reaper;
-use crate::spawn;
 use crate::sys;
 
 /// Why the agent could not start serving.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub(crate) enum ServeError {
     /// The init descriptor did not hold one `Init` frame.
     #[error("init spec: {0}")]
     Init(String),
     /// A start-up step failed.
-    #[error("{0}: {1}")]
-    Os(&'static str, io::Error),
+    #[error("{0}")]
+    Os(&'static str, #[source] io::Error),
 }
 
 /// What every connection needs.
 #[derive(Debug)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The sandbox's environment (default `PATH` included).
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
     /// The sandbox's absolute working directory.
-    pub cwd: String,
+    pub(crate) cwd: String,
     /// The reaper, for spawning.
-    pub reaper: Arc<Reaper>,
+    pub(crate) reaper: Arc<Reaper>,
     /// The main command.
-    pub main: Arc<Main>,
+    pub(crate) main: Arc<Main>,
 }
 
 /// The largest `Init` accepted (files included); the spawner is trusted, this
@@ -46,7 +45,7 @@ pub struct Ctx {
 const MAX_INIT: u64 = 1 << 30;
 
 /// Reads the single `Init` frame at the start of `fd` (a memfd or file).
-pub fn read_init(fd: OwnedFd) -> Result<InitSpec, ServeError> {
+pub(crate) fn read_init(fd: OwnedFd) -> Result<InitSpec, ServeError> {
     let file = std::fs::File::from(fd);
     let mut len = [0u8; 4];
     file.read_exact_at(&mut len, 0)
@@ -113,7 +112,7 @@ fn prepare_process() {
 }
 
 /// Runs the agent: never returns unless start-up fails.
-pub fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
+pub(crate) fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
     prepare_process();
     // SAFETY: the spawner hands these descriptors to us and nothing else in this
     // process refers to them.
@@ -146,7 +145,7 @@ pub fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
     if !Path::new(&cwd).is_dir() {
         let _ = std::fs::DirBuilder::new().recursive(true).create(&cwd);
     }
-    let env = spawn::merge_env(&init.env, &[]);
+    let env = sandpit_wire::process::merge_env(&init.env, &[]);
     let main = match (init.argv.is_empty(), failed) {
         (true, _) => Main::not_started(None),
         (false, Some(reason)) => Main::not_started(Some(reason)),

@@ -18,35 +18,33 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use sandpit_wire::process::DEFAULT_PATH;
 use sandpit_wire::ErrorKind;
 
 use crate::reaper::{ExitCell, Reaper};
 use crate::sys;
 
-/// `PATH` for commands when the sandbox's environment sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// Why a command did not start.
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     /// `argv[0]` is not in `PATH`.
     #[error("{0}: command not found")]
     NotFound(String),
     /// The working directory is unusable.
-    #[error("chdir {path}: {desc}")]
+    #[error("chdir {path}: {}", sys::errno_desc(*errno))]
     Chdir {
         /// The directory.
         path: String,
-        /// What went wrong.
-        desc: String,
+        /// Why `chdir` failed.
+        errno: i32,
     },
     /// `execve` failed.
-    #[error("{program}: {desc}")]
+    #[error("{program}: {}", sys::errno_desc(*errno))]
     Exec {
         /// The program as given.
         program: String,
-        /// What went wrong.
-        desc: String,
+        /// Why `execve` failed.
+        errno: i32,
     },
     /// The request cannot be turned into C strings.
     #[error("{0} contains a nul byte")]
@@ -62,13 +60,28 @@ pub enum SpawnError {
 }
 
 impl SpawnError {
-    /// The protocol's category for this error.
-    pub fn kind(&self) -> ErrorKind {
+    /// The protocol's category for this error: what a shell tells apart
+    /// (127 for a command it cannot find, 126 for one it cannot run, see
+    /// [`ErrorKind::spawn_exit_code`]) comes from the errno, never from the
+    /// message.
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
+            SpawnError::NotFound(_) => ErrorKind::NotFound,
+            SpawnError::Chdir { errno, .. } | SpawnError::Exec { errno, .. } => errno_kind(*errno),
             SpawnError::Nul(_) => ErrorKind::InvalidArgument,
             SpawnError::Os { .. } => ErrorKind::Io,
-            _ => ErrorKind::SpawnFailed,
         }
+    }
+}
+
+/// The category of a failed `chdir` or `execve`.
+fn errno_kind(errno: i32) -> ErrorKind {
+    match errno {
+        libc::ENOENT | libc::ENOTDIR => ErrorKind::NotFound,
+        // EACCES is also what execve says of a directory or a file without
+        // the exec bit; ENOEXEC of a file that is no executable format.
+        libc::EACCES | libc::EPERM | libc::ENOEXEC | libc::EISDIR => ErrorKind::PermissionDenied,
+        _ => ErrorKind::SpawnFailed,
     }
 }
 
@@ -81,45 +94,26 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
 
 /// What to start.
 #[derive(Debug)]
-pub struct Command<'a> {
+pub(crate) struct Command<'a> {
     /// Program and arguments; `argv[0]` without a slash is looked up in `PATH`.
-    pub argv: &'a [String],
+    pub(crate) argv: &'a [String],
     /// The complete environment.
-    pub env: &'a [(String, String)],
+    pub(crate) env: &'a [(String, String)],
     /// Absolute working directory.
-    pub cwd: &'a str,
+    pub(crate) cwd: &'a str,
     /// Descriptors for the child's 0, 1 and 2.
-    pub stdio: [BorrowedFd<'a>; 3],
+    pub(crate) stdio: [BorrowedFd<'a>; 3],
     /// Make the child's stdin its controlling terminal (a PTY slave).
-    pub ctty: bool,
+    pub(crate) ctty: bool,
 }
 
 /// A started process: the leader of its own session and process group.
 #[derive(Debug)]
-pub struct Child {
+pub(crate) struct Child {
     /// Its pid (also its process group id).
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Where its exit status lands.
-    pub exit: Arc<ExitCell>,
-}
-
-/// Merges `overrides` into `base` (same key: the override wins) and adds the
-/// default `PATH` when neither sets one.
-pub fn merge_env(
-    base: &[(String, String)],
-    overrides: &[(String, String)],
-) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::with_capacity(base.len() + overrides.len() + 1);
-    for (k, v) in base.iter().chain(overrides) {
-        match env.iter_mut().find(|(key, _)| key == k) {
-            Some(slot) => slot.1 = v.clone(),
-            None => env.push((k.clone(), v.clone())),
-        }
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    env
+    pub(crate) exit: Arc<ExitCell>,
 }
 
 /// Looks `program` up like a shell does: as given when it has a slash, else in
@@ -177,7 +171,7 @@ const STAGE_EXEC: u8 = 2;
 const CHILD_STACK: usize = 64 * 1024;
 
 /// Starts `cmd`. Returns once the child called `execve` successfully.
-pub fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
+pub(crate) fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
     let program = cmd.argv.first().map(String::as_str).unwrap_or_default();
     let path = resolve(program, cmd.env, cmd.cwd)?;
     let path = CString::new(path.into_os_string().into_encoded_bytes())
@@ -254,16 +248,16 @@ pub fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnError> {
     if stage == 0 {
         return Ok(Child { pid, exit });
     }
-    let desc = sys::errno_desc(plan.failed_errno.load(Ordering::Acquire));
+    let errno = plan.failed_errno.load(Ordering::Acquire);
     // The child exited; the reaper collects it into `exit`, unread.
     Err(match stage {
         STAGE_CHDIR => SpawnError::Chdir {
             path: cmd.cwd.to_string(),
-            desc,
+            errno,
         },
         _ => SpawnError::Exec {
             program: program.to_string(),
-            desc,
+            errno,
         },
     })
 }
@@ -372,11 +366,45 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_and_default_path() {
-        let env = merge_env(&kv(&[("A", "1"), ("B", "2")]), &kv(&[("B", "3")]));
-        assert_eq!(env, kv(&[("A", "1"), ("B", "3"), ("PATH", DEFAULT_PATH)]));
-        let env = merge_env(&kv(&[("PATH", "/x")]), &[]);
-        assert_eq!(env, kv(&[("PATH", "/x")]));
+    fn spawn_errors_are_categorised_by_errno() {
+        let exec = |errno| SpawnError::Exec {
+            program: "p".into(),
+            errno,
+        };
+        let chdir = |errno| SpawnError::Chdir {
+            path: "/d".into(),
+            errno,
+        };
+        for (errno, kind) in [
+            (libc::ENOENT, ErrorKind::NotFound),
+            (libc::ENOTDIR, ErrorKind::NotFound),
+            (libc::EACCES, ErrorKind::PermissionDenied),
+            (libc::EPERM, ErrorKind::PermissionDenied),
+            (libc::ENOEXEC, ErrorKind::PermissionDenied),
+            (libc::EISDIR, ErrorKind::PermissionDenied),
+            (libc::E2BIG, ErrorKind::SpawnFailed),
+            (libc::ENOMEM, ErrorKind::SpawnFailed),
+            (libc::ETXTBSY, ErrorKind::SpawnFailed),
+        ] {
+            assert_eq!(exec(errno).kind(), kind, "execve errno {errno}");
+            assert_eq!(chdir(errno).kind(), kind, "chdir errno {errno}");
+        }
+        assert_eq!(SpawnError::NotFound("x".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(
+            SpawnError::Nul("argument").kind(),
+            ErrorKind::InvalidArgument
+        );
+        let os = SpawnError::Os {
+            what: "pipe",
+            desc: "too many open files".into(),
+        };
+        assert_eq!(os.kind(), ErrorKind::Io);
+        // The messages stay what they were.
+        assert_eq!(exec(libc::EACCES).to_string(), "p: permission denied");
+        assert_eq!(
+            chdir(libc::ENOENT).to_string(),
+            "chdir /d: no such file or directory"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `strerror` in the agent's house style: lowercase, no "(os error N)".
-pub fn errno_desc(errno: i32) -> String {
+pub(crate) fn errno_desc(errno: i32) -> String {
     let desc = nix::errno::Errno::from_raw(errno).desc();
     let mut chars = desc.chars();
     match chars.next() {
@@ -15,7 +15,7 @@ pub fn errno_desc(errno: i32) -> String {
 }
 
 /// Describes an I/O error the way [`errno_desc`] does.
-pub fn io_desc(e: &io::Error) -> String {
+pub(crate) fn io_desc(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(errno) => errno_desc(errno),
         None => e.to_string(),
@@ -31,12 +31,12 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// A close-on-exec pipe: (read end, write end).
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
 /// Switches `O_NONBLOCK` on the open file description behind `fd`.
-pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open; no memory passed.
     unsafe {
         let flags = check(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
@@ -51,7 +51,7 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 }
 
 /// `poll(2)`, retried on EINTR. `timeout_ms < 0` waits forever.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     loop {
         // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
@@ -66,7 +66,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
 }
 
 /// A pollfd entry.
-pub fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+pub(crate) fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
     libc::pollfd {
         fd,
         events,
@@ -75,7 +75,7 @@ pub fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
 }
 
 /// `read(2)`, retried on EINTR.
-pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -91,7 +91,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 
 /// `read(2)` of at most `max` bytes, appended to `buf` (its spare room is
 /// not zeroed first), retried on EINTR.
-pub fn read_append(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+pub(crate) fn read_append(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     buf.reserve(max);
     let spare = buf.spare_capacity_mut().as_mut_ptr();
     loop {
@@ -111,7 +111,7 @@ pub fn read_append(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Res
 }
 
 /// `write(2)`, retried on EINTR.
-pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is a valid readable buffer of `buf.len()` bytes.
         let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
@@ -126,13 +126,13 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// `kill(2)`; `pid < 0` addresses a process group.
-pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill takes plain integers.
     check(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
 /// Unix time in nanoseconds.
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -140,7 +140,7 @@ pub fn now_ns() -> u64 {
 }
 
 /// Opens a path with raw flags (close-on-exec added).
-pub fn open(path: &std::ffi::CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+pub(crate) fn open(path: &std::ffi::CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: `path` is NUL-terminated; the returned descriptor is owned only here.
     let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
     // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
@@ -148,7 +148,7 @@ pub fn open(path: &std::ffi::CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 /// Sets a terminal's window size.
-pub fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+pub(crate) fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -160,7 +160,7 @@ pub fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
 }
 
 /// Opens a new PTY pair (master, slave) of the given size.
-pub fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
     let flags = libc::O_RDWR | libc::O_NOCTTY;
     let master = open(c"/dev/ptmx", flags).or_else(|_| open(c"/dev/pts/ptmx", flags))?;
     let unlock: libc::c_int = 0;
@@ -192,7 +192,7 @@ pub fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Checks without blocking whether the peer of a stream socket hung up
 /// completely (it closed its end, not just its writing side).
-pub fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn peer_gone(fd: BorrowedFd<'_>) -> bool {
     let mut p = [pollfd(fd.as_raw_fd(), 0)];
     matches!(poll(&mut p, 0), Ok(1)) && p[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
 }

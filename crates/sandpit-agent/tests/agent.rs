@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sandpit_wire::client::{AgentClient, ClientError, ExecEvent, ExecSession};
 use sandpit_wire::{
     encode, read_frame, write_frame, ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec,
-    MainStatus, WinSize,
+    MainStatus, Signal, WinSize,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sandpit-agent");
@@ -163,7 +163,7 @@ fn idle_agent_answers_and_has_no_output() {
     let a = start(&[]);
     assert_eq!(a.client.ping().unwrap(), MainStatus::Idle);
     assert!(a.client.main_output(0, true).unwrap().next().is_none());
-    let err = a.client.signal_main(15).unwrap_err();
+    let err = a.client.signal_main(Signal::TERM).unwrap_err();
     assert!(
         matches!(
             err,
@@ -188,12 +188,12 @@ fn main_runs_in_its_own_group_and_takes_signals() {
     let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
     assert_eq!(fields[2], pid.to_string(), "pgid");
     assert_eq!(fields[3], pid.to_string(), "sid");
-    a.client.signal_main(15).unwrap();
-    assert_eq!(wait_main_exit(&a.client), ExitStatus::Signal(15));
+    a.client.signal_main(Signal::TERM).unwrap();
+    assert_eq!(wait_main_exit(&a.client), ExitStatus::Signal(Signal::TERM));
     wait_gone(pid);
     // The agent outlives its main command.
     assert!(matches!(a.client.ping().unwrap(), MainStatus::Exited(_)));
-    assert!(a.client.signal_main(15).is_err());
+    assert!(a.client.signal_main(Signal::TERM).is_err());
 }
 
 #[test]
@@ -324,14 +324,20 @@ fn exec_exit_codes_and_signals() {
         ExitStatus::Code(0)
     );
     assert_eq!(sh(&a, "exit 42").status, ExitStatus::Code(42));
-    assert_eq!(sh(&a, "kill -TERM $$").status, ExitStatus::Signal(15));
+    assert_eq!(
+        sh(&a, "kill -TERM $$").status,
+        ExitStatus::Signal(Signal::TERM)
+    );
     // SIGPIPE is ignored by the agent but back to default for its commands.
-    assert_eq!(sh(&a, "kill -PIPE $$").status, ExitStatus::Signal(13));
+    assert_eq!(
+        sh(&a, "kill -PIPE $$").status,
+        ExitStatus::Signal(Signal::PIPE)
+    );
     let mut s = a.client.exec(req(&["sleep", "1000"])).unwrap();
-    s.signal(9).unwrap();
+    s.signal(Signal::KILL).unwrap();
     assert_eq!(
         s.next_event().unwrap(),
-        Some(ExecEvent::Exited(ExitStatus::Signal(9)))
+        Some(ExecEvent::Exited(ExitStatus::Signal(Signal::KILL)))
     );
     assert_eq!(s.next_event().unwrap(), None);
 }
@@ -544,7 +550,7 @@ fn signals_arrive_while_the_host_does_not_read_output() {
         .exec(req(&["sh", "-c", "trap 'exit 7' TERM; yes; exit 3"]))
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    s.signal(15).unwrap();
+    s.signal(Signal::TERM).unwrap();
     let status = loop {
         match s.next_event().unwrap() {
             Some(ExecEvent::Exited(status)) => break status,
@@ -602,16 +608,24 @@ fn spawn_failures_are_reported() {
         ClientError::Agent { kind, message } => (kind, message),
         other => panic!("{other}"),
     };
+    // Kinds by errno, not by message: what a shell reports as 127 or 126.
     assert_eq!(
         agent_err(req(&["nope-cmd"])),
-        (ErrorKind::SpawnFailed, "nope-cmd: command not found".into())
+        (ErrorKind::NotFound, "nope-cmd: command not found".into())
+    );
+    assert_eq!(
+        agent_err(req(&["/no/such/binary"])),
+        (
+            ErrorKind::NotFound,
+            "/no/such/binary: no such file or directory".into()
+        )
     );
     let mut r = req(&["true"]);
     r.cwd = Some("/no/dir".into());
     assert_eq!(
         agent_err(r),
         (
-            ErrorKind::SpawnFailed,
+            ErrorKind::NotFound,
             "chdir /no/dir: no such file or directory".into()
         )
     );
@@ -619,8 +633,31 @@ fn spawn_failures_are_reported() {
     std::fs::create_dir_all(a.cwd()).unwrap();
     std::fs::write(&script, "#!/bin/sh\n").unwrap();
     let (kind, message) = agent_err(req(&["./not-executable"]));
-    assert_eq!(kind, ErrorKind::SpawnFailed);
+    assert_eq!(kind, ErrorKind::PermissionDenied);
     assert_eq!(message, "./not-executable: permission denied");
+    std::fs::create_dir_all(a.cwd().join("a-dir")).unwrap();
+    assert_eq!(
+        agent_err(req(&["./a-dir"])),
+        (
+            ErrorKind::PermissionDenied,
+            "./a-dir: permission denied".into()
+        )
+    );
+    // A file that is executable but in no format the kernel runs.
+    let junk = a.cwd().join("junk");
+    std::fs::write(&junk, [0u8; 64]).unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        agent_err(req(&["./junk"])),
+        (
+            ErrorKind::PermissionDenied,
+            "./junk: exec format error".into()
+        )
+    );
+    // A working directory that is a file.
+    let mut r = req(&["true"]);
+    r.cwd = Some("not-executable".into());
+    assert_eq!(agent_err(r).0, ErrorKind::NotFound);
     // The agent carries on.
     assert_eq!(sh(&a, "echo ok").stdout, b"ok\n");
 }
@@ -816,8 +853,8 @@ fn malformed_input_only_costs_the_connection() {
         a.client.ping().unwrap(),
         MainStatus::Running { .. }
     ));
-    a.client.signal_main(9).unwrap();
-    assert_eq!(wait_main_exit(&a.client), ExitStatus::Signal(9));
+    a.client.signal_main(Signal::KILL).unwrap();
+    assert_eq!(wait_main_exit(&a.client), ExitStatus::Signal(Signal::KILL));
 }
 
 // -------------------------------------------------------------------- probe
@@ -1049,7 +1086,7 @@ fn static_agent_is_pid1_in_a_busybox_root() {
     assert_eq!(run("cat /tmp/f"), "inside");
     let (_, out, _) = collect_main(c, 0, false);
     assert_eq!(out, b"main\n");
-    c.signal_main(15).unwrap();
-    assert_eq!(wait_main_exit(c), ExitStatus::Signal(15));
+    c.signal_main(Signal::TERM).unwrap();
+    assert_eq!(wait_main_exit(c), ExitStatus::Signal(Signal::TERM));
     assert!(c.ping().is_ok());
 }

@@ -11,19 +11,18 @@ use anyhow::{Context, Result};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::termios;
-use sandpit_image::Reference;
+use sandpit_image::{ImageConfig, Reference};
 use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
 use sandpit_runtime::{
     default_agent_binary, default_spawner_binary, Limits, Runtime, RuntimeConfig, SandboxId,
     SandboxSpec,
 };
 use sandpit_wire::client::ExecEvent;
+use sandpit_wire::process::{self, ImageProcess, Process, ProcessOverrides};
 use sandpit_wire::{ExecRequest, InitSpec, WinSize};
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 #[derive(Args, Debug)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Memory limit, e.g. `256Mi`.
     #[arg(long)]
     memory: Option<String>,
@@ -53,7 +52,7 @@ pub struct RunArgs {
 }
 
 /// Runs the command and returns its shell-style exit code.
-pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
+pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     let limits = Limits {
         memory_bytes: args
             .memory
@@ -77,17 +76,12 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
         )
     })?;
 
-    let mut env: Vec<(String, String)> = Vec::new();
-    for kv in image.config.env.iter().chain(&args.env) {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("environment entry {kv:?}: expected KEY=VALUE"))?;
-        env.retain(|(existing, _)| existing != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
+    let Process { argv, mut env, cwd } = resolve(
+        &image.config,
+        &args.command,
+        &args.env,
+        args.workdir.as_deref(),
+    )?;
     let tty = match args.tty.as_str() {
         "always" => true,
         "never" => false,
@@ -99,24 +93,6 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
         ));
     }
-    let argv = if !args.command.is_empty() {
-        args.command.clone()
-    } else {
-        let mut argv: Vec<String> = image.config.entrypoint.clone();
-        argv.extend(image.config.cmd.iter().cloned());
-        if argv.is_empty() {
-            argv.push("sh".into());
-        }
-        argv
-    };
-    let cwd = args.workdir.clone().unwrap_or_else(|| {
-        if image.config.working_dir.is_empty() {
-            "/".into()
-        } else {
-            image.config.working_dir.clone()
-        }
-    });
-
     let runtime = Runtime::new(RuntimeConfig {
         state_dir: data_dir.join("sandboxes"),
         agent_binary: default_agent_binary(),
@@ -171,6 +147,49 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     result
 }
 
+/// The command to run: the image's config under `-- CMD ARGS` (which
+/// replace its entrypoint and cmd), `-e KEY=VALUE` entries and `-w`, merged
+/// as the daemon merges them ([`process::resolve`]); `sh` when neither the
+/// image nor the user names a program.
+fn resolve(
+    config: &ImageConfig,
+    command: &[String],
+    env: &[String],
+    workdir: Option<&str>,
+) -> Result<Process> {
+    let env = env
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("environment entry {kv:?}: expected KEY=VALUE"))?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (program, args) = match command.split_first() {
+        Some((program, args)) => (Some(program.as_str()), args),
+        None => (None, &[][..]),
+    };
+    let mut process = process::resolve(
+        &ImageProcess {
+            entrypoint: &config.entrypoint,
+            cmd: &config.cmd,
+            env: &config.env,
+            working_dir: &config.working_dir,
+        },
+        &ProcessOverrides {
+            command: program,
+            args,
+            env: &env,
+            working_dir: workdir,
+        },
+    );
+    if process.argv.is_empty() {
+        process.argv.push("sh".into());
+    }
+    Ok(process)
+}
+
 fn attach(
     sandbox: &sandpit_runtime::Sandbox,
     argv: Vec<String>,
@@ -218,7 +237,11 @@ fn attach(
     let mut signal_control = control.clone();
     std::thread::spawn(move || {
         while let Ok(sig) = forwarded.wait() {
-            if signal_control.signal(sig as i32).is_err() {
+            // Only SIGINT, SIGTERM and SIGHUP are waited for: all in range.
+            let Some(sig) = sandpit_wire::Signal::new(sig as i32) else {
+                continue;
+            };
+            if signal_control.signal(sig).is_err() {
                 return;
             }
         }
@@ -306,4 +329,65 @@ fn terminal_size() -> Option<WinSize> {
         cols: ws.ws_col,
         rows: ws.ws_row,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn config() -> ImageConfig {
+        ImageConfig {
+            env: strings(&["LANG=C.UTF-8", "HOME=/root", "FLAG"]),
+            entrypoint: strings(&["/entry"]),
+            cmd: strings(&["default-arg"]),
+            working_dir: "/app".into(),
+            user: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_command_replaces_entrypoint_and_cmd() {
+        let p = resolve(&config(), &strings(&["ls", "-l"]), &[], None).unwrap();
+        assert_eq!(p.argv, ["ls", "-l"]);
+        let p = resolve(&config(), &[], &[], None).unwrap();
+        assert_eq!(p.argv, ["/entry", "default-arg"]);
+        assert_eq!(p.cwd, "/app");
+        let bare = ImageConfig {
+            entrypoint: vec![],
+            cmd: vec![],
+            working_dir: String::new(),
+            ..config()
+        };
+        let p = resolve(&bare, &[], &[], None).unwrap();
+        assert_eq!(p.argv, ["sh"]);
+        assert_eq!(p.cwd, "/");
+        let p = resolve(&bare, &[], &[], Some("/w")).unwrap();
+        assert_eq!(p.cwd, "/w");
+    }
+
+    #[test]
+    fn env_entries_override_the_image_and_must_have_a_value() {
+        let p = resolve(&config(), &[], &strings(&["HOME=/home/me", "X=a=b"]), None).unwrap();
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            p.env,
+            [
+                kv("LANG", "C.UTF-8"),
+                kv("HOME", "/home/me"),
+                // An image entry without '=' is an empty value, as in the daemon.
+                kv("FLAG", ""),
+                kv("X", "a=b"),
+                kv("PATH", process::DEFAULT_PATH),
+            ]
+        );
+        let err = resolve(&config(), &[], &strings(&["NOVALUE"]), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment entry \"NOVALUE\": expected KEY=VALUE"
+        );
+    }
 }

@@ -14,7 +14,9 @@ use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
 use sandpit_runtime::cgroup::Limits;
 use sandpit_runtime::{Runtime, RuntimeConfig, RuntimeError, Sandbox, SandboxId, SandboxSpec};
 use sandpit_wire::client::{AgentClient, ClientError, ExecEvent, ExecSession, Output};
-use sandpit_wire::{ErrorKind, ExecRequest, ExitStatus, InitFile, InitSpec, MainStatus, WinSize};
+use sandpit_wire::{
+    ErrorKind, ExecRequest, ExitStatus, InitFile, InitSpec, MainStatus, Signal, WinSize,
+};
 
 const HOST_BASE: u32 = 1_000_000_000;
 
@@ -345,7 +347,10 @@ fn memory_hog_is_oom_killed_and_reported() {
         ..Default::default()
     };
     let sb = start(rt, s);
-    assert_eq!(wait_main_exit(&sb.agent()), ExitStatus::Signal(9));
+    assert_eq!(
+        wait_main_exit(&sb.agent()),
+        ExitStatus::Signal(Signal::KILL)
+    );
     assert!(sb.oom_kills() >= 1, "oom kill not recorded");
     // The agent survived and still answers.
     assert!(matches!(sb.agent().ping().unwrap(), MainStatus::Exited(_)));
@@ -476,7 +481,10 @@ fn hundred_cycles_and_a_killed_main_leave_no_debris() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert_eq!(wait_main_exit(&sb.agent()), ExitStatus::Signal(9));
+    assert_eq!(
+        wait_main_exit(&sb.agent()),
+        ExitStatus::Signal(Signal::KILL)
+    );
     rt.destroy(sb.id()).unwrap();
 
     // Killing PID 1 itself.
@@ -596,7 +604,10 @@ fn exec_exit_codes_signals_and_stdin() {
     let agent = sb.agent();
     assert_eq!(exec(&agent, &["true"]).status, ExitStatus::Code(0));
     assert_eq!(sh(&agent, "exit 42").1, ExitStatus::Code(42));
-    assert_eq!(sh(&agent, "kill -TERM $$").1, ExitStatus::Signal(15));
+    assert_eq!(
+        sh(&agent, "kill -TERM $$").1,
+        ExitStatus::Signal(Signal::TERM)
+    );
     let input: Vec<u8> = (0..=255u8).cycle().take(200 * 1024).collect();
     let out = agent
         .run(
@@ -789,7 +800,7 @@ fn bad_input_fails_clearly_without_debris() {
         )
         .unwrap_err();
     assert!(
-        matches!(&nobin, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("nope-cmd")),
+        matches!(&nobin, ClientError::Agent { kind: ErrorKind::NotFound, message } if message.contains("nope-cmd")),
         "{nobin}"
     );
     let nocwd = agent
@@ -803,7 +814,7 @@ fn bad_input_fails_clearly_without_debris() {
         )
         .unwrap_err();
     assert!(
-        matches!(&nocwd, ClientError::Agent { kind: ErrorKind::SpawnFailed, message } if message.contains("/no/dir")),
+        matches!(&nocwd, ClientError::Agent { kind: ErrorKind::NotFound, message } if message.contains("/no/dir")),
         "{nocwd}"
     );
     rt.destroy(sb.id()).unwrap();

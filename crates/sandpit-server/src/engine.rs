@@ -11,8 +11,9 @@ use std::path::PathBuf;
 
 use sandpit_image::Digest;
 use sandpit_registry::Credentials;
-use sandpit_wire::client::AgentClient;
-use sandpit_wire::ExitStatus;
+use sandpit_wire::async_client::{AsyncAgentClient, Connector};
+use sandpit_wire::process::{ImageProcess, ProcessOverrides};
+use sandpit_wire::{ExitStatus, Signal};
 
 use crate::logs::LogWriter;
 use crate::model::{MountedFile, NewSandbox, Resources, SandboxId};
@@ -43,7 +44,7 @@ pub enum EngineError {
     },
     /// Talking to a sandbox's agent failed.
     #[error("agent")]
-    Agent(#[source] sandpit_wire::client::ClientError),
+    Agent(#[source] sandpit_wire::async_client::ClientError),
     /// The sandbox started but its main command did not (missing binary,
     /// bad working directory...); nothing of it is left. The reason is the
     /// agent's, from inside the sandbox: text, not an error of ours.
@@ -177,8 +178,16 @@ pub struct HostCapacity {
     pub architecture: String,
 }
 
-/// The backend the manager drives.
+/// The backend the manager drives: the control plane (images, create,
+/// watch, signal, destroy, adopt, sweep) and the way into the data plane
+/// ([`Engine::agent`]).
 pub trait Engine: Send + Sync + 'static {
+    /// How the daemon reaches a sandbox's agent: the agent protocol over
+    /// this engine's transport (a Unix socket here; vsock for a microVM, an
+    /// in-memory pipe in tests). Exec, files and the main output all go
+    /// through a client over it.
+    type Connector: Connector;
+
     /// Looks an image up in the local store; `Ok(None)` when it is missing.
     fn image(
         &self,
@@ -210,7 +219,7 @@ pub trait Engine: Send + Sync + 'static {
     fn signal_main(
         &self,
         id: &SandboxId,
-        signal: i32,
+        signal: Signal,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
 
     /// Kills everything of the sandbox and removes its host resources.
@@ -227,66 +236,40 @@ pub trait Engine: Send + Sync + 'static {
         keep: HashSet<SandboxId>,
     ) -> impl Future<Output = Result<usize, EngineError>> + Send;
 
-    /// A client for a running sandbox's agent (the data plane's way in).
-    fn agent(&self, id: &SandboxId) -> Option<AgentClient>;
+    /// A client for a running sandbox's agent (the data plane's way in);
+    /// `None` when the engine has no such sandbox.
+    fn agent(&self, id: &SandboxId) -> Option<AsyncAgentClient<Self::Connector>>;
 
     /// This host's capacity.
     fn capacity(&self) -> HostCapacity;
 }
 
-/// Default `PATH` when neither the image nor the request sets one.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// The main command, environment, working dir, files and limits of a
-/// sandbox, from its image and the request (Kubernetes semantics: `command`
+/// sandbox, from its image and the request. The process itself is resolved
+/// where `sandpit run` and the agent resolve theirs
+/// ([`sandpit_wire::process::resolve`], Kubernetes semantics: `command`
 /// replaces the entrypoint, `args` the image's cmd).
 pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
-    let argv = match (&req.command, req.args.is_empty()) {
-        (Some(c), _) => std::iter::once(c.clone())
-            .chain(req.args.iter().cloned())
-            .collect(),
-        (None, false) => image
-            .entrypoint
-            .iter()
-            .chain(req.args.iter())
-            .cloned()
-            .collect(),
-        (None, true) => image
-            .entrypoint
-            .iter()
-            .chain(image.cmd.iter())
-            .cloned()
-            .collect(),
-    };
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| {
-        env.retain(|(existing, _)| existing != k);
-        env.push((k.to_owned(), v.to_owned()));
-    };
-    for kv in &image.env {
-        match kv.split_once('=') {
-            Some((k, v)) => set(k, v),
-            None => set(kv, ""),
-        }
-    }
-    for (k, v) in &req.env {
-        set(k, v);
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    let cwd = req
-        .working_dir
-        .clone()
-        .filter(|d| !d.is_empty())
-        .or_else(|| Some(image.working_dir.clone()).filter(|d| !d.is_empty()))
-        .unwrap_or_else(|| "/".into());
+    let process = sandpit_wire::process::resolve(
+        &ImageProcess {
+            entrypoint: &image.entrypoint,
+            cmd: &image.cmd,
+            env: &image.env,
+            working_dir: &image.working_dir,
+        },
+        &ProcessOverrides {
+            command: req.command.as_deref(),
+            args: &req.args,
+            env: &req.env,
+            working_dir: req.working_dir.as_deref(),
+        },
+    );
     LaunchSpec {
         lower_dirs: image.lower_dirs.clone(),
         layers: image.layers.clone(),
-        argv,
-        env,
-        cwd,
+        argv: process.argv,
+        env: process.env,
+        cwd: process.cwd,
         files: req.files.clone(),
         limits: req.limits,
     }

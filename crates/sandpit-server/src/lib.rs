@@ -27,7 +27,6 @@ pub mod db;
 pub mod engine;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
-mod id_shim;
 pub mod local;
 pub mod logs;
 pub mod manager;

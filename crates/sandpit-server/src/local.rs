@@ -2,23 +2,23 @@
 //! images on this host.
 //!
 //! Engine and store calls block (spawner, file system, cgroups), so they run
-//! on tokio's blocking pool. Watching a sandbox does not: the agent's
-//! main-output stream is read asynchronously over a tokio `UnixStream`, one
-//! connection per running sandbox, and its `End` frame is how the exit of the
-//! main process is noticed.
+//! on tokio's blocking pool. Talking to agents does not: the async agent
+//! client reaches each sandbox's agent over its Unix socket; the watcher
+//! follows the main output (one connection per running sandbox), and the end
+//! of that stream is how the exit of the main process is noticed.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sandpit_image::{IdShift, Image, ImageError, ImageStore, Reference};
 use sandpit_registry::{Progress, Puller, RegistryConfig};
 use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
-use sandpit_wire::client::AgentClient;
-use sandpit_wire::{Frame, InitFile, InitSpec, MainStatus, WireError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use sandpit_wire::async_client::{
+    AsyncAgentClient, ClientError, MainOutputEvent, OutputStream, UnixConnector,
+};
+use sandpit_wire::{InitFile, InitSpec, MainStatus, Signal};
 
 use crate::chain as describe;
 use crate::engine::{
@@ -103,102 +103,48 @@ impl LocalEngine {
     }
 }
 
-async fn ping(sb: &Arc<Sandbox>) -> Result<MainStatus, EngineError> {
-    let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
-    blocking(move || agent.ping())
-        .await?
-        .map_err(EngineError::Agent)
+/// A bounded client for request-response calls (ping, signal).
+fn agent_of(sb: &Sandbox) -> AsyncAgentClient {
+    AsyncAgentClient::unix(sb.agent_socket()).with_timeout(AGENT_TIMEOUT)
 }
 
-/// Why following the main output stopped before its `End`.
-#[derive(Debug, thiserror::Error)]
-enum FollowError {
-    #[error("connect")]
-    Connect(#[source] std::io::Error),
-    #[error("wire")]
-    Wire(#[from] WireError),
-    #[error("agent closed the stream")]
-    Closed,
-    #[error("unexpected frame")]
-    Unexpected,
-}
-
-/// Reads one frame from the agent (hostile input: the length is bounded
-/// before anything is allocated). `Ok(None)`: clean close between frames.
-pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<Frame>, WireError> {
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match r.read(&mut len[got..]).await? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(WireError::Truncated),
-            n => got += n,
-        }
-    }
-    let mut body = vec![0u8; sandpit_wire::body_len(len)?];
-    r.read_exact(&mut body)
-        .await
-        .map_err(WireError::reading_body)?;
-    sandpit_wire::decode(&body).map(Some)
-}
-
-/// Streams the main process's output from `*offset` into `sink` until the
-/// agent's `End` (the main process exited and its output was drained).
+/// Streams the main process's output from `*offset` into `logs` until the
+/// agent's end of it (the main process exited and its output was drained).
 async fn follow_output(
-    socket: &Path,
+    agent: &AsyncAgentClient,
     id: &SandboxId,
     offset: &mut u64,
     logs: &LogWriter,
-) -> Result<(), FollowError> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .map_err(FollowError::Connect)?;
-    let mut first = Vec::new();
-    sandpit_wire::encode(
-        &Frame::MainOutput {
-            offset: *offset,
-            follow: true,
-        },
-        &mut first,
-    );
-    stream.write_all(&first).await.map_err(WireError::Io)?;
-    let mut reader = BufReader::with_capacity(sandpit_wire::CHUNK_LEN + 64, stream);
-    loop {
-        match read_frame(&mut reader).await? {
-            None => return Err(FollowError::Closed),
-            Some(Frame::End) => return Ok(()),
-            Some(Frame::Gap { to, .. }) => *offset = to,
-            Some(Frame::MainChunk {
+) -> Result<(), ClientError> {
+    let mut output = agent.main_output(*offset, true).await?;
+    while let Some(event) = output.next().await {
+        match event? {
+            MainOutputEvent::Gap { to, .. } => *offset = to,
+            MainOutputEvent::Chunk {
                 offset: at,
                 stream,
                 time_ns,
                 data,
-            }) => {
-                let stream = match stream {
-                    1 => Stream::Stdout,
-                    2 => Stream::Stderr,
-                    _ => return Err(FollowError::Unexpected),
-                };
+            } => {
                 // Offsets are the agent's word: they must not overflow ours.
                 *offset = at
                     .checked_add(data.len() as u64)
-                    .ok_or(FollowError::Unexpected)?;
-                logs.append(
-                    id,
-                    OutputChunk {
-                        offset: at,
-                        stream,
-                        time_ns,
-                        data,
-                    },
-                )
-                .await;
+                    .ok_or_else(|| ClientError::Protocol("output offset overflows".into()))?;
+                let stream = match stream {
+                    OutputStream::Stdout => Stream::Stdout,
+                    OutputStream::Stderr => Stream::Stderr,
+                };
+                let chunk = OutputChunk {
+                    offset: at,
+                    stream,
+                    time_ns,
+                    data,
+                };
+                logs.append(id, chunk).await;
             }
-            Some(_) => return Err(FollowError::Unexpected),
         }
     }
+    Ok(())
 }
 
 /// Resolves when the sandbox's PID 1 exits: a pidfd becomes readable then,
@@ -228,6 +174,8 @@ async fn wait_init_exit(sb: &Sandbox) {
 }
 
 impl Engine for LocalEngine {
+    type Connector = UnixConnector;
+
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, EngineError> {
         let store = Arc::clone(&self.store);
         let reference = reference.to_owned();
@@ -350,13 +298,15 @@ impl Engine for LocalEngine {
         let Some(sb) = self.sandbox(id) else {
             return MainExit::InitDied { oom_kills: 0 };
         };
-        let socket = sb.agent_socket();
+        // Unbounded: the main output may stay silent for as long as it runs.
+        let follower = AsyncAgentClient::unix(sb.agent_socket());
+        let agent = agent_of(&sb);
         let mut offset = logs.resume_offset(id).await;
         loop {
-            if let Err(e) = follow_output(&socket, id, &mut offset, &logs).await {
+            if let Err(e) = follow_output(&follower, id, &mut offset, &logs).await {
                 tracing::debug!(error = %describe(&e), "main output stream ended early");
             }
-            match ping(&sb).await {
+            match agent.ping().await {
                 Ok(MainStatus::Exited(status)) => {
                     return MainExit::Exited {
                         status,
@@ -376,7 +326,7 @@ impl Engine for LocalEngine {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "ping after main output");
+                    tracing::debug!(error = %describe(&e), "ping after main output");
                     // The agent is gone, or alive but not answering: either
                     // way the main process's status is lost with it.
                     wait_init_exit(&sb).await;
@@ -388,13 +338,13 @@ impl Engine for LocalEngine {
         }
     }
 
-    async fn signal_main(&self, id: &SandboxId, signal: i32) -> Result<(), EngineError> {
+    async fn signal_main(&self, id: &SandboxId, signal: Signal) -> Result<(), EngineError> {
         let sb = self
             .sandbox(id)
             .ok_or_else(|| EngineError::Unknown(id.clone()))?;
-        let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
-        blocking(move || agent.signal_main(signal))
-            .await?
+        agent_of(&sb)
+            .signal_main(signal)
+            .await
             .map_err(EngineError::Agent)
     }
 
@@ -419,11 +369,10 @@ impl Engine for LocalEngine {
         let opened = blocking(move || runtime.open(&owned)).await;
         match opened {
             Ok(Ok(sb)) if sb.is_running() => {
-                let agent = sb.agent().with_timeout(AGENT_TIMEOUT);
-                let status = blocking(move || agent.ping()).await;
+                let status = agent_of(&sb).ping().await;
                 self.table().insert(id.clone(), Arc::new(sb));
                 match status {
-                    Ok(Ok(MainStatus::Exited(_) | MainStatus::StartFailed(_))) => Adoption::Exited,
+                    Ok(MainStatus::Exited(_) | MainStatus::StartFailed(_)) => Adoption::Exited,
                     _ => Adoption::Running,
                 }
             }
@@ -459,8 +408,9 @@ impl Engine for LocalEngine {
         .map_err(|e: sandpit_runtime::RuntimeError| EngineError::runtime("sweep", e))
     }
 
-    fn agent(&self, id: &SandboxId) -> Option<AgentClient> {
-        self.sandbox(id).map(|sb| sb.agent())
+    fn agent(&self, id: &SandboxId) -> Option<AsyncAgentClient> {
+        self.sandbox(id)
+            .map(|sb| AsyncAgentClient::unix(sb.agent_socket()))
     }
 
     fn capacity(&self) -> HostCapacity {
@@ -522,42 +472,6 @@ mod tests {
         let cap = host_capacity();
         assert!(cap.cpu_millis >= 1000);
         assert!(cap.memory_total_bytes > 0);
-    }
-
-    #[tokio::test]
-    async fn frames_are_read_and_bounded() {
-        let mut bytes = Vec::new();
-        sandpit_wire::encode(&Frame::End, &mut bytes);
-        let mut r = &bytes[..];
-        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::End));
-        assert_eq!(read_frame(&mut r).await.unwrap(), None);
-        let huge = ((sandpit_wire::MAX_FRAME_LEN + 1) as u32).to_le_bytes();
-        assert!(matches!(
-            read_frame(&mut &huge[..]).await,
-            Err(WireError::TooLarge(_))
-        ));
-        assert!(matches!(
-            read_frame(&mut &bytes[..2]).await,
-            Err(WireError::Truncated)
-        ));
-    }
-
-    #[test]
-    fn engine_errors_keep_their_sources() {
-        let io = || Box::new(std::io::Error::other("disk on fire"));
-        let spawn = sandpit_runtime::RuntimeError::Spawn("root filesystem: mount: ENOENT".into());
-        for (e, text) in [
-            (EngineError::Image(io()), "image store: disk on fire"),
-            (
-                EngineError::Start(Box::new(spawn)),
-                "start sandbox: root filesystem: mount: ENOENT",
-            ),
-            (EngineError::runtime("sweep", io()), "sweep: disk on fire"),
-        ] {
-            let source = std::error::Error::source(&e).unwrap().to_string();
-            assert!(!e.to_string().contains(&source), "{e}");
-            assert_eq!(crate::chain(&e), text);
-        }
     }
 
     #[test]

@@ -125,9 +125,14 @@ async fn stream_exec_runs_commands_through_the_agent() {
     let mut c = server.client().await;
     let id = sandbox(&mut c).await;
 
-    let r = stream_exec(&mut c, ALICE, vec![init(&id, &["echo", "hi", "there"])], None)
-        .await
-        .unwrap();
+    let r = stream_exec(
+        &mut c,
+        ALICE,
+        vec![init(&id, &["echo", "hi", "there"])],
+        None,
+    )
+    .await
+    .unwrap();
     assert!(r.ready);
     assert_eq!((r.stdout.as_slice(), r.exit), (&b"hi there\n"[..], Some(0)));
 
@@ -149,9 +154,14 @@ async fn stream_exec_runs_commands_through_the_agent() {
     assert_eq!((r.stdout.as_slice(), r.exit), (&b"abcdef"[..], Some(0)));
 
     // The sandbox's environment, and the exec's own on top.
-    let r = stream_exec(&mut c, ALICE, vec![init(&id, &["printenv", "GREETING"])], None)
-        .await
-        .unwrap();
+    let r = stream_exec(
+        &mut c,
+        ALICE,
+        vec![init(&id, &["printenv", "GREETING"])],
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.stdout, b"hello\n");
     let mut with_env = init(&id, &["printenv", "GREETING"]);
     if let Some(In::Init(i)) = &mut with_env.message {
@@ -248,7 +258,7 @@ async fn unary_exec_collects_and_caps_output() {
     let server = start().await;
     let mut c = server.client().await;
     let id = sandbox(&mut c).await;
-    let exec = |argv: &[&str], max: i64| pb::ExecRequest {
+    let exec = |argv: &[&str], max: i32| pb::ExecRequest {
         sandbox_id: id.clone(),
         command: argv.iter().map(|s| s.to_string()).collect(),
         max_output_bytes: max,
@@ -334,7 +344,10 @@ async fn files_move_through_the_agent() {
         .into_inner();
     assert!(got.content == data);
     assert_eq!(
-        server.engine.agent_file(&id, "/work/out/data.bin").as_deref(),
+        server
+            .engine
+            .agent_file(&id, "/work/out/data.bin")
+            .as_deref(),
         Some(&data[..])
     );
 

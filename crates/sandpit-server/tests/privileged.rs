@@ -251,7 +251,13 @@ async fn manager_over_the_local_engine() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(m.get(&p, &idle.id).unwrap().state, State::Running);
-    assert!(m.agent_for(&p, &idle.id).await.unwrap().ping().is_ok());
+    assert!(m
+        .agent_for(&p, &idle.id)
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .is_ok());
     let d = m
         .delete(&p, &idle.id, Duration::from_secs(10), false)
         .await

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{
-    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, WinSize, WireError,
-    CHUNK_LEN,
+    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, Signal, WinSize,
+    WireError, CHUNK_LEN,
 };
 
 /// Largest file [`AgentClient::read_file`] accepts; use
@@ -27,10 +27,10 @@ pub const READ_FILE_MAX: u64 = 1 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The agent's socket is missing or refuses connections.
-    #[error("connect: {0}")]
-    Connect(io::Error),
+    #[error("connect")]
+    Connect(#[source] io::Error),
     /// The transport failed or the agent sent a malformed frame.
-    #[error("wire: {0}")]
+    #[error("wire")]
     Wire(#[from] WireError),
     /// The agent reported an error.
     #[error("agent: {}: {message}", kind_name(.kind))]
@@ -105,7 +105,7 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn unexpected(f: Frame, during: &str) -> ClientError {
+pub(crate) fn unexpected(f: Frame, during: &str) -> ClientError {
     match f {
         Frame::Error { kind, message } => ClientError::Agent { kind, message },
         other => {
@@ -129,7 +129,9 @@ fn send(mut w: &UnixStream, frame: &Frame) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn is_disconnect(e: &ClientError) -> bool {
+/// Whether a send failed because the agent closed the connection (its
+/// answer, already sent, then says why).
+pub(crate) fn is_disconnect(e: &ClientError) -> bool {
     matches!(e, ClientError::Wire(WireError::Io(io)) if matches!(
         io.kind(),
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
@@ -165,6 +167,11 @@ impl AgentClient {
         &self.socket
     }
 
+    /// The bound of [`AgentClient::with_timeout`], if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     fn connect(&self, bounded: bool) -> Result<UnixStream, ClientError> {
         let stream = UnixStream::connect(&self.socket).map_err(ClientError::Connect)?;
         if bounded && self.timeout.is_some() {
@@ -191,7 +198,7 @@ impl AgentClient {
     }
 
     /// Sends a signal to the main command's process group.
-    pub fn signal_main(&self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal_main(&self, sig: Signal) -> Result<(), ClientError> {
         let mut s = self.start(&Frame::SignalMain(sig), true)?;
         match expect_frame(&mut s)? {
             Frame::Ok => Ok(()),
@@ -430,7 +437,7 @@ impl ExecSession {
     }
 
     /// Sends a signal to the command's process group.
-    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal(&mut self, sig: Signal) -> Result<(), ClientError> {
         self.control().signal(sig)
     }
 
@@ -537,7 +544,7 @@ impl StdinWriter {
     }
 
     /// Sends a signal to the command's process group.
-    pub fn signal(&mut self, sig: i32) -> Result<(), ClientError> {
+    pub fn signal(&mut self, sig: Signal) -> Result<(), ClientError> {
         self.send(&Frame::Signal(sig))
     }
 
@@ -565,6 +572,50 @@ impl Write for StdinWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Which of the main command's outputs a chunk is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+}
+
+impl OutputStream {
+    /// The stream of a [`Frame::MainChunk`]'s `stream` byte (1 or 2).
+    pub fn from_wire(stream: u8) -> Option<Self> {
+        match stream {
+            1 => Some(Self::Stdout),
+            2 => Some(Self::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// One item of the main command's output stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MainOutputEvent {
+    /// Bytes between these offsets were dropped from the agent's buffer
+    /// before anyone read them.
+    Gap {
+        /// First offset asked for.
+        from: u64,
+        /// First offset still held.
+        to: u64,
+    },
+    /// A chunk of output.
+    Chunk {
+        /// Offset of the first byte of `data` (over stdout and stderr together).
+        offset: u64,
+        /// Where it was written.
+        stream: OutputStream,
+        /// Unix time in nanoseconds when the agent read it.
+        time_ns: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// The main command's output: [`Frame::Gap`] and [`Frame::MainChunk`] frames,
@@ -602,402 +653,4 @@ impl Iterator for MainOutput {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::net::UnixListener;
-    use std::thread::JoinHandle;
-
-    /// A fake agent: serves `conns` connections, each with `handler`.
-    fn fake_agent<F>(conns: usize, handler: F) -> (tempfile::TempDir, AgentClient, JoinHandle<()>)
-    where
-        F: Fn(UnixStream, Frame) + Send + 'static,
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let handle = std::thread::spawn(move || {
-            for _ in 0..conns {
-                let (mut s, _) = listener.accept().unwrap();
-                let first = read_frame(&mut s).unwrap().unwrap();
-                handler(s, first);
-            }
-        });
-        (
-            dir,
-            AgentClient::new(path).with_timeout(Duration::from_secs(10)),
-            handle,
-        )
-    }
-
-    fn put(s: &UnixStream, f: Frame) {
-        send(s, &f).unwrap();
-    }
-
-    #[test]
-    fn missing_socket_is_a_connect_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let client = AgentClient::new(dir.path().join("nope.sock"));
-        assert!(matches!(client.ping(), Err(ClientError::Connect(_))));
-    }
-
-    #[test]
-    fn ping_and_signal_main() {
-        let (_d, client, h) = fake_agent(3, |s, first| match first {
-            Frame::Ping => put(&s, Frame::Pong(MainStatus::Running { pid: 9 })),
-            Frame::SignalMain(15) => put(&s, Frame::Ok),
-            Frame::SignalMain(_) => put(
-                &s,
-                Frame::Error {
-                    kind: ErrorKind::NotRunning,
-                    message: "main process is not running".into(),
-                },
-            ),
-            other => panic!("{other:?}"),
-        });
-        assert_eq!(client.ping().unwrap(), MainStatus::Running { pid: 9 });
-        client.signal_main(15).unwrap();
-        let err = client.signal_main(2).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "agent: not running: main process is not running"
-        );
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn agent_closing_early_is_closed() {
-        let (_d, client, h) = fake_agent(1, |s, _| drop(s));
-        assert!(matches!(client.ping(), Err(ClientError::Closed)));
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn wrong_answer_is_a_protocol_error() {
-        let (_d, client, h) = fake_agent(1, |s, _| put(&s, Frame::Ok));
-        assert!(matches!(client.ping(), Err(ClientError::Protocol(_))));
-        h.join().unwrap();
-    }
-
-    /// Echoes stdin to stdout (and its length to stderr at the end), like `cat`.
-    fn echo_exec(mut s: UnixStream, first: Frame) {
-        let Frame::Exec(req) = first else { panic!() };
-        if req.argv.is_empty() {
-            return put(
-                &s,
-                Frame::Error {
-                    kind: ErrorKind::InvalidArgument,
-                    message: "empty command".into(),
-                },
-            );
-        }
-        put(&s, Frame::Started { pid: 42 });
-        let mut total = 0usize;
-        loop {
-            match read_frame(&mut s).unwrap() {
-                Some(Frame::Stdin(d)) => {
-                    total += d.len();
-                    put(&s, Frame::Stdout(d));
-                }
-                Some(Frame::StdinEof) => break,
-                Some(Frame::Signal(sig)) => {
-                    put(&s, Frame::Exited(ExitStatus::Signal(sig)));
-                    return;
-                }
-                Some(Frame::Resize(ws)) => {
-                    put(&s, Frame::Stdout(format!("{} {}", ws.rows, ws.cols).into()))
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        put(&s, Frame::Stderr(total.to_string().into_bytes()));
-        put(&s, Frame::Exited(ExitStatus::Code(0)));
-    }
-
-    fn cmd(argv: &[&str]) -> ExecRequest {
-        ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn run_with_large_stdin_does_not_deadlock() {
-        let (_d, client, h) = fake_agent(2, echo_exec);
-        // Far more than socket buffers hold in either direction.
-        let input: Vec<u8> = (0..=255u8).cycle().take(8 << 20).collect();
-        let out = client.run(cmd(&["cat"]), Some(&input)).unwrap();
-        assert_eq!(out.stdout.len(), input.len());
-        assert!(out.stdout == input);
-        assert_eq!(out.stderr, (8usize << 20).to_string().into_bytes());
-        assert_eq!(out.status, ExitStatus::Code(0));
-        let out = client.run(cmd(&["cat"]), None).unwrap();
-        assert!(out.stdout.is_empty());
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn exec_error_maps_to_agent_error() {
-        let (_d, client, h) = fake_agent(1, echo_exec);
-        let err = client.run(cmd(&[]), None).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Agent {
-                    kind: ErrorKind::InvalidArgument,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn session_events_control_frames_and_end() {
-        let (_d, client, h) = fake_agent(1, echo_exec);
-        let mut s = client.exec(cmd(&["sh"])).unwrap();
-        assert_eq!(s.pid(), 42);
-        s.resize(WinSize { cols: 80, rows: 24 }).unwrap();
-        assert_eq!(
-            s.next_event().unwrap(),
-            Some(ExecEvent::Stdout(b"24 80".to_vec()))
-        );
-        let mut w = s.stdin_writer().unwrap();
-        w.write_all(b"hi").unwrap();
-        assert_eq!(
-            s.next_event().unwrap(),
-            Some(ExecEvent::Stdout(b"hi".to_vec()))
-        );
-        w.signal(9).unwrap();
-        assert_eq!(
-            s.next_event().unwrap(),
-            Some(ExecEvent::Exited(ExitStatus::Signal(9)))
-        );
-        assert_eq!(s.next_event().unwrap(), None);
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn close_before_exit_is_an_error() {
-        let (_d, client, h) = fake_agent(1, |s, _| put(&s, Frame::Started { pid: 1 }));
-        let mut s = client.exec(cmd(&["x"])).unwrap();
-        assert!(matches!(s.next_event(), Err(ClientError::Closed)));
-        assert!(matches!(s.next_event(), Ok(None)));
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn dropping_a_session_closes_the_connection_despite_writers() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (_d, client, h) = fake_agent(1, move |mut s, _| {
-            put(&s, Frame::Started { pid: 1 });
-            // EOF here is what makes the real agent cancel the command.
-            tx.send(read_frame(&mut s).unwrap().is_none()).unwrap();
-        });
-        let s = client.exec(cmd(&["sleep"])).unwrap();
-        let w = s.stdin_writer().unwrap();
-        drop(s);
-        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
-        drop(w);
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn abort_unblocks_a_reader_and_closes_the_connection() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (_d, client, h) = fake_agent(1, move |mut s, _| {
-            put(&s, Frame::Started { pid: 1 });
-            tx.send(read_frame(&mut s).unwrap().is_none()).unwrap();
-        });
-        let mut s = client.exec(cmd(&["sleep"])).unwrap();
-        let w = s.stdin_writer().unwrap();
-        let t = std::thread::spawn(move || s.next_event());
-        std::thread::sleep(Duration::from_millis(50));
-        w.abort();
-        assert!(t.join().unwrap().is_err());
-        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
-        h.join().unwrap();
-    }
-
-    fn file_agent(content: Vec<u8>, announced: u64) -> impl Fn(UnixStream, Frame) {
-        move |s, first| {
-            let Frame::ReadFile { path } = first else {
-                panic!()
-            };
-            if path == "/missing" {
-                return put(
-                    &s,
-                    Frame::Error {
-                        kind: ErrorKind::NotFound,
-                        message: "/missing: no such file or directory".into(),
-                    },
-                );
-            }
-            put(
-                &s,
-                Frame::FileInfo {
-                    size: announced,
-                    mode: 0o644,
-                },
-            );
-            for c in content.chunks(CHUNK_LEN) {
-                if send(&s, &Frame::Data(c.to_vec())).is_err() {
-                    return;
-                }
-            }
-            let _ = send(&s, &Frame::End);
-        }
-    }
-
-    #[test]
-    fn read_file_checks_sizes() {
-        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        let (_d, client, h) = fake_agent(3, file_agent(data.clone(), data.len() as u64));
-        assert_eq!(client.read_file("/f").unwrap(), data);
-        let mut sink = Vec::new();
-        assert!(matches!(
-            client.read_file_to("/f", &mut sink, 1000),
-            Err(ClientError::TooLarge {
-                size: 200_000,
-                max: 1000
-            })
-        ));
-        assert!(sink.is_empty());
-        let err = client.read_file("/missing").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "agent: not found: /missing: no such file or directory"
-        );
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn agent_sending_more_than_announced_is_cut_off() {
-        let (_d, client, h) = fake_agent(1, file_agent(vec![1; 300_000], 10));
-        let mut sink = Vec::new();
-        let err = client.read_file_to("/f", &mut sink, 100).unwrap_err();
-        assert!(matches!(err, ClientError::Protocol(_)), "{err}");
-        assert!(sink.len() <= 10);
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn agent_sending_less_than_announced_is_an_error() {
-        let (_d, client, h) = fake_agent(1, file_agent(vec![1; 5], 10));
-        assert!(matches!(
-            client.read_file("/f"),
-            Err(ClientError::Protocol(_))
-        ));
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn write_file_streams_data_and_reports_errors() {
-        let (_d, client, h) = fake_agent(2, |mut s, first| {
-            let Frame::WriteFile { path, mode } = first else {
-                panic!()
-            };
-            let mut data = Vec::new();
-            loop {
-                match read_frame(&mut s).unwrap().unwrap() {
-                    Frame::Data(d) => data.extend(d),
-                    Frame::End => break,
-                    other => panic!("{other:?}"),
-                }
-            }
-            if path == "/dir" {
-                put(
-                    &s,
-                    Frame::Error {
-                        kind: ErrorKind::IsDirectory,
-                        message: "/dir: is a directory".into(),
-                    },
-                );
-            } else {
-                assert_eq!(mode, 0o600);
-                assert_eq!(data.len(), 300_000);
-                put(&s, Frame::Ok);
-            }
-        });
-        client.write_file("/f", 0o600, &vec![7; 300_000]).unwrap();
-        assert!(matches!(
-            client.write_file("/dir", 0o600, b"x"),
-            Err(ClientError::Agent {
-                kind: ErrorKind::IsDirectory,
-                ..
-            })
-        ));
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn write_file_reports_the_agents_reason_when_it_stops_early() {
-        let (_d, client, h) = fake_agent(1, |s, _| {
-            put(
-                &s,
-                Frame::Error {
-                    kind: ErrorKind::PermissionDenied,
-                    message: "/ro: read-only file system".into(),
-                },
-            );
-            // Closing with unread data resets the connection.
-        });
-        let err = client
-            .write_file("/ro", 0o644, &vec![0; 4 << 20])
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Agent {
-                    kind: ErrorKind::PermissionDenied,
-                    ..
-                } | ClientError::Wire(_)
-            ),
-            "{err}"
-        );
-        h.join().unwrap();
-    }
-
-    #[test]
-    fn main_output_yields_gap_and_chunks_until_end() {
-        let (_d, client, h) = fake_agent(2, |s, first| {
-            let Frame::MainOutput { offset, .. } = first else {
-                panic!()
-            };
-            if offset == 1 {
-                put(&s, Frame::Gap { from: 1, to: 5 });
-                put(
-                    &s,
-                    Frame::MainChunk {
-                        offset: 5,
-                        stream: 2,
-                        time_ns: 1,
-                        data: b"x".to_vec(),
-                    },
-                );
-                put(&s, Frame::End);
-            } else {
-                put(
-                    &s,
-                    Frame::MainChunk {
-                        offset: 0,
-                        stream: 7,
-                        time_ns: 1,
-                        data: vec![],
-                    },
-                );
-            }
-        });
-        let frames: Vec<_> = client
-            .main_output(1, true)
-            .unwrap()
-            .map(|f| f.unwrap())
-            .collect();
-        assert_eq!(frames.len(), 2);
-        assert_eq!(frames[0], Frame::Gap { from: 1, to: 5 });
-        let mut it = client.main_output(0, false).unwrap();
-        assert!(matches!(it.next(), Some(Err(ClientError::Protocol(_)))));
-        assert!(it.next().is_none());
-        h.join().unwrap();
-    }
-}
+mod tests;

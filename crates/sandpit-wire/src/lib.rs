@@ -26,10 +26,31 @@
 //! - [`Frame::SignalMain`] -> [`Frame::Ok`] or [`Frame::Error`].
 //!
 //! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
+//!
+//! Host-side clients: [`client::AgentClient`] (blocking, threads) and, with
+//! the `tokio` feature, `async_client::AsyncAgentClient` (any transport
+//! through an `async_client::Connector`); the `testing` feature adds an
+//! in-memory transport for fake agents. [`process`] turns an image's
+//! config and a request into the process to start, for every component.
+//!
+//! Errors follow one convention: a variant that wraps another error names
+//! only its own step and leaves the cause to [`std::error::Error::source`],
+//! so a printer that joins the chain with `": "` says everything once.
+
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
 
+#[cfg(feature = "tokio")]
+pub mod async_client;
 pub mod client;
+mod codec;
+pub mod process;
+mod signal;
+
+pub use codec::{decode, encode};
+use codec::{tail_prefix, with_tail, MAX_TAIL_PREFIX};
+pub use signal::{InvalidSignal, Signal};
 
 /// Largest frame accepted from the peer (header excluded).
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
@@ -40,7 +61,7 @@ pub const CHUNK_LEN: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The transport failed.
-    #[error("transport: {0}")]
+    #[error("transport")]
     Io(#[from] io::Error),
     /// The peer announced a frame larger than [`MAX_FRAME_LEN`].
     #[error("frame of {0} bytes exceeds the limit")]
@@ -71,7 +92,7 @@ pub enum ExitStatus {
     /// Normal exit with a code.
     Code(i32),
     /// Killed by a signal.
-    Signal(i32),
+    Signal(Signal),
 }
 
 impl ExitStatus {
@@ -79,7 +100,7 @@ impl ExitStatus {
     pub fn shell_code(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => 128 + s.number(),
         }
     }
 }
@@ -138,6 +159,18 @@ impl ErrorKind {
             9 => Self::NotRunning,
             _ => return Err(WireError::Malformed("error kind")),
         })
+    }
+
+    /// The exit code a shell gives a command that did not start, for the
+    /// kind of an exec's spawn failure: 127 when the command (or its working
+    /// directory) was not found, 126 when it was found but could not run
+    /// (permission denied, not executable, or any other failure), as POSIX
+    /// shells do.
+    pub fn spawn_exit_code(self) -> i32 {
+        match self {
+            Self::NotFound => 127,
+            _ => 126,
+        }
     }
 
     /// Maps an OS error to the closest kind.
@@ -209,7 +242,7 @@ pub enum Frame {
     /// Host: new terminal size.
     Resize(WinSize),
     /// Host: send a signal to the command's process group.
-    Signal(i32),
+    Signal(Signal),
     /// Agent: output on stdout (or the PTY).
     Stdout(Vec<u8>),
     /// Agent: output on stderr.
@@ -274,413 +307,9 @@ pub enum Frame {
         data: Vec<u8>,
     },
     /// Host: send a signal to the main process.
-    SignalMain(i32),
+    SignalMain(Signal),
     /// Spawner -> agent at start-up.
     Init(InitSpec),
-}
-
-mod tag {
-    pub const PING: u8 = 1;
-    pub const PONG: u8 = 2;
-    pub const EXEC: u8 = 3;
-    pub const STARTED: u8 = 4;
-    pub const STDIN: u8 = 5;
-    pub const STDIN_EOF: u8 = 6;
-    pub const RESIZE: u8 = 7;
-    pub const SIGNAL: u8 = 8;
-    pub const STDOUT: u8 = 9;
-    pub const STDERR: u8 = 10;
-    pub const EXITED: u8 = 11;
-    pub const READ_FILE: u8 = 12;
-    pub const FILE_INFO: u8 = 13;
-    pub const DATA: u8 = 14;
-    pub const END: u8 = 15;
-    pub const WRITE_FILE: u8 = 16;
-    pub const OK: u8 = 17;
-    pub const ERROR: u8 = 18;
-    pub const MAIN_OUTPUT: u8 = 19;
-    pub const GAP: u8 = 20;
-    pub const MAIN_CHUNK: u8 = 21;
-    pub const SIGNAL_MAIN: u8 = 22;
-    pub const INIT: u8 = 23;
-}
-
-struct Enc<'a>(&'a mut Vec<u8>);
-
-impl Enc<'_> {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn i32(&mut self, v: i32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        self.u32(v.len() as u32);
-        self.0.extend_from_slice(v);
-    }
-    fn str(&mut self, v: &str) {
-        self.bytes(v.as_bytes());
-    }
-    fn strs(&mut self, v: &[String]) {
-        self.u32(v.len() as u32);
-        for s in v {
-            self.str(s);
-        }
-    }
-    fn env(&mut self, v: &[(String, String)]) {
-        self.u32(v.len() as u32);
-        for (k, val) in v {
-            self.str(k);
-            self.str(val);
-        }
-    }
-    fn exit(&mut self, v: ExitStatus) {
-        match v {
-            ExitStatus::Code(c) => {
-                self.u8(0);
-                self.i32(c);
-            }
-            ExitStatus::Signal(s) => {
-                self.u8(1);
-                self.i32(s);
-            }
-        }
-    }
-}
-
-struct Dec<'a>(&'a [u8]);
-
-impl<'a> Dec<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.0.len() < n {
-            return Err(WireError::Malformed("short payload"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn i32(&mut self) -> Result<i32, WireError> {
-        Ok(i32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
-        let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
-    }
-    fn str(&mut self) -> Result<String, WireError> {
-        String::from_utf8(self.bytes()?).map_err(|_| WireError::Malformed("invalid utf-8"))
-    }
-    fn count(&mut self) -> Result<usize, WireError> {
-        let n = self.u32()? as usize;
-        // Every element takes at least 4 bytes: refuse counts the payload cannot hold.
-        if n > self.0.len() / 4 {
-            return Err(WireError::Malformed("element count"));
-        }
-        Ok(n)
-    }
-    fn strs(&mut self) -> Result<Vec<String>, WireError> {
-        let n = self.count()?;
-        (0..n).map(|_| self.str()).collect()
-    }
-    fn env(&mut self) -> Result<Vec<(String, String)>, WireError> {
-        let n = self.count()?;
-        (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
-    }
-    fn exit(&mut self) -> Result<ExitStatus, WireError> {
-        match self.u8()? {
-            0 => Ok(ExitStatus::Code(self.i32()?)),
-            1 => Ok(ExitStatus::Signal(self.i32()?)),
-            _ => Err(WireError::Malformed("exit status")),
-        }
-    }
-    fn opt_str(&mut self) -> Result<Option<String>, WireError> {
-        match self.u8()? {
-            0 => Ok(None),
-            _ => Ok(Some(self.str()?)),
-        }
-    }
-    fn finish(self) -> Result<(), WireError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Malformed("trailing bytes"))
-        }
-    }
-}
-
-/// Appends the frame (length header included) to `out`.
-pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    let mut e = Enc(out);
-    match frame {
-        Frame::Ping => e.u8(tag::PING),
-        Frame::Pong(status) => {
-            e.u8(tag::PONG);
-            match status {
-                MainStatus::Idle => e.u8(0),
-                MainStatus::Running { pid } => {
-                    e.u8(1);
-                    e.u32(*pid);
-                }
-                MainStatus::Exited(s) => {
-                    e.u8(2);
-                    e.exit(*s);
-                }
-                MainStatus::StartFailed(msg) => {
-                    e.u8(3);
-                    e.str(msg);
-                }
-            }
-        }
-        Frame::Exec(req) => {
-            e.u8(tag::EXEC);
-            e.strs(&req.argv);
-            e.env(&req.env);
-            match &req.cwd {
-                None => e.u8(0),
-                Some(c) => {
-                    e.u8(1);
-                    e.str(c);
-                }
-            }
-            match req.tty {
-                None => e.u8(0),
-                Some(ws) => {
-                    e.u8(1);
-                    e.u16(ws.cols);
-                    e.u16(ws.rows);
-                }
-            }
-        }
-        Frame::Started { pid } => {
-            e.u8(tag::STARTED);
-            e.u32(*pid);
-        }
-        Frame::Stdin(d) => {
-            e.u8(tag::STDIN);
-            e.0.extend_from_slice(d);
-        }
-        Frame::StdinEof => e.u8(tag::STDIN_EOF),
-        Frame::Resize(ws) => {
-            e.u8(tag::RESIZE);
-            e.u16(ws.cols);
-            e.u16(ws.rows);
-        }
-        Frame::Signal(s) => {
-            e.u8(tag::SIGNAL);
-            e.i32(*s);
-        }
-        Frame::Stdout(d) => {
-            e.u8(tag::STDOUT);
-            e.0.extend_from_slice(d);
-        }
-        Frame::Stderr(d) => {
-            e.u8(tag::STDERR);
-            e.0.extend_from_slice(d);
-        }
-        Frame::Exited(s) => {
-            e.u8(tag::EXITED);
-            e.exit(*s);
-        }
-        Frame::ReadFile { path } => {
-            e.u8(tag::READ_FILE);
-            e.str(path);
-        }
-        Frame::FileInfo { size, mode } => {
-            e.u8(tag::FILE_INFO);
-            e.u64(*size);
-            e.u32(*mode);
-        }
-        Frame::Data(d) => {
-            e.u8(tag::DATA);
-            e.0.extend_from_slice(d);
-        }
-        Frame::End => e.u8(tag::END),
-        Frame::WriteFile { path, mode } => {
-            e.u8(tag::WRITE_FILE);
-            e.str(path);
-            e.u32(*mode);
-        }
-        Frame::Ok => e.u8(tag::OK),
-        Frame::Error { kind, message } => {
-            e.u8(tag::ERROR);
-            e.u8(*kind as u8);
-            e.str(message);
-        }
-        Frame::MainOutput { offset, follow } => {
-            e.u8(tag::MAIN_OUTPUT);
-            e.u64(*offset);
-            e.u8(u8::from(*follow));
-        }
-        Frame::Gap { from, to } => {
-            e.u8(tag::GAP);
-            e.u64(*from);
-            e.u64(*to);
-        }
-        Frame::MainChunk {
-            offset,
-            stream,
-            time_ns,
-            data,
-        } => {
-            e.u8(tag::MAIN_CHUNK);
-            e.u64(*offset);
-            e.u8(*stream);
-            e.u64(*time_ns);
-            e.0.extend_from_slice(data);
-        }
-        Frame::SignalMain(s) => {
-            e.u8(tag::SIGNAL_MAIN);
-            e.i32(*s);
-        }
-        Frame::Init(spec) => {
-            e.u8(tag::INIT);
-            e.strs(&spec.argv);
-            e.env(&spec.env);
-            e.str(&spec.cwd);
-            e.u32(spec.files.len() as u32);
-            for f in &spec.files {
-                e.str(&f.path);
-                e.u32(f.mode);
-                e.bytes(&f.content);
-            }
-        }
-    }
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-}
-
-/// Decodes one frame body (tag and payload, without the length header).
-pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
-    let mut d = Dec(body);
-    let t = d.u8()?;
-    let frame = match t {
-        tag::PING => Frame::Ping,
-        tag::PONG => Frame::Pong(match d.u8()? {
-            0 => MainStatus::Idle,
-            1 => MainStatus::Running { pid: d.u32()? },
-            2 => MainStatus::Exited(d.exit()?),
-            3 => MainStatus::StartFailed(d.str()?),
-            _ => return Err(WireError::Malformed("main status")),
-        }),
-        tag::EXEC => {
-            let argv = d.strs()?;
-            let env = d.env()?;
-            let cwd = d.opt_str()?;
-            let tty = match d.u8()? {
-                0 => None,
-                _ => Some(WinSize {
-                    cols: d.u16()?,
-                    rows: d.u16()?,
-                }),
-            };
-            Frame::Exec(ExecRequest {
-                argv,
-                env,
-                cwd,
-                tty,
-            })
-        }
-        tag::STARTED => Frame::Started { pid: d.u32()? },
-        tag::STDIN => return Ok(Frame::Stdin(d.0.to_vec())),
-        tag::STDIN_EOF => Frame::StdinEof,
-        tag::RESIZE => Frame::Resize(WinSize {
-            cols: d.u16()?,
-            rows: d.u16()?,
-        }),
-        tag::SIGNAL => Frame::Signal(d.i32()?),
-        tag::STDOUT => return Ok(Frame::Stdout(d.0.to_vec())),
-        tag::STDERR => return Ok(Frame::Stderr(d.0.to_vec())),
-        tag::EXITED => Frame::Exited(d.exit()?),
-        tag::READ_FILE => Frame::ReadFile { path: d.str()? },
-        tag::FILE_INFO => Frame::FileInfo {
-            size: d.u64()?,
-            mode: d.u32()?,
-        },
-        tag::DATA => return Ok(Frame::Data(d.0.to_vec())),
-        tag::END => Frame::End,
-        tag::WRITE_FILE => Frame::WriteFile {
-            path: d.str()?,
-            mode: d.u32()?,
-        },
-        tag::OK => Frame::Ok,
-        tag::ERROR => Frame::Error {
-            kind: ErrorKind::from_u8(d.u8()?)?,
-            message: d.str()?,
-        },
-        tag::MAIN_OUTPUT => Frame::MainOutput {
-            offset: d.u64()?,
-            follow: d.u8()? != 0,
-        },
-        tag::GAP => Frame::Gap {
-            from: d.u64()?,
-            to: d.u64()?,
-        },
-        tag::MAIN_CHUNK => {
-            let offset = d.u64()?;
-            let stream = d.u8()?;
-            let time_ns = d.u64()?;
-            return Ok(Frame::MainChunk {
-                offset,
-                stream,
-                time_ns,
-                data: d.0.to_vec(),
-            });
-        }
-        tag::SIGNAL_MAIN => Frame::SignalMain(d.i32()?),
-        tag::INIT => {
-            let argv = d.strs()?;
-            let env = d.env()?;
-            let cwd = d.str()?;
-            let n = d.count()?;
-            let mut files = Vec::with_capacity(n);
-            for _ in 0..n {
-                files.push(InitFile {
-                    path: d.str()?,
-                    mode: d.u32()?,
-                    content: d.bytes()?,
-                });
-            }
-            Frame::Init(InitSpec {
-                argv,
-                env,
-                cwd,
-                files,
-            })
-        }
-        other => return Err(WireError::UnknownTag(other)),
-    };
-    d.finish()?;
-    Ok(frame)
 }
 
 /// Length of the header [`output_header`] makes.
@@ -691,10 +320,14 @@ pub const OUTPUT_HEADER_LEN: usize = 5;
 /// into its frame buffer after this header instead of copying it into a
 /// `Frame` and encoding that.
 pub fn output_header(stderr: bool, len: usize) -> [u8; OUTPUT_HEADER_LEN] {
-    let body = (len + 1) as u32;
-    let b = body.to_le_bytes();
-    let tag = if stderr { tag::STDERR } else { tag::STDOUT };
-    [b[0], b[1], b[2], b[3], tag]
+    codec::data_header(
+        if stderr {
+            codec::tag::STDERR
+        } else {
+            codec::tag::STDOUT
+        },
+        len,
+    )
 }
 
 /// Writes one frame. Callers that send many frames should wrap `w` in a `BufWriter`
@@ -707,11 +340,13 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> io::Result<()
 
 /// Reads one frame. `Ok(None)` means the peer closed the connection cleanly
 /// between frames.
+///
+/// Output and data bytes are read straight into the frame's own buffer.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, WireError> {
-    let mut len = [0u8; 4];
+    let mut head = [0u8; 5 + MAX_TAIL_PREFIX];
     let mut got = 0;
     while got < 4 {
-        match r.read(&mut len[got..]) {
+        match r.read(&mut head[got..4]) {
             Ok(0) if got == 0 => return Ok(None),
             Ok(0) => return Err(WireError::Truncated),
             Ok(n) => got += n,
@@ -719,9 +354,32 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, WireErro
             Err(e) => return Err(e.into()),
         }
     }
-    let mut body = vec![0u8; body_len(len)?];
-    r.read_exact(&mut body).map_err(WireError::reading_body)?;
-    decode(&body).map(Some)
+    let len = body_len([head[0], head[1], head[2], head[3]])?;
+    if len == 0 {
+        return Err(WireError::Malformed("short payload"));
+    }
+    r.read_exact(&mut head[4..5])
+        .map_err(WireError::reading_body)?;
+    let tag = head[4];
+    match tail_prefix(tag) {
+        Some(p) => {
+            let data_len = (len - 1)
+                .checked_sub(p)
+                .ok_or(WireError::Malformed("short payload"))?;
+            r.read_exact(&mut head[5..5 + p])
+                .map_err(WireError::reading_body)?;
+            let mut data = vec![0u8; data_len];
+            r.read_exact(&mut data).map_err(WireError::reading_body)?;
+            with_tail(tag, &head[5..5 + p], data).map(Some)
+        }
+        None => {
+            let mut body = vec![0u8; len];
+            body[0] = tag;
+            r.read_exact(&mut body[1..])
+                .map_err(WireError::reading_body)?;
+            decode(&body).map(Some)
+        }
+    }
 }
 
 /// The body length a frame header announces, refused beyond
@@ -748,135 +406,19 @@ impl WireError {
     }
 }
 
+/// Joins an error's Display with its sources' along the chain, as the
+/// printers at the edges of the programs do.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn roundtrip(f: Frame) {
-        let mut buf = Vec::new();
-        encode(&f, &mut buf);
-        let got = read_frame(&mut &buf[..]).unwrap().unwrap();
-        assert_eq!(got, f);
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
     }
-
-    #[test]
-    fn output_headers_match_encoded_frames() {
-        for (stderr, data) in [
-            (false, &b"out"[..]),
-            (true, &b""[..]),
-            (true, &[7u8; 300][..]),
-        ] {
-            let mut raw = output_header(stderr, data.len()).to_vec();
-            raw.extend_from_slice(data);
-            let frame = if stderr {
-                Frame::Stderr(data.to_vec())
-            } else {
-                Frame::Stdout(data.to_vec())
-            };
-            let mut encoded = Vec::new();
-            encode(&frame, &mut encoded);
-            assert_eq!(raw, encoded);
-        }
-    }
-
-    #[test]
-    fn every_frame_roundtrips() {
-        roundtrip(Frame::Ping);
-        roundtrip(Frame::Pong(MainStatus::Idle));
-        roundtrip(Frame::Pong(MainStatus::Running { pid: 7 }));
-        roundtrip(Frame::Pong(MainStatus::Exited(ExitStatus::Signal(9))));
-        roundtrip(Frame::Pong(MainStatus::StartFailed("nope".into())));
-        roundtrip(Frame::Exec(ExecRequest {
-            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
-            env: vec![("A".into(), "b".into())],
-            cwd: Some("/tmp".into()),
-            tty: Some(WinSize { cols: 80, rows: 24 }),
-        }));
-        roundtrip(Frame::Exec(ExecRequest::default()));
-        roundtrip(Frame::Started { pid: 42 });
-        roundtrip(Frame::Stdin(vec![0, 1, 2, 255]));
-        roundtrip(Frame::StdinEof);
-        roundtrip(Frame::Resize(WinSize { cols: 1, rows: 2 }));
-        roundtrip(Frame::Signal(15));
-        roundtrip(Frame::Stdout(b"out".to_vec()));
-        roundtrip(Frame::Stderr(vec![]));
-        roundtrip(Frame::Exited(ExitStatus::Code(-1)));
-        roundtrip(Frame::ReadFile { path: "/a".into() });
-        roundtrip(Frame::FileInfo {
-            size: 5,
-            mode: 0o644,
-        });
-        roundtrip(Frame::Data(vec![9; 100]));
-        roundtrip(Frame::End);
-        roundtrip(Frame::WriteFile {
-            path: "x".into(),
-            mode: 0o600,
-        });
-        roundtrip(Frame::Ok);
-        roundtrip(Frame::Error {
-            kind: ErrorKind::IsDirectory,
-            message: "is a directory".into(),
-        });
-        roundtrip(Frame::MainOutput {
-            offset: 3,
-            follow: true,
-        });
-        roundtrip(Frame::Gap { from: 0, to: 10 });
-        roundtrip(Frame::MainChunk {
-            offset: 10,
-            stream: 2,
-            time_ns: 99,
-            data: b"line\n".to_vec(),
-        });
-        roundtrip(Frame::SignalMain(2));
-        roundtrip(Frame::Init(InitSpec {
-            argv: vec!["true".into()],
-            env: vec![("PATH".into(), "/bin".into())],
-            cwd: "/".into(),
-            files: vec![InitFile {
-                path: "/etc/x".into(),
-                mode: 0o644,
-                content: b"c".to_vec(),
-            }],
-        }));
-    }
-
-    #[test]
-    fn clean_eof_is_none_and_partial_is_error() {
-        assert!(read_frame(&mut &[][..]).unwrap().is_none());
-        assert!(matches!(
-            read_frame(&mut &[5, 0][..]),
-            Err(WireError::Truncated)
-        ));
-        assert!(matches!(
-            read_frame(&mut &[5, 0, 0, 0, tag::PING][..]),
-            Err(WireError::Truncated)
-        ));
-    }
-
-    #[test]
-    fn hostile_lengths_are_refused_before_allocating() {
-        let huge = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
-        assert!(matches!(
-            read_frame(&mut &huge[..]),
-            Err(WireError::TooLarge(_))
-        ));
-        // A string that claims more bytes than the frame holds.
-        let body = [tag::READ_FILE, 0xff, 0xff, 0xff, 0x7f];
-        assert!(matches!(decode(&body), Err(WireError::Malformed(_))));
-        // A list count larger than the payload can hold.
-        let body = [tag::EXEC, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(decode(&body), Err(WireError::Malformed(_))));
-        assert!(matches!(decode(&[200]), Err(WireError::UnknownTag(200))));
-        assert!(matches!(
-            decode(&[tag::PING, 0]),
-            Err(WireError::Malformed("trailing bytes"))
-        ));
-    }
-
-    #[test]
-    fn shell_code_follows_the_shell_convention() {
-        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
-        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
-    }
+    out
 }
+
+#[cfg(test)]
+mod tests;

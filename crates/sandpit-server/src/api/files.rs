@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sandpit_proto::sandbox::v1 as pb;
-use sandpit_wire::client::ClientError;
+use sandpit_wire::async_client::ClientError;
 use sandpit_wire::ErrorKind;
 use tonic::{Code, Request, Response, Status};
 
@@ -18,7 +18,8 @@ use crate::manager::Manager;
 /// Default largest file moved in one ReadFile/WriteFile message.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 32 << 20;
 
-/// Bound on each read or write of the agent's socket during a file transfer.
+/// Bound on each read or write of the agent's connection during a file
+/// transfer.
 const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Mode of files WriteFile creates (an existing file keeps its own).
@@ -75,7 +76,7 @@ pub fn file_error(path: &str, e: ClientError) -> Status {
             errors::status(code, message.clone(), why, &meta(&message))
         }
         other => {
-            let message = other.to_string();
+            let message = crate::chain(&other);
             tracing::warn!(path, error = %message, "file transfer failed");
             errors::status(
                 Code::Internal,
@@ -101,15 +102,7 @@ pub async fn read_file<E: Engine>(
         .await
         .map_err(errors::from_manager)?
         .with_timeout(AGENT_IO_TIMEOUT);
-    let path = req.path.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        let mut content = Vec::new();
-        agent
-            .read_file_to(&path, &mut content, max_bytes)
-            .map(|_| content)
-    })
-    .await
-    .map_err(|_| errors::status(Code::Internal, "read task failed", reason::INTERNAL, &[]))?;
+    let read = agent.read_file(&req.path, max_bytes).await;
     match read {
         Ok(content) => Ok(Response::new(pb::ReadFileResponse { content })),
         Err(e) => Err(file_error(&req.path, e)),
@@ -135,14 +128,9 @@ pub async fn write_file<E: Engine>(
         .await
         .map_err(errors::from_manager)?
         .with_timeout(AGENT_IO_TIMEOUT);
-    let path = req.path.clone();
-    let content = req.content;
-    let written =
-        tokio::task::spawn_blocking(move || agent.write_file(&path, NEW_FILE_MODE, &content))
-            .await
-            .map_err(|_| {
-                errors::status(Code::Internal, "write task failed", reason::INTERNAL, &[])
-            })?;
+    let written = agent
+        .write_file(&req.path, NEW_FILE_MODE, &req.content)
+        .await;
     match written {
         Ok(()) => Ok(Response::new(pb::WriteFileResponse {})),
         Err(e) => Err(file_error(&req.path, e)),

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// What an in-memory agent knows; shared by its connections.
 #[derive(Debug)]
-pub(crate) struct AgentState {
+struct AgentState {
     /// Regular files by absolute path.
     files: BTreeMap<String, (u32, Vec<u8>)>,
     /// Directories by absolute path (`/` always exists).
@@ -45,7 +45,7 @@ pub(crate) struct AgentState {
 
 /// One sandbox's in-memory agent. Cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct FakeAgent {
+pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
 }
 
@@ -58,7 +58,7 @@ fn parent(path: &str) -> &str {
 
 impl FakeAgent {
     /// An agent for a sandbox with this environment, working dir and files.
-    pub(crate) fn new(env: Vec<(String, String)>, cwd: String) -> Self {
+    pub fn new(env: Vec<(String, String)>, cwd: String) -> Self {
         let mut dirs = BTreeSet::new();
         dirs.insert("/".to_owned());
         dirs.insert("/tmp".to_owned());
@@ -79,35 +79,35 @@ impl FakeAgent {
     }
 
     /// Puts a file in place (mounted files, tests).
-    pub(crate) fn put_file(&self, path: &str, mode: u32, content: Vec<u8>) {
+    pub fn put_file(&self, path: &str, mode: u32, content: Vec<u8>) {
         let mut st = self.lock();
         st.mkdir_p(parent(path));
         st.files.insert(path.to_owned(), (mode, content));
     }
 
     /// A file's content.
-    pub(crate) fn file(&self, path: &str) -> Option<Vec<u8>> {
+    pub fn file(&self, path: &str) -> Option<Vec<u8>> {
         self.lock().files.get(path).map(|(_, c)| c.clone())
     }
 
     /// Commands started so far.
-    pub(crate) fn execs(&self) -> Vec<ExecRequest> {
+    pub fn execs(&self) -> Vec<ExecRequest> {
         self.lock().execs.clone()
     }
 
     /// What Ping answers from now on.
-    pub(crate) fn set_main(&self, status: MainStatus) {
+    pub fn set_main(&self, status: MainStatus) {
         self.lock().main = status;
     }
 
     /// Serves one connection until the host hangs up.
-    pub(crate) async fn serve<R, W>(self, reader: R, mut writer: W)
+    pub async fn serve<R, W>(self, reader: R, mut writer: W)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, reader);
-        let Ok(Some(first)) = crate::local::read_frame(&mut reader).await else {
+        let Ok(Some(first)) = sandpit_wire::async_client::read_frame(&mut reader).await else {
             return;
         };
         let _ = match first {
@@ -126,7 +126,9 @@ impl FakeAgent {
             }
             Frame::Exec(req) => self.exec(req, &mut reader, &mut writer).await,
             Frame::ReadFile { path } => self.read(&path, &mut writer).await,
-            Frame::WriteFile { path, mode } => self.write(&path, mode, &mut reader, &mut writer).await,
+            Frame::WriteFile { path, mode } => {
+                self.write(&path, mode, &mut reader, &mut writer).await
+            }
             _ => {
                 send(
                     &mut writer,
@@ -151,10 +153,16 @@ impl FakeAgent {
         let found = {
             let st = self.lock();
             if st.dirs.contains(&abs) {
-                Err(error(ErrorKind::IsDirectory, format!("{path}: is a directory")))
+                Err(error(
+                    ErrorKind::IsDirectory,
+                    format!("{path}: is a directory"),
+                ))
             } else {
                 st.files.get(&abs).cloned().ok_or_else(|| {
-                    error(ErrorKind::NotFound, format!("{path}: no such file or directory"))
+                    error(
+                        ErrorKind::NotFound,
+                        format!("{path}: no such file or directory"),
+                    )
                 })
             }
         };
@@ -183,7 +191,7 @@ impl FakeAgent {
     {
         let mut data = Vec::new();
         loop {
-            match crate::local::read_frame(r).await {
+            match sandpit_wire::async_client::read_frame(r).await {
                 Ok(Some(Frame::Data(d))) => data.extend_from_slice(&d),
                 Ok(Some(Frame::End)) => break,
                 _ => {
@@ -286,7 +294,7 @@ impl FakeAgent {
             }
             // cat and sleep read the host's frames until their end.
             _ => loop {
-                match crate::local::read_frame(r).await {
+                match sandpit_wire::async_client::read_frame(r).await {
                     Ok(Some(Frame::Stdin(d))) if program == "cat" => {
                         send(w, &Frame::Stdout(d)).await?;
                     }

@@ -1,6 +1,8 @@
-//! An in-memory [`Engine`] for tests: sandboxes are records, main processes
-//! end when the test says so (or on SIGTERM, if configured), and every call
-//! is remembered for assertions.
+//! An in-memory [`Engine`] for tests (feature `testing`, never in a
+//! release build): sandboxes are records, main processes end when the test
+//! says so (or on SIGTERM, if configured), every call is remembered for
+//! assertions, and each sandbox has an in-memory agent ([`FakeAgent`]) that
+//! speaks the real agent protocol, so the data plane runs without root.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -8,8 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sandpit_image::Digest;
-use sandpit_wire::client::AgentClient;
-use sandpit_wire::ExitStatus;
+use sandpit_wire::async_client::{AsyncAgentClient, Connector};
+use sandpit_wire::{ExecRequest, ExitStatus, MainStatus, Signal};
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 
 use crate::engine::{
@@ -19,10 +22,45 @@ use crate::engine::{
 use crate::logs::{LogWriter, OutputChunk, Stream};
 use crate::model::SandboxId;
 
+mod agent;
+
+pub use agent::FakeAgent;
+
+/// Connects to a [`FakeAgent`]: every connection is an in-memory pipe whose
+/// far end the agent serves on a task of its own.
+#[derive(Debug, Clone)]
+pub struct FakeConnector {
+    agent: FakeAgent,
+}
+
+impl FakeConnector {
+    /// Connections to `agent`.
+    pub fn new(agent: FakeAgent) -> Self {
+        Self { agent }
+    }
+}
+
+/// Room in each direction of a connection (the agent's writes wait beyond
+/// it, as on a socket).
+const PIPE_BYTES: usize = 64 << 10;
+
+impl Connector for FakeConnector {
+    type Reader = ReadHalf<DuplexStream>;
+    type Writer = WriteHalf<DuplexStream>;
+
+    async fn connect(&self) -> std::io::Result<(Self::Reader, Self::Writer)> {
+        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        let (r, w) = tokio::io::split(theirs);
+        tokio::spawn(self.agent.clone().serve(r, w));
+        Ok(tokio::io::split(ours))
+    }
+}
+
 /// One fake sandbox.
 #[derive(Debug)]
 struct FakeSandbox {
     spec: LaunchSpec,
+    agent: FakeAgent,
     exit: watch::Sender<Option<MainExit>>,
     destroyed: bool,
     signals: Vec<i32>,
@@ -139,6 +177,9 @@ impl FakeEngine {
     /// Ends a sandbox's main process.
     pub fn exit(&self, id: impl AsRef<str>, exit: MainExit) {
         if let Some(sb) = self.lock().sandboxes.get(id.as_ref()) {
+            if let MainExit::Exited { status, .. } = &exit {
+                sb.agent.set_main(MainStatus::Exited(*status));
+            }
             sb.exit.send_if_modified(|e| {
                 if e.is_none() {
                     *e = Some(exit);
@@ -175,6 +216,20 @@ impl FakeEngine {
             .unwrap_or_default()
     }
 
+    /// A file in a sandbox, as its agent has it.
+    pub fn agent_file(&self, id: impl AsRef<str>, path: &str) -> Option<Vec<u8>> {
+        self.lock().sandboxes.get(id.as_ref())?.agent.file(path)
+    }
+
+    /// Commands a sandbox's agent was asked to run.
+    pub fn execs(&self, id: impl AsRef<str>) -> Vec<ExecRequest> {
+        self.lock()
+            .sandboxes
+            .get(id.as_ref())
+            .map(|s| s.agent.execs())
+            .unwrap_or_default()
+    }
+
     /// Whether a sandbox was destroyed.
     pub fn destroyed(&self, id: impl AsRef<str>) -> bool {
         self.lock()
@@ -203,6 +258,8 @@ impl FakeEngine {
 }
 
 impl Engine for FakeEngine {
+    type Connector = FakeConnector;
+
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, EngineError> {
         Ok(self.lock().images.get(reference).cloned())
     }
@@ -248,11 +305,21 @@ impl Engine for FakeEngine {
             ));
         }
         let (exit, _) = watch::channel(None);
+        let agent = FakeAgent::new(spec.env.clone(), spec.cwd.clone());
+        for f in &spec.files {
+            agent.put_file(&f.path, 0o644, f.content.clone());
+        }
         // Without a main command the sandbox idles until destroyed.
+        agent.set_main(if spec.argv.is_empty() {
+            MainStatus::Idle
+        } else {
+            MainStatus::Running { pid: 1 }
+        });
         st.sandboxes.insert(
             id.clone(),
             FakeSandbox {
                 spec,
+                agent,
                 exit,
                 destroyed: false,
                 signals: vec![],
@@ -289,7 +356,7 @@ impl Engine for FakeEngine {
         }
     }
 
-    async fn signal_main(&self, id: &SandboxId, signal: i32) -> Result<(), EngineError> {
+    async fn signal_main(&self, id: &SandboxId, signal: Signal) -> Result<(), EngineError> {
         let mut st = self.lock();
         let exits = st.sigterm_exits;
         let sb = st
@@ -305,8 +372,8 @@ impl Engine for FakeEngine {
                 },
             ));
         }
-        sb.signals.push(signal);
-        if exits && signal == 15 {
+        sb.signals.push(signal.number());
+        if exits && signal == Signal::TERM {
             sb.exit.send_replace(Some(MainExit::Exited {
                 status: ExitStatus::Code(0),
                 oom_kills: 0,
@@ -350,12 +417,12 @@ impl Engine for FakeEngine {
         Ok(n)
     }
 
-    fn agent(&self, id: &SandboxId) -> Option<AgentClient> {
+    fn agent(&self, id: &SandboxId) -> Option<AsyncAgentClient<FakeConnector>> {
         let st = self.lock();
         st.sandboxes
             .get(id)
             .filter(|s| !s.destroyed)
-            .map(|_| AgentClient::new(format!("/nonexistent/{id}/agent.sock")))
+            .map(|s| AsyncAgentClient::new(FakeConnector::new(s.agent.clone())))
     }
 
     fn capacity(&self) -> HostCapacity {

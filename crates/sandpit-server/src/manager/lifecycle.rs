@@ -137,8 +137,9 @@ pub fn outcome(exit: &MainExit) -> ExitOutcome {
             Some(s.shell_code()),
             State::Failed,
             format!(
-                "main process was killed by signal {sig} ({})",
-                signal_name(*sig)
+                "main process was killed by signal {} ({})",
+                sig.number(),
+                sig.name()
             ),
         ),
         MainExit::StartFailed(msg) => (
@@ -156,10 +157,6 @@ pub fn outcome(exit: &MainExit) -> ExitOutcome {
         state,
         reason,
     }
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(sig).map_or("unknown", |s| s.as_str())
 }
 
 /// Applies `t` to `r`, or refuses it (leaving `r` untouched).

@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
+use sandpit_wire::Signal;
+
 use super::*;
 use crate::model::{Principal, Resources, SandboxId};
 
@@ -330,7 +332,7 @@ fn exits_map_to_outcomes() {
     });
     assert_eq!(o, completed());
     let o = outcome(&MainExit::Exited {
-        status: ExitStatus::Signal(9),
+        status: ExitStatus::Signal(Signal::KILL),
         oom_kills: 1,
     });
     assert_eq!(

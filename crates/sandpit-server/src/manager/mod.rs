@@ -30,7 +30,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use sandpit_wire::client::AgentClient;
+use sandpit_wire::async_client::AsyncAgentClient;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
@@ -362,7 +362,7 @@ impl<E: Engine> Manager<E> {
         &self,
         principal: &Principal,
         id: &SandboxId,
-    ) -> Result<AgentClient, ManagerError> {
+    ) -> Result<AsyncAgentClient<E::Connector>, ManagerError> {
         let rx = self.subscribe(principal, id)?;
         let record = self.settled(id, rx).await?;
         if record.state == State::Running {

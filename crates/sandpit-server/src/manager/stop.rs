@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use crate::id_shim::Signal;
+use sandpit_wire::Signal;
 
 use super::listing::PageKey;
 use super::{lock, span, Applied, Manager, ManagerError, Transition, SETTLE_TIMEOUT};

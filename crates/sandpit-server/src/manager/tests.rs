@@ -1,10 +1,12 @@
 use std::time::UNIX_EPOCH;
 
-use sandpit_wire::ExitStatus;
+use sandpit_wire::{ExitStatus, Signal};
 
 use super::*;
 use crate::clock::{SystemClock, TokioClock};
-use crate::engine::{launch_spec, ImageInfo, MainExit, DEFAULT_PATH};
+use sandpit_wire::process::DEFAULT_PATH;
+
+use crate::engine::{launch_spec, ImageInfo, MainExit};
 use crate::fake::FakeEngine;
 use crate::logs::NullSink;
 use crate::model::{MountedFile, NewSandbox};
@@ -119,7 +121,7 @@ async fn exits_map_to_failures_with_reasons() {
         ),
         (
             MainExit::Exited {
-                status: ExitStatus::Signal(9),
+                status: ExitStatus::Signal(Signal::KILL),
                 oom_kills: 1,
             },
             Some(137),
@@ -127,7 +129,7 @@ async fn exits_map_to_failures_with_reasons() {
         ),
         (
             MainExit::Exited {
-                status: ExitStatus::Signal(11),
+                status: ExitStatus::Signal(Signal::new(11).unwrap()),
                 oom_kills: 0,
             },
             Some(139),
@@ -646,7 +648,11 @@ async fn agent_for_waits_while_creating_and_refuses_ended_sandboxes() {
         .id
         .clone();
     let agent = m.agent_for(&alice(), &id).await.unwrap();
-    assert!(agent.socket().ends_with("agent.sock"));
+    // The sandbox's own agent answers.
+    assert_eq!(
+        agent.ping().await.unwrap(),
+        sandpit_wire::MainStatus::Running { pid: 1 }
+    );
     create.await.unwrap().unwrap();
     assert!(matches!(
         m.agent_for(&bob(), &id).await,

@@ -138,4 +138,3 @@ pub(crate) fn with_key<T>(msg: T, key: &str) -> Request<T> {
     );
     r
 }
-
