@@ -15,104 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{
-    encode, read_frame, ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, Signal, WinSize,
-    WireError, CHUNK_LEN,
+    encode, read_frame, ExecRequest, ExitStatus, Frame, MainStatus, Signal, WinSize, WireError,
+    CHUNK_LEN,
 };
+
+mod error;
+
+pub use error::ClientError;
+pub(crate) use error::{is_disconnect, unexpected};
 
 /// Largest file [`AgentClient::read_file`] accepts; use
 /// [`AgentClient::read_file_to`] with a limit of your own for more.
 pub const READ_FILE_MAX: u64 = 1 << 30;
-
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The agent's socket is missing or refuses connections.
-    #[error("connect")]
-    Connect(#[source] io::Error),
-    /// The transport failed or the agent sent a malformed frame.
-    #[error("wire")]
-    Wire(#[from] WireError),
-    /// The agent reported an error.
-    #[error("agent: {}: {message}", kind_name(.kind))]
-    Agent {
-        /// Category.
-        kind: ErrorKind,
-        /// Detail from the agent.
-        message: String,
-    },
-    /// The agent sent a frame that does not belong here.
-    #[error("protocol: {0}")]
-    Protocol(String),
-    /// The file is larger than the caller accepts.
-    #[error("file of {size} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// Size announced by the agent.
-        size: u64,
-        /// The caller's limit.
-        max: u64,
-    },
-    /// The agent closed the connection in the middle of an operation.
-    #[error("agent closed the connection")]
-    Closed,
-}
-
-fn kind_name(kind: &ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::NotFound => "not found",
-        ErrorKind::PermissionDenied => "permission denied",
-        ErrorKind::IsDirectory => "is a directory",
-        ErrorKind::NotRegularFile => "not a regular file",
-        ErrorKind::InvalidArgument => "invalid argument",
-        ErrorKind::SpawnFailed => "spawn failed",
-        ErrorKind::Io => "i/o error",
-        ErrorKind::Protocol => "protocol error",
-        ErrorKind::NotRunning => "not running",
-    }
-}
-
-impl From<io::Error> for ClientError {
-    fn from(e: io::Error) -> Self {
-        ClientError::Wire(WireError::Io(e))
-    }
-}
-
-/// Names a frame for error messages without dumping its payload.
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Ping => "ping",
-        Frame::Pong(_) => "pong",
-        Frame::Exec(_) => "exec",
-        Frame::Started { .. } => "started",
-        Frame::Stdin(_) => "stdin",
-        Frame::StdinEof => "stdin-eof",
-        Frame::Resize(_) => "resize",
-        Frame::Signal(_) => "signal",
-        Frame::Stdout(_) => "stdout",
-        Frame::Stderr(_) => "stderr",
-        Frame::Exited(_) => "exited",
-        Frame::ReadFile { .. } => "read-file",
-        Frame::FileInfo { .. } => "file-info",
-        Frame::Data(_) => "data",
-        Frame::End => "end",
-        Frame::WriteFile { .. } => "write-file",
-        Frame::Ok => "ok",
-        Frame::Error { .. } => "error",
-        Frame::MainOutput { .. } => "main-output",
-        Frame::Gap { .. } => "gap",
-        Frame::MainChunk { .. } => "main-chunk",
-        Frame::SignalMain(_) => "signal-main",
-        Frame::Init(_) => "init",
-    }
-}
-
-pub(crate) fn unexpected(f: Frame, during: &str) -> ClientError {
-    match f {
-        Frame::Error { kind, message } => ClientError::Agent { kind, message },
-        other => {
-            ClientError::Protocol(format!("unexpected {} during {during}", frame_name(&other)))
-        }
-    }
-}
 
 /// Reads the next frame; a clean close is [`ClientError::Closed`] because every
 /// caller still expects an answer.
@@ -127,15 +41,6 @@ fn send(mut w: &UnixStream, frame: &Frame) -> Result<(), ClientError> {
     encode(frame, &mut buf);
     w.write_all(&buf)?;
     Ok(())
-}
-
-/// Whether a send failed because the agent closed the connection (its
-/// answer, already sent, then says why).
-pub(crate) fn is_disconnect(e: &ClientError) -> bool {
-    matches!(e, ClientError::Wire(WireError::Io(io)) if matches!(
-        io.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-    ))
 }
 
 /// A handle on one sandbox's agent.

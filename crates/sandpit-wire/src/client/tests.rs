@@ -1,7 +1,7 @@
 //! Tests of the blocking client against fake agents over Unix sockets.
 
 use super::*;
-use crate::chain;
+use crate::{chain, ErrorKind};
 use std::error::Error as _;
 use std::os::unix::net::UnixListener;
 use std::thread::JoinHandle;
