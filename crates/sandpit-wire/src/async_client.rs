@@ -330,16 +330,7 @@ impl<C: Connector> AsyncAgentClient<C> {
             Err(ref e) if is_disconnect(e) => {}
             Err(e) => return Err(e),
         }
-        let reply = c.recv().await;
-        match (reply, sent) {
-            (Ok(Some(Frame::Ok)), Ok(())) => Ok(()),
-            // The agent's own reason beats our broken pipe.
-            (Ok(Some(f @ Frame::Error { .. })), _) => Err(unexpected(f, "write")),
-            (_, Err(e)) => Err(e),
-            (Ok(Some(other)), Ok(())) => Err(unexpected(other, "write")),
-            (Ok(None), Ok(())) => Err(ClientError::Closed),
-            (Err(e), Ok(())) => Err(e.into()),
-        }
+        crate::client::write_verdict(c.recv().await, sent)
     }
 
     /// Streams the main command's output from `offset` (over stdout and

@@ -242,16 +242,7 @@ impl AgentClient {
             Err(ref e) if is_disconnect(e) => {}
             Err(e) => return Err(e),
         }
-        let reply = read_frame(&mut stream);
-        match (reply, sent) {
-            (Ok(Some(Frame::Ok)), Ok(())) => Ok(()),
-            // The agent's own reason beats our broken pipe.
-            (Ok(Some(f @ Frame::Error { .. })), _) => Err(unexpected(f, "write")),
-            (_, Err(e)) => Err(e),
-            (Ok(Some(other)), Ok(())) => Err(unexpected(other, "write")),
-            (Ok(None), Ok(())) => Err(ClientError::Closed),
-            (Err(e), Ok(())) => Err(e.into()),
-        }
+        write_verdict(read_frame(&mut stream), sent)
     }
 
     fn send_body(stream: &UnixStream, r: &mut dyn Read) -> Result<(), ClientError> {
@@ -357,29 +348,7 @@ impl ExecSession {
         if self.done {
             return Ok(None);
         }
-        let frame = match read_frame(&mut self.reader) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                self.done = true;
-                return Err(ClientError::Closed);
-            }
-            Err(e) => {
-                self.done = true;
-                return Err(e.into());
-            }
-        };
-        match frame {
-            Frame::Stdout(d) => Ok(Some(ExecEvent::Stdout(d))),
-            Frame::Stderr(d) => Ok(Some(ExecEvent::Stderr(d))),
-            Frame::Exited(s) => {
-                self.done = true;
-                Ok(Some(ExecEvent::Exited(s)))
-            }
-            other => {
-                self.done = true;
-                Err(unexpected(other, "exec"))
-            }
-        }
+        exec_event(read_frame(&mut self.reader), &mut self.done)
     }
 
     /// Reads events up to the exit.
@@ -559,3 +528,51 @@ impl Iterator for MainOutput {
 
 #[cfg(test)]
 mod tests;
+
+/// What one frame read during an exec means, for both clients: an event,
+/// or the end (`done` set once the exit, an error or a close was seen).
+pub(crate) fn exec_event(
+    read: Result<Option<Frame>, WireError>,
+    done: &mut bool,
+) -> Result<Option<ExecEvent>, ClientError> {
+    let frame = match read {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            *done = true;
+            return Err(ClientError::Closed);
+        }
+        Err(e) => {
+            *done = true;
+            return Err(e.into());
+        }
+    };
+    match frame {
+        Frame::Stdout(d) => Ok(Some(ExecEvent::Stdout(d))),
+        Frame::Stderr(d) => Ok(Some(ExecEvent::Stderr(d))),
+        Frame::Exited(s) => {
+            *done = true;
+            Ok(Some(ExecEvent::Exited(s)))
+        }
+        other => {
+            *done = true;
+            Err(unexpected(other, "exec"))
+        }
+    }
+}
+
+/// How a file write ended, for both clients, from the agent's reply and
+/// how sending the body went.
+pub(crate) fn write_verdict(
+    reply: Result<Option<Frame>, WireError>,
+    sent: Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    match (reply, sent) {
+        (Ok(Some(Frame::Ok)), Ok(())) => Ok(()),
+        // The agent's own reason beats our broken pipe.
+        (Ok(Some(f @ Frame::Error { .. })), _) => Err(unexpected(f, "write")),
+        (_, Err(e)) => Err(e),
+        (Ok(Some(other)), Ok(())) => Err(unexpected(other, "write")),
+        (Ok(None), Ok(())) => Err(ClientError::Closed),
+        (Err(e), Ok(())) => Err(e.into()),
+    }
+}

@@ -87,29 +87,7 @@ impl<R: AsyncRead + Unpin> ExecEvents<R> {
         if self.done {
             return Ok(None);
         }
-        let frame = match self.reader.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                self.done = true;
-                return Err(ClientError::Closed);
-            }
-            Err(e) => {
-                self.done = true;
-                return Err(e.into());
-            }
-        };
-        match frame {
-            Frame::Stdout(d) => Ok(Some(ExecEvent::Stdout(d))),
-            Frame::Stderr(d) => Ok(Some(ExecEvent::Stderr(d))),
-            Frame::Exited(s) => {
-                self.done = true;
-                Ok(Some(ExecEvent::Exited(s)))
-            }
-            other => {
-                self.done = true;
-                Err(unexpected(other, "exec"))
-            }
-        }
+        crate::client::exec_event(self.reader.next().await, &mut self.done)
     }
 
     /// Reads events up to the exit, keeping all output.
