@@ -7,7 +7,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::frames::{FrameReader, FrameWriter};
 use super::{ClientError, Connector, ExecEvent, Output};
-use crate::client::unexpected;
 use crate::codec::tag;
 use crate::{Frame, Signal, WinSize, CHUNK_LEN};
 
