@@ -19,7 +19,6 @@ mod serve;
 mod spawn;
 mod sys;
 
-use std::error::Error;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: sandpit-agent serve --listen-fd N --init-fd N | sandpit-agent probe";
@@ -48,18 +47,7 @@ fn parse_serve(args: &[String]) -> Result<(i32, i32), String> {
     }
 }
 
-/// An error and its sources, joined with ": " (each error names only its
-/// own step).
-fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+use sandpit_errors::chain;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
@@ -90,6 +78,8 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error;
+
     use super::*;
 
     fn args(s: &[&str]) -> Vec<String> {

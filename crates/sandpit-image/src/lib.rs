@@ -355,18 +355,6 @@ mod tests {
         }
     }
 
-    /// The chain as an edge prints it: each Display along `source()`.
-    fn joined(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut cur = e.source();
-        while let Some(s) = cur {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            cur = s.source();
-        }
-        out
-    }
-
     #[test]
     fn errors_with_a_source_do_not_repeat_it() {
         let io = || io::Error::other("disk on fire");
@@ -402,7 +390,7 @@ mod tests {
                 !e.to_string().contains(&source.to_string()),
                 "{e} repeats its source"
             );
-            assert_eq!(joined(&e), want);
+            assert_eq!(sandpit_errors::chain(&e), want);
         }
         // Without a source, the message says it all.
         let e = ImageError::DigestMismatch {

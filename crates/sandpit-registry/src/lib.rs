@@ -195,19 +195,7 @@ impl Failure {
 /// displays the inner one and returns the inner one's source), and the
 /// message must not say it twice. Nothing else in this crate
 /// de-duplicates.
-pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let text = e.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = e.source();
-    }
-    out
-}
+pub(crate) use sandpit_errors::chain;
 
 #[cfg(test)]
 mod tests {

@@ -5,23 +5,11 @@
 //! source chain is printed once, at the edges), so the full message is the
 //! `Display` of each error in the chain joined by `": "`.
 
-use std::error::Error;
-use std::fmt::Write;
-
-/// `Display` of `e` and of every error in its `source()` chain, joined by
-/// `": "`.
-pub(crate) fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        let _ = write!(out, ": {source}");
-        next = source.source();
-    }
-    out
-}
+pub(crate) use sandpit_errors::chain;
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error;
     use std::io;
     use std::path::PathBuf;
 

@@ -40,16 +40,4 @@ pub mod server;
 /// logs). Errors of this workspace never repeat their source in their own
 /// message; a foreign one that does (some I/O and TLS errors print theirs)
 /// is not printed twice.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use sandpit_errors::chain;

@@ -406,19 +406,8 @@ impl WireError {
     }
 }
 
-/// Joins an error's Display with its sources' along the chain, as the
-/// printers at the edges of the programs do.
 #[cfg(test)]
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub(crate) use sandpit_errors::chain;
 
 #[cfg(test)]
 mod tests;
