@@ -3,115 +3,21 @@
 //! spawner hands them over, and driven through the real client.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sandpit_wire::client::{AgentClient, ClientError, ExecEvent, ExecSession};
 use sandpit_wire::{
-    encode, read_frame, write_frame, ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec,
+    read_frame, write_frame, ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec,
     MainStatus, Signal, WinSize,
 };
 
-const AGENT: &str = env!("CARGO_BIN_EXE_sandpit-agent");
-
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-    client: AgentClient,
-}
-
-impl Agent {
-    /// The sandbox's working directory (Init cwd).
-    fn cwd(&self) -> PathBuf {
-        self.dir.path().join("work")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("agent.sock")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_with(argv: &[&str], tweak: impl FnOnce(&mut InitSpec, &Path)) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let mut init = InitSpec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![],
-        cwd: dir.path().join("work").to_str().unwrap().to_string(),
-        files: vec![],
-    };
-    tweak(&mut init, dir.path());
-    launch(Command::new(AGENT), dir, init)
-}
-
-/// Runs `cmd` (which ends in the agent) with `serve --listen-fd 3 --init-fd 4`.
-fn launch(mut cmd: Command, dir: tempfile::TempDir, init: InitSpec) -> Agent {
-    let sock = dir.path().join("agent.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let mut buf = Vec::new();
-    encode(&Frame::Init(init), &mut buf);
-    let mut init_file = tempfile::tempfile().unwrap();
-    init_file.write_all(&buf).unwrap();
-    let (lfd, ifd) = (listener.as_raw_fd(), init_file.as_raw_fd());
-    cmd.args(["serve", "--listen-fd", "3", "--init-fd", "4"])
-        .env_clear()
-        .stdin(Stdio::null());
-    // SAFETY: only async-signal-safe fcntl/dup2 calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move both out of the way first so neither dup2 clobbers the other.
-            let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);
-            let i = libc::fcntl(ifd, libc::F_DUPFD_CLOEXEC, 10);
-            if l < 0 || i < 0 || libc::dup2(l, 3) < 0 || libc::dup2(i, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    Agent {
-        child,
-        dir,
-        client: AgentClient::new(sock).with_timeout(Duration::from_secs(30)),
-    }
-}
-
-fn start(argv: &[&str]) -> Agent {
-    start_with(argv, |_, _| {})
-}
-
-fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn sh(agent: &Agent, script: &str) -> sandpit_wire::client::Output {
-    agent.client.run(req(&["sh", "-c", script]), None).unwrap()
-}
-
-fn wait_main_exit(client: &AgentClient) -> ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match client.ping().unwrap() {
-            MainStatus::Exited(s) => return s,
-            other => assert!(Instant::now() < deadline, "main still {other:?}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod common;
+use common::*;
 
 fn alive(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; reaped, it is gone.
@@ -1020,9 +926,8 @@ fn static_agent_is_pid1_in_a_busybox_root() {
                 "-c".into(),
                 "echo main; exec sleep 1000".into(),
             ],
-            env: vec![],
             cwd: "/".into(),
-            files: vec![],
+            ..Default::default()
         },
     );
     let c = &a.client;

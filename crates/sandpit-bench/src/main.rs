@@ -324,7 +324,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
             cwd: "/".into(),
-            files: vec![],
+            ..Default::default()
         },
         limits: Default::default(),
     };

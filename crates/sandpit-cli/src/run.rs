@@ -111,7 +111,7 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             argv: vec![],
             env,
             cwd: cwd.clone(),
-            files: vec![],
+            ..Default::default()
         },
         limits,
     };

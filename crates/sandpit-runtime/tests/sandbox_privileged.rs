@@ -116,7 +116,7 @@ fn spec(prefix: &str, layers: Vec<PathBuf>, argv: &[&str]) -> SandboxSpec {
                 "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
             )],
             cwd: "/".into(),
-            files: vec![],
+            ..Default::default()
         },
         limits: Limits::default(),
     }

@@ -246,6 +246,7 @@ impl Engine for LocalEngine {
                         content: f.content,
                     })
                     .collect(),
+                ..Default::default()
             },
             limits: Limits {
                 cpu_millis: spec.limits.cpu_millis,

@@ -30,7 +30,7 @@ use tokio::net::UnixStream;
 
 use crate::client::{is_disconnect, unexpected, AgentClient};
 use crate::codec::tag;
-use crate::{ExecRequest, Frame, MainStatus, Signal, WireError, CHUNK_LEN};
+use crate::{ExecRequest, Frame, MainStatus, Signal, StartupState, WireError, CHUNK_LEN};
 
 mod exec;
 mod frames;
@@ -218,6 +218,20 @@ impl<C: Connector> AsyncAgentClient<C> {
         match c.expect().await? {
             Frame::Ok => Ok(()),
             other => Err(unexpected(other, "signal")),
+        }
+    }
+
+    /// Waits until the sandbox's start is decided: its startup probe passed
+    /// or failed (at once when it has none). Not bounded by the client's
+    /// timeout: a probe may take minutes.
+    pub async fn await_startup(&self) -> Result<StartupState, ClientError> {
+        let (r, w) = self.connect(self.timeout).await?;
+        let mut writer = FrameWriter::new(w);
+        writer.send(&Frame::AwaitStartup).await?;
+        let mut reader = FrameReader::new(r);
+        match reader.next().await?.ok_or(ClientError::Closed)? {
+            Frame::Startup(state) => Ok(state),
+            other => Err(unexpected(other, "await startup")),
         }
     }
 

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{
-    encode, read_frame, ExecRequest, ExitStatus, Frame, MainStatus, Signal, WinSize, WireError,
-    CHUNK_LEN,
+    encode, read_frame, ExecRequest, ExitStatus, Frame, MainStatus, Signal, StartupState, WinSize,
+    WireError, CHUNK_LEN,
 };
 
 mod error;
@@ -108,6 +108,16 @@ impl AgentClient {
         match expect_frame(&mut s)? {
             Frame::Ok => Ok(()),
             other => Err(unexpected(other, "signal")),
+        }
+    }
+
+    /// Waits, without a bound, until the sandbox's start is decided: its
+    /// startup probe passed or failed (at once when it has none).
+    pub fn await_startup(&self) -> Result<StartupState, ClientError> {
+        let mut s = self.start(&Frame::AwaitStartup, false)?;
+        match expect_frame(&mut s)? {
+            Frame::Startup(state) => Ok(state),
+            other => Err(unexpected(other, "await startup")),
         }
     }
 

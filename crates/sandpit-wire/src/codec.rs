@@ -31,7 +31,11 @@ pub(crate) mod tag {
     pub(crate) const MAIN_CHUNK: u8 = 21;
     pub(crate) const SIGNAL_MAIN: u8 = 22;
     pub(crate) const INIT: u8 = 23;
+    pub(crate) const AWAIT_STARTUP: u8 = 24;
+    pub(crate) const STARTUP: u8 = 25;
 }
+
+mod startup;
 
 struct Enc<'a>(&'a mut Vec<u8>);
 
@@ -307,6 +311,14 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
                 e.u32(f.mode);
                 e.bytes(&f.content);
             }
+            e.run_as(&spec.run_as);
+            e.opt_u64(spec.capabilities);
+            e.probe(spec.startup_probe.as_ref());
+        }
+        Frame::AwaitStartup => e.u8(tag::AWAIT_STARTUP),
+        Frame::Startup(state) => {
+            e.u8(tag::STARTUP);
+            e.startup(state);
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -442,8 +454,13 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
                 env,
                 cwd,
                 files,
+                run_as: d.run_as()?,
+                capabilities: d.opt_u64()?,
+                startup_probe: d.probe()?,
             })
         }
+        tag::AWAIT_STARTUP => Frame::AwaitStartup,
+        tag::STARTUP => Frame::Startup(d.startup()?),
         other => return Err(WireError::UnknownTag(other)),
     };
     d.finish()?;

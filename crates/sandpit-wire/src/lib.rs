@@ -24,6 +24,8 @@
 //!   With `follow`, `End` comes once the main process exited and its output was
 //!   drained; without, once the reader caught up.
 //! - [`Frame::SignalMain`] -> [`Frame::Ok`] or [`Frame::Error`].
+//! - [`Frame::AwaitStartup`] -> [`Frame::Startup`], once the startup probe
+//!   passed or failed (at once without a probe).
 //!
 //! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
 //!
@@ -47,10 +49,12 @@ pub mod client;
 mod codec;
 pub mod process;
 mod signal;
+mod startup;
 
 pub use codec::{decode, encode};
 use codec::{tail_prefix, with_tail, MAX_TAIL_PREFIX};
 pub use signal::{InvalidSignal, Signal};
+pub use startup::{Probe, ProbeCheck, RunAs, StartupState, MAX_PROBE_OUTPUT};
 
 /// Largest frame accepted from the peer (header excluded).
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
@@ -219,6 +223,15 @@ pub struct InitSpec {
     pub cwd: String,
     /// Files put in place before the main command starts.
     pub files: Vec<InitFile>,
+    /// Who the main command and every exec run as (files the agent
+    /// creates for the host are theirs too).
+    pub run_as: RunAs,
+    /// Capabilities the main command and every exec keep, as a bit mask
+    /// (bit N = capability N, as `CapBnd` in `/proc/PID/status`); `None`:
+    /// the agent's own set.
+    pub capabilities: Option<u64>,
+    /// Gates the sandbox's start: see [`Frame::AwaitStartup`].
+    pub startup_probe: Option<Probe>,
 }
 
 /// One frame of the protocol.
@@ -310,6 +323,10 @@ pub enum Frame {
     SignalMain(Signal),
     /// Spawner -> agent at start-up.
     Init(InitSpec),
+    /// Host: answer once the sandbox's start is decided.
+    AwaitStartup,
+    /// Agent: how the start ended.
+    Startup(StartupState),
 }
 
 /// Length of the header [`output_header`] makes.

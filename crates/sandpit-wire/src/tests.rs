@@ -110,7 +110,86 @@ fn every_frame_roundtrips() {
             mode: 0o644,
             content: b"c".to_vec(),
         }],
+        ..Default::default()
     }));
+    for (run_as, capabilities, check) in [
+        (
+            RunAs {
+                user: "1000".into(),
+                group: String::new(),
+            },
+            Some(0xa804_25fb),
+            ProbeCheck::Exec(vec!["test".into(), "-e".into(), "/ready".into()]),
+        ),
+        (
+            RunAs {
+                user: "app".into(),
+                group: "staff".into(),
+            },
+            Some(0),
+            ProbeCheck::Tcp { port: 8080 },
+        ),
+        (
+            RunAs::default(),
+            None,
+            ProbeCheck::Http {
+                port: 80,
+                path: "/healthz?x=1".into(),
+            },
+        ),
+    ] {
+        roundtrip(Frame::Init(InitSpec {
+            argv: vec!["sleep".into(), "1".into()],
+            run_as,
+            capabilities,
+            startup_probe: Some(Probe {
+                check,
+                initial_delay_ms: 1,
+                period_ms: 2,
+                timeout_ms: 3,
+                failure_threshold: u32::MAX,
+            }),
+            ..Default::default()
+        }));
+    }
+    roundtrip(Frame::AwaitStartup);
+    roundtrip(Frame::Startup(StartupState::Ready));
+    roundtrip(Frame::Startup(StartupState::Failed(
+        "startup probe failed 3 times: exit 1".into(),
+    )));
+}
+
+#[test]
+fn bad_startup_encodings_are_refused() {
+    // An unknown probe kind, an unknown startup state.
+    let mut buf = Vec::new();
+    encode(
+        &Frame::Init(InitSpec {
+            startup_probe: Some(Probe {
+                check: ProbeCheck::Tcp { port: 1 },
+                initial_delay_ms: 0,
+                period_ms: 0,
+                timeout_ms: 0,
+                failure_threshold: 0,
+            }),
+            ..Default::default()
+        }),
+        &mut buf,
+    );
+    // length(4) tag(1) argv count(4) env count(4) cwd(4) files(4) user(4)
+    // group(4) caps flag(1): then the probe kind.
+    let kind = 4 + 1 + 4 * 6 + 1;
+    assert_eq!(buf[kind], 2);
+    buf[kind] = 9;
+    assert!(matches!(decode(&buf[4..]), Err(WireError::Malformed(_))));
+    assert!(matches!(
+        decode(&[tag::STARTUP, 7]),
+        Err(WireError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode(&[tag::STARTUP]),
+        Err(WireError::Malformed(_))
+    ));
 }
 
 #[test]

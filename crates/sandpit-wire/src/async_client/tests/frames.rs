@@ -69,7 +69,10 @@ fn every_frame() -> Vec<Frame> {
                 mode: 0o644,
                 content: b"c".to_vec(),
             }],
+            ..Default::default()
         }),
+        Frame::AwaitStartup,
+        Frame::Startup(StartupState::Failed("probe failed".into())),
     ]
 }
 
