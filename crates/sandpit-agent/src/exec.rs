@@ -122,6 +122,7 @@ pub(crate) fn serve(ctx: &Ctx, stream: UnixStream, req: ExecRequest) -> io::Resu
                     child_fds[2].as_fd(),
                 ],
                 ctty: req.tty.is_some(),
+                creds: &ctx.creds,
             },
         )?;
         // Our copies of the child's ends must go, or EOF never comes.

@@ -133,8 +133,15 @@ pub(crate) struct AtomicFile {
 
 impl AtomicFile {
     /// Creates missing parent directories (0755) and the temp file. An
-    /// existing regular file's mode and owner are kept; `mode` is for new files.
-    pub(crate) fn create(cwd: &str, path: &str, mode: u32) -> Result<Self, FileError> {
+    /// existing regular file's mode and owner are kept; `mode` is for new
+    /// files, and `new_owner` (the sandbox's user, when not root) owns new
+    /// files and the directories created for them.
+    pub(crate) fn create(
+        cwd: &str,
+        path: &str,
+        mode: u32,
+        new_owner: Option<(u32, u32)>,
+    ) -> Result<Self, FileError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let target = resolve(cwd, path)?;
         let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
@@ -151,11 +158,7 @@ impl AtomicFile {
                 "is a directory",
             ));
         }
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(|e| FileError::io(path, &e))?;
+        create_dirs(parent, new_owner).map_err(|e| FileError::io(path, &e))?;
         let (mode, owner) = match std::fs::symlink_metadata(&target) {
             Ok(m) if m.is_dir() => {
                 return Err(FileError::new(
@@ -166,7 +169,7 @@ impl AtomicFile {
             }
             Ok(m) if m.is_file() => (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid()))),
             // A symlink or special file is replaced, not written through.
-            _ => (mode & 0o7777, None),
+            _ => (mode & 0o7777, new_owner),
         };
         let tmp = parent.join(format!(
             ".{}.sandpit-{}-{}",
@@ -202,7 +205,9 @@ impl AtomicFile {
     pub(crate) fn commit(mut self) -> Result<(), FileError> {
         let err = |e: io::Error| FileError::io(&self.path, &e);
         if let Some((uid, gid)) = self.owner {
-            // Best effort: keeping the owner needs CAP_CHOWN, which root has.
+            // Keeping (or giving) the owner needs CAP_CHOWN, which the agent
+            // has; without it (an unprivileged agent in tests) the file stays
+            // the agent's.
             let _ = std::os::unix::fs::fchown(&self.file, Some(uid), Some(gid));
         }
         // fchmod, not the open mode: the umask must not trim what was asked.
@@ -223,9 +228,44 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Creates `dir` and its missing parents (0755), the ones it creates owned
+/// by `owner` when given: a user who gets a file at a new path can also
+/// write next to it.
+fn create_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let Some((uid, gid)) = owner else {
+        return DirBuilder::new().recursive(true).mode(0o755).create(dir);
+    };
+    // The missing ones, deepest first.
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(d),
+            Err(e) => return Err(e),
+        }
+        at = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => std::os::unix::fs::lchown(d, Some(uid), Some(gid))?,
+            // Created meanwhile by someone else: theirs.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes a whole file atomically (Init files).
-pub(crate) fn write_all(cwd: &str, path: &str, mode: u32, data: &[u8]) -> Result<(), FileError> {
-    let mut f = AtomicFile::create(cwd, path, mode)?;
+pub(crate) fn write_all(
+    cwd: &str,
+    path: &str,
+    mode: u32,
+    data: &[u8],
+    owner: Option<(u32, u32)>,
+) -> Result<(), FileError> {
+    let mut f = AtomicFile::create(cwd, path, mode, owner)?;
     f.write(data)?;
     f.commit()
 }
@@ -233,9 +273,15 @@ pub(crate) fn write_all(cwd: &str, path: &str, mode: u32, data: &[u8]) -> Result
 /// Serves `WriteFile`: reads `Data`* `End`, answers `Ok` or `Error`. On an
 /// early error the rest of the data is still read, so the host always gets
 /// its answer after sending everything.
-pub(crate) fn serve_write(stream: &UnixStream, cwd: &str, path: &str, mode: u32) -> io::Result<()> {
+pub(crate) fn serve_write(
+    stream: &UnixStream,
+    cwd: &str,
+    path: &str,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(CHUNK_LEN + 64, stream);
-    let mut file = AtomicFile::create(cwd, path, mode);
+    let mut file = AtomicFile::create(cwd, path, mode, owner);
     loop {
         let frame = match read_frame(&mut r) {
             Ok(Some(f)) => f,
@@ -279,14 +325,14 @@ mod tests {
     fn atomic_write_keeps_existing_mode_and_replaces_symlinks() {
         let dir = tempfile::tempdir().unwrap();
         let cwd = dir.path().to_str().unwrap();
-        write_all(cwd, "a/b/new", 0o640, b"one").unwrap();
+        write_all(cwd, "a/b/new", 0o640, b"one", None).unwrap();
         let p = dir.path().join("a/b/new");
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
         assert_eq!(
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
             0o640
         );
-        write_all(cwd, "a/b/new", 0o600, b"two").unwrap();
+        write_all(cwd, "a/b/new", 0o600, b"two", None).unwrap();
         assert_eq!(
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
             0o640
@@ -294,12 +340,12 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("link")).unwrap();
-        write_all(cwd, "link", 0o644, b"new").unwrap();
+        write_all(cwd, "link", 0o644, b"new", None).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         assert!(std::fs::symlink_metadata(dir.path().join("link"))
             .unwrap()
             .is_file());
-        let e = write_all(cwd, "a", 0o644, b"x").unwrap_err();
+        let e = write_all(cwd, "a", 0o644, b"x", None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::IsDirectory);
         assert_eq!(e.message, "a: is a directory");
         // No temp files left behind.
@@ -308,6 +354,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["new"]);
+    }
+
+    #[test]
+    fn new_files_and_directories_get_the_owner_existing_ones_keep_theirs() {
+        // chown needs CAP_CHOWN: as root (the agent's case) or not at all.
+        // SAFETY: geteuid only returns a value.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path().to_str().unwrap();
+        let owner = Some((4242, 4343));
+        write_all(cwd, "x/y/file", 0o644, b"1", owner).unwrap();
+        let ids = |rel: &str| {
+            let m = std::fs::metadata(dir.path().join(rel)).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(ids("x/y/file"), (4242, 4343));
+        assert_eq!(ids("x/y"), (4242, 4343));
+        assert_eq!(ids("x"), (4242, 4343));
+        // The directory that existed stays root's.
+        assert_eq!(ids("."), (0, 0));
+        // A file that existed keeps its owner.
+        std::fs::write(dir.path().join("root-file"), "r").unwrap();
+        write_all(cwd, "root-file", 0o644, b"2", owner).unwrap();
+        assert_eq!(ids("root-file"), (0, 0));
+        assert_eq!(std::fs::read(dir.path().join("root-file")).unwrap(), b"2");
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //!   from the inside (used by the engine's isolation tests).
 //!
 //! Built fully static (`scripts/build-agent.sh`), so it runs in any image; it
-//! never resolves users or hosts, so glibc's NSS is never needed.
+//! reads the image's `/etc/passwd` and `/etc/group` itself (`user`) and never
+//! resolves hosts, so glibc's NSS is never needed.
+//!
+//! Every process it starts runs as the sandbox's user with the sandbox's
+//! capability set (`creds`); the startup probe runs here too (`startup`).
 
+mod creds;
 mod exec;
 mod files;
 mod mainproc;
@@ -17,7 +22,9 @@ mod probe;
 mod reaper;
 mod serve;
 mod spawn;
+mod startup;
 mod sys;
+mod user;
 
 use std::process::ExitCode;
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, Signal, CHUNK_LEN};
 
+use crate::creds::Creds;
 use crate::reaper::{lock, ExitCell, Reaper};
 use crate::spawn::{self, Command, SpawnError};
 use crate::sys;
@@ -145,8 +146,9 @@ impl Main {
         argv: &[String],
         env: &[(String, String)],
         cwd: &str,
+        creds: &Creds,
     ) -> Arc<Main> {
-        match Self::spawn(reaper, argv, env, cwd) {
+        match Self::spawn(reaper, argv, env, cwd, creds) {
             Ok(main) => main,
             Err(e) => Main::not_started(Some(e.to_string())),
         }
@@ -157,6 +159,7 @@ impl Main {
         argv: &[String],
         env: &[(String, String)],
         cwd: &str,
+        creds: &Creds,
     ) -> Result<Arc<Main>, SpawnError> {
         let os = |what| {
             move |e: io::Error| SpawnError::Os {
@@ -179,6 +182,7 @@ impl Main {
                 cwd,
                 stdio: [stdin.as_fd(), out_w.as_fd(), err_w.as_fd()],
                 ctty: false,
+                creds,
             },
         )?;
         drop((out_w, err_w, stdin));
@@ -290,6 +294,28 @@ impl Main {
     /// The status for `Pong`.
     pub(crate) fn status(&self) -> MainStatus {
         lock(&self.state).status.clone()
+    }
+
+    /// Waits until `deadline` unless the main command ended (exited, or
+    /// never started) first; returns its status if it did.
+    pub(crate) fn wait_ended_until(&self, deadline: Instant) -> Option<MainStatus> {
+        let ended =
+            |s: &MainStatus| matches!(s, MainStatus::Exited(_) | MainStatus::StartFailed(_));
+        let mut st = lock(&self.state);
+        loop {
+            if ended(&st.status) {
+                return Some(st.status.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Signals the main command's process group.

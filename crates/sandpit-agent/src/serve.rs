@@ -11,10 +11,13 @@ use std::time::Duration;
 
 use sandpit_wire::{decode, read_frame, write_frame, ErrorKind, Frame, InitSpec};
 
+use crate::creds::Creds;
 use crate::files;
 use crate::mainproc::Main;
 use crate::reaper::Reaper;
+use crate::startup::Startup;
 use crate::sys;
+use crate::user;
 
 /// Why the agent could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,10 @@ pub(crate) struct Ctx {
     pub(crate) reaper: Arc<Reaper>,
     /// The main command.
     pub(crate) main: Arc<Main>,
+    /// The user and capabilities of every process started.
+    pub(crate) creds: Creds,
+    /// The sandbox's start, as its probe decides it.
+    pub(crate) startup: Arc<Startup>,
 }
 
 /// The largest `Init` accepted (files included); the spawner is trusted, this
@@ -134,30 +141,77 @@ pub(crate) fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
             .to_string_lossy()
             .into_owned()
     };
-    let mut failed = None;
-    for f in &init.files {
-        if let Err(e) = files::write_all(&cwd, &f.path, f.mode, &f.content) {
-            eprintln!("sandpit-agent: init file {e}");
-            failed.get_or_insert(format!("init file {e}"));
+    let mut env = sandpit_wire::process::merge_env(&init.env, &[]);
+    // Resolved before anything is written or started: every file and
+    // process of the sandbox is the user's.
+    let (creds, mut failed) = match identity(&init.run_as) {
+        Ok(who) => {
+            if let Some(w) = &who {
+                // As Docker does: the user's home, unless the image or the
+                // request set one.
+                if !env.iter().any(|(k, _)| k == "HOME") {
+                    env.push(("HOME".into(), w.home.clone().unwrap_or_else(|| "/".into())));
+                }
+            }
+            (Creds::new(who.as_ref(), init.capabilities), None)
+        }
+        Err(e) => (Creds::new(None, init.capabilities), Some(e)),
+    };
+    if failed.is_none() {
+        for f in &init.files {
+            if let Err(e) = files::write_all(&cwd, &f.path, f.mode, &f.content, creds.owner()) {
+                eprintln!("sandpit-agent: init file {e}");
+                failed.get_or_insert(format!("init file {e}"));
+            }
         }
     }
     // Like a WORKDIR, the working directory is created when missing.
     if !Path::new(&cwd).is_dir() {
         let _ = std::fs::DirBuilder::new().recursive(true).create(&cwd);
     }
-    let env = sandpit_wire::process::merge_env(&init.env, &[]);
     let main = match (init.argv.is_empty(), failed) {
+        // Without a main command, a user that does not resolve still fails
+        // the sandbox: every exec would run as nobody it asked for.
+        (true, Some(reason)) if init.run_as != Default::default() => {
+            Main::not_started(Some(reason))
+        }
         (true, _) => Main::not_started(None),
         (false, Some(reason)) => Main::not_started(Some(reason)),
-        (false, None) => Main::start(&reaper, &init.argv, &env, &cwd),
+        (false, None) => Main::start(&reaper, &init.argv, &env, &cwd, &creds),
+    };
+    let startup = match init.startup_probe {
+        Some(_) => Startup::pending(),
+        None => Startup::ready(),
     };
     let ctx = Arc::new(Ctx {
         env,
         cwd,
         reaper,
         main,
+        creds,
+        startup,
     });
+    if let Some(probe) = init.startup_probe {
+        Startup::run(Arc::clone(&ctx), probe).map_err(|e| ServeError::Os("probe thread", e))?;
+    }
     accept_loop(&listener, &ctx)
+}
+
+/// The user to run as: `None` for the agent's own (root, unless the host
+/// asked for another), else resolved in the sandbox's user databases and
+/// checked against its user namespace's id maps.
+fn identity(run_as: &sandpit_wire::RunAs) -> Result<Option<user::Identity>, String> {
+    if run_as.is_root_default() {
+        return Ok(None);
+    }
+    let who = user::resolve(
+        run_as,
+        &user::read_db("/etc/passwd"),
+        &user::read_db("/etc/group"),
+    )
+    .and_then(|who| user::check_mapped(&who).map(|()| who))
+    .map_err(|e| format!("run as user: {e}"))?;
+    Ok(Some(who))
 }
 
 fn accept_loop(listener: &UnixListener, ctx: &Arc<Ctx>) -> Result<(), ServeError> {
@@ -203,7 +257,13 @@ fn handle(ctx: &Ctx, stream: UnixStream) -> io::Result<()> {
         Frame::Ping => write_frame(&mut w, &Frame::Pong(ctx.main.status())),
         Frame::Exec(req) => crate::exec::serve(ctx, stream, req),
         Frame::ReadFile { path } => files::serve_read(&stream, &ctx.cwd, &path),
-        Frame::WriteFile { path, mode } => files::serve_write(&stream, &ctx.cwd, &path, mode),
+        Frame::WriteFile { path, mode } => {
+            files::serve_write(&stream, &ctx.cwd, &path, mode, ctx.creds.owner())
+        }
+        Frame::AwaitStartup => match ctx.startup.wait(&stream) {
+            Some(state) => write_frame(&mut w, &Frame::Startup(state)),
+            None => Ok(()),
+        },
         Frame::MainOutput { offset, follow } => ctx.main.serve_output(&stream, offset, follow),
         Frame::SignalMain(sig) => match ctx.main.signal(sig) {
             Ok(()) => write_frame(&mut w, &Frame::Ok),

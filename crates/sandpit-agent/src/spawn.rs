@@ -10,6 +10,8 @@
 //! was ~150 us of a ~1 ms exec round trip. Everything is prepared before the
 //! clone; the child only makes async-signal-safe calls on that memory and
 //! reports a failed `chdir` or `execve` by storing the stage and errno in it.
+//! Between the two it takes on the sandbox's user and capability set
+//! ([`Creds`]), with raw system calls only.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use sandpit_wire::process::DEFAULT_PATH;
 use sandpit_wire::ErrorKind;
 
+use crate::creds::{self, Creds};
 use crate::reaper::{ExitCell, Reaper};
 use crate::sys;
 
@@ -36,6 +39,14 @@ pub(crate) enum SpawnError {
         /// The directory.
         path: String,
         /// Why `chdir` failed.
+        errno: i32,
+    },
+    /// Taking on the sandbox's user or capabilities failed.
+    #[error("{what}: {}", sys::errno_desc(*errno))]
+    Creds {
+        /// What was being set.
+        what: String,
+        /// Why it failed.
         errno: i32,
     },
     /// `execve` failed.
@@ -67,7 +78,9 @@ impl SpawnError {
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             SpawnError::NotFound(_) => ErrorKind::NotFound,
-            SpawnError::Chdir { errno, .. } | SpawnError::Exec { errno, .. } => errno_kind(*errno),
+            SpawnError::Chdir { errno, .. }
+            | SpawnError::Exec { errno, .. }
+            | SpawnError::Creds { errno, .. } => errno_kind(*errno),
             SpawnError::Nul(_) => ErrorKind::InvalidArgument,
             SpawnError::Os { .. } => ErrorKind::Io,
         }
@@ -105,6 +118,8 @@ pub(crate) struct Command<'a> {
     pub(crate) stdio: [BorrowedFd<'a>; 3],
     /// Make the child's stdin its controlling terminal (a PTY slave).
     pub(crate) ctty: bool,
+    /// The user and capabilities it runs with.
+    pub(crate) creds: &'a Creds,
 }
 
 /// A started process: the leader of its own session and process group.
@@ -150,13 +165,14 @@ fn cstring(s: &str, what: &'static str) -> Result<CString, SpawnError> {
 /// Everything the child needs, as raw pointers into memory prepared before
 /// the clone, and where it reports a failure (shared: the child runs in our
 /// address space until `execve`).
-struct Plan {
+struct Plan<'a> {
     path: CString,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     cwd: CString,
     stdio: [RawFd; 3],
     ctty: bool,
+    creds: &'a Creds,
     /// 0 while the child got no further than `execve`; else the failed stage.
     failed_stage: AtomicU8,
     failed_errno: AtomicI32,
@@ -164,6 +180,8 @@ struct Plan {
 
 const STAGE_CHDIR: u8 = 1;
 const STAGE_EXEC: u8 = 2;
+const STAGE_CAPS: u8 = 3;
+const STAGE_USER: u8 = 4;
 
 /// The child's stack while it borrows our memory. It only makes a handful of
 /// libc calls (glibc's `posix_spawn` uses 32 KiB plus the argument strings,
@@ -208,6 +226,7 @@ pub(crate) fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnEr
         cwd,
         stdio: cmd.stdio.map(|fd| fd.as_raw_fd()),
         ctty: cmd.ctty,
+        creds: cmd.creds,
         failed_stage: AtomicU8::new(0),
         failed_errno: AtomicI32::new(0),
     };
@@ -253,6 +272,14 @@ pub(crate) fn spawn(reaper: &Reaper, cmd: &Command<'_>) -> Result<Child, SpawnEr
     Err(match stage {
         STAGE_CHDIR => SpawnError::Chdir {
             path: cmd.cwd.to_string(),
+            errno,
+        },
+        STAGE_CAPS => SpawnError::Creds {
+            what: "drop capabilities".into(),
+            errno,
+        },
+        STAGE_USER => SpawnError::Creds {
+            what: format!("switch to {}", cmd.creds.describe_user()),
             errno,
         },
         _ => SpawnError::Exec {
@@ -330,6 +357,12 @@ unsafe fn child(plan: &Plan) -> ! {
         }
         if plan.ctty {
             libc::ioctl(0, libc::TIOCSCTTY, 0);
+        }
+        // Before chdir: the working directory must be the user's to enter.
+        match plan.creds.apply() {
+            Ok(()) => {}
+            Err(creds::Failed::Caps) => report(plan, STAGE_CAPS),
+            Err(creds::Failed::User) => report(plan, STAGE_USER),
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
             report(plan, STAGE_CHDIR);
