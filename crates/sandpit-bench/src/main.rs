@@ -327,6 +327,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
             ..Default::default()
         },
         limits: Default::default(),
+        read_only_root: false,
     };
     let true_req = || ExecRequest {
         argv: vec!["true".into()],

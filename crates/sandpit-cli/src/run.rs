@@ -114,6 +114,7 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             ..Default::default()
         },
         limits,
+        read_only_root: false,
     };
     // Signals are handled by a dedicated thread from here on, so that a
     // Ctrl-C still tears the sandbox down.

@@ -61,6 +61,65 @@ pub const DEFAULT_CAPS: &[u32] = &[
     CAP_AUDIT_WRITE,
 ];
 
+/// Capability names as `linux/capability.h` spells them without `CAP_`
+/// (and as Docker and Kubernetes take them), indexed by number.
+const NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The number of a capability named as Docker and Kubernetes take it:
+/// `NET_RAW` or `CAP_NET_RAW`, in any case.
+pub fn capability_by_name(name: &str) -> Option<u32> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    NAMES.iter().position(|n| *n == bare).map(|i| i as u32)
+}
+
+/// The name of capability `cap` (`NET_RAW`), if this table knows it.
+pub fn capability_name(cap: u32) -> Option<&'static str> {
+    NAMES.get(cap as usize).copied()
+}
+
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets passed as two 32-bit words.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -231,6 +290,30 @@ mod tests {
         assert_eq!(mask_of(DEFAULT_CAPS), 0x0000_0000_a804_25fb);
         assert_eq!(DEFAULT_CAPS.len(), 14);
         assert!(!DEFAULT_CAPS.contains(&CAP_SYS_ADMIN));
+    }
+
+    #[test]
+    fn names_match_the_kernel_numbers() {
+        for (cap, name) in [
+            (CAP_CHOWN, "CHOWN"),
+            (CAP_NET_RAW, "NET_RAW"),
+            (CAP_SYS_ADMIN, "SYS_ADMIN"),
+            (CAP_MKNOD, "MKNOD"),
+            (CAP_AUDIT_WRITE, "AUDIT_WRITE"),
+            (CAP_SETFCAP, "SETFCAP"),
+            (40, "CHECKPOINT_RESTORE"),
+        ] {
+            assert_eq!(capability_name(cap), Some(name));
+            assert_eq!(capability_by_name(name), Some(cap));
+        }
+        assert_eq!(capability_by_name("cap_net_raw"), Some(CAP_NET_RAW));
+        assert_eq!(capability_by_name("CAP_SYS_ADMIN"), Some(CAP_SYS_ADMIN));
+        for bad in ["", "CAP_", "NET RAW", "ALL", "CAP_CAP_CHOWN"] {
+            assert_eq!(capability_by_name(bad), None, "{bad:?}");
+        }
+        assert_eq!(capability_name(41), None);
+        // Every name of the default set is known.
+        assert!(DEFAULT_CAPS.iter().all(|&c| capability_name(c).is_some()));
     }
 
     #[test]

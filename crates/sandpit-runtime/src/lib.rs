@@ -30,7 +30,7 @@ mod seccomp;
 mod spawn;
 mod syscalls;
 
-pub use caps::DEFAULT_CAPS;
+pub use caps::{capability_by_name, capability_name, DEFAULT_CAPS};
 pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{

@@ -64,7 +64,13 @@ pub(crate) struct RootfsPlan {
     pub(crate) agent_binary: PathBuf,
     /// Host uid/gid that is root inside the sandbox.
     pub(crate) root_id: u32,
+    /// Mount the root read-only, with a writable tmpfs at `/tmp`.
+    pub(crate) read_only: bool,
 }
+
+/// Size of the `/tmp` tmpfs of a read-only root. Its pages count against
+/// the sandbox's memory limit too.
+pub(crate) const READ_ONLY_TMP_SIZE: &str = "256m";
 
 /// Why the root filesystem could not be assembled.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +209,20 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
             )?;
         }
     }
+    if plan.read_only {
+        // The one writable place of a read-only root (as `docker run
+        // --read-only --tmpfs /tmp`); `/dev/shm` stays writable too.
+        ensure_dir(sys, root, "tmp", owner)?;
+        sys.mount(
+            Some("tmpfs"),
+            &at("tmp"),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(&format!(
+                "mode=1777,size={READ_ONLY_TMP_SIZE},uid={id},gid={id}"
+            )),
+        )?;
+    }
     for rel in READONLY_PATHS {
         let path = at(rel);
         if sys.kind(&path)?.is_some() {
@@ -227,6 +247,19 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
                 None,
             )?;
         }
+    }
+    if plan.read_only {
+        // Last, once every mount point exists: only this mount of the
+        // overlay becomes read-only (a bind remount changes the mount, not
+        // the file system), and the mounts on it keep their own flags. The
+        // sandbox cannot undo it: it may not mount at all.
+        sys.mount(
+            None,
+            root,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -377,6 +410,7 @@ mod tests {
             work_dir: "/s/work".into(),
             agent_binary: "/host/agent".into(),
             root_id: 1000,
+            read_only: false,
         }
     }
 
@@ -440,6 +474,46 @@ mod tests {
             .1
             .contains(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT));
         assert_eq!(sys.pivoted.borrow().as_deref(), Some(Path::new("/r")));
+    }
+
+    #[test]
+    fn a_read_only_root_gets_a_tmp_and_is_remounted_last() {
+        let sys = FakeSys::with(&[("/r", FileKind::Dir)]);
+        build(&sys, &plan()).unwrap();
+        // Writable by default: one mount of the root, no /tmp of ours.
+        assert_eq!(sys.mount_of("/r").len(), 1);
+        assert!(sys.mount_of("/r/tmp").is_empty());
+
+        let sys = FakeSys::with(&[("/r", FileKind::Dir)]);
+        let p = RootfsPlan {
+            read_only: true,
+            ..plan()
+        };
+        build(&sys, &p).unwrap();
+        let tmp = &sys.mount_of("/r/tmp")[0];
+        assert_eq!(tmp.0.as_deref(), Some("tmpfs"));
+        assert!(tmp.1.contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV));
+        assert!(!tmp.1.contains(MsFlags::MS_RDONLY));
+        assert_eq!(
+            tmp.2.as_deref(),
+            Some("mode=1777,size=256m,uid=1000,gid=1000")
+        );
+        // Created in the image where it was missing, before the remount.
+        assert_eq!(sys.kind(Path::new("/r/tmp")).unwrap(), Some(FileKind::Dir));
+        let root = sys.mount_of("/r");
+        assert_eq!(root.len(), 2);
+        assert!(root[1]
+            .1
+            .contains(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY));
+        // The remount is the last mount of all.
+        let last = sys.mounts.borrow().last().cloned().unwrap();
+        assert_eq!(last.1, Path::new("/r"));
+        // An image whose /tmp is a symlink is refused, as for /proc.
+        let sys = FakeSys::with(&[("/r", FileKind::Dir), ("/r/tmp", FileKind::Symlink)]);
+        assert_eq!(
+            build(&sys, &p).unwrap_err().to_string(),
+            "image path /tmp is not a directory"
+        );
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct SandboxSpec {
     pub init: InitSpec,
     /// Resource limits.
     pub limits: Limits,
+    /// Mount the root file system read-only, with a writable tmpfs at
+    /// `/tmp` (`/dev/shm` stays writable too).
+    pub read_only_root: bool,
 }
 
 /// Errors of the engine. None repeats its source in its message: print
@@ -343,6 +346,7 @@ impl Runtime {
             host_id_base: base,
             id_count: self.config.id_map.count,
             cgroup_procs: cgroup.procs_files(),
+            read_only_root: spec.read_only_root,
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');

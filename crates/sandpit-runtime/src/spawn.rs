@@ -67,6 +67,9 @@ pub(crate) struct SpawnConfig {
     pub(crate) id_count: u32,
     /// `cgroup.procs` files the sandbox's PID 1 is written to.
     pub(crate) cgroup_procs: Vec<PathBuf>,
+    /// Mount the root read-only (with a writable `/tmp`).
+    #[serde(default)]
+    pub(crate) read_only_root: bool,
 }
 
 /// What the spawner reports.
@@ -195,6 +198,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
         work_dir: config.work_dir.clone(),
         agent_binary: config.agent_binary.clone(),
         root_id: config.host_id_base,
+        read_only: config.read_only_root,
     };
     let agent_path = CString::new(AGENT_PATH_IN_SANDBOX).expect("no nul");
     let agent_argv: Vec<CString> = [

@@ -253,6 +253,7 @@ impl Engine for LocalEngine {
                 memory_bytes: spec.limits.memory_bytes,
                 pids_max: self.pids_max,
             },
+            read_only_root: false,
         };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
