@@ -13,10 +13,10 @@ use sandpit_image::Digest;
 use sandpit_registry::Credentials;
 use sandpit_wire::async_client::{AsyncAgentClient, Connector};
 use sandpit_wire::process::{ImageProcess, ProcessOverrides};
-use sandpit_wire::{ExitStatus, Signal};
+use sandpit_wire::{ExitStatus, Probe, RunAs, Signal};
 
 use crate::logs::LogWriter;
-use crate::model::{MountedFile, NewSandbox, Resources, SandboxId};
+use crate::model::{MountedFile, NewSandbox, Resources, SandboxId, Security};
 
 /// What failed inside an engine's machinery. Boxed: engines differ in what
 /// fails (a runtime and an image store here; a VMM or a remote node
@@ -81,6 +81,8 @@ pub struct ImageInfo {
     pub env: Vec<String>,
     /// OCI `WorkingDir` (empty = `/`).
     pub working_dir: String,
+    /// OCI `User`: `user`, `uid`, `user:group` or `uid:gid`; empty = root.
+    pub user: String,
     /// Unpacked layers, top-most first.
     pub lower_dirs: Vec<PathBuf>,
     /// Diff ids of the layers, bottom first (leased while a sandbox runs).
@@ -105,6 +107,14 @@ pub struct LaunchSpec {
     pub files: Vec<MountedFile>,
     /// cgroup limits.
     pub limits: Resources,
+    /// Who the main command and every exec run as.
+    pub run_as: RunAs,
+    /// Capabilities they keep (bit mask); `None`: the default set.
+    pub capabilities: Option<u64>,
+    /// A read-only root file system (with a writable `/tmp`).
+    pub read_only_root: bool,
+    /// The startup probe, run by the agent.
+    pub startup_probe: Option<Probe>,
 }
 
 /// Credentials for one registry, resolved from a secret store. `Debug`
@@ -272,5 +282,65 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         cwd: process.cwd,
         files: req.files.clone(),
         limits: req.limits,
+        run_as: run_as(&image.user, &req.security),
+        capabilities: req.security.capabilities,
+        read_only_root: req.security.read_only_root,
+        startup_probe: req.startup_probe.clone(),
+    }
+}
+
+/// Who a sandbox runs as, with Kubernetes' precedence: `run_as_user`
+/// replaces the image's `User` (and with it the image's group: the user's
+/// primary one applies), `run_as_group` replaces the group. The agent
+/// resolves names in the sandbox.
+pub fn run_as(image_user: &str, security: &Security) -> RunAs {
+    let (image_user, image_group) = image_user.split_once(':').unwrap_or((image_user, ""));
+    match security.run_as_user {
+        Some(uid) => RunAs {
+            user: uid.to_string(),
+            group: security
+                .run_as_group
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
+        },
+        None => RunAs {
+            user: image_user.to_owned(),
+            group: security
+                .run_as_group
+                .map_or_else(|| image_group.to_owned(), |g| g.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_as_of(image_user: &str, user: Option<u32>, group: Option<u32>) -> (String, String) {
+        let security = Security {
+            run_as_user: user,
+            run_as_group: group,
+            ..Default::default()
+        };
+        let r = run_as(image_user, &security);
+        (r.user, r.group)
+    }
+
+    #[test]
+    fn the_request_user_wins_over_the_images_as_in_kubernetes() {
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        // Nothing asked: the image's user and group, or root.
+        assert_eq!(run_as_of("", None, None), s("", ""));
+        assert_eq!(run_as_of("app", None, None), s("app", ""));
+        assert_eq!(run_as_of("app:staff", None, None), s("app", "staff"));
+        assert_eq!(run_as_of("1000:1000", None, None), s("1000", "1000"));
+        // run_as_user replaces the image's user and its group.
+        assert_eq!(run_as_of("app:staff", Some(7), None), s("7", ""));
+        assert_eq!(run_as_of("app:staff", Some(7), Some(8)), s("7", "8"));
+        // run_as_group alone replaces the group only.
+        assert_eq!(run_as_of("app:staff", None, Some(8)), s("app", "8"));
+        assert_eq!(run_as_of("", None, Some(8)), s("", "8"));
+        // Root asked explicitly is root, whatever the image says.
+        assert_eq!(run_as_of("app", Some(0), None), s("0", ""));
     }
 }

@@ -246,14 +246,16 @@ impl Engine for LocalEngine {
                         content: f.content,
                     })
                     .collect(),
-                ..Default::default()
+                run_as: spec.run_as,
+                capabilities: spec.capabilities,
+                startup_probe: spec.startup_probe,
             },
             limits: Limits {
                 cpu_millis: spec.limits.cpu_millis,
                 memory_bytes: spec.limits.memory_bytes,
                 pids_max: self.pids_max,
             },
-            read_only_root: false,
+            read_only_root: spec.read_only_root,
         };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
@@ -427,6 +429,7 @@ fn image_info(store: &ImageStore, image: &Image) -> ImageInfo {
         cmd: image.config.cmd.clone(),
         env: image.config.env.clone(),
         working_dir: image.config.working_dir.clone(),
+        user: image.config.user.clone(),
         lower_dirs: store.lower_dirs(image),
         layers: image.layers.clone(),
     }

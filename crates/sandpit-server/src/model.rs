@@ -97,6 +97,22 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
 }
 
+/// How a sandbox's processes run, from its `security_context` (validated:
+/// only what keeps a sandbox inside its isolation is accepted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Security {
+    /// The uid of the main command and every exec; `None`: the image's
+    /// user, else root.
+    pub run_as_user: Option<u32>,
+    /// Their gid; `None`: the user's primary group.
+    pub run_as_group: Option<u32>,
+    /// The capabilities they keep (bit N = capability N); `None`: the
+    /// default set (`sandpit_runtime::DEFAULT_CAPS`).
+    pub capabilities: Option<u64>,
+    /// A read-only root file system, with a writable `/tmp`.
+    pub read_only_root: bool,
+}
+
 /// A file written into the sandbox before its main command starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountedFile {
@@ -125,6 +141,11 @@ pub struct NewSandbox {
     pub files: Vec<MountedFile>,
     /// Limits for the sandbox's cgroup.
     pub limits: Resources,
+    /// User, capabilities and root file system of its processes.
+    pub security: Security,
+    /// Gates RUNNING: the sandbox stays CREATING until it passes, and
+    /// FAILED if it fails.
+    pub startup_probe: Option<sandpit_wire::Probe>,
     /// Requested lifetime in seconds; `None` means the server's default.
     pub max_lifetime_seconds: Option<u32>,
     /// Labels for filtering.

@@ -18,13 +18,18 @@
 //!
 //! Anything else is "command not found". A command is killed (its
 //! connection dropped) when the host hangs up before it exited, like the
-//! real agent kills the process group.
+//! real agent kills the process group. `AwaitStartup` answers once the test
+//! decided the startup ([`FakeAgent::set_startup`]); ready from the start
+//! unless told otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sandpit_wire::{ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, CHUNK_LEN};
+use sandpit_wire::{
+    ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, StartupState, CHUNK_LEN,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
 
 /// What an in-memory agent knows; shared by its connections.
 #[derive(Debug)]
@@ -41,6 +46,8 @@ struct AgentState {
     main: MainStatus,
     /// Commands that were started, in order.
     execs: Vec<ExecRequest>,
+    /// What AwaitStartup answers (`None`: not decided yet).
+    startup: watch::Sender<Option<StartupState>>,
 }
 
 /// One sandbox's in-memory agent. Cheap to clone.
@@ -70,6 +77,7 @@ impl FakeAgent {
                 cwd,
                 main: MainStatus::Idle,
                 execs: Vec::new(),
+                startup: watch::channel(Some(StartupState::Ready)).0,
             })),
         }
     }
@@ -100,6 +108,11 @@ impl FakeAgent {
         self.lock().main = status;
     }
 
+    /// What AwaitStartup answers from now on (`None`: it waits).
+    pub fn set_startup(&self, state: Option<StartupState>) {
+        self.lock().startup.send_replace(state);
+    }
+
     /// Serves one connection until the host hangs up.
     pub async fn serve<R, W>(self, reader: R, mut writer: W)
     where
@@ -123,6 +136,14 @@ impl FakeAgent {
                     error(ErrorKind::NotRunning, "main process is not running".into())
                 };
                 send(&mut writer, &answer).await
+            }
+            Frame::AwaitStartup => {
+                let mut rx = self.lock().startup.subscribe();
+                let decided = rx.wait_for(Option::is_some).await.map(|s| s.clone());
+                match decided {
+                    Ok(Some(state)) => send(&mut writer, &Frame::Startup(state)).await,
+                    _ => Ok(()),
+                }
             }
             Frame::Exec(req) => self.exec(req, &mut reader, &mut writer).await,
             Frame::ReadFile { path } => self.read(&path, &mut writer).await,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sandpit_image::Digest;
 use sandpit_wire::async_client::{AsyncAgentClient, Connector};
-use sandpit_wire::{ExecRequest, ExitStatus, MainStatus, Signal};
+use sandpit_wire::{ExecRequest, ExitStatus, MainStatus, Signal, StartupState};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 
@@ -107,6 +107,7 @@ impl FakeEngine {
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
             working_dir: String::new(),
+            user: String::new(),
             lower_dirs: vec![PathBuf::from("/fake/layer")],
             layers: vec![Digest::from_sha256_hex(&"a".repeat(64)).expect("a digest")],
         };
@@ -122,6 +123,7 @@ impl FakeEngine {
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             env: vec!["PATH=/usr/bin:/bin".into()],
             working_dir: String::new(),
+            user: String::new(),
             lower_dirs: vec![PathBuf::from("/fake/pulled")],
             layers: vec![Digest::from_sha256_hex(&"b".repeat(64)).expect("a digest")],
         };
@@ -188,6 +190,13 @@ impl FakeEngine {
                     false
                 }
             });
+        }
+    }
+
+    /// Decides a sandbox's startup probe, as its agent would.
+    pub fn finish_startup(&self, id: impl AsRef<str>, state: StartupState) {
+        if let Some(sb) = self.lock().sandboxes.get(id.as_ref()) {
+            sb.agent.set_startup(Some(state));
         }
     }
 
@@ -308,6 +317,10 @@ impl Engine for FakeEngine {
         let agent = FakeAgent::new(spec.env.clone(), spec.cwd.clone());
         for f in &spec.files {
             agent.put_file(&f.path, 0o644, f.content.clone());
+        }
+        // A probe decides when the test says so (`finish_startup`).
+        if spec.startup_probe.is_some() {
+            agent.set_startup(None);
         }
         // Without a main command the sandbox idles until destroyed.
         agent.set_main(if spec.argv.is_empty() {

@@ -4,6 +4,7 @@
 
 use tracing::Instrument;
 
+use super::startup::Ready;
 use super::{span, Manager, ManagerError, Transition};
 use crate::engine::{Adoption, Engine};
 use crate::model::{SandboxRecord, State};
@@ -43,10 +44,11 @@ impl<E: Engine> Manager<E> {
                         self.arm_timer(&id, r.start_time.unwrap_or(now), r.max_lifetime_seconds);
                     }
                     State::Pending | State::Creating => {
-                        // Created, but the daemon died before recording it.
-                        self.commit(&id, Transition::Adopted { at: now }).await?;
-                        self.spawn_watcher(&id);
-                        self.arm_timer(&id, now, r.max_lifetime_seconds);
+                        // Created, but the daemon died before recording it
+                        // started: RUNNING once its agent says the start is
+                        // decided (at once without a startup probe; a probe
+                        // in progress is waited for again).
+                        self.spawn_startup(&id, Ready::Adopted);
                     }
                     State::Terminating => {
                         self.spawn_watcher(&id);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
+use super::startup::Ready;
 use super::{lock, span, Applied, Manager, ManagerError, Transition, SETTLE_TIMEOUT};
 use crate::db::DbError;
 use crate::engine::{launch_spec, Engine, EngineError, ImageInfo};
@@ -166,11 +167,17 @@ impl<E: Engine> Manager<E> {
         image: &ImageInfo,
     ) -> Result<SandboxRecord, ManagerError> {
         let spec = launch_spec(image, req);
+        let gated = spec.startup_probe.is_some();
         if let Applied::Refused(_) = self.commit(id, Transition::BeginCreate).await? {
             // Stopped while PENDING.
             return self.end_stopped(id).await;
         }
         match self.inner.engine.create(id, spec).await {
+            // CREATING until the probe decides (see `startup`).
+            Ok(()) if gated => {
+                self.spawn_startup(id, Ready::Started);
+                self.current(id)
+            }
             Ok(()) => {
                 let at = self.now();
                 match self.commit(id, Transition::Started { at }).await? {
@@ -202,7 +209,7 @@ impl<E: Engine> Manager<E> {
 
     /// A start-up failure: FAILED with `reason`, or TERMINATED if it was
     /// being stopped anyway.
-    async fn fail_start(
+    pub(super) async fn fail_start(
         &self,
         id: &SandboxId,
         reason: String,

@@ -10,6 +10,7 @@
 //!   versions being stored.
 //! - `create`, `stop`: the paths of a CreateSandbox and of a stop (delete,
 //!   purge, lifetime).
+//! - `startup`: sandboxes a startup probe keeps CREATING until it decides.
 //! - `tasks`: what runs in the background per sandbox (the watcher of its
 //!   main process, its lifetime timer) and the retention collector.
 //! - `listing`: ListSandboxes' filters, order and pages.
@@ -44,6 +45,7 @@ mod adoption;
 mod create;
 pub mod lifecycle;
 mod listing;
+mod startup;
 mod stop;
 mod table;
 mod tasks;

@@ -790,6 +790,7 @@ fn launch_spec_follows_kubernetes_semantics() {
         cmd: vec!["default-arg".into()],
         env: vec!["LANG=C.UTF-8".into(), "HOME=/root".into()],
         working_dir: "/app".into(),
+        user: String::new(),
         lower_dirs: vec!["/l1".into()],
         layers: vec![],
     };
