@@ -14,8 +14,15 @@ use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
 use tonic::{Code, Status};
 
 use super::errors::{fields_not_implemented, invalid_request, Violation};
+
+mod probe;
+mod security;
+#[cfg(test)]
+mod test_support;
+
 use crate::model::{MountedFile, NewSandbox, Resources};
 use crate::secrets::SecretRef;
+pub use probe::PROBE_ANNOTATION;
 
 /// Most mounted files per sandbox.
 pub const MAX_FILES: usize = 1000;
@@ -161,6 +168,7 @@ pub fn create_request(
             check_container(&mut rej, c, "sandbox.spec.containers[0]", &mut out);
         }
     }
+    out.startup_probe = probe::check(&mut rej, spec);
     if !rej.is_empty() {
         return Err(rej.into_status());
     }
@@ -444,15 +452,8 @@ fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut Ne
     if let Some(ipc) = &c.image_pull_credentials {
         out.pull_secret = check_pull_credentials(rej, ipc, &format!("{p}.image_pull_credentials"));
     }
-    if c.startup_probe.is_some() {
-        rej.unsupported(
-            format!("{p}.startup_probe"),
-            "startup probes are not implemented",
-        );
-    }
-    if let Some(sc) = &c.security_context {
-        check_security_context(rej, sc, &format!("{p}.security_context"));
-    }
+    // startup_probe: see `probe`, called with the whole spec.
+    out.security = security::check(rej, c, p);
 }
 
 /// The shape of `image_pull_credentials`; the secret itself is resolved
@@ -566,63 +567,6 @@ fn check_resources(rej: &mut Rejection, c: &pb::Container, p: &str) -> Resources
             .as_ref()
             .map(|r| parse(rej, r, &format!("{p}.resources")))
             .unwrap_or_default(),
-    }
-}
-
-/// Sandboxes run as root of their own user namespace, with Docker's default
-/// capabilities, `no_new_privs` and the default seccomp filter, on a
-/// writable root: settings that ask for exactly that are accepted.
-fn check_security_context(rej: &mut Rejection, sc: &pb::SecurityContext, p: &str) {
-    if sc.run_as_user.is_some_and(|u| u != 0) {
-        rej.unsupported(
-            format!("{p}.run_as_user"),
-            "running as a non-root user is not implemented",
-        );
-    }
-    if sc.run_as_group.is_some_and(|g| g != 0) {
-        rej.unsupported(
-            format!("{p}.run_as_group"),
-            "running as a non-root group is not implemented",
-        );
-    }
-    if sc.privileged == Some(true) {
-        rej.unsupported(
-            format!("{p}.privileged"),
-            "privileged sandboxes are not implemented",
-        );
-    }
-    if sc.allow_privilege_escalation == Some(true) {
-        rej.unsupported(
-            format!("{p}.allow_privilege_escalation"),
-            "privilege escalation is not implemented (no_new_privs is always set)",
-        );
-    }
-    if sc.read_only_root_filesystem == Some(true) {
-        rej.unsupported(
-            format!("{p}.read_only_root_filesystem"),
-            "read-only root file systems are not implemented",
-        );
-    }
-    if !sc.capabilities_add.is_empty() {
-        rej.unsupported(
-            format!("{p}.capabilities_add"),
-            "changing capabilities is not implemented",
-        );
-    }
-    if !sc.capabilities_drop.is_empty() {
-        rej.unsupported(
-            format!("{p}.capabilities_drop"),
-            "changing capabilities is not implemented",
-        );
-    }
-    if !matches!(
-        sc.seccomp_profile.as_str(),
-        "" | "RuntimeDefault" | "runtime/default"
-    ) {
-        rej.unsupported(
-            format!("{p}.seccomp_profile"),
-            "only the default seccomp profile is implemented",
-        );
     }
 }
 

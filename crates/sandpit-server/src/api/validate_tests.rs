@@ -400,28 +400,6 @@ fn unsupported_fields_are_named_never_ignored() {
             }),
             format!("{p}.secret_stores"),
         ),
-        (
-            Box::new(|s| {
-                s.containers[0].security_context = Some(pb::SecurityContext {
-                    run_as_user: Some(1000),
-                    ..Default::default()
-                })
-            }),
-            format!("{p}.security_context.run_as_user"),
-        ),
-        (
-            Box::new(|s| {
-                s.containers[0].security_context = Some(pb::SecurityContext {
-                    capabilities_add: vec!["NET_ADMIN".into()],
-                    ..Default::default()
-                })
-            }),
-            format!("{p}.security_context.capabilities_add"),
-        ),
-        (
-            Box::new(|s| s.containers[0].startup_probe = Some(Default::default())),
-            format!("{p}.startup_probe"),
-        ),
     ];
     for (mutate, field) in cases {
         let mut spec = spec_with(container());
