@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds sandpit-agent fully static (glibc, crt-static) so it runs as PID 1 in
 # any image, then checks that it really is static and prints its path.
-# The agent never resolves users, groups or hosts, so glibc's NSS (which a
-# static glibc cannot load) is never needed.
+# The agent never resolves hosts and reads the image's /etc/passwd and
+# /etc/group itself (run_as_user by name), so glibc's NSS (which a static
+# glibc cannot load) is never needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
