@@ -16,7 +16,7 @@ use sandpit_wire::process::{ImageProcess, ProcessOverrides};
 use sandpit_wire::{ExitStatus, Signal};
 
 use crate::logs::LogWriter;
-use crate::model::{MountedFile, NewSandbox, Resources, SandboxId};
+use crate::model::{MountedFile, NewSandbox, ResourceSpec, SandboxId};
 
 /// What failed inside an engine's machinery. Boxed: engines differ in what
 /// fails (a runtime and an image store here; a VMM or a remote node
@@ -103,8 +103,8 @@ pub struct LaunchSpec {
     pub cwd: String,
     /// Files written before the main command starts.
     pub files: Vec<MountedFile>,
-    /// cgroup limits.
-    pub limits: Resources,
+    /// cgroup requests and limits.
+    pub resources: ResourceSpec,
 }
 
 /// Credentials for one registry, resolved from a secret store. `Debug`
@@ -271,6 +271,6 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         env: process.env,
         cwd: process.cwd,
         files: req.files.clone(),
-        limits: req.limits,
+        resources: req.resources,
     }
 }
