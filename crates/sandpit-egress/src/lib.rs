@@ -31,12 +31,14 @@
 
 pub mod access;
 pub mod denyset;
+pub mod dns;
 pub mod upstream;
 pub mod usage;
 
 
 pub use access::{PolicySource, PolicyTable, SandboxPolicy};
 pub use denyset::DenySet;
+pub use dns::{DnsConfig, DnsServer};
 pub use upstream::{Upstream, UpstreamConfig};
 pub use usage::{DnsDenial, ProxyRefusal, SandboxUsage, ServerCounters};
 
