@@ -32,6 +32,7 @@
 pub mod access;
 pub mod denyset;
 pub mod dns;
+pub mod proxy;
 pub mod upstream;
 pub mod usage;
 
@@ -39,6 +40,7 @@ pub mod usage;
 pub use access::{PolicySource, PolicyTable, SandboxPolicy};
 pub use denyset::DenySet;
 pub use dns::{DnsConfig, DnsServer};
+pub use proxy::{Proxy, ProxyConfig};
 pub use upstream::{Upstream, UpstreamConfig};
 pub use usage::{DnsDenial, ProxyRefusal, SandboxUsage, ServerCounters};
 
