@@ -36,6 +36,8 @@ pub mod proxy;
 pub mod upstream;
 pub mod usage;
 
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use access::{PolicySource, PolicyTable, SandboxPolicy};
 pub use denyset::DenySet;
