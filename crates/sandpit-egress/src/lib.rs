@@ -65,3 +65,40 @@ pub fn canonical_ip(addr: std::net::IpAddr) -> std::net::IpAddr {
         v4 => v4,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use hickory_resolver::net::NetError;
+    use sandpit_errors::chain;
+
+    use super::*;
+    use crate::upstream::{ResolveError, UpstreamError};
+
+    #[test]
+    fn errors_with_a_source_do_not_repeat_it() {
+        let errors: Vec<Box<dyn Error>> = vec![
+            Box::new(BindError {
+                addr: "127.0.0.1:53".parse().unwrap(),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            }),
+            Box::new(UpstreamError::Build(NetError::from(
+                "no runtime".to_owned(),
+            ))),
+            Box::new(ResolveError::Upstream(
+                "api.test".into(),
+                NetError::from("timed out".to_owned()),
+            )),
+        ];
+        for e in &errors {
+            let source = e.source().expect("a source").to_string();
+            assert!(!e.to_string().contains(&source), "{e}");
+        }
+        assert_eq!(chain(&*errors[2]), "resolve api.test: timed out");
+        assert_eq!(
+            UpstreamError::NoServers.to_string(),
+            "no upstream dns server configured"
+        );
+    }
+}

@@ -103,7 +103,6 @@ impl Upstream {
         opts.preserve_intermediates = true;
         opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
         opts.num_concurrent_reqs = 1;
-        opts.case_randomization = true;
         let resolver = TokioResolver::builder_with_config(
             ResolverConfig::from_parts(None, Vec::new(), servers),
             TokioRuntimeProvider::default(),

@@ -277,6 +277,9 @@ async fn connection(
     let mut name = String::new();
     match open(kind, &mut client, &mut buf, &mut name, policy, shared).await {
         Ok(mut upstream) => {
+            // The hello or head is upstream now: do not hold it for the
+            // connection's life.
+            drop(std::mem::take(&mut buf));
             policy.usage().allow();
             tracing::debug!(sandbox = policy.id(), %name, %peer, "egress allowed");
             let config = &shared.config;
