@@ -7,14 +7,21 @@ cd "$(dirname "$0")/.."
 out=.cache/images
 mkdir -p "$out"
 
-if [ ! -s "$out/python311.tar" ]; then
-  echo "building $out/python311.tar (mmdebstrap, ~20 s)" >&2
+# What `python:3.11` users expect: a shell and coreutils, python3 with pip
+# and venv, CA certificates, curl and git, ps, ip and ping. Changing this
+# list rebuilds the image (the recipe is kept next to it).
+python_packages="python3,python-is-python3,python3-pip,python3-venv,ca-certificates,curl,git,procps,iproute2,iputils-ping"
+recipe="bookworm essential $python_packages"
+if [ ! -s "$out/python311.tar" ] || [ "$(cat "$out/python311.recipe" 2>/dev/null)" != "$recipe" ]; then
+  echo "building $out/python311.tar (mmdebstrap, ~1 min)" >&2
   tmp=$(mktemp "$out/python311.XXXXXX.tar")
-  # essential + python3 is what `python:3.11` users expect: a shell, coreutils, python3.
-  mmdebstrap --quiet --variant=essential --include=python3,python-is-python3,procps \
-    --customize-hook='chroot "$1" sh -c "mkdir -p /workspace"' \
+  # pip as in the official image: installs into the system site-packages
+  # without complaining about Debian's "externally managed" marker.
+  mmdebstrap --quiet --variant=essential --include="$python_packages" \
+    --customize-hook='chroot "$1" sh -c "mkdir -p /workspace && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED"' \
     bookworm "$tmp"
   mv "$tmp" "$out/python311.tar"
+  echo "$recipe" >"$out/python311.recipe"
 fi
 
 if [ ! -s "$out/busybox.tar" ]; then

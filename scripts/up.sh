@@ -21,12 +21,19 @@ scripts/install-deps.sh
 scripts/build-agent.sh
 cargo build --release --bins
 scripts/build-test-images.sh
+# A ready client: cwsandbox and wandb (wandb.sandbox), the versions the
+# tests pin, in .venv.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -r tests/requirements.txt
 
 sandpit() { target/release/sandpit --data-dir "$data_dir" "$@"; }
-if ! sandpit image ls | grep -q '^docker.io/library/python:3.11 '; then
+# (Re-)imported when missing or built from another recipe.
+if ! sandpit image ls | grep -q '^docker.io/library/python:3.11 ' \
+  || ! cmp -s .cache/images/python311.recipe "$data_dir/python311.recipe"; then
   sandpit image import python:3.11 .cache/images/python311.tar \
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env LANG=C.UTF-8 --cmd python3
+  cp .cache/images/python311.recipe "$data_dir/python311.recipe"
 fi
 
 pidfile=$data_dir/sandpitd.pid
@@ -45,19 +52,28 @@ else
   done
 fi
 
-# A sandbox through the daemon, end to end.
+# A sandbox through the daemon, end to end: the engine, then the real client.
 export SANDPIT_SERVER=http://$listen
 sandpit ls --all >/dev/null
 echo "+ sandpit run python:3.11 -- python3 --version (engine, no daemon)" >&2
 sandpit run --tty never python:3.11 -- python3 --version
+snippet='from cwsandbox import Sandbox
+with Sandbox.run() as sb:
+    print(sb.exec(["pip", "--version"]).result().stdout, end="")'
+echo "+ the cwsandbox client through sandpitd" >&2
+CWSANDBOX_BASE_URL=http://$listen CWSANDBOX_API_KEY=$(cat "$data_dir/api-key") \
+  .venv/bin/python -c "$snippet"
 cat <<MSG
 
 sandpitd is up on $listen (pid $(cat "$pidfile"), log $log).
-Its API key is in $data_dir/api-key. Point the cwsandbox client at it:
+Its API key is in $data_dir/api-key. The clients (cwsandbox, and wandb.sandbox
+which the product docs use) are installed in .venv; point them at it:
 
+  . .venv/bin/activate
   export CWSANDBOX_BASE_URL=http://$listen
   export CWSANDBOX_API_KEY=\$(cat $data_dir/api-key)
-  python3 -c 'from cwsandbox import Sandbox; sb = Sandbox.run(); sb.wait(); print(sb.status); sb.stop().result()'
+  export WANDB_API_KEY=\$CWSANDBOX_API_KEY      # wandb.sandbox reads this one
+  python -c '$snippet'
 
 List sandboxes with target/release/sandpit ls --all; stop the daemon with
 kill \$(cat $pidfile) (its sandboxes keep running and are adopted on restart).

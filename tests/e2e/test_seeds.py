@@ -32,8 +32,8 @@ DATA_PLANE_XFAIL: dict[str, str] = {}
 
 # Snippets that genuinely need the internet (the one allowed exception).
 NEEDS_NETWORK: dict[str, str] = {
-    "002-L24": "`pip install torch` downloads from PyPI: sandboxes have no network here "
-    "(and the offline test image ships no pip)",
+    "002-L24": "`pip install torch` downloads from PyPI, which this machine cannot reach "
+    "(the image has pip; tests/e2e install packages from a local index instead)",
 }
 
 # Blocks that are not valid Python as scraped (a GitHub review's diff hunks whose

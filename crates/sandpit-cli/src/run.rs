@@ -67,6 +67,8 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             .transpose()
             .context("--cpus")?,
         pids_max: args.pids,
+        // Docker's --cpus/--memory are caps; no separate requests here.
+        ..Limits::default()
     };
     let store = crate::open_store(data_dir)?;
     let reference = Reference::parse(&args.image)?;

@@ -104,12 +104,16 @@ fn limits_are_written_and_destroy_kills_and_removes() {
         cpu_millis: Some(250),
         memory_bytes: Some(64 << 20),
         pids_max: Some(32),
+        cpu_request_millis: Some(100),
+        memory_request_bytes: Some(16 << 20),
     };
     let cg = m.create("sb", &limits).unwrap();
     match m.version() {
         CgroupVersion::V2 => {
             assert_eq!(read(&file_of(&cg, "cpu.max")), "25000 100000");
             assert_eq!(read(&file_of(&cg, "memory.max")), "67108864");
+            assert_eq!(read(&file_of(&cg, "cpu.weight")), "4");
+            assert_eq!(read(&file_of(&cg, "memory.low")), "16777216");
             let swap = cg.paths()[0].join("memory.swap.max");
             if swap.exists() {
                 assert_eq!(read(&swap), "0");
@@ -120,6 +124,11 @@ fn limits_are_written_and_destroy_kills_and_removes() {
             assert_eq!(read(&file_of(&cg, "cpu.cfs_period_us")), "100000");
             assert_eq!(read(&file_of(&cg, "cpu.cfs_quota_us")), "25000");
             assert_eq!(read(&file_of(&cg, "memory.limit_in_bytes")), "67108864");
+            assert_eq!(read(&file_of(&cg, "cpu.shares")), "102");
+            assert_eq!(
+                read(&file_of(&cg, "memory.soft_limit_in_bytes")),
+                "16777216"
+            );
             let memsw =
                 file_of(&cg, "memory.limit_in_bytes").with_file_name("memory.memsw.limit_in_bytes");
             if memsw.exists() {

@@ -23,7 +23,15 @@ pub struct ApiKey {
     pub key: String,
     /// The principal's name; derived from the key when `None`.
     pub name: Option<String>,
+    /// The organization the principal belongs to (discovery reports it);
+    /// the daemon's `organization_id` when `None`.
+    pub organization: Option<String>,
 }
+
+/// The caller's organization, when its key names one (an extension of the
+/// request next to its [`Principal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Organization(pub String);
 
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,10 +56,13 @@ pub enum AuthError {
     Unknown,
 }
 
+/// Who a key belongs to.
+type Caller = (Principal, Option<Organization>);
+
 /// The key table.
 #[derive(Clone)]
 pub struct Auth {
-    keys: Arc<HashMap<[u8; 32], Principal>>,
+    keys: Arc<HashMap<[u8; 32], Caller>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -76,7 +87,8 @@ impl Auth {
                     Some(n) => Principal(n.clone()),
                     None => anonymous_principal(&k.key),
                 };
-                (digest(&k.key), principal)
+                let org = k.organization.clone().map(Organization);
+                (digest(&k.key), (principal, org))
             })
             .collect();
         Self {
@@ -86,24 +98,12 @@ impl Auth {
 
     /// The principal of the key the request's metadata carries.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, AuthError> {
-        let key = if let Some(v) = metadata.get("authorization") {
-            let v = v.to_str().map_err(|_| AuthError::Malformed)?;
-            let (scheme, key) = v.trim().split_once(' ').ok_or(AuthError::Malformed)?;
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return Err(AuthError::Malformed);
-            }
-            key.trim().to_owned()
-        } else if let Some(v) = metadata.get("x-wandb-api-key") {
-            v.to_str()
-                .map_err(|_| AuthError::Malformed)?
-                .trim()
-                .to_owned()
-        } else {
-            return Err(AuthError::Missing);
-        };
-        if key.is_empty() {
-            return Err(AuthError::Missing);
-        }
+        self.authenticate_caller(metadata).map(|(p, _)| p)
+    }
+
+    /// The principal and organization of the request's key.
+    fn authenticate_caller(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
+        let key = key_of(metadata)?;
         self.keys
             .get(&digest(&key))
             .cloned()
@@ -114,14 +114,41 @@ impl Auth {
     /// request's extensions, or answers UNAUTHENTICATED.
     pub fn interceptor(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
         let auth = self.clone();
-        move |mut req: Request<()>| match auth.authenticate(req.metadata()) {
-            Ok(p) => {
+        move |mut req: Request<()>| match auth.authenticate_caller(req.metadata()) {
+            Ok((p, org)) => {
                 req.extensions_mut().insert(p);
+                if let Some(org) = org {
+                    req.extensions_mut().insert(org);
+                }
                 Ok(req)
             }
             Err(e) => Err(crate::api::errors::unauthenticated(&e)),
         }
     }
+}
+
+/// The key a request carries: `authorization: Bearer KEY`, else
+/// `x-wandb-api-key: KEY`.
+fn key_of(metadata: &MetadataMap) -> Result<String, AuthError> {
+    let key = if let Some(v) = metadata.get("authorization") {
+        let v = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let (scheme, key) = v.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed);
+        }
+        key.trim().to_owned()
+    } else if let Some(v) = metadata.get("x-wandb-api-key") {
+        v.to_str()
+            .map_err(|_| AuthError::Malformed)?
+            .trim()
+            .to_owned()
+    } else {
+        return Err(AuthError::Missing);
+    };
+    if key.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(key)
 }
 
 /// The principal of a key configured without a name.
@@ -154,10 +181,12 @@ mod tests {
             ApiKey {
                 key: "k-alice".into(),
                 name: Some("alice".into()),
+                organization: None,
             },
             ApiKey {
                 key: "k-anon".into(),
                 name: None,
+                organization: None,
             },
         ])
     }
@@ -229,6 +258,7 @@ mod tests {
         let k = ApiKey {
             key: a.clone(),
             name: None,
+            organization: None,
         };
         assert!(!format!("{k:?}").contains(&a));
     }

@@ -11,8 +11,11 @@ use std::time::Duration;
 use sandpit_registry::RegistryConfig;
 use serde::Deserialize;
 
+use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
+
 use crate::auth::ApiKey;
 use crate::manager::ManagerConfig;
+use crate::model::{ResourceSpec, Resources};
 use crate::secrets::SecretStoreConfig;
 
 /// Default listen address.
@@ -89,8 +92,32 @@ impl std::str::FromStr for LogFormat {
 #[serde(untagged)]
 enum FileKey {
     Plain(String),
-    Named { name: String, key: String },
+    Named {
+        name: String,
+        key: String,
+        #[serde(default)]
+        organization: Option<String>,
+    },
 }
+
+/// CPU and memory quantities as the file spells them (`"500m"`, `"1Gi"`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuantities {
+    cpu: Option<String>,
+    memory: Option<String>,
+}
+
+/// `[resources]`: what a sandbox that asks for nothing gets.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileResources {
+    default_requests: Option<FileQuantities>,
+    default_limits: Option<FileQuantities>,
+}
+
+/// The longest `max_max_lifetime_seconds` accepted: 30 days.
+pub const MAX_LIFETIME_CEILING: u32 = 30 * 24 * 3600;
 
 /// The TOML file, every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +131,8 @@ pub struct FileConfig {
     tls_key: Option<PathBuf>,
     insecure: Option<bool>,
     runner_id: Option<String>,
+    organization_id: Option<String>,
+    resources: Option<FileResources>,
     default_max_lifetime_seconds: Option<u32>,
     max_max_lifetime_seconds: Option<u32>,
     retention_seconds: Option<u64>,
@@ -119,6 +148,38 @@ pub struct FileConfig {
     cgroup_parent: Option<String>,
     secret_stores: Option<BTreeMap<String, SecretStoreConfig>>,
     registry: Option<RegistryConfig>,
+}
+
+impl FileResources {
+    fn resolve(self) -> Result<ResourceSpec, ConfigError> {
+        let side = |q: Option<FileQuantities>, field: &str| -> Result<Resources, ConfigError> {
+            let q = q.unwrap_or_default();
+            Ok(Resources {
+                cpu_millis: q
+                    .cpu
+                    .map(|c| parse_cpu_millis(&c))
+                    .transpose()
+                    .map_err(|e| invalid("resources", format!("{field}.cpu: {e}")))?,
+                memory_bytes: q
+                    .memory
+                    .map(|m| parse_memory(&m))
+                    .transpose()
+                    .map_err(|e| invalid("resources", format!("{field}.memory: {e}")))?,
+            })
+        };
+        let requests = side(self.default_requests, "default_requests")?;
+        let limits = side(self.default_limits, "default_limits")?;
+        let over = |r: Option<u64>, l: Option<u64>| matches!((r, l), (Some(r), Some(l)) if r > l);
+        if over(requests.cpu_millis, limits.cpu_millis)
+            || over(requests.memory_bytes, limits.memory_bytes)
+        {
+            return Err(invalid(
+                "resources",
+                "a default request exceeds its default limit",
+            ));
+        }
+        Ok(ResourceSpec { requests, limits })
+    }
 }
 
 impl FileConfig {
@@ -185,6 +246,8 @@ pub struct Config {
     pub insecure: bool,
     /// This runner's id in discovery and sandbox statuses.
     pub runner_id: String,
+    /// The organization discovery reports for callers whose key names none.
+    pub organization_id: String,
     /// Lifecycle policy.
     pub manager: ManagerConfig,
     /// Largest gRPC message accepted or sent.
@@ -274,14 +337,29 @@ impl Config {
         let mut api_keys = Vec::new();
         for k in file.api_keys.unwrap_or_default() {
             api_keys.push(match k {
-                FileKey::Plain(key) => ApiKey { key, name: None },
-                FileKey::Named { name, key } => {
+                FileKey::Plain(key) => ApiKey {
+                    key,
+                    name: None,
+                    organization: None,
+                },
+                FileKey::Named {
+                    name,
+                    key,
+                    organization,
+                } => {
                     if name.is_empty() {
                         return Err(invalid("api_keys", "a key's name must not be empty"));
+                    }
+                    if organization.as_deref() == Some("") {
+                        return Err(invalid(
+                            "api_keys",
+                            "a key's organization must not be empty",
+                        ));
                     }
                     ApiKey {
                         key,
                         name: Some(name),
+                        organization,
                     }
                 }
             });
@@ -293,7 +371,11 @@ impl Config {
             .filter(|k| !k.is_empty())
             .map(str::to_owned);
         for key in o.api_keys.into_iter().chain(env) {
-            api_keys.push(ApiKey { key, name: None });
+            api_keys.push(ApiKey {
+                key,
+                name: None,
+                organization: None,
+            });
         }
         for k in &api_keys {
             if k.key.trim().is_empty() || k.key.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -342,8 +424,20 @@ impl Config {
                 ),
             ));
         }
-        if max_lifetime > i32::MAX as u32 {
-            return Err(invalid("max_max_lifetime_seconds", "too large"));
+        if max_lifetime > MAX_LIFETIME_CEILING {
+            return Err(invalid(
+                "max_max_lifetime_seconds",
+                format!("{max_lifetime} is above {MAX_LIFETIME_CEILING} (30 days)"),
+            ));
+        }
+        let default_resources = file
+            .resources
+            .map(|r| r.resolve())
+            .transpose()?
+            .unwrap_or_default();
+        let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
+        if organization_id.is_empty() {
+            return Err(invalid("organization_id", "must not be empty"));
         }
         let gc_interval = file
             .gc_interval_seconds
@@ -441,7 +535,9 @@ impl Config {
                     .map_or(defaults.lifetime_grace, |s| Duration::from_secs(s.into())),
                 gc_interval,
                 max_sandboxes,
+                default_resources,
             },
+            organization_id,
             max_message_bytes,
             max_file_bytes,
             max_log_bytes,
@@ -495,6 +591,29 @@ mod tests {
         assert_eq!(c.pids_max, Some(4096));
         assert_eq!(c.db_path(), Path::new("/var/lib/sandpit/sandpitd.db"));
         assert_eq!(c.store_dir(), Path::new("/var/lib/sandpit/store"));
+        assert_eq!(c.organization_id, "default");
+        assert!(c.manager.default_resources.is_empty());
+    }
+
+    #[test]
+    fn resources_organizations_and_lifetimes() {
+        let toml = r#"
+            organization_id = "research"
+            max_max_lifetime_seconds = 2592000
+            api_keys = [{ name = "alice", key = "k-alice", organization = "acme" }]
+            [resources]
+            default_requests = { cpu = "250m", memory = "256Mi" }
+            default_limits = { cpu = "2", memory = "2Gi" }
+        "#;
+        let c = resolve(toml, Overrides::default(), None).unwrap();
+        assert_eq!(c.organization_id, "research");
+        assert_eq!(c.manager.max_max_lifetime_seconds, 30 * 24 * 3600);
+        assert_eq!(c.api_keys[0].organization.as_deref(), Some("acme"));
+        let r = c.manager.default_resources;
+        assert_eq!(r.requests.cpu_millis, Some(250));
+        assert_eq!(r.requests.memory_bytes, Some(256 << 20));
+        assert_eq!(r.limits.cpu_millis, Some(2000));
+        assert_eq!(r.limits.memory_bytes, Some(2 << 30));
     }
 
     #[test]
@@ -571,6 +690,24 @@ mod tests {
             ("listen = \"localhost\"", "listen"),
             ("api_keys = [\"has space\"]", "api_keys"),
             ("max_sandboxes = 0", "max_sandboxes"),
+            // Above 30 days.
+            (
+                "max_max_lifetime_seconds = 2592001",
+                "max_max_lifetime_seconds",
+            ),
+            ("organization_id = \"\"", "organization_id"),
+            (
+                "[resources]\ndefault_requests = { cpu = \"2\" }\ndefault_limits = { cpu = \"1\" }",
+                "resources",
+            ),
+            (
+                "[resources]\ndefault_limits = { memory = \"lots\" }",
+                "resources",
+            ),
+            (
+                "api_keys = [{ name = \"a\", key = \"k\", organization = \"\" }]",
+                "api_keys",
+            ),
         ];
         for (toml, key) in cases {
             match resolve(toml, Overrides::default(), None) {

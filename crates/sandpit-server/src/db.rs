@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::model::{Principal, Resources, SandboxId, SandboxRecord, State};
+use crate::model::{Principal, ResourceSpec, Resources, SandboxId, SandboxRecord, State};
 use crate::offload::{Batch, Offload};
 
 /// Errors of the database. Cloneable: one failed commit answers every
@@ -44,7 +44,9 @@ impl From<rusqlite::Error> for DbError {
     }
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: the first schema. 2: resource requests (`cpu_request_millis`,
+/// `memory_request_bytes`) next to the limits.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -64,7 +66,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     cpu_millis INTEGER,
     memory_bytes INTEGER,
     max_lifetime_seconds INTEGER NOT NULL,
-    spec BLOB NOT NULL
+    spec BLOB NOT NULL,
+    cpu_request_millis INTEGER,
+    memory_request_bytes INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_request
     ON sandboxes (principal, request_id) WHERE request_id IS NOT NULL;
@@ -95,6 +99,14 @@ impl Db {
         if version > SCHEMA_VERSION {
             return Err(DbError::TooNew(version));
         }
+        if version == 1 {
+            // Rows written before requests were kept read back with their
+            // requests equal to their limits (what they reported then).
+            conn.execute_batch(
+                "ALTER TABLE sandboxes ADD COLUMN cpu_request_millis INTEGER;
+                 ALTER TABLE sandboxes ADD COLUMN memory_request_bytes INTEGER;",
+            )?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         Ok(Self { conn })
@@ -107,14 +119,17 @@ impl Db {
                 "INSERT INTO sandboxes (id, principal, request_id, state, state_reason,
                     create_time_ms, start_time_ms, end_time_ms, exit_code, image, tags,
                     annotations, display_name, cpu_millis, memory_bytes,
-                    max_lifetime_seconds, spec)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                    max_lifetime_seconds, spec, cpu_request_millis, memory_request_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18, ?19)
                  ON CONFLICT (id) DO UPDATE SET
                     state = excluded.state, state_reason = excluded.state_reason,
                     start_time_ms = excluded.start_time_ms, end_time_ms = excluded.end_time_ms,
                     exit_code = excluded.exit_code, tags = excluded.tags,
                     annotations = excluded.annotations, display_name = excluded.display_name,
                     cpu_millis = excluded.cpu_millis, memory_bytes = excluded.memory_bytes,
+                    cpu_request_millis = excluded.cpu_request_millis,
+                    memory_request_bytes = excluded.memory_request_bytes,
                     max_lifetime_seconds = excluded.max_lifetime_seconds, spec = excluded.spec",
             )?
             .execute(params![
@@ -131,10 +146,12 @@ impl Db {
                 serde_json::to_string(&r.tags).expect("tags serialise"),
                 serde_json::to_string(&r.annotations).expect("annotations serialise"),
                 r.display_name,
-                r.limits.cpu_millis.map(|v| v as i64),
-                r.limits.memory_bytes.map(|v| v as i64),
+                r.resources.limits.cpu_millis.map(|v| v as i64),
+                r.resources.limits.memory_bytes.map(|v| v as i64),
                 r.max_lifetime_seconds,
                 r.spec_echo,
+                r.resources.requests.cpu_millis.map(|v| v as i64),
+                r.resources.requests.memory_bytes.map(|v| v as i64),
             ])?;
         Ok(())
     }
@@ -285,6 +302,8 @@ struct RawRow {
     display_name: String,
     cpu_millis: Option<i64>,
     memory_bytes: Option<i64>,
+    cpu_request_millis: Option<i64>,
+    memory_request_bytes: Option<i64>,
     max_lifetime_seconds: u32,
     spec: Vec<u8>,
 }
@@ -307,6 +326,8 @@ impl RawRow {
             display_name: r.get("display_name")?,
             cpu_millis: r.get("cpu_millis")?,
             memory_bytes: r.get("memory_bytes")?,
+            cpu_request_millis: r.get("cpu_request_millis")?,
+            memory_request_bytes: r.get("memory_request_bytes")?,
             max_lifetime_seconds: r.get("max_lifetime_seconds")?,
             spec: r.get("spec")?,
         })
@@ -330,6 +351,12 @@ impl RawRow {
             cpu_millis: unsigned(self.cpu_millis, "cpu_millis")?,
             memory_bytes: unsigned(self.memory_bytes, "memory_bytes")?,
         };
+        let requests = Resources {
+            cpu_millis: unsigned(self.cpu_request_millis, "cpu_request_millis")?
+                .or(limits.cpu_millis),
+            memory_bytes: unsigned(self.memory_request_bytes, "memory_request_bytes")?
+                .or(limits.memory_bytes),
+        };
         Ok(SandboxRecord {
             principal: Principal(self.principal),
             request_id: self.request_id,
@@ -343,7 +370,7 @@ impl RawRow {
             tags,
             annotations,
             display_name: self.display_name,
-            limits,
+            resources: ResourceSpec { requests, limits },
             max_lifetime_seconds: self.max_lifetime_seconds,
             spec_echo: self.spec,
             id,
@@ -391,9 +418,15 @@ mod tests {
             tags: vec!["a".into(), "b".into()],
             annotations: BTreeMap::from([("k".into(), "v".into())]),
             display_name: "dn".into(),
-            limits: Resources {
-                cpu_millis: Some(500),
-                memory_bytes: Some(256 << 20),
+            resources: ResourceSpec {
+                requests: Resources {
+                    cpu_millis: Some(250),
+                    memory_bytes: Some(128 << 20),
+                },
+                limits: Resources {
+                    cpu_millis: Some(500),
+                    memory_bytes: Some(256 << 20),
+                },
             },
             max_lifetime_seconds: 3600,
             spec_echo: vec![1, 2, 3],
@@ -483,6 +516,38 @@ mod tests {
         let e = DbError::from(rusqlite::Error::InvalidQuery);
         let source = std::error::Error::source(&e).unwrap().to_string();
         assert!(!e.to_string().contains(&source));
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE sandboxes (
+                    id TEXT PRIMARY KEY NOT NULL, principal TEXT NOT NULL, request_id TEXT,
+                    state TEXT NOT NULL, state_reason TEXT NOT NULL,
+                    create_time_ms INTEGER NOT NULL, start_time_ms INTEGER, end_time_ms INTEGER,
+                    exit_code INTEGER, image TEXT NOT NULL, tags TEXT NOT NULL,
+                    annotations TEXT NOT NULL, display_name TEXT NOT NULL,
+                    cpu_millis INTEGER, memory_bytes INTEGER,
+                    max_lifetime_seconds INTEGER NOT NULL, spec BLOB NOT NULL);
+                 INSERT INTO sandboxes VALUES ('abc', 'alice', NULL, 'running', '', 1, 2, NULL,
+                    NULL, 'docker.io/library/python:3.11', '[]', '{}', '', 500, 1048576, 60, x'');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let r = db.get(&sid("abc")).unwrap().unwrap();
+        // What it reported before: requests equal to the limits.
+        assert_eq!(r.resources.limits.cpu_millis, Some(500));
+        assert_eq!(r.resources.requests, r.resources.limits);
+        let mut r2 = record("def");
+        r2.request_id = None;
+        db.put(&r2).unwrap();
+        assert_eq!(db.get(&sid("def")).unwrap().unwrap(), r2);
     }
 
     #[test]

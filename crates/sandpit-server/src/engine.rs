@@ -16,7 +16,7 @@ use sandpit_wire::process::{ImageProcess, ProcessOverrides};
 use sandpit_wire::{ExitStatus, Probe, RunAs, Signal};
 
 use crate::logs::LogWriter;
-use crate::model::{MountedFile, NewSandbox, Resources, SandboxId, Security};
+use crate::model::{MountedFile, NewSandbox, ResourceSpec, SandboxId, Security};
 
 /// What failed inside an engine's machinery. Boxed: engines differ in what
 /// fails (a runtime and an image store here; a VMM or a remote node
@@ -105,8 +105,8 @@ pub struct LaunchSpec {
     pub cwd: String,
     /// Files written before the main command starts.
     pub files: Vec<MountedFile>,
-    /// cgroup limits.
-    pub limits: Resources,
+    /// cgroup requests and limits.
+    pub resources: ResourceSpec,
     /// Who the main command and every exec run as.
     pub run_as: RunAs,
     /// Capabilities they keep (bit mask); `None`: the default set.
@@ -281,7 +281,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         env: process.env,
         cwd: process.cwd,
         files: req.files.clone(),
-        limits: req.limits,
+        resources: req.resources,
         run_as: run_as(&image.user, &req.security),
         capabilities: req.security.capabilities,
         read_only_root: req.security.read_only_root,

@@ -251,9 +251,11 @@ impl Engine for LocalEngine {
                 startup_probe: spec.startup_probe,
             },
             limits: Limits {
-                cpu_millis: spec.limits.cpu_millis,
-                memory_bytes: spec.limits.memory_bytes,
+                cpu_millis: spec.resources.limits.cpu_millis,
+                memory_bytes: spec.resources.limits.memory_bytes,
                 pids_max: self.pids_max,
+                cpu_request_millis: spec.resources.requests.cpu_millis,
+                memory_request_bytes: spec.resources.requests.memory_bytes,
             },
             read_only_root: spec.read_only_root,
         };

@@ -121,6 +121,7 @@ async fn run(config: Config) -> Result<()> {
         vec![ApiKey {
             key: load_or_generate_key(&config.key_file())?,
             name: None,
+            organization: None,
         }]
     } else {
         config.api_keys.clone()
@@ -189,6 +190,7 @@ async fn run(config: Config) -> Result<()> {
             max_message_bytes: config.max_message_bytes,
             tls,
             runner_id: config.runner_id.clone(),
+            organization_id: config.organization_id.clone(),
             started,
             max_file_bytes: config.max_file_bytes,
             logs: Some(logs),

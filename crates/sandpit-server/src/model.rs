@@ -88,7 +88,7 @@ impl fmt::Display for Principal {
     }
 }
 
-/// Resource limits of a sandbox (unset = unlimited).
+/// CPU and memory quantities (unset = none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resources {
     /// CPU in thousandths of a CPU.
@@ -111,6 +111,24 @@ pub struct Security {
     pub capabilities: Option<u64>,
     /// A read-only root file system, with a writable `/tmp`.
     pub read_only_root: bool,
+}
+
+/// What a sandbox asks for and what it may use, Kubernetes' split:
+/// requests are its share when the host is contended (CPU weight, a memory
+/// floor), never a cap; limits are enforced (CPU quota, memory max).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceSpec {
+    /// Asked for.
+    pub requests: Resources,
+    /// At most.
+    pub limits: Resources,
+}
+
+impl ResourceSpec {
+    /// Whether anything is asked for or capped.
+    pub fn is_empty(&self) -> bool {
+        *self == ResourceSpec::default()
+    }
 }
 
 /// A file written into the sandbox before its main command starts.
@@ -139,8 +157,8 @@ pub struct NewSandbox {
     pub working_dir: Option<String>,
     /// Files written before the main command starts.
     pub files: Vec<MountedFile>,
-    /// Limits for the sandbox's cgroup.
-    pub limits: Resources,
+    /// Requests and limits for the sandbox's cgroup.
+    pub resources: ResourceSpec,
     /// User, capabilities and root file system of its processes.
     pub security: Security,
     /// Gates RUNNING: the sandbox stays CREATING until it passes, and
@@ -191,8 +209,8 @@ pub struct SandboxRecord {
     pub annotations: BTreeMap<String, String>,
     /// Display name.
     pub display_name: String,
-    /// Limits in force.
-    pub limits: Resources,
+    /// Requests and limits in force.
+    pub resources: ResourceSpec,
     /// The lifetime in force, after defaulting and clamping.
     pub max_lifetime_seconds: u32,
     /// The spec to return (see [`NewSandbox::spec_echo`]).

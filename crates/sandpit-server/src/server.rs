@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::api::{DataPlaneOptions, DiscoveryApi, SandboxApi};
@@ -41,6 +42,8 @@ pub struct ServerOptions {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// This runner's id.
     pub runner_id: String,
+    /// The organization of callers whose key names none.
+    pub organization_id: String,
     /// When the daemon started (discovery's `connected_at`).
     pub started: SystemTime,
     /// Largest file moved by one ReadFile or WriteFile.
@@ -83,6 +86,7 @@ pub async fn serve<E: Engine>(
         manager,
         options.runner_id.clone(),
         options.started,
+        options.organization_id.clone(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -115,12 +119,23 @@ pub async fn serve<E: Engine>(
         builder =
             builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
-    builder
-        .add_service(health_service)
+    let mut routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
-        .add_service(InterceptedService::new(discovery, auth.interceptor()))
+        .add_service(InterceptedService::new(discovery, auth.interceptor()));
+    // The services of the protocol this server does not offer (templates,
+    // settings, volumes, the direct data plane), and any other path, answer
+    // UNIMPLEMENTED with the client's ErrorInfo instead of a bare status.
+    let router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = router.fallback(unknown_rpc);
+    builder
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+async fn unknown_rpc(uri: axum::http::Uri) -> axum::response::Response {
+    let rpc = uri.path().trim_start_matches('/');
+    crate::api::errors::rpc_not_implemented(rpc).into_http()
 }

@@ -29,7 +29,7 @@ fn create_request(tags: &[&str], request_id: &str) -> pb::CreateSandboxRequest {
             ..Default::default()
         }],
         tags: tags.iter().map(|t| t.to_string()).collect(),
-        max_lifetime_seconds: 12 * 3600 * 4,
+        max_lifetime_seconds: 12 * 3600,
         ..Default::default()
     };
     spec.annotations.insert("purpose".into(), "test".into());
@@ -285,7 +285,28 @@ async fn lifecycle_over_grpc() {
     let status = created.status.clone().unwrap();
     assert_eq!(status.state(), pb::State::Running);
     assert!(status.create_time.is_some() && status.start_time.is_some());
-    assert_eq!(status.effective_max_lifetime_seconds, 86_400);
+    assert_eq!(status.effective_max_lifetime_seconds, 43_200);
+    // Longer than the runner's maximum: refused, naming the field, never
+    // silently shortened.
+    let mut long = create_request(&[], "");
+    long.sandbox
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .max_lifetime_seconds = 86_401;
+    let e = c.create_sandbox(with_key(long, ALICE)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let fields: Vec<String> = e
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["sandbox.spec.max_lifetime_seconds"]);
     assert_eq!(status.runner_id, "runner-1");
     let spec = created.spec.clone().unwrap();
     assert_eq!(spec.tags, ["t1", "t2"]);
@@ -630,7 +651,48 @@ async fn errors_carry_structured_details() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    // Services this server does not offer: UNIMPLEMENTED with ErrorInfo,
+    // never a bare status.
+    use sandpit_proto::sandbox::v1::sandbox_data_plane_service_client::SandboxDataPlaneServiceClient;
+    use sandpit_proto::sandbox::v1::sandbox_template_service_client::SandboxTemplateServiceClient;
+    use sandpit_proto::sandbox::v1::settings_service_client::SettingsServiceClient;
+    use sandpit_proto::sandbox::v1::volume_service_client::VolumeServiceClient;
+    let channel = server.channel().await;
+    let errs = [
+        VolumeServiceClient::new(channel.clone())
+            .list_volumes(with_key(pb::ListVolumesRequest::default(), ALICE))
+            .await
+            .unwrap_err(),
+        SandboxTemplateServiceClient::new(channel.clone())
+            .get_sandbox_template(with_key(pb::GetSandboxTemplateRequest::default(), ALICE))
+            .await
+            .unwrap_err(),
+        SettingsServiceClient::new(channel.clone())
+            .list_secret_stores(with_key(pb::ListSecretStoresRequest::default(), ALICE))
+            .await
+            .unwrap_err(),
+        SandboxDataPlaneServiceClient::new(channel.clone())
+            .exec(with_key(pb::ExecRequest::default(), ALICE))
+            .await
+            .unwrap_err(),
+    ];
+    let rpcs = [
+        "coreweave.sandbox.v1.VolumeService/ListVolumes",
+        "coreweave.sandbox.v1.SandboxTemplateService/GetSandboxTemplate",
+        "coreweave.sandbox.v1.SettingsService/ListSecretStores",
+        "coreweave.sandbox.v1.SandboxDataPlaneService/Exec",
+    ];
+    for (err, rpc) in errs.iter().zip(rpcs) {
+        assert_eq!(err.code(), Code::Unimplemented, "{rpc}");
+        let (why, meta) = reason(err);
+        assert_eq!(why, "CWSANDBOX_NOT_IMPLEMENTED", "{rpc}");
+        assert_eq!(meta["rpc"], rpc);
+    }
+
+    // Snapshots answer with the reason the client turns into
+    // SnapshotNotSupportedError.
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err).0, "CWSANDBOX_FSS_NOT_SUPPORTED");
 
     // Messages far above tonic's 4 MiB default are accepted (the client
     // writes files of up to 32 MiB in one call).
@@ -687,6 +749,45 @@ async fn discovery_health_reflection_and_shutdown() {
         .unwrap()
         .into_inner();
     assert_eq!(got.runner_id, "runner-1");
+    // The organization is the caller's: the configured one, or its key's.
+    assert_eq!(r.organization_id, "org");
+    assert_eq!(got.organization_id, "org");
+    let bobs = d
+        .list_available_runners(with_key(pb::ListAvailableRunnersRequest::default(), BOB))
+        .await
+        .unwrap()
+        .into_inner()
+        .runners;
+    assert_eq!(bobs[0].organization_id, "acme");
+    let err = d
+        .get_available_runner(with_key(
+            pb::GetAvailableRunnerRequest {
+                runner_id: "runner-1".into(),
+                organization_id: "org".into(),
+                ..Default::default()
+            },
+            BOB,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Capabilities in the basic view too; what is free only in the full one.
+    let basic = d
+        .get_available_runner(with_key(
+            pb::GetAvailableRunnerRequest {
+                runner_id: "runner-1".into(),
+                organization_id: "org".into(),
+                view: pb::RunnerView::Basic as i32,
+            },
+            ALICE,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let caps = basic.capabilities.unwrap();
+    assert_eq!(caps.supported_architectures, ["amd64"]);
+    assert!(!caps.supports_privileged);
+    assert!(basic.resources.is_none());
     let err = d
         .get_available_runner(with_key(
             pb::GetAvailableRunnerRequest {

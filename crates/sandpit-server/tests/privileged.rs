@@ -19,7 +19,9 @@ use sandpit_server::db::Db;
 use sandpit_server::local::{LocalEngine, LocalEngineConfig};
 use sandpit_server::logs::{FileSink, LogReader, Next};
 use sandpit_server::manager::{Manager, ManagerConfig};
-use sandpit_server::model::{NewSandbox, Principal, Resources, SandboxId, SandboxRecord, State};
+use sandpit_server::model::{
+    NewSandbox, Principal, ResourceSpec, Resources, SandboxId, SandboxRecord, State,
+};
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -167,9 +169,12 @@ async fn manager_over_the_local_engine() {
         .create(
             &p,
             NewSandbox {
-                limits: Resources {
-                    memory_bytes: Some(32 << 20),
-                    cpu_millis: Some(500),
+                resources: ResourceSpec {
+                    limits: Resources {
+                        memory_bytes: Some(32 << 20),
+                        cpu_millis: Some(500),
+                    },
+                    ..Default::default()
                 },
                 ..sh("exec tail -c 300000000 /dev/zero")
             },

@@ -54,4 +54,6 @@ pub(super) const LIMITS: Limits = Limits {
     cpu_millis: Some(250),
     memory_bytes: Some(64 << 20),
     pids_max: Some(32),
+    cpu_request_millis: None,
+    memory_request_bytes: None,
 };

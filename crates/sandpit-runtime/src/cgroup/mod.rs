@@ -59,6 +59,26 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
     /// Maximum number of tasks (processes and threads).
     pub pids_max: Option<u64>,
+    /// The CPU the sandbox asks for, in thousandths: its share of the CPU
+    /// when the host is contended (`cpu.shares` / `cpu.weight`, as
+    /// Kubernetes converts a request), never a cap.
+    pub cpu_request_millis: Option<u64>,
+    /// The memory the sandbox asks for: reclaimed last under host memory
+    /// pressure (`memory.soft_limit_in_bytes` / `memory.low`), never a cap.
+    pub memory_request_bytes: Option<u64>,
+}
+
+/// `cpu.shares` (cgroup v1) for a CPU request, as Kubernetes computes it:
+/// 1024 per CPU, at least 2 (the kernel's minimum).
+pub(crate) fn cpu_shares(request_millis: u64) -> u64 {
+    (request_millis.saturating_mul(1024) / 1000).clamp(2, 262_144)
+}
+
+/// `cpu.weight` (cgroup v2) for a CPU request: Kubernetes' mapping of the
+/// shares range [2, 262144] onto the weights [1, 10000].
+pub(crate) fn cpu_weight(request_millis: u64) -> u64 {
+    let shares = cpu_shares(request_millis);
+    1 + ((shares - 2) * 9999) / 262_142
 }
 
 /// Which cgroup interface the host offers.
@@ -549,6 +569,18 @@ mod fake;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_convert_as_kubernetes_does() {
+        use super::{cpu_shares, cpu_weight};
+        assert_eq!(cpu_shares(1), 2);
+        assert_eq!(cpu_shares(250), 256);
+        assert_eq!(cpu_shares(1000), 1024);
+        assert_eq!(cpu_shares(1_000_000), 262_144);
+        assert_eq!(cpu_weight(1), 1);
+        assert_eq!(cpu_weight(1000), 39);
+        assert_eq!(cpu_weight(1_000_000), 10_000);
+    }
+
     use super::*;
     use nix::errno::Errno;
 

@@ -242,6 +242,14 @@ impl GroupOps for Group {
         if let Some(n) = limits.pids_max {
             write(&self.dir_of("pids")?.join("pids.max"), &n.to_string())?;
         }
+        if let Some(millis) = limits.cpu_request_millis {
+            let shares = super::cpu_shares(millis).to_string();
+            write(&self.dir_of("cpu")?.join("cpu.shares"), &shares)?;
+        }
+        if let Some(bytes) = limits.memory_request_bytes {
+            let dir = self.dir_of("memory")?;
+            write(&dir.join("memory.soft_limit_in_bytes"), &bytes.to_string())?;
+        }
         Ok(())
     }
 
@@ -303,6 +311,24 @@ mod tests {
 
     use super::super::fake::{fake_rmdir, get, put, v1_tree, LIMITS};
     use super::super::{CgroupError, CgroupManager, CgroupVersion, Limits};
+
+    #[test]
+    fn v1_requests_become_shares_and_a_soft_limit() {
+        let (t, m) = v1_tree();
+        let limits = Limits {
+            cpu_request_millis: Some(500),
+            memory_request_bytes: Some(32 << 20),
+            ..LIMITS
+        };
+        m.create("sb1", &limits).unwrap();
+        let cpu = t.path().join("cpu,cpuacct/sandpit/sb1");
+        assert_eq!(get(&cpu.join("cpu.shares")), "512");
+        // The cap stays the limit's.
+        assert_eq!(get(&cpu.join("cpu.cfs_quota_us")), "25000");
+        let mem = t.path().join("memory/sandpit/sb1");
+        assert_eq!(get(&mem.join("memory.soft_limit_in_bytes")), "33554432");
+        assert_eq!(get(&mem.join("memory.limit_in_bytes")), "67108864");
+    }
 
     #[test]
     fn v1_create_makes_a_directory_per_used_hierarchy() {

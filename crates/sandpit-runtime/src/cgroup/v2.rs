@@ -147,6 +147,15 @@ impl GroupOps for Group {
         if let Some(n) = limits.pids_max {
             write(&dir.join("pids.max"), &n.to_string())?;
         }
+        if let Some(millis) = limits.cpu_request_millis {
+            write(
+                &dir.join("cpu.weight"),
+                &super::cpu_weight(millis).to_string(),
+            )?;
+        }
+        if let Some(bytes) = limits.memory_request_bytes {
+            write(&dir.join("memory.low"), &bytes.to_string())?;
+        }
         Ok(())
     }
 
@@ -268,6 +277,25 @@ mod tests {
             ..LIMITS
         };
         m.create("sb1", &limits).unwrap();
+    }
+
+    #[test]
+    fn v2_requests_become_a_weight_and_a_floor() {
+        let (t, m) = v2_tree("cpu memory pids");
+        let dir = t.path().join("sandpit/sb1");
+        m.create(
+            "sb1",
+            &Limits {
+                cpu_request_millis: Some(1000),
+                memory_request_bytes: Some(256 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // 1024 shares: Kubernetes' weight for one CPU.
+        assert_eq!(get(&dir.join("cpu.weight")), "39");
+        assert_eq!(get(&dir.join("memory.low")), "268435456");
+        assert!(!dir.join("memory.max").exists());
     }
 
     #[test]

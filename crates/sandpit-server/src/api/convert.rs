@@ -75,8 +75,9 @@ fn memory_quantity(bytes: u64) -> String {
 /// The Sandbox message for a record.
 pub fn sandbox(r: &SandboxRecord, runner_id: &str) -> pb::Sandbox {
     let spec = pb::SandboxSpec::decode(r.spec_echo.as_slice()).ok();
-    let effective = quantities(&r.limits);
-    let has_limits = r.limits.cpu_millis.is_some() || r.limits.memory_bytes.is_some();
+    let limits = quantities(&r.resources.limits);
+    let requests = quantities(&r.resources.requests);
+    let has_limits = r.resources.limits != Resources::default();
     let container_name = spec
         .as_ref()
         .and_then(|s| s.containers.first())
@@ -90,7 +91,7 @@ pub fn sandbox(r: &SandboxRecord, runner_id: &str) -> pb::Sandbox {
         start_time: r.start_time.map(timestamp),
         end_time: r.end_time.map(timestamp),
         exit_code: r.exit_code,
-        effective_resources: has_limits.then(|| effective.clone()),
+        effective_resources: has_limits.then(|| limits.clone()),
         effective_max_lifetime_seconds: r.max_lifetime_seconds.min(i32::MAX as u32) as i32,
         container_statuses: vec![pb::ContainerStatus {
             name: container_name,
@@ -99,10 +100,14 @@ pub fn sandbox(r: &SandboxRecord, runner_id: &str) -> pb::Sandbox {
             restart_count: 0,
         }],
         runner_id: runner_id.to_owned(),
-        effective_resource_requirements: has_limits.then(|| pb::ResourceRequirements {
-            requests: Some(effective.clone()),
-            limits: Some(effective),
-        }),
+        // Both sides as in force: requests (the share under contention)
+        // may differ from limits (the cap).
+        effective_resource_requirements: (!r.resources.is_empty()).then_some(
+            pb::ResourceRequirements {
+                requests: Some(requests),
+                limits: Some(limits),
+            },
+        ),
         effective_runtime_class: RUNTIME_CLASS.into(),
         // Sandboxes have a loopback interface only.
         effective_dns_egress: pb::DnsEgressMode::Deny.into(),
@@ -150,6 +155,51 @@ mod tests {
                 nanos: 500_000_000
             }
         );
+    }
+
+    #[test]
+    fn requests_and_limits_are_reported_apart() {
+        use crate::model::{Principal, ResourceSpec, SandboxId};
+        let r = SandboxRecord {
+            id: SandboxId::parse("0123456789ab").unwrap(),
+            principal: Principal("p".into()),
+            request_id: None,
+            state: State::Running,
+            state_reason: String::new(),
+            create_time: UNIX_EPOCH,
+            start_time: None,
+            end_time: None,
+            exit_code: None,
+            image: "i".into(),
+            tags: vec![],
+            annotations: Default::default(),
+            display_name: String::new(),
+            resources: ResourceSpec {
+                requests: Resources {
+                    cpu_millis: Some(250),
+                    memory_bytes: Some(128 << 20),
+                },
+                limits: Resources {
+                    cpu_millis: Some(2000),
+                    memory_bytes: Some(1 << 30),
+                },
+            },
+            max_lifetime_seconds: 60,
+            spec_echo: vec![],
+        };
+        let status = sandbox(&r, "r").status.unwrap();
+        let rr = status.effective_resource_requirements.unwrap();
+        assert_eq!(rr.requests.unwrap().cpu, "250m");
+        let limits = rr.limits.unwrap();
+        assert_eq!((limits.cpu.as_str(), limits.memory.as_str()), ("2", "1Gi"));
+        assert_eq!(status.effective_resources.unwrap().memory, "1Gi");
+        let none = SandboxRecord {
+            resources: ResourceSpec::default(),
+            ..r
+        };
+        let status = sandbox(&none, "r").status.unwrap();
+        assert!(status.effective_resource_requirements.is_none());
+        assert!(status.effective_resources.is_none());
     }
 
     #[test]

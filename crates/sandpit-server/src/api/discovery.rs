@@ -8,6 +8,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::errors::{self, reason};
 use super::{convert, principal};
+use crate::auth::Organization;
 use crate::engine::Engine;
 use crate::manager::Manager;
 
@@ -20,31 +21,50 @@ pub struct DiscoveryApi<E: Engine> {
     manager: Manager<E>,
     runner_id: String,
     started: SystemTime,
+    organization_id: String,
 }
 
 impl<E: Engine> DiscoveryApi<E> {
-    /// Reports runner `runner_id`, up since `started`.
-    pub fn new(manager: Manager<E>, runner_id: String, started: SystemTime) -> Self {
+    /// Reports runner `runner_id`, up since `started`, in the organization
+    /// of each caller (its key's, else `organization_id`).
+    pub fn new(
+        manager: Manager<E>,
+        runner_id: String,
+        started: SystemTime,
+        organization_id: String,
+    ) -> Self {
         Self {
             manager,
             runner_id,
             started,
+            organization_id,
         }
     }
 
-    fn runner(&self, full: bool) -> pb::AvailableRunner {
+    /// The caller's organization.
+    fn organization<T>(&self, request: &Request<T>) -> String {
+        request
+            .extensions()
+            .get::<Organization>()
+            .map_or_else(|| self.organization_id.clone(), |o| o.0.clone())
+    }
+
+    /// The runner as `organization` sees it. Capabilities come in every
+    /// view (they are what a client filters on, and cost nothing here);
+    /// the resources free now only in the full one.
+    fn runner(&self, full: bool, organization: String) -> pb::AvailableRunner {
         let cap = self.manager.engine().capacity();
         pb::AvailableRunner {
             runner_id: self.runner_id.clone(),
             runner_group_id: RUNNER_GROUP.into(),
             tags: vec![],
             healthy: true,
-            capabilities: full.then(|| pb::RunnerCapabilitySummary {
+            capabilities: Some(pb::RunnerCapabilitySummary {
                 max_cpu_millicores: cap.cpu_millis as i64,
                 max_memory_bytes: cap.memory_total_bytes as i64,
                 max_gpu_count: 0,
                 supported_gpu_types: vec![],
-                supported_architectures: vec![cap.architecture.clone()],
+                supported_architectures: vec![oci_architecture(&cap.architecture).to_owned()],
                 supports_privileged: false,
                 available_storage_classes: vec![],
                 supported_service_visibilities: vec![],
@@ -57,8 +77,18 @@ impl<E: Engine> DiscoveryApi<E> {
             }),
             connected_at: Some(convert::timestamp(self.started)),
             is_shared: false,
-            organization_id: String::new(),
+            organization_id: organization,
         }
+    }
+}
+
+/// The architecture as OCI platforms (and the client's docs) spell it:
+/// `amd64` for `x86_64`, `arm64` for `aarch64`.
+fn oci_architecture(machine: &str) -> &str {
+    match machine {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
     }
 }
 
@@ -75,15 +105,18 @@ impl<E: Engine> DiscoveryService for DiscoveryApi<E> {
         request: Request<pb::ListAvailableRunnersRequest>,
     ) -> Result<Response<pb::ListAvailableRunnersResponse>, Status> {
         principal(&request)?;
+        let organization = self.organization(&request);
         let req = request.get_ref();
         let arch = std::env::consts::ARCH;
         let matches = (req.runner_group_id.is_empty() || req.runner_group_id == RUNNER_GROUP)
             && req.gpu_type.is_empty()
-            && (req.architecture.is_empty() || req.architecture == arch)
+            && (req.architecture.is_empty()
+                || req.architecture == arch
+                || req.architecture == oci_architecture(arch))
             // No service visibility is supported: services are not.
             && req.service_visibility == pb::Visibility::Unspecified as i32;
         let runners = if matches {
-            vec![self.runner(full_view(req.view))]
+            vec![self.runner(full_view(req.view), organization)]
         } else {
             vec![]
         };
@@ -98,8 +131,13 @@ impl<E: Engine> DiscoveryService for DiscoveryApi<E> {
         request: Request<pb::GetAvailableRunnerRequest>,
     ) -> Result<Response<pb::AvailableRunner>, Status> {
         principal(&request)?;
+        let organization = self.organization(&request);
         let req = request.get_ref();
-        if req.runner_id != self.runner_id {
+        // Another organization's runner is as unknown as a missing one. An
+        // empty organization means the caller's own (the client refuses to
+        // send one; other callers may).
+        let elsewhere = !req.organization_id.is_empty() && req.organization_id != organization;
+        if req.runner_id != self.runner_id || elsewhere {
             return Err(errors::status(
                 Code::NotFound,
                 format!("runner {} not found", req.runner_id),
@@ -107,6 +145,8 @@ impl<E: Engine> DiscoveryService for DiscoveryApi<E> {
                 &[("runner_id", req.runner_id.clone())],
             ));
         }
-        Ok(Response::new(self.runner(full_view(req.view))))
+        Ok(Response::new(
+            self.runner(full_view(req.view), organization),
+        ))
     }
 }

@@ -45,6 +45,13 @@ pub mod reason {
     pub const UNAUTHENTICATED: &str = "CWSANDBOX_UNAUTHENTICATED";
     /// A fault of this server.
     pub const INTERNAL: &str = "CWSANDBOX_INTERNAL";
+    /// More of a resource than this runner has (GPUs here).
+    pub const RESOURCE_CEILING_EXCEEDED: &str = "CWSANDBOX_RESOURCE_CEILING_EXCEEDED";
+    /// File-system snapshots are not available on this runner.
+    pub const FSS_NOT_SUPPORTED: &str = "CWSANDBOX_FSS_NOT_SUPPORTED";
+    /// TLS passthrough endpoints are not available on this runner.
+    pub const TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED: &str =
+        "CWSANDBOX_TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED";
 }
 
 /// One offending field of a request.
@@ -123,6 +130,17 @@ pub fn rpc_not_implemented(rpc: &str) -> Status {
     )
 }
 
+/// FAILED_PRECONDITION for a file-system snapshot operation: the client
+/// raises `SnapshotNotSupportedError` for it.
+pub fn snapshots_not_supported(what: &str) -> Status {
+    status(
+        Code::FailedPrecondition,
+        format!("{what}: file-system snapshots are not supported on this runner"),
+        reason::FSS_NOT_SUPPORTED,
+        &[("rpc", what.to_owned())],
+    )
+}
+
 /// INVALID_ARGUMENT with field violations.
 pub fn invalid_request(violations: &[Violation]) -> Status {
     with_details(
@@ -135,19 +153,24 @@ pub fn invalid_request(violations: &[Violation]) -> Status {
     )
 }
 
-/// A request using fields this server does not honour: `code` is
-/// UNIMPLEMENTED, or INVALID_ARGUMENT where the request cannot be satisfied
-/// on this runner at all (GPUs).
-pub fn fields_not_implemented(code: Code, violations: &[Violation]) -> Status {
+/// A request using fields this server does not honour, with the code and
+/// reason the client maps (CWSANDBOX_NOT_IMPLEMENTED for most; a specific
+/// one where the client has one: snapshots, TLS passthrough, GPUs).
+pub fn refused(code: Code, reason: &str, violations: &[Violation]) -> Status {
     let fields = violations
         .iter()
         .map(|v| v.field.as_str())
         .collect::<Vec<_>>()
         .join(",");
+    let what = if reason == reason::NOT_IMPLEMENTED {
+        "not implemented"
+    } else {
+        "not supported on this runner"
+    };
     with_details(
         code,
-        summary("not implemented", violations),
-        reason::NOT_IMPLEMENTED,
+        summary(what, violations),
+        reason,
         &[("field", fields)],
         violations,
         None,

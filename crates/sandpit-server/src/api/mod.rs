@@ -13,6 +13,7 @@ pub mod errors;
 pub mod exec;
 pub mod files;
 pub mod logs;
+pub(crate) mod network;
 pub mod sandbox;
 pub mod validate;
 

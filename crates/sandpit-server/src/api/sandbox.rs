@@ -50,9 +50,14 @@ pub struct SandboxApi<E: Engine> {
 impl<E: Engine> SandboxApi<E> {
     /// Handlers over `manager`, for runner `runner_id`.
     pub fn new(manager: Manager<E>, runner_id: String, data: DataPlaneOptions) -> Self {
+        let policy = CreatePolicy {
+            runner_id,
+            default_resources: manager.config().default_resources,
+            max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
+        };
         Self {
             manager,
-            policy: CreatePolicy { runner_id },
+            policy,
             data,
             secrets: SecretStores::default(),
         }
@@ -224,11 +229,12 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             )]));
         }
         if !req.snapshot_volumes.is_empty() {
-            return Err(errors::fields_not_implemented(
-                Code::Unimplemented,
+            return Err(errors::refused(
+                Code::FailedPrecondition,
+                errors::reason::FSS_NOT_SUPPORTED,
                 &[Violation::new(
                     "snapshot_volumes",
-                    "file-system snapshots are not implemented",
+                    "file-system snapshots are not supported on this runner",
                 )],
             ));
         }
@@ -325,27 +331,27 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
         &self,
         _: Request<pb::CreateFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::rpc_not_implemented("CreateFileSystemSnapshot"))
+        Err(errors::snapshots_not_supported("CreateFileSystemSnapshot"))
     }
 
     async fn get_file_system_snapshot(
         &self,
         _: Request<pb::GetFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::rpc_not_implemented("GetFileSystemSnapshot"))
+        Err(errors::snapshots_not_supported("GetFileSystemSnapshot"))
     }
 
     async fn list_file_system_snapshots(
         &self,
         _: Request<pb::ListFileSystemSnapshotsRequest>,
     ) -> Result<Response<pb::ListFileSystemSnapshotsResponse>, Status> {
-        Err(errors::rpc_not_implemented("ListFileSystemSnapshots"))
+        Err(errors::snapshots_not_supported("ListFileSystemSnapshots"))
     }
 
     async fn delete_file_system_snapshot(
         &self,
         _: Request<pb::DeleteFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::rpc_not_implemented("DeleteFileSystemSnapshot"))
+        Err(errors::snapshots_not_supported("DeleteFileSystemSnapshot"))
     }
 }

@@ -13,14 +13,14 @@ use sandpit_proto::sandbox::v1 as pb;
 use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
 use tonic::{Code, Status};
 
-use super::errors::{fields_not_implemented, invalid_request, Violation};
+use super::errors::{invalid_request, reason, refused, Violation};
 
 mod probe;
 mod security;
 #[cfg(test)]
 mod test_support;
 
-use crate::model::{MountedFile, NewSandbox, Resources};
+use crate::model::{MountedFile, NewSandbox, ResourceSpec, Resources};
 use crate::secrets::SecretRef;
 pub use probe::PROBE_ANNOTATION;
 
@@ -48,6 +48,45 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub struct CreatePolicy {
     /// This runner's id (`spec.runner_ids` must include it when set).
     pub runner_id: String,
+    /// Requests and limits of a sandbox that asks for none.
+    pub default_resources: ResourceSpec,
+    /// Longest lifetime granted (seconds); longer requests are refused.
+    pub max_lifetime_seconds: u32,
+}
+
+impl CreatePolicy {
+    /// The runtime classes this runner offers, by name (what a sandbox's
+    /// status reports as its `effective_runtime_class`).
+    pub const RUNTIME_CLASSES: &'static [&'static str] = &[super::convert::RUNTIME_CLASS];
+}
+
+/// A refusal the client maps to a typed exception (or to a skip): a code
+/// and reason of their own, not the generic CWSANDBOX_NOT_IMPLEMENTED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The gRPC code.
+    pub code: Code,
+    /// The `ErrorInfo.reason`.
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    /// GPUs on this CPU-only runner: a resource ceiling (another placement
+    /// mode could satisfy it, so the client may spill over).
+    pub const GPU: Refusal = Refusal {
+        code: Code::InvalidArgument,
+        reason: reason::RESOURCE_CEILING_EXCEEDED,
+    };
+    /// File-system snapshots (restores, snapshot on delete).
+    pub const SNAPSHOTS: Refusal = Refusal {
+        code: Code::FailedPrecondition,
+        reason: reason::FSS_NOT_SUPPORTED,
+    };
+    /// TLS passthrough endpoints of services.
+    pub const TLS_PASSTHROUGH: Refusal = Refusal {
+        code: Code::FailedPrecondition,
+        reason: reason::TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED,
+    };
 }
 
 /// Why a request was refused.
@@ -55,15 +94,15 @@ pub struct CreatePolicy {
 pub struct Rejection {
     /// Invalid values.
     pub invalid: Vec<Violation>,
-    /// Fields this server does not honour (yet).
+    /// Fields this server does not honour (yet): CWSANDBOX_NOT_IMPLEMENTED.
     pub unsupported: Vec<Violation>,
-    /// GPU requests: this runner has none.
-    pub gpu: Vec<Violation>,
+    /// Fields refused with a reason of their own.
+    pub refused: Vec<(Refusal, Violation)>,
 }
 
 impl Rejection {
     fn is_empty(&self) -> bool {
-        self.invalid.is_empty() && self.unsupported.is_empty() && self.gpu.is_empty()
+        self.invalid.is_empty() && self.unsupported.is_empty() && self.refused.is_empty()
     }
 
     fn invalid(&mut self, field: impl Into<String>, description: impl Into<String>) {
@@ -74,24 +113,28 @@ impl Rejection {
         self.unsupported.push(Violation::new(field, description));
     }
 
+    fn refuse(&mut self, why: Refusal, field: impl Into<String>, description: impl Into<String>) {
+        self.refused.push((why, Violation::new(field, description)));
+    }
+
     /// The gRPC status: INVALID_ARGUMENT (CWSANDBOX_INVALID_REQUEST) when
-    /// anything is invalid; otherwise CWSANDBOX_NOT_IMPLEMENTED, with
-    /// INVALID_ARGUMENT for GPUs (never satisfiable here) and UNIMPLEMENTED
-    /// for the rest. Every violation is listed either way.
+    /// anything is invalid; otherwise the first specific refusal's code and
+    /// reason; otherwise UNIMPLEMENTED with CWSANDBOX_NOT_IMPLEMENTED.
+    /// Every violation is listed either way.
     pub fn into_status(self) -> Status {
         let all: Vec<Violation> = self
             .invalid
             .iter()
-            .chain(&self.gpu)
+            .chain(self.refused.iter().map(|(_, v)| v))
             .chain(&self.unsupported)
             .cloned()
             .collect();
         if !self.invalid.is_empty() {
             invalid_request(&all)
-        } else if !self.gpu.is_empty() {
-            fields_not_implemented(Code::InvalidArgument, &all)
+        } else if let Some((why, _)) = self.refused.first() {
+            refused(why.code, why.reason, &all)
         } else {
-            fields_not_implemented(Code::Unimplemented, &all)
+            refused(Code::Unimplemented, reason::NOT_IMPLEMENTED, &all)
         }
     }
 }
@@ -156,7 +199,7 @@ pub fn create_request(
             "sandbox.spec.containers",
             "exactly one container is required",
         ),
-        [c] => check_container(&mut rej, c, "sandbox.spec.containers[0]", &mut out),
+        [c] => check_container(&mut rej, c, "sandbox.spec.containers[0]", policy, &mut out),
         [c, ..] => {
             rej.unsupported(
                 "sandbox.spec.containers",
@@ -165,7 +208,7 @@ pub fn create_request(
                     spec.containers.len()
                 ),
             );
-            check_container(&mut rej, c, "sandbox.spec.containers[0]", &mut out);
+            check_container(&mut rej, c, "sandbox.spec.containers[0]", policy, &mut out);
         }
     }
     out.startup_probe = probe::check(&mut rej, spec);
@@ -199,6 +242,16 @@ fn check_spec(
         rej.invalid(
             format!("{P}.max_lifetime_seconds"),
             format!("{} is negative", spec.max_lifetime_seconds),
+        );
+    } else if spec.max_lifetime_seconds as u32 > policy.max_lifetime_seconds {
+        // Refused rather than clamped: a caller that asked for a week must
+        // not find its sandbox gone after a day.
+        rej.invalid(
+            format!("{P}.max_lifetime_seconds"),
+            format!(
+                "{} s exceeds this runner's maximum of {} s",
+                spec.max_lifetime_seconds, policy.max_lifetime_seconds
+            ),
         );
     } else if spec.max_lifetime_seconds > 0 {
         out.max_lifetime_seconds = Some(spec.max_lifetime_seconds as u32);
@@ -242,8 +295,27 @@ fn check_spec(
             ),
         );
     }
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let restores = matches!(&v.source, Some(pb::sandbox_volume::Source::Scratch(s)) if !s.restore_from_snapshot_id.is_empty());
+        if restores {
+            rej.refuse(
+                Refusal::SNAPSHOTS,
+                format!("{P}.volumes[{i}].scratch.restore_from_snapshot_id"),
+                "file-system snapshots are not supported on this runner",
+            );
+        }
+    }
     if !spec.volumes.is_empty() {
         rej.unsupported(format!("{P}.volumes"), "volumes are not implemented");
+    }
+    for (i, svc) in spec.services.iter().enumerate() {
+        if svc.endpoint.as_ref().map(|e| e.kind) == Some(pb::EndpointKind::TlsPassthrough as i32) {
+            rej.refuse(
+                Refusal::TLS_PASSTHROUGH,
+                format!("{P}.services[{i}].endpoint.kind"),
+                "TLS passthrough endpoints are not supported on this runner",
+            );
+        }
     }
     if !spec.services.is_empty() {
         rej.unsupported(
@@ -273,30 +345,31 @@ fn check_spec(
         );
     }
     match pb::SandboxMode::try_from(spec.mode) {
-        // A single local runner is what CKS placement pins to; the client
-        // sets CKS whenever runner_ids are given.
-        Ok(pb::SandboxMode::Unspecified | pb::SandboxMode::Cks) => {}
-        Ok(pb::SandboxMode::Serverless) => rej.unsupported(
-            format!("{P}.mode"),
-            "serverless placement is not implemented",
-        ),
+        // Sandpit is its own placement layer: a single local runner is what
+        // CKS placement pins to (the client sets CKS whenever runner_ids
+        // are given), and what SERVERLESS placement gets. The mode is kept
+        // in the spec and reported with it.
+        Ok(pb::SandboxMode::Unspecified | pb::SandboxMode::Cks | pb::SandboxMode::Serverless) => {}
         Err(_) => rej.invalid(format!("{P}.mode"), format!("unknown mode {}", spec.mode)),
     }
-    if !spec.runtime_class.is_empty() {
-        rej.unsupported(
+    if !spec.runtime_class.is_empty()
+        && !CreatePolicy::RUNTIME_CLASSES.contains(&spec.runtime_class.as_str())
+    {
+        rej.invalid(
             format!("{P}.runtime_class"),
             format!(
-                "runtime class {:?} is not implemented; only the default is",
-                spec.runtime_class
+                "no runtime class {:?} on this runner; it offers {}",
+                spec.runtime_class,
+                CreatePolicy::RUNTIME_CLASSES.join(", ")
             ),
         );
     }
     match pb::RuntimeClass::try_from(spec.runtime_class_selection) {
         Ok(pb::RuntimeClass::Unspecified | pb::RuntimeClass::CpuDefault) => {}
-        Ok(other) => rej.unsupported(
+        Ok(other) => rej.invalid(
             format!("{P}.runtime_class_selection"),
             format!(
-                "{} is not implemented; only RUNTIME_CLASS_CPU_DEFAULT is",
+                "{} is not offered on this runner; it offers RUNTIME_CLASS_CPU_DEFAULT",
                 other.as_str_name()
             ),
         ),
@@ -351,7 +424,13 @@ fn check_network(rej: &mut Rejection, net: &pb::NetworkOptions) {
     }
 }
 
-fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut NewSandbox) {
+fn check_container(
+    rej: &mut Rejection,
+    c: &pb::Container,
+    p: &str,
+    policy: &CreatePolicy,
+    out: &mut NewSandbox,
+) {
     if c.image.is_empty() {
         rej.invalid(format!("{p}.image"), "required");
     } else {
@@ -435,7 +514,7 @@ fn check_container(rej: &mut Rejection, c: &pb::Container, p: &str, out: &mut Ne
         });
     }
 
-    out.limits = check_resources(rej, c, p);
+    out.resources = check_resources(rej, c, p, &policy.default_resources);
 
     if !c.volume_mounts.is_empty() {
         rej.unsupported(
@@ -503,7 +582,16 @@ fn check_pull_credentials(
     })
 }
 
-fn check_resources(rej: &mut Rejection, c: &pb::Container, p: &str) -> Resources {
+/// Requests and limits, Kubernetes' way: a resource with only a limit
+/// requests its limit; one with only a request is capped at it (as the
+/// client does when given one side: Guaranteed QoS, and never an uncapped
+/// sandbox by omission); one with neither gets the runner's defaults.
+fn check_resources(
+    rej: &mut Rejection,
+    c: &pb::Container,
+    p: &str,
+    defaults: &ResourceSpec,
+) -> ResourceSpec {
     let parse = |rej: &mut Rejection, r: &pb::Resources, field: &str| {
         let mut out = Resources::default();
         if !r.cpu.is_empty() {
@@ -520,53 +608,79 @@ fn check_resources(rej: &mut Rejection, c: &pb::Container, p: &str) -> Resources
         }
         if let Some(g) = &r.gpu {
             if g.count != 0 || g.selector.is_some() {
-                rej.gpu.push(Violation::new(
+                rej.refuse(
+                    Refusal::GPU,
                     format!("{field}.gpu"),
-                    "gpus are not supported on this runner",
-                ));
+                    "gpus are not supported on this runner (it has none)",
+                );
             }
         }
         out
     };
-    match &c.resource_requirements {
+    let (requests, limits) = match &c.resource_requirements {
         Some(rr) => {
             let base = format!("{p}.resource_requirements");
             let requests = rr
                 .requests
                 .as_ref()
-                .map(|r| parse(rej, r, &format!("{base}.requests")));
+                .map(|r| parse(rej, r, &format!("{base}.requests")))
+                .unwrap_or_default();
             let limits = rr
                 .limits
                 .as_ref()
-                .map(|r| parse(rej, r, &format!("{base}.limits")));
-            if let (Some(req), Some(lim)) = (&requests, &limits) {
-                let over =
-                    |r: Option<u64>, l: Option<u64>| matches!((r, l), (Some(r), Some(l)) if r > l);
-                if over(req.cpu_millis, lim.cpu_millis) {
-                    rej.invalid(format!("{base}.requests.cpu"), "exceeds the cpu limit");
-                }
-                if over(req.memory_bytes, lim.memory_bytes) {
-                    rej.invalid(
-                        format!("{base}.requests.memory"),
-                        "exceeds the memory limit",
-                    );
-                }
+                .map(|r| parse(rej, r, &format!("{base}.limits")))
+                .unwrap_or_default();
+            let over =
+                |r: Option<u64>, l: Option<u64>| matches!((r, l), (Some(r), Some(l)) if r > l);
+            if over(requests.cpu_millis, limits.cpu_millis) {
+                rej.invalid(format!("{base}.requests.cpu"), "exceeds the cpu limit");
             }
-            // The cgroup enforces one number per resource: the limit, or
-            // the request when no limit is given.
-            let req = requests.unwrap_or_default();
-            let lim = limits.unwrap_or_default();
-            Resources {
-                cpu_millis: lim.cpu_millis.or(req.cpu_millis),
-                memory_bytes: lim.memory_bytes.or(req.memory_bytes),
+            if over(requests.memory_bytes, limits.memory_bytes) {
+                rej.invalid(
+                    format!("{base}.requests.memory"),
+                    "exceeds the memory limit",
+                );
             }
+            (requests, limits)
         }
         // The older field, which the client no longer sends: limits.
-        None => c
-            .resources
-            .as_ref()
-            .map(|r| parse(rej, r, &format!("{p}.resources")))
-            .unwrap_or_default(),
+        None => (
+            Resources::default(),
+            c.resources
+                .as_ref()
+                .map(|r| parse(rej, r, &format!("{p}.resources")))
+                .unwrap_or_default(),
+        ),
+    };
+    let side =
+        |req: Option<u64>, lim: Option<u64>, dreq: Option<u64>, dlim: Option<u64>| match (req, lim)
+        {
+            (None, None) => (dreq.or(dlim), dlim),
+            (Some(r), None) => (Some(r), Some(r)),
+            (None, Some(l)) => (Some(l), Some(l)),
+            (Some(r), Some(l)) => (Some(r), Some(l)),
+        };
+    let (cpu_req, cpu_lim) = side(
+        requests.cpu_millis,
+        limits.cpu_millis,
+        defaults.requests.cpu_millis,
+        defaults.limits.cpu_millis,
+    );
+    let (mem_req, mem_lim) = side(
+        requests.memory_bytes,
+        limits.memory_bytes,
+        defaults.requests.memory_bytes,
+        defaults.limits.memory_bytes,
+    );
+    ResourceSpec {
+        requests: Resources {
+            cpu_millis: cpu_req,
+            memory_bytes: mem_req,
+        },
+        limits: Resources {
+            cpu_millis: cpu_lim,
+            memory_bytes: mem_lim,
+        },
     }
 }
 

@@ -6,6 +6,8 @@ type Mutation = Box<dyn Fn(&mut pb::SandboxSpec)>;
 fn policy() -> CreatePolicy {
     CreatePolicy {
         runner_id: "r1".into(),
+        default_resources: ResourceSpec::default(),
+        max_lifetime_seconds: 86_400,
     }
 }
 
@@ -107,8 +109,8 @@ fn the_clients_default_request_is_accepted() {
     );
     assert_eq!(n.working_dir.as_deref(), Some("/tmp"));
     assert_eq!(n.files[0].content, b"{}");
-    assert_eq!(n.limits.cpu_millis, Some(500));
-    assert_eq!(n.limits.memory_bytes, Some(256 << 20));
+    assert_eq!(n.resources.limits.cpu_millis, Some(500));
+    assert_eq!(n.resources.limits.memory_bytes, Some(256 << 20));
     assert_eq!(n.max_lifetime_seconds, Some(43_200));
     assert_eq!(n.tags, ["t1", "t2"]);
     assert_eq!(n.annotations["owner"], "me");
@@ -131,15 +133,15 @@ fn requests_stand_in_for_missing_limits() {
         limits: None,
     });
     let n = create_request(&request(spec_with(c)), &policy()).unwrap();
-    assert_eq!(n.limits.cpu_millis, Some(2000));
-    assert_eq!(n.limits.memory_bytes, Some(1 << 30));
+    assert_eq!(n.resources.limits.cpu_millis, Some(2000));
+    assert_eq!(n.resources.limits.memory_bytes, Some(1 << 30));
     let mut c = container();
     c.resources = Some(pb::Resources {
         cpu: "0.5".into(),
         ..Default::default()
     });
     let n = create_request(&request(spec_with(c)), &policy()).unwrap();
-    assert_eq!(n.limits.cpu_millis, Some(500));
+    assert_eq!(n.resources.limits.cpu_millis, Some(500));
     assert_eq!(n.max_lifetime_seconds, None);
     assert!(n.command.is_some());
 }
@@ -302,8 +304,10 @@ fn gpus_are_refused_clearly() {
     });
     let req = request(spec_with(c));
     let (code, reason, fields) = refused(&req);
+    // A resource ceiling: INVALID_ARGUMENT with the reason the client may
+    // spill over on (another placement could have GPUs).
     assert_eq!(code, tonic::Code::InvalidArgument);
-    assert_eq!(reason, "CWSANDBOX_NOT_IMPLEMENTED");
+    assert_eq!(reason, "CWSANDBOX_RESOURCE_CEILING_EXCEEDED");
     assert_eq!(
         fields,
         ["sandbox.spec.containers[0].resource_requirements.limits.gpu"]
@@ -343,18 +347,6 @@ fn unsupported_fields_are_named_never_ignored() {
                 })
             }),
             "sandbox.spec.services".into(),
-        ),
-        (
-            Box::new(|s| s.runtime_class = "gvisor".into()),
-            "sandbox.spec.runtime_class".into(),
-        ),
-        (
-            Box::new(|s| s.runtime_class_selection = pb::RuntimeClass::GpuDefault as i32),
-            "sandbox.spec.runtime_class_selection".into(),
-        ),
-        (
-            Box::new(|s| s.mode = pb::SandboxMode::Serverless as i32),
-            "sandbox.spec.mode".into(),
         ),
         (
             Box::new(|s| s.network_ids.push("n".into())),
@@ -409,6 +401,156 @@ fn unsupported_fields_are_named_never_ignored() {
         assert_eq!(reason, "CWSANDBOX_NOT_IMPLEMENTED", "{field}");
         assert_eq!(fields, std::slice::from_ref(&field));
     }
+}
+
+#[test]
+fn runtime_classes_and_placement_modes() {
+    // The runner's own class by name, and SERVERLESS placement: accepted,
+    // kept in the spec (which the status echoes).
+    let mut spec = spec_with(container());
+    spec.runtime_class = "sandpit".into();
+    spec.mode = pb::SandboxMode::Serverless as i32;
+    let n = create_request(&request(spec), &policy()).unwrap();
+    let echo = pb::SandboxSpec::decode(n.spec_echo.as_slice()).unwrap();
+    assert_eq!(echo.mode, pb::SandboxMode::Serverless as i32);
+    assert_eq!(echo.runtime_class, "sandpit");
+    // Unknown ones are refused, naming what there is.
+    let mut spec = spec_with(container());
+    spec.runtime_class = "gvisor".into();
+    let status = create_request(&request(spec.clone()), &policy()).unwrap_err();
+    assert!(
+        status.message().contains("it offers sandpit"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        invalid_fields(&request(spec)),
+        ["sandbox.spec.runtime_class"]
+    );
+    let mut spec = spec_with(container());
+    spec.runtime_class_selection = pb::RuntimeClass::GpuDefault as i32;
+    assert_eq!(
+        invalid_fields(&request(spec)),
+        ["sandbox.spec.runtime_class_selection"]
+    );
+}
+
+#[test]
+fn refusals_carry_the_reasons_the_client_maps() {
+    let mut spec = spec_with(container());
+    spec.services.push(pb::Service {
+        port: 8443,
+        endpoint: Some(pb::EndpointSpec {
+            kind: pb::EndpointKind::TlsPassthrough as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (code, reason, fields) = refused(&request(spec));
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert_eq!(reason, "CWSANDBOX_TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED");
+    assert_eq!(
+        fields,
+        [
+            "sandbox.spec.services[0].endpoint.kind",
+            "sandbox.spec.services"
+        ]
+    );
+    let mut spec = spec_with(container());
+    spec.volumes.push(pb::SandboxVolume {
+        name: "work".into(),
+        source: Some(pb::sandbox_volume::Source::Scratch(pb::ScratchVolume {
+            restore_from_snapshot_id: "fss-1".into(),
+            ..Default::default()
+        })),
+    });
+    let (code, reason, fields) = refused(&request(spec));
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert_eq!(reason, "CWSANDBOX_FSS_NOT_SUPPORTED");
+    assert_eq!(
+        fields[0],
+        "sandbox.spec.volumes[0].scratch.restore_from_snapshot_id"
+    );
+}
+
+#[test]
+fn lifetimes_above_the_maximum_are_refused_not_clamped() {
+    let mut spec = spec_with(container());
+    spec.max_lifetime_seconds = 86_400;
+    let n = create_request(&request(spec.clone()), &policy()).unwrap();
+    assert_eq!(n.max_lifetime_seconds, Some(86_400));
+    spec.max_lifetime_seconds = 86_401;
+    let status = create_request(&request(spec.clone()), &policy()).unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("86401 s exceeds this runner's maximum of 86400 s"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        invalid_fields(&request(spec)),
+        ["sandbox.spec.max_lifetime_seconds"]
+    );
+}
+
+#[test]
+fn requests_and_limits_are_kept_apart_and_defaulted() {
+    let q = |cpu: &str, memory: &str| pb::Resources {
+        cpu: cpu.into(),
+        memory: memory.into(),
+        gpu: None,
+    };
+    // Burstable: both kept.
+    let mut c = container();
+    c.resource_requirements = Some(pb::ResourceRequirements {
+        requests: Some(q("250m", "128Mi")),
+        limits: Some(q("2", "1Gi")),
+    });
+    let n = create_request(&request(spec_with(c)), &policy()).unwrap();
+    assert_eq!(n.resources.requests.cpu_millis, Some(250));
+    assert_eq!(n.resources.requests.memory_bytes, Some(128 << 20));
+    assert_eq!(n.resources.limits.cpu_millis, Some(2000));
+    assert_eq!(n.resources.limits.memory_bytes, Some(1 << 30));
+    // A limit alone is also the request.
+    let mut c = container();
+    c.resource_requirements = Some(pb::ResourceRequirements {
+        requests: None,
+        limits: Some(q("1", "")),
+    });
+    let n = create_request(&request(spec_with(c)), &policy()).unwrap();
+    assert_eq!(n.resources.requests.cpu_millis, Some(1000));
+    assert_eq!(n.resources.limits.memory_bytes, None);
+    // Nothing asked: the runner's defaults.
+    let defaults = ResourceSpec {
+        requests: Resources {
+            cpu_millis: Some(100),
+            memory_bytes: None,
+        },
+        limits: Resources {
+            cpu_millis: Some(1000),
+            memory_bytes: Some(512 << 20),
+        },
+    };
+    let with_defaults = CreatePolicy {
+        default_resources: defaults,
+        ..policy()
+    };
+    let n = create_request(&request(spec_with(container())), &with_defaults).unwrap();
+    // A resource without a default request requests its default limit.
+    assert_eq!(n.resources.requests.cpu_millis, Some(100));
+    assert_eq!(n.resources.requests.memory_bytes, Some(512 << 20));
+    assert_eq!(n.resources.limits, defaults.limits);
+    // Only the resource left out is defaulted.
+    let mut c = container();
+    c.resource_requirements = Some(pb::ResourceRequirements {
+        requests: Some(q("", "64Mi")),
+        limits: Some(q("", "64Mi")),
+    });
+    let n = create_request(&request(spec_with(c)), &with_defaults).unwrap();
+    assert_eq!(n.resources.limits.memory_bytes, Some(64 << 20));
+    assert_eq!(n.resources.limits.cpu_millis, Some(1000));
+    assert_eq!(n.resources.requests.cpu_millis, Some(100));
 }
 
 #[test]

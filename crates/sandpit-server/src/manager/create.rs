@@ -92,7 +92,7 @@ impl<E: Engine> Manager<E> {
                 tags: req.tags.clone(),
                 annotations: req.annotations.clone(),
                 display_name: req.display_name.clone(),
-                limits: req.limits,
+                resources: req.resources,
                 max_lifetime_seconds: self.lifetime_for(req.max_lifetime_seconds),
                 spec_echo: req.spec_echo.clone(),
             };

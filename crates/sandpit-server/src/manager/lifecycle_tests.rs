@@ -4,7 +4,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use sandpit_wire::Signal;
 
 use super::*;
-use crate::model::{Principal, Resources, SandboxId};
+use crate::model::{Principal, ResourceSpec, SandboxId};
 
 fn at(s: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(s)
@@ -25,7 +25,7 @@ fn record(state: State) -> SandboxRecord {
         tags: vec![],
         annotations: BTreeMap::new(),
         display_name: String::new(),
-        limits: Resources::default(),
+        resources: ResourceSpec::default(),
         max_lifetime_seconds: 60,
         spec_echo: vec![],
     }

@@ -39,7 +39,7 @@ use crate::clock::Clock;
 use crate::db::{Db, DbError, RecordWriter};
 use crate::engine::{Engine, EngineError};
 use crate::logs::{LogSink, LogWriter};
-use crate::model::{Principal, SandboxId, SandboxRecord, State};
+use crate::model::{Principal, ResourceSpec, SandboxId, SandboxRecord, State};
 
 mod adoption;
 mod create;
@@ -65,7 +65,8 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ManagerConfig {
     /// Lifetime of a sandbox that asks for none (seconds).
     pub default_max_lifetime_seconds: u32,
-    /// Longest lifetime granted; longer requests are clamped (seconds).
+    /// Longest lifetime granted (seconds): the API refuses longer requests;
+    /// the manager clamps, in case one comes another way.
     pub max_max_lifetime_seconds: u32,
     /// How long terminal sandboxes stay readable.
     pub retention: Duration,
@@ -75,6 +76,8 @@ pub struct ManagerConfig {
     pub gc_interval: Duration,
     /// Most non-terminal sandboxes at once.
     pub max_sandboxes: usize,
+    /// Requests and limits of a sandbox that asks for none.
+    pub default_resources: ResourceSpec,
 }
 
 impl Default for ManagerConfig {
@@ -86,6 +89,7 @@ impl Default for ManagerConfig {
             lifetime_grace: Duration::from_secs(10),
             gc_interval: Duration::from_secs(60),
             max_sandboxes: 256,
+            default_resources: ResourceSpec::default(),
         }
     }
 }

@@ -819,9 +819,12 @@ fn launch_spec_follows_kubernetes_semantics() {
             path: "/etc/x".into(),
             content: b"x".to_vec(),
         }],
-        limits: crate::model::Resources {
-            cpu_millis: Some(500),
-            memory_bytes: None,
+        resources: crate::model::ResourceSpec {
+            limits: crate::model::Resources {
+                cpu_millis: Some(500),
+                memory_bytes: None,
+            },
+            ..Default::default()
         },
         ..base.clone()
     };
@@ -837,7 +840,7 @@ fn launch_spec_follows_kubernetes_semantics() {
     );
     assert_eq!(spec.cwd, "/work");
     assert_eq!(spec.files.len(), 1);
-    assert_eq!(spec.limits.cpu_millis, Some(500));
+    assert_eq!(spec.resources.limits.cpu_millis, Some(500));
     assert_eq!(spec.lower_dirs, image.lower_dirs);
     assert_eq!(launch_spec(&image, &base).cwd, "/app");
     let bare = ImageInfo {

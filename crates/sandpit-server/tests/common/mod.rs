@@ -65,10 +65,12 @@ pub(crate) async fn start_with(logs: bool) -> Server {
         ApiKey {
             key: ALICE.into(),
             name: Some("alice".into()),
+            organization: None,
         },
         ApiKey {
             key: BOB.into(),
             name: None,
+            organization: Some("acme".into()),
         },
     ]);
     let secrets = tempfile::tempdir().unwrap();
@@ -94,6 +96,7 @@ pub(crate) async fn start_with(logs: bool) -> Server {
                 max_message_bytes: 100 << 20,
                 tls: None,
                 runner_id: "runner-1".into(),
+                organization_id: "org".into(),
                 started: SystemTime::now(),
                 max_file_bytes: 32 << 20,
                 logs: reader,

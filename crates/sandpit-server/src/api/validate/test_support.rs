@@ -4,7 +4,7 @@ use sandpit_proto::sandbox::v1 as pb;
 use tonic_types::StatusExt;
 
 use super::{create_request, CreatePolicy};
-use crate::model::NewSandbox;
+use crate::model::{NewSandbox, ResourceSpec};
 
 /// A container as the client sends it by default.
 pub(super) fn container() -> pb::Container {
@@ -40,6 +40,8 @@ pub(super) fn validate(spec: pb::SandboxSpec) -> Result<NewSandbox, tonic::Statu
         &req,
         &CreatePolicy {
             runner_id: "r1".into(),
+            default_resources: ResourceSpec::default(),
+            max_lifetime_seconds: 86_400,
         },
     )
 }
