@@ -105,6 +105,23 @@ pub struct LaunchSpec {
     pub files: Vec<MountedFile>,
     /// cgroup limits.
     pub limits: Resources,
+    /// Secrets as environment variables: over `env` (a secret wins over a
+    /// plain variable of the same name). Kept apart so that `Debug` of the
+    /// spec redacts them; see [`LaunchSpec::environment`].
+    pub secret_env: Vec<(String, crate::secrets::SecretValue)>,
+}
+
+impl LaunchSpec {
+    /// The sandbox's whole environment, secrets included: only for handing
+    /// to the sandbox's init.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let secrets: Vec<(String, String)> = self
+            .secret_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect();
+        sandpit_wire::process::merge_env(&self.env, &secrets)
+    }
 }
 
 /// Credentials for one registry, resolved from a secret store. `Debug`
@@ -272,5 +289,6 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         cwd: process.cwd,
         files: req.files.clone(),
         limits: req.limits,
+        secret_env: req.secret_values.clone(),
     }
 }

@@ -45,6 +45,15 @@ pub mod reason {
     pub const UNAUTHENTICATED: &str = "CWSANDBOX_UNAUTHENTICATED";
     /// A fault of this server.
     pub const INTERNAL: &str = "CWSANDBOX_INTERNAL";
+    /// A secret store a request names is not configured (the client knows
+    /// no secret reasons: it maps FAILED_PRECONDITION to `SandboxError`,
+    /// keeping this reason and the metadata).
+    pub const SECRET_STORE_NOT_FOUND: &str = "CWSANDBOX_SECRET_STORE_NOT_FOUND";
+    /// A secret, or its field, does not exist (NOT_FOUND, which the client
+    /// raises as `SandboxNotFoundError` with this reason).
+    pub const SECRET_NOT_FOUND: &str = "CWSANDBOX_SECRET_NOT_FOUND";
+    /// A secret exists but cannot be used as asked (FAILED_PRECONDITION).
+    pub const SECRET_UNUSABLE: &str = "CWSANDBOX_SECRET_UNUSABLE";
 }
 
 /// One offending field of a request.
@@ -101,6 +110,21 @@ fn with_details(
         details.set_retry_info(Some(d));
     }
     Status::with_error_details(code, message, details)
+}
+
+/// A refusal that names the fields at fault: `code` with an `ErrorInfo`
+/// and `BadRequest` violations.
+pub fn refused(
+    code: Code,
+    reason: &str,
+    metadata: &[(&str, String)],
+    violations: &[Violation],
+) -> Status {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    with_details(code, parts.join("; "), reason, metadata, violations, None)
 }
 
 /// NOT_FOUND for a sandbox id.

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod files;
 pub mod logs;
 pub mod sandbox;
+pub mod secrets;
 pub mod validate;
 
 use tonic::{Code, Request, Status};

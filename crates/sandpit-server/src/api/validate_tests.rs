@@ -394,14 +394,6 @@ fn unsupported_fields_are_named_never_ignored() {
         ),
         (
             Box::new(|s| {
-                s.containers[0]
-                    .secret_stores
-                    .push(pb::SecretStoreReference::default())
-            }),
-            format!("{p}.secret_stores"),
-        ),
-        (
-            Box::new(|s| {
                 s.containers[0].security_context = Some(pb::SecurityContext {
                     run_as_user: Some(1000),
                     ..Default::default()
