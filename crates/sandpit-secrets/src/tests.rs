@@ -272,3 +272,21 @@ fn config_is_checked() {
         assert!(ok.validate(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn errors_with_a_source_do_not_repeat_it() {
+    let e = ManagedError::Io {
+        op: "read",
+        path: "/s/a.secret".into(),
+        source: std::io::Error::other("disk on fire"),
+    };
+    let source = std::error::Error::source(&e).expect("has a source");
+    assert!(!e.to_string().contains(&source.to_string()));
+    assert_eq!(sandpit_errors::chain(&e), "read /s/a.secret: disk on fire");
+    // Through a resolution, the chain is printed once.
+    let resolved = e.into_secret_error("vault", "a");
+    assert_eq!(
+        resolved.to_string(),
+        "secret \"a\" in store \"vault\": read /s/a.secret: disk on fire"
+    );
+}
