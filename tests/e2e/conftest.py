@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+import secret_stores
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
 FIXTURE_WORKSPACE = E2E_DIR / "fixtures" / "workspace"
@@ -278,6 +280,8 @@ class Server:
     config: Path | None = None
     proc: subprocess.Popen | None = None
     starts: int = 0
+    # The secret stores its config names (secret_stores.py), filled before the start.
+    stores: secret_stores.Stores | None = None
 
     @property
     def url(self) -> str:
@@ -447,13 +451,17 @@ def server(
     baseline_procs = set(sandpit_cgroup_procs())
     baseline_mounts = set(mounts_under(e2e_dirs.root))
     config = e2e_dirs.root / "sandpitd.toml"
-    config.write_text(f"max_file_bytes = {MAX_FILE_BYTES}\n")
+    config.write_text(
+        f"max_file_bytes = {MAX_FILE_BYTES}\n"
+        + secret_stores.config_toml(e2e_dirs.root, data_dir)
+    )
     srv = Server(
         binary=binaries.sandpitd,
         data_dir=data_dir,
         keys=[principal_a.key, principal_b.key],
         log_path=e2e_dirs.log_path,
         config=config,
+        stores=secret_stores.fill(binaries.sandpit, config, e2e_dirs.root, data_dir),
     )
     srv.start()
     _SERVER = srv
@@ -535,6 +543,13 @@ def _client_env_values(server: Server, principal: Principal, root: Path) -> dict
         "WANDB_DATA_DIR": str(wandb_dir / "data"),
         "WANDB_SILENT": "true",
     }
+
+
+@pytest.fixture
+def stores(server: Server) -> secret_stores.Stores:
+    """The session daemon's secret stores and the values in them."""
+    assert server.stores is not None
+    return server.stores
 
 
 @pytest.fixture

@@ -364,6 +364,91 @@ def test_stream_logs_follow_tail_and_timestamps(sdk, tag):
         assert m.group(3) == plain
 
 
+def drop_connections(port: int) -> int:
+    """Shuts down every TCP connection of this process to 127.0.0.1:`port`.
+
+    A transient disconnect as the client meets it (the peer or the network
+    resets the connection: UNAVAILABLE, which the client resumes from). The
+    client's channels share one connection, so this is the socket under
+    `sandbox._streaming_channel`. Closing that channel object instead cancels
+    the call locally: grpc raises CancelledError inside the client's log task,
+    which only catches Exception, so the client's iterator waits forever
+    without a byte reaching the server (cwsandbox 1.22.0; nothing a server can
+    answer changes that).
+    """
+    import socket
+
+    dropped = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            fd = os.dup(int(name))
+        except OSError:
+            continue  # closed meanwhile
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            # grpc's sockets are AF_INET6, the peer an IPv4-mapped address.
+            peer = sock.getpeername() if sock.family in (socket.AF_INET, socket.AF_INET6) else ()
+            if peer[:2] in (("127.0.0.1", port), ("::ffff:127.0.0.1", port)):
+                sock.shutdown(socket.SHUT_RDWR)
+                dropped += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return dropped
+
+
+# A line every 100 ms, each written in two halves 50 ms apart, so that some
+# disconnects fall inside a line and the resume has to continue it.
+HALVES = (
+    "import sys, time\n"
+    "for i in range(50):\n"
+    "    sys.stdout.write('line '); sys.stdout.flush(); time.sleep(0.05)\n"
+    "    sys.stdout.write(f'{i}\\n'); sys.stdout.flush(); time.sleep(0.05)\n"
+)
+HALVES_LINES = [f"line {i}\n" for i in range(50)]
+
+
+@pytest.mark.parametrize("timestamps", [False, True], ids=["raw", "timestamps"])
+def test_stream_logs_follow_resumes_after_a_disconnect(sdk, tag, server: Server, timestamps):
+    sb = sdk.Sandbox.run("python", "-c", HALVES, tags=[tag])
+    sb.wait(timeout=RPC)
+    got: list[str] = []
+    drops: list[int] = []
+    done = threading.Event()
+
+    def disconnect():
+        # Five drops 0.53 s apart: mid-stream, at varying points of a line.
+        for _ in range(5):
+            if done.wait(0.53):
+                return
+            drops.append(drop_connections(server.port))
+
+    t = threading.Thread(target=disconnect, daemon=True)
+    t.start()
+    try:
+        for line in sb.stream_logs(follow=True, timestamps=timestamps):
+            got.append(line)
+    finally:
+        done.set()
+        t.join()
+    assert len(drops) == 5 and all(drops), f"a drop found no connection to cut: {drops}"
+    if timestamps:
+        plain = []
+        for line in got:
+            m = re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (line \d+\n)", line)
+            assert m, f"not one stamp then the line: {line!r}"
+            plain.append(m.group(1))
+        got = plain
+    assert got == HALVES_LINES
+
+
 def test_stream_logs_of_a_silent_main_is_empty(tag):
     from cwsandbox import Sandbox
 

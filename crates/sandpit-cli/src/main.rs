@@ -5,6 +5,7 @@
 mod pull;
 mod remote;
 mod run;
+mod secret;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Run a command in a new sandbox, then remove the sandbox.
     Run(run::RunArgs),
+    /// Manage the secrets of sandpitd's managed secret stores.
+    Secret(secret::SecretArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -96,6 +99,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Image { command } => image(&cli.data_dir, command).map(|()| 0),
         Command::Run(args) => run::run(&cli.data_dir, args),
+        Command::Secret(args) => secret::run(args).map(|()| 0),
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }
@@ -232,5 +236,10 @@ mod tests {
         assert_eq!(args.image, "python:3.11");
         assert_eq!(args.command, ["sh", "-c", "true"]);
         assert!(Cli::try_parse_from(["sandpit", "image", "rm"]).is_err());
+        // A value is never an argument.
+        assert!(Cli::try_parse_from(["sandpit", "secret", "set", "s", "N", "value"]).is_err());
+        assert!(
+            Cli::try_parse_from(["sandpit", "secret", "--config", "c", "rotate-key", "s"]).is_ok()
+        );
     }
 }

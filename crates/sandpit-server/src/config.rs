@@ -264,7 +264,8 @@ pub struct Config {
     pub spawner_binary: PathBuf,
     /// Parent cgroup of every sandbox.
     pub cgroup_parent: String,
-    /// Secret stores for `image_pull_credentials`, by name.
+    /// Secret stores for `image_pull_credentials` and `secret_stores`, by
+    /// name.
     pub secret_stores: BTreeMap<String, SecretStoreConfig>,
     /// Registries, mirrors and caps for image pulls (`[registry]`).
     pub registry: RegistryConfig,
@@ -496,15 +497,9 @@ impl Config {
         }
         let secret_stores = file.secret_stores.unwrap_or_default();
         for (name, store) in &secret_stores {
-            if name.is_empty() {
-                return Err(invalid("secret_stores", "a store's name must not be empty"));
-            }
-            if !store.dir.is_absolute() {
-                return Err(invalid(
-                    "secret_stores",
-                    format!("dir of store {name:?} must be an absolute path"),
-                ));
-            }
+            store
+                .validate(name)
+                .map_err(|why| invalid("secret_stores", why))?;
         }
         let registry = file.registry.unwrap_or_default();
         registry

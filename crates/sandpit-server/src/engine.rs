@@ -115,6 +115,23 @@ pub struct LaunchSpec {
     pub read_only_root: bool,
     /// The startup probe, run by the agent.
     pub startup_probe: Option<Probe>,
+    /// Secrets as environment variables: over `env` (a secret wins over a
+    /// plain variable of the same name). Kept apart so that `Debug` of the
+    /// spec redacts them; see [`LaunchSpec::environment`].
+    pub secret_env: Vec<(String, crate::secrets::SecretValue)>,
+}
+
+impl LaunchSpec {
+    /// The sandbox's whole environment, secrets included: only for handing
+    /// to the sandbox's init.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let secrets: Vec<(String, String)> = self
+            .secret_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect();
+        sandpit_wire::process::merge_env(&self.env, &secrets)
+    }
 }
 
 /// Credentials for one registry, resolved from a secret store. `Debug`
@@ -286,6 +303,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         capabilities: req.security.capabilities,
         read_only_root: req.security.read_only_root,
         startup_probe: req.startup_probe.clone(),
+        secret_env: req.secret_values.clone(),
     }
 }
 

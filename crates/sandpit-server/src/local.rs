@@ -228,6 +228,9 @@ impl Engine for LocalEngine {
 
     async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
         let runtime = Arc::clone(&self.runtime);
+        // Secrets join the environment only here, on the way to the
+        // spawner's stdin.
+        let env = spec.environment();
         let spec_layers = spec.layers;
         let spec = SandboxSpec {
             id: id.clone(),
@@ -235,7 +238,7 @@ impl Engine for LocalEngine {
             lower_dirs: spec.lower_dirs,
             init: InitSpec {
                 argv: spec.argv,
-                env: spec.env,
+                env,
                 cwd: spec.cwd,
                 files: spec
                     .files

@@ -137,6 +137,11 @@ async fn run(config: Config) -> Result<()> {
         None => None,
     };
 
+    let secret_stores = sandpit_server::secrets::SecretStores::new(config.secret_stores.clone());
+    secret_stores.init_managed().map_err(|(name, e)| {
+        anyhow::anyhow!(sandpit_server::chain(&e)).context(format!("secret store {name:?}"))
+    })?;
+
     let engine_config = LocalEngineConfig {
         store_dir: config.store_dir(),
         state_dir: config.state_dir(),
@@ -194,7 +199,7 @@ async fn run(config: Config) -> Result<()> {
             started,
             max_file_bytes: config.max_file_bytes,
             logs: Some(logs),
-            secret_stores: sandpit_server::secrets::SecretStores::new(config.secret_stores.clone()),
+            secret_stores,
         },
         shutdown_signal(),
     )

@@ -178,6 +178,11 @@ pub struct NewSandbox {
     pub pull_secret: Option<crate::secrets::SecretRef>,
     /// Those credentials, resolved by the API layer; never persisted.
     pub pull_credentials: Option<crate::engine::RegistryCredentials>,
+    /// The secrets asked for as environment variables, as requested.
+    pub secret_env: Vec<crate::secrets::SecretEnvRef>,
+    /// Their values by variable, resolved by the API layer; never
+    /// persisted, `Debug` redacted.
+    pub secret_values: Vec<(String, crate::secrets::SecretValue)>,
 }
 
 /// Everything known about one sandbox; persisted on every change.

@@ -1,83 +1,29 @@
-//! Secret stores: where per-sandbox registry credentials
-//! (`image_pull_credentials`) come from.
+//! Secrets in the daemon: the configured stores (`sandpit-secrets`: the
+//! operator's directories and the encrypted managed store) and their two
+//! uses, both through the one [`sandpit_secrets::Stores::resolve`]:
 //!
-//! A store is a directory the operator fills (mode 0700, owned by root); a
-//! request names a store, a path in it and optionally a field. The secret is
-//! one of:
+//! - `image_pull_credentials`: a secret that is `username:password`, a JSON
+//!   `{"username": ..., "password": ...}`, or, with `field`, a JSON object
+//!   whose member `field` is either. Used only to authenticate a pull.
+//! - `secret_stores`: values injected as environment variables of the
+//!   sandbox (its main process and every exec), over the spawner's stdin
+//!   and a memfd (never an argv).
 //!
-//! - `username:password` (the text of the file, trimmed);
-//! - a JSON object `{"username": ..., "password": ...}`;
-//! - with `field`, a JSON object whose member `field` is either of the above.
-//!
-//! Secrets never leave the daemon: they only authenticate pulls. Paths come
-//! from API callers, so they are checked component by component and opened
-//! without following symlinks: a request cannot read a file outside its
-//! store.
+//! Values are [`SecretValue`]s (redacted `Debug`) from the moment they are
+//! read until the engine hands them to the sandbox. They are never stored:
+//! records and the spec returned by Get/List hold only the references.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Component, Path, PathBuf};
-
-use serde::Deserialize;
 
 use sandpit_registry::Credentials;
 
 use crate::engine::RegistryCredentials;
 
-/// Largest secret file read.
-const MAX_SECRET_BYTES: u64 = 64 << 10;
+pub use sandpit_secrets::{
+    ManagedError, SecretError, SecretValue, StoreConfig as SecretStoreConfig, StoreKind,
+};
 
-/// A configured store.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretStoreConfig {
-    /// Directory holding the secrets.
-    pub dir: PathBuf,
-}
-
-/// Errors resolving a secret; each names the request field at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SecretError {
-    /// No store of that name is configured.
-    #[error("no secret store named {0:?} is configured")]
-    UnknownStore(String),
-    /// The path is not a plain relative path.
-    #[error("{0:?} is not a relative path of plain names")]
-    BadPath(String),
-    /// No such secret in the store.
-    #[error("secret {path:?} not found in store {store:?}")]
-    NotFound {
-        /// The store.
-        store: String,
-        /// The path.
-        path: String,
-    },
-    /// The secret exists but cannot be used as credentials.
-    #[error("secret {path:?} in store {store:?}: {reason}")]
-    Unusable {
-        /// The store.
-        store: String,
-        /// The path.
-        path: String,
-        /// What is wrong with it (never its content).
-        reason: String,
-    },
-}
-
-impl SecretError {
-    /// The field of `SecretSource` the error is about.
-    pub fn field(&self) -> &'static str {
-        match self {
-            Self::UnknownStore(_) => "store_name",
-            Self::BadPath(_) | Self::NotFound { .. } => "path",
-            Self::Unusable { .. } => "field",
-        }
-    }
-}
-
-/// What a request points at.
+/// What `image_pull_credentials` point at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretRef {
     /// Registry the credentials are for.
@@ -90,51 +36,71 @@ pub struct SecretRef {
     pub field: String,
 }
 
+/// One secret a sandbox wants as an environment variable, as validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEnvRef {
+    /// Where it was asked for
+    /// (`sandbox.spec.containers[0].secret_stores[i].secrets[j]`).
+    pub field_path: String,
+    /// Store name.
+    pub store: String,
+    /// The secret's name (the mapping's `path`).
+    pub name: String,
+    /// Member of a JSON secret; empty for the whole secret.
+    pub field: String,
+    /// The variable it becomes.
+    pub env_var: String,
+}
+
+/// The field of `SecretSource` a pull-credentials error is about.
+pub fn pull_field(e: &SecretError) -> &'static str {
+    match e {
+        SecretError::UnknownStore(_) => "store_name",
+        SecretError::BadName { .. } | SecretError::NotFound { .. } => "path",
+        SecretError::NoField { .. } | SecretError::Unusable { .. } => "field",
+    }
+}
+
 /// The configured stores.
 #[derive(Debug, Clone, Default)]
 pub struct SecretStores {
-    stores: BTreeMap<String, SecretStoreConfig>,
+    stores: sandpit_secrets::Stores,
 }
 
 impl SecretStores {
     /// Stores by name.
     pub fn new(stores: BTreeMap<String, SecretStoreConfig>) -> Self {
-        Self { stores }
+        Self {
+            stores: sandpit_secrets::Stores::new(stores),
+        }
+    }
+
+    /// Creates what the managed stores lack (directory, key) and checks
+    /// their keys: at start-up, so that a bad key file stops the daemon
+    /// instead of every sandbox that needs it.
+    pub fn init_managed(&self) -> Result<(), (String, ManagedError)> {
+        for (name, config) in self.stores.iter() {
+            if let Some(m) = config.managed(name) {
+                m.init().map_err(|e| (name.clone(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The value a sandbox's secret mapping points at.
+    pub fn resolve_env(&self, r: &SecretEnvRef) -> Result<SecretValue, SecretError> {
+        self.stores.resolve(&r.store, &r.name, &r.field)
     }
 
     /// Reads the credentials `r` points at.
     pub fn resolve(&self, r: &SecretRef) -> Result<RegistryCredentials, SecretError> {
-        let store = self
-            .stores
-            .get(&r.store)
-            .ok_or_else(|| SecretError::UnknownStore(r.store.clone()))?;
-        check_path(&r.path)?;
-        let unusable = |reason: &str| SecretError::Unusable {
-            store: r.store.clone(),
-            path: r.path.clone(),
-            reason: reason.to_owned(),
-        };
-        let text = read_secret(&store.dir, &r.path).map_err(|e| match e {
-            ReadError::Missing => SecretError::NotFound {
+        let value = self.stores.resolve(&r.store, &r.path, &r.field)?;
+        let credentials =
+            parse_credentials(value.expose()).ok_or_else(|| SecretError::Unusable {
                 store: r.store.clone(),
-                path: r.path.clone(),
-            },
-            ReadError::Other(reason) => unusable(&reason),
-        })?;
-        let value = if r.field.is_empty() {
-            parse_credentials(&text)
-        } else {
-            let object: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(&text).map_err(|_| unusable("not a JSON object"))?;
-            match object.get(&r.field) {
-                Some(serde_json::Value::String(s)) => parse_credentials(s),
-                Some(v @ serde_json::Value::Object(_)) => credentials_from_json(v),
-                Some(_) => None,
-                None => return Err(unusable(&format!("has no field {:?}", r.field))),
-            }
-        };
-        let credentials = value
-            .ok_or_else(|| unusable("not username:password nor {\"username\", \"password\"}"))?;
+                name: r.path.clone(),
+                why: "not username:password nor {\"username\", \"password\"}".into(),
+            })?;
         Ok(RegistryCredentials {
             registry: r.registry.clone(),
             credentials,
@@ -147,7 +113,12 @@ fn parse_credentials(text: &str) -> Option<Credentials> {
     let text = text.trim();
     if text.starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        return credentials_from_json(&v);
+        let username = v.get("username")?.as_str()?;
+        let password = v.get("password")?.as_str()?;
+        return (!username.is_empty()).then(|| Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        });
     }
     let (user, password) = text.split_once(':')?;
     (!user.is_empty()).then(|| Credentials {
@@ -156,89 +127,16 @@ fn parse_credentials(text: &str) -> Option<Credentials> {
     })
 }
 
-fn credentials_from_json(v: &serde_json::Value) -> Option<Credentials> {
-    let username = v.get("username")?.as_str()?;
-    let password = v.get("password")?.as_str()?;
-    (!username.is_empty()).then(|| Credentials {
-        username: username.to_owned(),
-        password: password.to_owned(),
-    })
-}
-
-/// Relative, made of plain names (no `..`, `.`, empty or hidden-by-dot
-/// components), of sane length.
-pub fn check_path(path: &str) -> Result<(), SecretError> {
-    let bad = || SecretError::BadPath(path.to_owned());
-    if path.is_empty() || path.len() > 512 || path.contains('\0') {
-        return Err(bad());
-    }
-    for component in Path::new(path).components() {
-        match component {
-            Component::Normal(name) if !name.as_encoded_bytes().starts_with(b".") => {}
-            _ => return Err(bad()),
-        }
-    }
-    if path.ends_with('/') || path.contains("//") {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-enum ReadError {
-    Missing,
-    Other(String),
-}
-
-/// Opens `dir/path` one component at a time, never following a symlink.
-fn read_secret(dir: &Path, path: &str) -> Result<String, ReadError> {
-    use nix::fcntl::{openat, OFlag};
-    use nix::sys::stat::Mode;
-
-    let map = |e: nix::errno::Errno| match e {
-        nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP => {
-            ReadError::Missing
-        }
-        other => ReadError::Other(format!("cannot be read ({})", other.desc().to_lowercase())),
-    };
-    let root = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(dir)
-        .map_err(|e| ReadError::Other(format!("store directory cannot be opened ({e})")))?;
-    let mut current: std::os::fd::OwnedFd = root.into();
-    let parts: Vec<&str> = path.split('/').collect();
-    for (i, part) in parts.iter().enumerate() {
-        let last = i + 1 == parts.len();
-        let flags = OFlag::O_NOFOLLOW
-            | OFlag::O_CLOEXEC
-            | if last {
-                OFlag::O_RDONLY
-            } else {
-                OFlag::O_DIRECTORY | OFlag::O_RDONLY
-            };
-        current = openat(&current, *part, flags, Mode::empty()).map_err(map)?;
-    }
-    let file = File::from(current);
-    let meta = file
-        .metadata()
-        .map_err(|e| ReadError::Other(format!("cannot be read ({e})")))?;
-    if !meta.is_file() {
-        return Err(ReadError::Missing);
-    }
-    let mut text = String::new();
-    file.take(MAX_SECRET_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|_| ReadError::Other("is not UTF-8 text".into()))?;
-    if text.len() as u64 > MAX_SECRET_BYTES {
-        return Err(ReadError::Other(format!(
-            "is larger than {MAX_SECRET_BYTES} bytes"
-        )));
-    }
-    Ok(text)
+/// A directory store's path: relative, of plain names. The error reads
+/// `"x" is not a relative path of plain names`.
+pub fn check_path(path: &str) -> Result<(), String> {
+    sandpit_secrets::dir::check_path(path).map_err(|why| format!("{path:?} is {why}"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn stores(dir: &Path) -> SecretStores {
@@ -246,6 +144,7 @@ mod tests {
             "local".to_owned(),
             SecretStoreConfig {
                 dir: dir.to_owned(),
+                ..Default::default()
             },
         )]))
     }
@@ -259,8 +158,15 @@ mod tests {
         }
     }
 
+    fn user_password(c: &RegistryCredentials) -> (&str, &str) {
+        (
+            c.credentials.username.as_str(),
+            c.credentials.password.as_str(),
+        )
+    }
+
     #[test]
-    fn formats_are_read() {
+    fn credential_formats_are_read() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("team")).unwrap();
         std::fs::write(dir.path().join("team/plain"), "bot:s3cr:et\n").unwrap();
@@ -276,54 +182,25 @@ mod tests {
         .unwrap();
         let s = stores(dir.path());
         let c = s.resolve(&sref("team/plain", "")).unwrap();
-        assert_eq!(
-            (
-                c.registry.as_str(),
-                c.credentials.username.as_str(),
-                c.credentials.password.as_str()
-            ),
-            ("ghcr.io", "bot", "s3cr:et")
-        );
+        assert_eq!(c.registry, "ghcr.io");
+        assert_eq!(user_password(&c), ("bot", "s3cr:et"));
         let c = s.resolve(&sref("team/json", "")).unwrap();
-        assert_eq!(
-            (
-                c.credentials.username.as_str(),
-                c.credentials.password.as_str()
-            ),
-            ("u", "p")
-        );
+        assert_eq!(user_password(&c), ("u", "p"));
         let c = s.resolve(&sref("bundle", "ghcr")).unwrap();
-        assert_eq!(
-            (
-                c.credentials.username.as_str(),
-                c.credentials.password.as_str()
-            ),
-            ("g", "x")
-        );
+        assert_eq!(user_password(&c), ("g", "x"));
         let c = s.resolve(&sref("bundle", "quay")).unwrap();
-        assert_eq!(
-            (
-                c.credentials.username.as_str(),
-                c.credentials.password.as_str()
-            ),
-            ("q", "y")
-        );
+        assert_eq!(user_password(&c), ("q", "y"));
 
         let e = s.resolve(&sref("bundle", "n")).unwrap_err();
-        assert_eq!(e.field(), "field");
+        assert_eq!(pull_field(&e), "field");
         let e = s.resolve(&sref("bundle", "nope")).unwrap_err();
         assert_eq!(
             e.to_string(),
             "secret \"bundle\" in store \"local\": has no field \"nope\""
         );
+        assert_eq!(pull_field(&e), "field");
         let e = s.resolve(&sref("team/missing", "")).unwrap_err();
-        assert_eq!(
-            e,
-            SecretError::NotFound {
-                store: "local".into(),
-                path: "team/missing".into()
-            }
-        );
+        assert_eq!(pull_field(&e), "path");
         let e = s
             .resolve(&SecretRef {
                 store: "vault".into(),
@@ -331,43 +208,11 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(e, SecretError::UnknownStore("vault".into()));
-        assert_eq!(e.field(), "store_name");
-    }
-
-    #[test]
-    fn paths_cannot_leave_the_store() {
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("host-secret"), "root:hunter2").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path().join("host-secret"), dir.path().join("link"))
-            .unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).unwrap();
-        let s = stores(dir.path());
-        for bad in [
-            "../x",
-            "/etc/shadow",
-            "a/../b",
-            "./a",
-            ".hidden",
-            "a//b",
-            "a/",
-            "",
-        ] {
-            assert_eq!(
-                s.resolve(&sref(bad, "")).unwrap_err(),
-                SecretError::BadPath(bad.into()),
-                "{bad}"
-            );
-        }
-        for through_link in ["link", "linkdir/host-secret"] {
-            assert!(
-                matches!(
-                    s.resolve(&sref(through_link, "")),
-                    Err(SecretError::NotFound { .. })
-                ),
-                "{through_link}"
-            );
-        }
+        assert_eq!(pull_field(&e), "store_name");
+        assert_eq!(
+            check_path("../x").unwrap_err(),
+            "\"../x\" is not a relative path of plain names"
+        );
     }
 
     #[test]

@@ -450,3 +450,73 @@ async fn logs_stream_what_the_main_process_printed() {
     .expect("the followed stream ends with the sandbox");
     assert_eq!(rest, 0);
 }
+
+#[tokio::test]
+async fn log_resumes_continue_exactly_where_they_stopped() {
+    let server = start_with(true).await;
+    server.engine.set_output(b"one\ntwo\n");
+    let mut c = server.client().await;
+    let id = sandbox(&mut c).await;
+    let read = |req: pb::StreamLogsRequest| {
+        let mut c = c.clone();
+        async move {
+            let mut s = c
+                .stream_logs(with_key(req, ALICE))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut entries = Vec::new();
+            while let Some(e) = s.next().await {
+                entries.push(e.unwrap());
+            }
+            entries
+        }
+    };
+    // The watcher stores the output as it arrives: wait for all of it.
+    let mut first = Vec::new();
+    for _ in 0..200 {
+        first = read(pb::StreamLogsRequest {
+            sandbox_id: id.clone(),
+            timestamps: true,
+            ..Default::default()
+        })
+        .await;
+        if first.last().map(|e| e.next_log_offset) == Some(8) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let session = first[0].log_session_id.clone();
+    let text = |entries: &[pb::LogEntry]| {
+        String::from_utf8(entries.iter().flat_map(|e| e.data.clone()).collect()).unwrap()
+    };
+    let stamped = text(&first);
+    let stamp = &stamped[..stamped.find(' ').unwrap()];
+    assert_eq!(stamped, format!("{stamp} one\n{stamp} two\n"));
+    let resume = |offset: u64| pb::StreamLogsRequest {
+        sandbox_id: id.clone(),
+        resume_log_session_id: session.clone(),
+        resume_log_offset: offset,
+        ..Default::default()
+    };
+    // A resume inside a line continues it unstamped; at a line start it
+    // stamps the line, as the first stream did.
+    for (offset, want) in [
+        (0, format!("{stamp} one\n{stamp} two\n")),
+        (2, format!("e\n{stamp} two\n")),
+        (4, format!("{stamp} two\n")),
+        (6, "o\n".to_owned()),
+        (8, String::new()),
+    ] {
+        let entries = read(resume(offset)).await;
+        assert_eq!(text(&entries), want, "resume at {offset}");
+        if let Some(last) = entries.last() {
+            assert_eq!((last.next_log_offset, &last.log_session_id), (8, &session));
+        }
+    }
+    let entries = read(resume(9)).await;
+    assert_eq!(
+        entries[0].error.as_ref().map(|e| e.code.as_str()),
+        Some("INVALID_RESUME_OFFSET")
+    );
+}

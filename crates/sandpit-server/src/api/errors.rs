@@ -52,6 +52,15 @@ pub mod reason {
     /// TLS passthrough endpoints are not available on this runner.
     pub const TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED: &str =
         "CWSANDBOX_TLS_PASSTHROUGH_ENDPOINTS_NOT_SUPPORTED";
+    /// A secret store a request names is not configured (the client knows
+    /// no secret reasons: it maps FAILED_PRECONDITION to `SandboxError`,
+    /// keeping this reason and the metadata).
+    pub const SECRET_STORE_NOT_FOUND: &str = "CWSANDBOX_SECRET_STORE_NOT_FOUND";
+    /// A secret, or its field, does not exist (NOT_FOUND, which the client
+    /// raises as `SandboxNotFoundError` with this reason).
+    pub const SECRET_NOT_FOUND: &str = "CWSANDBOX_SECRET_NOT_FOUND";
+    /// A secret exists but cannot be used as asked (FAILED_PRECONDITION).
+    pub const SECRET_UNUSABLE: &str = "CWSANDBOX_SECRET_UNUSABLE";
 }
 
 /// One offending field of a request.
@@ -108,6 +117,22 @@ fn with_details(
         details.set_retry_info(Some(d));
     }
     Status::with_error_details(code, message, details)
+}
+
+/// A refusal that names the fields at fault, with metadata of its own
+/// (the secret store, the secret): `code` with an `ErrorInfo` and
+/// `BadRequest` violations.
+pub fn refused_with(
+    code: Code,
+    reason: &str,
+    metadata: &[(&str, String)],
+    violations: &[Violation],
+) -> Status {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    with_details(code, parts.join("; "), reason, metadata, violations, None)
 }
 
 /// NOT_FOUND for a sandbox id.

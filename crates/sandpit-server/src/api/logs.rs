@@ -71,9 +71,16 @@ pub struct LineFormatter {
 impl LineFormatter {
     /// A formatter at the start of a line.
     pub fn new(timestamps: bool) -> Self {
+        Self::resuming(timestamps, true)
+    }
+
+    /// A formatter continuing a stream whose next byte does (or, mid-line,
+    /// does not) start a line: a resume inside a line must not stamp it
+    /// again.
+    pub fn resuming(timestamps: bool, at_line_start: bool) -> Self {
         Self {
             timestamps,
-            at_line_start: true,
+            at_line_start,
         }
     }
 
@@ -183,7 +190,7 @@ pub async fn stream_logs<E: Engine>(
         reader,
         follow: req.follow,
         session,
-        formatter: LineFormatter::new(timestamps),
+        timestamps,
         tx,
     };
     tokio::spawn(stream.run(start, shutdown));
@@ -197,7 +204,7 @@ struct LogStream<E: Engine> {
     reader: LogReader,
     follow: bool,
     session: String,
-    formatter: LineFormatter,
+    timestamps: bool,
     tx: mpsc::Sender<Result<pb::LogEntry, Status>>,
 }
 
@@ -232,6 +239,18 @@ fn read_batch(mut cursor: LogCursor) -> std::io::Result<Batch> {
     })
 }
 
+/// Whether `offset` starts a line: it is the first offset, or the byte
+/// before it (when still kept) is a newline. Leaves the cursor anywhere.
+fn at_line_start(cursor: &mut LogCursor, offset: u64) -> std::io::Result<bool> {
+    if offset == 0 || cursor.seek(offset - 1)?.is_some() {
+        return Ok(true);
+    }
+    Ok(match cursor.next()? {
+        Next::Record(r) => r.data.first() == Some(&b'\n'),
+        Next::Gap(_) | Next::Pending => true,
+    })
+}
+
 fn io_status(e: std::io::Error) -> Status {
     tracing::warn!(error = %e, "read kept output");
     errors::status(
@@ -247,8 +266,12 @@ impl<E: Engine> LogStream<E> {
         self.tx.send(item).await.is_ok()
     }
 
-    /// Places a cursor; `Err` carries the in-band error (or status) to end with.
-    async fn open(&self, start: &Start) -> Result<(LogCursor, u64), Result<pb::LogEntry, Status>> {
+    /// Places a cursor; `Err` carries the in-band error (or status) to end
+    /// with. Also says whether the first byte starts a line.
+    async fn open(
+        &self,
+        start: &Start,
+    ) -> Result<(LogCursor, u64, bool), Result<pb::LogEntry, Status>> {
         let reader = self.reader.clone();
         let id = self.sandbox_id.clone();
         let (offset, since_ns, resume) = match start {
@@ -272,14 +295,15 @@ impl<E: Engine> LogStream<E> {
                 (None, Some(n)) => reader.tail_start(&id, n)?,
                 (None, None) => cursor.start()?.unwrap_or(0),
             };
+            let line_start = at_line_start(&mut cursor, from)?;
             match cursor.seek(from)? {
                 Some(first) if resume => Ok(Err((code::REPLAY_GAP, from, first))),
                 // Dropped meanwhile: from what is kept.
                 Some(first) => {
                     cursor.seek(first)?;
-                    Ok(Ok(cursor))
+                    Ok(Ok((cursor, true)))
                 }
-                None => Ok(Ok(cursor)),
+                None => Ok(Ok((cursor, line_start))),
             }
         })
         .await
@@ -293,7 +317,7 @@ impl<E: Engine> LogStream<E> {
         })?
         .map_err(|e| Err(io_status(e)))?;
         match placed {
-            Ok(cursor) => Ok((cursor, since_ns)),
+            Ok((cursor, line_start)) => Ok((cursor, since_ns, line_start)),
             Err((c, asked, other)) if c == code::REPLAY_GAP => Err(Ok(log_error(
                 c,
                 format!("offset {asked} is no longer kept; output resumes at {other}"),
@@ -314,14 +338,15 @@ impl<E: Engine> LogStream<E> {
         }
     }
 
-    async fn run(mut self, start: Start, shutdown: watch::Receiver<bool>) {
-        let (mut cursor, since_ns) = match self.open(&start).await {
+    async fn run(self, start: Start, shutdown: watch::Receiver<bool>) {
+        let (mut cursor, since_ns, line_start) = match self.open(&start).await {
             Ok(c) => c,
             Err(end) => {
                 self.send(end).await;
                 return;
             }
         };
+        let mut formatter = LineFormatter::resuming(self.timestamps, line_start);
         // After the sandbox ended, one more pass drains what it wrote last.
         let mut final_pass = false;
         loop {
@@ -344,7 +369,7 @@ impl<E: Engine> LogStream<E> {
                     continue;
                 }
                 let entry = pb::LogEntry {
-                    data: self.formatter.format(r),
+                    data: formatter.format(r),
                     timestamp: Some(proto_time(r.time_ns)),
                     log_session_id: self.session.clone(),
                     next_log_offset: r.end(),

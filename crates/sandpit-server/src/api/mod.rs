@@ -18,6 +18,7 @@ pub mod logs;
 #[allow(dead_code)]
 pub(crate) mod network;
 pub mod sandbox;
+pub mod secrets;
 pub mod validate;
 
 use tonic::{Code, Request, Status};

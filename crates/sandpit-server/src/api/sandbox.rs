@@ -63,7 +63,7 @@ impl<E: Engine> SandboxApi<E> {
         }
     }
 
-    /// Where `image_pull_credentials` are looked up.
+    /// Where `image_pull_credentials` and `secret_stores` are looked up.
     pub fn with_secret_stores(mut self, secrets: SecretStores) -> Self {
         self.secrets = secrets;
         self
@@ -116,13 +116,20 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
                 invalid_request(&[Violation::new(
                     format!(
                         "sandbox.spec.containers[0].image_pull_credentials.credentials.{}",
-                        e.field()
+                        crate::secrets::pull_field(&e)
                     ),
                     e.to_string(),
                 )])
             })?;
             new.pull_credentials = Some(credentials);
         }
+        new.secret_values = super::secrets::resolve(
+            &self.secrets,
+            &new.secret_env,
+            &new.env,
+            "sandbox.spec.containers[0]",
+        )
+        .await?;
         let record = self
             .manager
             .create(&principal, new)

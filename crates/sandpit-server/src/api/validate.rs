@@ -522,12 +522,7 @@ fn check_container(
             "volume mounts are not implemented",
         );
     }
-    if !c.secret_stores.is_empty() {
-        rej.unsupported(
-            format!("{p}.secret_stores"),
-            "secret stores are not implemented",
-        );
-    }
+    out.secret_env = super::secrets::check(&mut rej.invalid, c, p);
     if let Some(ipc) = &c.image_pull_credentials {
         out.pull_secret = check_pull_credentials(rej, ipc, &format!("{p}.image_pull_credentials"));
     }

@@ -384,14 +384,6 @@ fn unsupported_fields_are_named_never_ignored() {
             }),
             format!("{p}.volume_mounts"),
         ),
-        (
-            Box::new(|s| {
-                s.containers[0]
-                    .secret_stores
-                    .push(pb::SecretStoreReference::default())
-            }),
-            format!("{p}.secret_stores"),
-        ),
     ];
     for (mutate, field) in cases {
         let mut spec = spec_with(container());

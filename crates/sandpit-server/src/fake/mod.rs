@@ -314,7 +314,7 @@ impl Engine for FakeEngine {
             ));
         }
         let (exit, _) = watch::channel(None);
-        let agent = FakeAgent::new(spec.env.clone(), spec.cwd.clone());
+        let agent = FakeAgent::new(spec.environment(), spec.cwd.clone());
         for f in &spec.files {
             agent.put_file(&f.path, 0o644, f.content.clone());
         }

@@ -13,7 +13,7 @@ use sandpit_server::db::Db;
 use sandpit_server::fake::FakeEngine;
 use sandpit_server::logs::{FileSink, LogSink, NullSink};
 use sandpit_server::manager::{Manager, ManagerConfig};
-use sandpit_server::secrets::{SecretStoreConfig, SecretStores};
+use sandpit_server::secrets::{SecretStoreConfig, SecretStores, SecretValue, StoreKind};
 use sandpit_server::server::{serve, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -23,6 +23,10 @@ use tonic::Request;
 
 pub(crate) const ALICE: &str = "alice-key";
 pub(crate) const BOB: &str = "bob-key";
+/// In the managed store `managed` of every test server.
+pub(crate) const HF_TOKEN: &str = "hf_token-value-4b1d";
+/// Member `password` of `db` in the directory store `local`.
+pub(crate) const DB_PASSWORD: &str = "db-password-9c2e";
 
 pub(crate) struct Server {
     pub(crate) url: String,
@@ -75,13 +79,31 @@ pub(crate) async fn start_with(logs: bool) -> Server {
     ]);
     let secrets = tempfile::tempdir().unwrap();
     std::fs::write(secrets.path().join("ghcr"), "bot:s3cret\n").unwrap();
+    std::fs::write(
+        secrets.path().join("db"),
+        format!(r#"{{"password": "{DB_PASSWORD}", "user": "app"}}"#),
+    )
+    .unwrap();
+    let vault = SecretStoreConfig {
+        kind: StoreKind::Managed,
+        // Dot names: out of the directory store's reach.
+        dir: secrets.path().join(".managed"),
+        key_file: Some(secrets.path().join(".managed.key")),
+    };
+    let m = vault.managed("managed").unwrap();
+    m.set("HF_TOKEN", &SecretValue::new(HF_TOKEN.into()))
+        .unwrap();
     let secret_stores = SecretStores::new(
-        [(
-            "local".to_owned(),
-            SecretStoreConfig {
-                dir: secrets.path().to_owned(),
-            },
-        )]
+        [
+            (
+                "local".to_owned(),
+                SecretStoreConfig {
+                    dir: secrets.path().to_owned(),
+                    ..Default::default()
+                },
+            ),
+            ("managed".to_owned(), vault),
+        ]
         .into(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
