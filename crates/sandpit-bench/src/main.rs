@@ -327,6 +327,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
             files: vec![],
         },
         limits: Default::default(),
+        network_namespace: None,
     };
     let true_req = || ExecRequest {
         argv: vec!["true".into()],

@@ -116,6 +116,7 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             files: vec![],
         },
         limits,
+        network_namespace: None,
     };
     // Signals are handled by a dedicated thread from here on, so that a
     // Ctrl-C still tears the sandbox down.

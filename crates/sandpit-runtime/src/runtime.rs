@@ -68,6 +68,14 @@ pub struct SandboxSpec {
     pub init: InitSpec,
     /// Resource limits.
     pub limits: Limits,
+    /// A network namespace to join instead of a fresh loopback-only one:
+    /// a path the spawner opens (`/proc/<pid>/fd/<n>` of a descriptor the
+    /// caller holds, `/proc/<pid>/ns/net`, a bind mount). The namespace is
+    /// the caller's: it was set up (links, addresses, routes, `lo`, the
+    /// sysctls) before, it outlives the sandbox's processes if the caller
+    /// holds it, and other sandboxes may join it too. `None`: a new
+    /// namespace with only `lo` up.
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// Errors of the engine. None repeats its source in its message: print
@@ -343,6 +351,7 @@ impl Runtime {
             host_id_base: base,
             id_count: self.config.id_map.count,
             cgroup_procs: cgroup.procs_files(),
+            network_namespace: spec.network_namespace.clone(),
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');

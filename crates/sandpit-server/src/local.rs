@@ -254,6 +254,7 @@ impl Engine for LocalEngine {
                 cpu_request_millis: spec.resources.requests.cpu_millis,
                 memory_request_bytes: spec.resources.requests.memory_bytes,
             },
+            network_namespace: None,
         };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
