@@ -328,6 +328,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
         },
         limits: Default::default(),
         read_only_root: false,
+        network_namespace: None,
     };
     let true_req = || ExecRequest {
         argv: vec!["true".into()],

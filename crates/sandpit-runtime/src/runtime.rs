@@ -71,6 +71,14 @@ pub struct SandboxSpec {
     /// Mount the root file system read-only, with a writable tmpfs at
     /// `/tmp` (`/dev/shm` stays writable too).
     pub read_only_root: bool,
+    /// A network namespace to join instead of a fresh loopback-only one:
+    /// a path the spawner opens (`/proc/<pid>/fd/<n>` of a descriptor the
+    /// caller holds, `/proc/<pid>/ns/net`, a bind mount). The namespace is
+    /// the caller's: it was set up (links, addresses, routes, `lo`, the
+    /// sysctls) before, it outlives the sandbox's processes if the caller
+    /// holds it, and other sandboxes may join it too. `None`: a new
+    /// namespace with only `lo` up.
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// Errors of the engine. None repeats its source in its message: print
@@ -347,6 +355,7 @@ impl Runtime {
             id_count: self.config.id_map.count,
             cgroup_procs: cgroup.procs_files(),
             read_only_root: spec.read_only_root,
+            network_namespace: spec.network_namespace.clone(),
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');

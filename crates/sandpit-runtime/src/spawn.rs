@@ -70,6 +70,9 @@ pub(crate) struct SpawnConfig {
     /// Mount the root read-only (with a writable `/tmp`).
     #[serde(default)]
     pub(crate) read_only_root: bool,
+    /// A network namespace to join; `None`: a new one with only `lo`.
+    #[serde(default)]
+    pub(crate) network_namespace: Option<PathBuf>,
 }
 
 /// What the spawner reports.
@@ -212,6 +215,16 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
     .iter()
     .map(|s| CString::new(*s).expect("no nul"))
     .collect();
+    // Opened now, before any namespace changes, like every host path.
+    let netns = match &config.network_namespace {
+        Some(path) => Some(
+            File::options()
+                .read(true)
+                .open(path)
+                .map_err(host("open network namespace"))?,
+        ),
+        None => None,
+    };
     let (to_parent_r, to_parent_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host_nix("pipe"))?;
     let (to_child_r, to_child_w) =
@@ -222,13 +235,16 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
     // The mount namespace is the child's alone (see `child`): pivot_root
     // would otherwise swap this process's root too, and with it the /proc
     // through which the id maps are written.
-    nix::sched::unshare(
-        CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .map_err(host_nix("unshare"))?;
+    // A given network namespace is joined instead (it was set up by its
+    // owner, and is owned by the host's user namespace like a new one).
+    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
+    match &netns {
+        Some(ns) => nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)
+            .map_err(host_nix("join network namespace"))?,
+        None => flags |= CloneFlags::CLONE_NEWNET,
+    }
+    drop(netns);
+    nix::sched::unshare(flags).map_err(host_nix("unshare"))?;
     nix::unistd::sethostname(&config.hostname).map_err(host_nix("sethostname"))?;
 
     // 3. Fork PID 1. This process is single-threaded, so the child may allocate.
@@ -250,6 +266,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
                 report: &mut report,
                 agent_path: &agent_path,
                 agent_argv: &agent_argv,
+                own_network: config.network_namespace.is_none(),
             });
             let _ = report.write_all(format!("E{err}").as_bytes());
             // SAFETY: _exit is async-signal-safe and skips atexit handlers and
@@ -334,6 +351,9 @@ struct ChildArgs<'a> {
     report: &'a mut File,
     agent_path: &'a CString,
     agent_argv: &'a [CString],
+    /// The network namespace is new (not joined): bring up `lo` and set
+    /// its sysctls here.
+    own_network: bool,
 }
 
 /// Runs in the sandbox's PID 1 until it execs the agent; returns only on failure.
@@ -365,13 +385,16 @@ fn child(mut a: ChildArgs<'_>) -> String {
         )
     );
     // 4. Network: loopback only, and the sysctls that let an unprivileged
-    // namespace root bind low ports and ping (as Docker sets them).
-    step!("bring up loopback", loopback_up());
-    for (key, value) in [
-        ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
-        ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
-    ] {
-        step!(key, std::fs::write(key, value));
+    // namespace root bind low ports and ping (as Docker sets them). A
+    // joined namespace was set up by its owner.
+    if a.own_network {
+        step!("bring up loopback", loopback_up());
+        for (key, value) in [
+            ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
+            ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
+        ] {
+            step!(key, std::fs::write(key, value));
+        }
     }
     step!(
         "root filesystem",

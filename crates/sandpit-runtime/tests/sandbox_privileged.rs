@@ -119,6 +119,71 @@ fn network_is_loopback_only() {
     assert_eq!(flags & 1, 1, "loopback not up: {out}");
 }
 
+/// A network namespace made the way its owner (sandpit-net) makes one: a
+/// thread unshares itself into it and keeps a descriptor.
+fn new_netns() -> std::os::fd::OwnedFd {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        std::fs::File::open("/proc/thread-self/ns/net")
+            .unwrap()
+            .into()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let rt = runtime();
+    let ns = new_netns();
+    let inode = std::fs::File::from(ns.try_clone().unwrap())
+        .metadata()
+        .unwrap()
+        .ino();
+    let path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        ns.as_raw_fd()
+    ));
+    // Two sandboxes join the same namespace (pod-like).
+    let mut specs = [
+        spec("netns-a", busybox(), &[]),
+        spec("netns-b", busybox(), &[]),
+    ];
+    for s in &mut specs {
+        s.network_namespace = Some(path.clone());
+    }
+    let [a, b] = specs;
+    let a = start(rt, a);
+    let b = start(rt, b);
+    for sb in [&a, &b] {
+        let (out, _) = sh(&sb.agent(), "readlink /proc/1/ns/net");
+        assert_eq!(out.trim(), format!("net:[{inode}]"));
+        // Its owner did not bring `lo` up: the spawner leaves a joined
+        // namespace as it is.
+        let (out, _) = sh(&sb.agent(), "cat /sys/class/net/lo/flags");
+        let flags = u32::from_str_radix(out.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 1, 0, "lo was brought up in a joined namespace");
+    }
+    drop(a);
+    drop(b);
+    // The namespace is the owner's: still there after both sandboxes.
+    let again = std::fs::File::open(&path)
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .ino();
+    assert_eq!(again, inode);
+    // Not a network namespace: refused, nothing left.
+    let mut bad = spec("netns-bad", busybox(), &[]);
+    bad.network_namespace = Some("/proc/self/ns/pid".into());
+    let err = rt.create(&bad).unwrap_err().to_string();
+    assert!(err.contains("join network namespace"), "{err}");
+    assert!(!rt.list().unwrap().contains(&bad.id));
+}
+
 #[test]
 fn symlink_planted_inside_cannot_reach_host_files() {
     let rt = runtime();

@@ -261,6 +261,7 @@ impl Engine for LocalEngine {
                 memory_request_bytes: spec.resources.requests.memory_bytes,
             },
             read_only_root: spec.read_only_root,
+            network_namespace: None,
         };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
