@@ -11,7 +11,7 @@ use crate::NetError;
 /// runs with unless configured otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// A dummy interface holding the gateway addresses (`.1` of each
+    /// An interface (a bridge without ports) holding the gateway addresses (`.1` of each
     /// subnet): what every sandbox routes through, and where the daemon's
     /// resolver and egress proxy listen. `sandpit0`.
     pub gateway_link: String,

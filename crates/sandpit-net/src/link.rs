@@ -54,16 +54,15 @@ fn up() -> (LinkFlags, LinkFlags) {
 }
 
 /// From inside a new namespace (`sock` opened there): `eth0` here, its
-/// peer `peer` in the namespace of `host_ns`, both up.
+/// peer `peer` in the namespace of `host_ns`. Both down: a veth cannot
+/// come up before its peer is registered (ENOTCONN); [`up_msg`] them.
 pub(crate) fn create_veth(sock: &Socket, peer: &str, host_ns: RawFd) -> Result<(), NlError> {
     let mut peer_msg = LinkMessage::default();
-    (peer_msg.header.flags, peer_msg.header.change_mask) = up();
     peer_msg.attributes = vec![
         LinkAttribute::IfName(peer.into()),
         LinkAttribute::NetNsFd(host_ns),
     ];
     let mut msg = LinkMessage::default();
-    (msg.header.flags, msg.header.change_mask) = up();
     msg.attributes = vec![
         LinkAttribute::IfName("eth0".into()),
         LinkAttribute::LinkInfo(vec![
@@ -78,13 +77,17 @@ pub(crate) fn create_veth(sock: &Socket, peer: &str, host_ns: RawFd) -> Result<(
     )
 }
 
-/// A dummy interface, up (already there is fine).
-pub(crate) fn create_dummy(sock: &Socket, name: &str) -> Result<(), NlError> {
+/// A port-less bridge, up (already there is fine): it only holds the
+/// gateway addresses (local whatever its carrier) and the subnets' routes,
+/// which swallow traffic to unassigned sandbox addresses. A bridge rather
+/// than a dummy: every kernel that has veths has bridges (this one has no
+/// dummy driver).
+pub(crate) fn create_holder(sock: &Socket, name: &str) -> Result<(), NlError> {
     let mut msg = LinkMessage::default();
     (msg.header.flags, msg.header.change_mask) = up();
     msg.attributes = vec![
         LinkAttribute::IfName(name.into()),
-        LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Dummy)]),
+        LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
     ];
     match request(
         sock,
@@ -98,10 +101,15 @@ pub(crate) fn create_dummy(sock: &Socket, name: &str) -> Result<(), NlError> {
 
 /// Brings a link up.
 pub(crate) fn set_up(sock: &Socket, index: u32) -> Result<(), NlError> {
+    request(sock, 0, vec![up_msg(index)])
+}
+
+/// The message that brings a link up.
+pub(crate) fn up_msg(index: u32) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
     (msg.header.flags, msg.header.change_mask) = up();
-    request(sock, 0, vec![RouteNetlinkMessage::SetLink(msg)])
+    RouteNetlinkMessage::SetLink(msg)
 }
 
 /// Sets a link's alias (where the sandbox id is kept on the host).

@@ -16,9 +16,6 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use netlink_packet_route::link::{LinkFlags, LinkMessage};
-use netlink_packet_route::RouteNetlinkMessage;
-
 use crate::alloc::{Allocation, Slot};
 use crate::config::NetConfig;
 use crate::link;
@@ -141,7 +138,10 @@ fn configure_host(
             },
         })?;
     let v4 = IpAddr::V4(alloc.ipv4);
-    let mut msgs = vec![link::route(Some((v4, 32)), v4, None, index)];
+    let mut msgs = vec![
+        link::up_msg(index),
+        link::route(Some((v4, 32)), v4, None, index),
+    ];
     if let Some(v6) = alloc.ipv6 {
         let v6 = IpAddr::V6(v6);
         msgs.insert(0, link::address(index, IpAddr::V6(HOST_LL), 64));
@@ -170,7 +170,8 @@ fn configure_inside(
     let gw4 = IpAddr::V4(config.gateway_v4());
     let v4 = IpAddr::V4(alloc.ipv4);
     let mut msgs = vec![
-        set_up_msg(1), // lo
+        link::up_msg(1), // lo
+        link::up_msg(eth0),
         link::address(eth0, v4, 32),
         link::route(Some((gw4, 32)), v4, None, eth0),
         link::route(None, v4, Some(gw4), eth0),
@@ -181,12 +182,4 @@ fn configure_inside(
         msgs.push(link::route(None, v6, Some(IpAddr::V6(HOST_LL)), eth0));
     }
     link::add(&sock, msgs).map_err(nl_err("address and route eth0".into()))
-}
-
-fn set_up_msg(index: u32) -> RouteNetlinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.header.index = index;
-    msg.header.flags = LinkFlags::Up;
-    msg.header.change_mask = LinkFlags::Up;
-    RouteNetlinkMessage::SetLink(msg)
 }

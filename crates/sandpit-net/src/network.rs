@@ -180,7 +180,7 @@ impl Network {
         for key in keys {
             std::fs::write(key, "1").map_err(io_err("enable forwarding"))?;
         }
-        link::create_dummy(&rt, &config.gateway_link)
+        link::create_holder(&rt, &config.gateway_link)
             .map_err(nl_err(format!("create {}", config.gateway_link)))?;
         let gw = link::index(&rt, &config.gateway_link)
             .map_err(nl_err(format!("find {}", config.gateway_link)))?

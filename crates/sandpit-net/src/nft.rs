@@ -293,6 +293,7 @@ pub(crate) fn encode(table: &str, ops: &[Op], mut seq: impl FnMut() -> u32) -> (
     use nl::{NLM_F_ACK as ACK, NLM_F_APPEND, NLM_F_CREATE as CREATE};
     let mut w = Writer::default();
     let mut acks = Vec::new();
+    let mut set_id = 0u32;
     let fam = nfgen(NFPROTO_INET, 0);
     w.begin(
         NFNL_MSG_BATCH_BEGIN,
@@ -366,6 +367,9 @@ pub(crate) fn encode(table: &str, ops: &[Op], mut seq: impl FnMut() -> u32) -> (
                 w.be32(3, flags);
                 w.be32(4, s.key_type);
                 w.be32(5, s.key_len);
+                // NFTA_SET_ID: required, unique within the transaction.
+                set_id += 1;
+                w.be32(10, set_id);
                 if s.vmap {
                     w.be32(6, 0xffff_ff00); // NFT_DATA_VERDICT
                 }
@@ -480,7 +484,57 @@ impl Nft for Kernel {
         }
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
         let (bytes, acks) = encode(table, ops, || sock.seq());
-        sock.transact(&bytes, &acks)
+        sock.transact_seq(&bytes, &acks).map_err(|(mut e, seq)| {
+            // Name the step that failed: the kernel's errno alone (EINVAL,
+            // EEXIST) does not say which of a hundred it was.
+            let i = seq.and_then(|s| acks.iter().position(|&a| a == s));
+            if let Some(op) = i.and_then(|i| op_of_ack(ops, i)) {
+                let what = describe(op);
+                e.message = Some(match e.message.take() {
+                    Some(m) => format!("{m}, in {what}"),
+                    None => format!("in {what}"),
+                });
+            }
+            e
+        })
+    }
+}
+
+/// The op whose `i`-th acknowledged message this is (element lists may
+/// take several messages).
+fn op_of_ack(ops: &[Op], mut i: usize) -> Option<&Op> {
+    for op in ops {
+        let n = match op {
+            Op::AddElems(_, l) | Op::DelElems(_, l) => l.len().div_ceil(ELEMS_PER_MSG),
+            _ => 1,
+        };
+        if i < n {
+            return Some(op);
+        }
+        i -= n;
+    }
+    None
+}
+
+/// An op in a few words, for errors.
+fn describe(op: &Op) -> String {
+    match op {
+        Op::AddTable => "add table".into(),
+        Op::AddChain(c, _) => format!("add chain {c}"),
+        Op::FlushChain(c) => format!("flush chain {c}"),
+        Op::DelChain(c) => format!("delete chain {c}"),
+        Op::AddRule(c, e) => format!(
+            "add rule to {c}: {}",
+            e.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Op::AddSet(s) => format!("add set {}", s.name),
+        Op::FlushSet(s) => format!("flush set {s}"),
+        Op::DelSet(s) => format!("delete set {s}"),
+        Op::AddElems(s, l) => format!("add {} elements to {s}", l.len()),
+        Op::DelElems(s, l) => format!("delete {} elements from {s}", l.len()),
     }
 }
 

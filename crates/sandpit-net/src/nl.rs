@@ -191,12 +191,21 @@ impl Socket {
     /// the messages numbered `acks` (those sent with `NLM_F_ACK`); the
     /// first error among them is returned, once all have answered.
     pub(crate) fn transact(&self, bytes: &[u8], acks: &[u32]) -> Result<(), NlError> {
-        self.send(bytes).map_err(|e| NlError::io(&e))?;
+        self.transact_seq(bytes, acks).map_err(|(e, _)| e)
+    }
+
+    /// [`Socket::transact`], also saying which message failed.
+    pub(crate) fn transact_seq(
+        &self,
+        bytes: &[u8],
+        acks: &[u32],
+    ) -> Result<(), (NlError, Option<u32>)> {
+        self.send(bytes).map_err(|e| (NlError::io(&e), None))?;
         let mut pending: Vec<u32> = acks.to_vec();
         let mut first_err = None;
         let mut buf = vec![0u8; 64 * 1024];
         while !pending.is_empty() {
-            let data = self.recv(&mut buf).map_err(|e| NlError::io(&e))?;
+            let data = self.recv(&mut buf).map_err(|e| (NlError::io(&e), None))?;
             for (hdr, payload) in messages(data) {
                 if hdr.ty != NLMSG_ERROR {
                     continue;
@@ -210,7 +219,7 @@ impl Socket {
                     pending.clear();
                 }
                 if errno != 0 && first_err.is_none() {
-                    first_err = Some(NlError { errno, message });
+                    first_err = Some((NlError { errno, message }, Some(hdr.seq)));
                 }
             }
         }
