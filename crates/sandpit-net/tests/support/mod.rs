@@ -27,11 +27,10 @@ pub fn new_netns() -> OwnedFd {
 }
 
 pub fn enter(ns: &OwnedFd) {
-    // SAFETY: changes the calling thread's namespace only.
-    assert_eq!(
-        unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-        0
-    );
+    // SAFETY: setns on a descriptor we own changes the calling thread's
+    // network namespace only; no memory is involved.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0);
 }
 
 /// Runs `f` on a thread inside `ns`.
