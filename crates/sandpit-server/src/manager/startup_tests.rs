@@ -2,43 +2,21 @@
 //! agent decides the probe when the test says so).
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use sandpit_wire::{ExitStatus, Probe, ProbeCheck, StartupState};
 
 use super::super::{Manager, ManagerConfig};
-use crate::clock::{SystemClock, TokioClock};
+use crate::clock::SystemClock;
 use crate::db::Db;
 use crate::engine::MainExit;
 use crate::fake::FakeEngine;
 use crate::logs::NullSink;
-use crate::model::{NewSandbox, Principal, SandboxId, SandboxRecord, State};
+use crate::model::{NewSandbox, SandboxId, SandboxRecord, State};
 
-const IMAGE: &str = "docker.io/library/python:3.11";
-
-fn alice() -> Principal {
-    Principal("alice".into())
-}
-
-fn engine() -> FakeEngine {
-    let e = FakeEngine::new();
-    e.add_image(IMAGE, &[], &["python3"]);
-    e
-}
-
-async fn manager_with(config: ManagerConfig, e: &FakeEngine) -> Manager<FakeEngine> {
-    Manager::start(
-        config,
-        e.clone(),
-        Db::in_memory().unwrap(),
-        Arc::new(TokioClock::new(
-            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-        )),
-        Arc::new(NullSink),
-    )
-    .await
-    .unwrap()
-}
+// The manager tests' fixtures: one image, one principal, a manager over
+// an in-memory database.
+use super::super::tests::{alice, engine, manager_with, IMAGE};
 
 fn gated() -> NewSandbox {
     NewSandbox {

@@ -11,9 +11,9 @@ use crate::fake::FakeEngine;
 use crate::logs::NullSink;
 use crate::model::{MountedFile, NewSandbox};
 
-const IMAGE: &str = "docker.io/library/python:3.11";
+pub(super) const IMAGE: &str = "docker.io/library/python:3.11";
 
-fn alice() -> Principal {
+pub(super) fn alice() -> Principal {
     Principal("alice".into())
 }
 
@@ -21,13 +21,16 @@ fn bob() -> Principal {
     Principal("bob".into())
 }
 
-fn engine() -> FakeEngine {
+pub(super) fn engine() -> FakeEngine {
     let e = FakeEngine::new();
     e.add_image(IMAGE, &[], &["python3"]);
     e
 }
 
-async fn manager_with(config: ManagerConfig, engine: &FakeEngine) -> Manager<FakeEngine> {
+pub(super) async fn manager_with(
+    config: ManagerConfig,
+    engine: &FakeEngine,
+) -> Manager<FakeEngine> {
     Manager::start(
         config,
         engine.clone(),
