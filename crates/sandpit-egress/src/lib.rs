@@ -57,6 +57,27 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
+/// A TCP listener on `addr` (address reuse on: a restarted daemon binds
+/// again while its old sockets linger in TIME_WAIT), with `backlog` and,
+/// where bytes are relayed, Nagle off.
+pub(crate) fn tcp_listener(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    nodelay: bool,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if nodelay {
+        socket.set_nodelay(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) turned into
 /// the IPv4 address it stands for: every check compares canonical addresses.
 pub fn canonical_ip(addr: std::net::IpAddr) -> std::net::IpAddr {

@@ -88,17 +88,23 @@ impl Conntrack {
         Ok(found)
     }
 
-    /// Deletes every entry from or to `addrs`; returns how many.
-    pub(crate) fn flush(&self, addrs: &[IpAddr]) -> Result<usize, NlError> {
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+    /// Every entry from or to any of `addrs`, once each.
+    fn involving(&self, sock: &Socket, addrs: &[IpAddr]) -> Result<Vec<Vec<u8>>, NlError> {
         let mut entries = Vec::new();
         for a in addrs {
             for src in [true, false] {
-                entries.extend(self.find(&sock, *a, src)?);
+                entries.extend(self.find(sock, *a, src)?);
             }
         }
         entries.sort();
         entries.dedup();
+        Ok(entries)
+    }
+
+    /// Deletes every entry from or to `addrs`; returns how many.
+    pub(crate) fn flush(&self, addrs: &[IpAddr]) -> Result<usize, NlError> {
+        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.involving(&sock, addrs)?;
         let mut deleted = 0;
         for chunk in entries.chunks(64) {
             let mut w = Writer::default();
@@ -128,14 +134,7 @@ impl Conntrack {
     /// How many entries are from or to `addrs` (tests, diagnostics).
     pub(crate) fn count(&self, addrs: &[IpAddr]) -> Result<usize, NlError> {
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut entries = Vec::new();
-        for a in addrs {
-            for src in [true, false] {
-                entries.extend(self.find(&sock, *a, src)?);
-            }
-        }
-        entries.sort();
-        entries.dedup();
+        let entries = self.involving(&sock, addrs)?;
         Ok(entries.len())
     }
 }

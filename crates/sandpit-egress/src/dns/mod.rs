@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -38,7 +38,7 @@ use crate::access::PolicySource;
 use crate::denyset::DenySet;
 use crate::upstream::Upstream;
 use crate::usage::{DnsDenial, ServerCounters};
-use crate::{canonical_ip, BindError};
+use crate::{canonical_ip, tcp_listener, BindError};
 use answer::{encode, Answerer, UDP_PAYLOAD};
 
 /// The resolver's configuration.
@@ -116,23 +116,12 @@ impl std::fmt::Debug for DnsServer {
     }
 }
 
-fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 /// UDP and TCP on `addr`, the same port for both (a free one for port 0).
 async fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
     for _ in 0..16 {
         let udp = UdpSocket::bind(addr).await?;
-        match listener(udp.local_addr()?) {
+        match tcp_listener(udp.local_addr()?, 1024, false) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -51,7 +51,7 @@ use crate::access::{PolicySource, SandboxPolicy, HTTPS_PORT, HTTP_PORT};
 use crate::denyset::DenySet;
 use crate::upstream::Upstream;
 use crate::usage::{ProxyRefusal, ServerCounters};
-use crate::{canonical_ip, BindError};
+use crate::{canonical_ip, tcp_listener, BindError};
 use sni::Parsed;
 
 /// The proxy's configuration.
@@ -152,18 +152,6 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
-
 impl Proxy {
     /// Binds every listener of `config`.
     pub async fn bind(
@@ -175,7 +163,7 @@ impl Proxy {
         let all = (config.tls_listen.iter().map(|a| (Kind::Tls, *a)))
             .chain(config.http_listen.iter().map(|a| (Kind::Http, *a)));
         for (kind, addr) in all {
-            let l = listen(addr).map_err(|source| BindError { addr, source })?;
+            let l = tcp_listener(addr, 4096, true).map_err(|source| BindError { addr, source })?;
             listeners.push((kind, l));
         }
         let shared = Arc::new(Shared {
