@@ -179,16 +179,16 @@ def build_test_rootfs(src: Path, dest: Path, workspace: Path = FIXTURE_WORKSPACE
                 tar.addfile(info, f)
 
 
-@pytest.fixture(scope="session")
-def data_dir(e2e_dirs: E2EDirs, binaries: Binaries) -> Path:
-    """The daemon's data dir, its image store pre-filled with the test images."""
-    tar_path = e2e_dirs.root / "python311-e2e.tar"
+def import_test_images(binaries: Binaries, scratch: Path, data_dir: Path) -> Path:
+    """Fills `data_dir`'s image store with the test images (via `scratch` for the tarball)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tar_path = scratch / "python311-e2e.tar"
     build_test_rootfs(_rootfs_tar(), tar_path)
     for reference in IMAGE_REFERENCES:
         cmd = [
             str(binaries.sandpit),
             "--data-dir",
-            str(e2e_dirs.data_dir),
+            str(data_dir),
             "image",
             "import",
             reference,
@@ -207,7 +207,13 @@ def data_dir(e2e_dirs: E2EDirs, binaries: Binaries) -> Path:
                 pytrace=False,
             )
     tar_path.unlink()
-    return e2e_dirs.data_dir
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def data_dir(e2e_dirs: E2EDirs, binaries: Binaries) -> Path:
+    """The daemon's data dir, its image store pre-filled with the test images."""
+    return import_test_images(binaries, e2e_dirs.root, e2e_dirs.data_dir)
 
 
 # --------------------------------------------------------------------------- leak probes
@@ -454,6 +460,10 @@ def server(
     config.write_text(
         f"max_file_bytes = {MAX_FILE_BYTES}\n"
         + secret_stores.config_toml(e2e_dirs.root, data_dir)
+        # Sandboxes get the default network (egress denied); no name is resolved for
+        # them, so nothing is ever asked of the host's resolvers. The networking tests
+        # run a daemon of their own (test_network.py).
+        + "[network]\nupstream_dns = []\n"
     )
     srv = Server(
         binary=binaries.sandpitd,

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NETNS = "sp-e2e-up"
-HOST_IF = "sp-e2e-h"
-UP_IF = "sp-e2e-u"
+# Not `sp-...`: that prefix is the daemon's sandboxes' links (its firewall matches it).
+HOST_IF = "e2e-up-h"
+UP_IF = "e2e-up-u"
 HOST_ADDR = "198.51.100.1"
 UP_ADDR = "198.51.100.2"
 PREFIX = 24

@@ -93,6 +93,20 @@ impl DenySet {
         }
     }
 
+    /// The built-in hard part (loopback, link-local, multicast and other
+    /// never-routable ranges) with `never` added to it, and `private` as
+    /// the private part: the firewall's own ranges
+    /// (`sandpit_net::Network::deny_ranges`), so that what a name resolves
+    /// to is judged as a packet to it would be.
+    pub fn of_firewall(never: Vec<IpNet>, private: Vec<IpNet>) -> Self {
+        Self {
+            hard: parse_all(HARD),
+            private: Vec::new(),
+        }
+        .with_host(never)
+        .with_private(private)
+    }
+
     /// An explicit set (e.g. from configuration).
     pub fn new(hard: Vec<Cidr>, private: Vec<Cidr>) -> Self {
         Self { hard, private }
@@ -152,6 +166,21 @@ mod tests {
 
     fn check(set: &DenySet, addr: &str, cidr: bool) -> Result<(), Denied> {
         set.check(addr.parse().unwrap(), |_| cidr)
+    }
+
+    #[test]
+    fn the_firewalls_ranges_replace_the_built_in_private_part() {
+        let set = DenySet::of_firewall(
+            vec!["169.254.0.0/16".parse().unwrap(), "192.0.2.7/32".parse().unwrap()],
+            vec!["10.0.0.0/8".parse().unwrap()],
+        );
+        assert_eq!(check(&set, "127.0.0.1", true), Err(Denied::Hard));
+        assert_eq!(check(&set, "169.254.169.254", true), Err(Denied::Hard));
+        assert_eq!(check(&set, "192.0.2.7", true), Err(Denied::Hard));
+        assert_eq!(check(&set, "10.1.2.3", false), Err(Denied::Private));
+        assert_eq!(check(&set, "10.1.2.3", true), Ok(()));
+        // Not private to the firewall, so not to the proxy either.
+        assert_eq!(check(&set, "198.51.100.2", false), Ok(()));
     }
 
     #[test]

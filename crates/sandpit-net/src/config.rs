@@ -39,10 +39,12 @@ pub struct NetConfig {
     /// Where the daemon's DNS resolver listens on the gateway addresses
     /// (UDP and TCP); every sandbox's DNS is redirected there.
     pub dns_port: u16,
-    /// Where the daemon's egress proxy listens on the gateway addresses;
-    /// TCP 80 and 443 of sandboxes with host-name rules are redirected
+    /// Where the daemon's egress proxy takes TLS on the gateway
+    /// addresses: TCP 443 of sandboxes with host-name rules is redirected
     /// there.
     pub proxy_port: u16,
+    /// Where the proxy takes plain HTTP (TCP 80 of those sandboxes).
+    pub http_proxy_port: u16,
     /// Namespaces prepared ahead of demand (0: none, each `prepare` makes
     /// its own).
     pub pool_size: usize,
@@ -62,6 +64,7 @@ impl Default for NetConfig {
             extra_deny: Vec::new(),
             dns_port: 5353,
             proxy_port: 3128,
+            http_proxy_port: 3129,
             pool_size: 4,
         }
     }
@@ -87,7 +90,7 @@ impl NetConfig {
     }
 
     /// Checks what the kernel would refuse later, or in a confusing way.
-    pub(crate) fn validate(&self) -> Result<(), NetError> {
+    pub fn validate(&self) -> Result<(), NetError> {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.bytes()
@@ -118,7 +121,9 @@ impl NetConfig {
                 ));
             }
         }
-        if self.dns_port == 0 || self.proxy_port == 0 || self.dns_port == self.proxy_port {
+        let ports = [self.dns_port, self.proxy_port, self.http_proxy_port];
+        if ports.contains(&0) || ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2]
+        {
             return Err(invalid("dns_port", "ports must be distinct and nonzero"));
         }
         Ok(())
@@ -161,5 +166,6 @@ mod tests {
             "subnet_v6"
         );
         assert_eq!(bad(|c| c.proxy_port = c.dns_port), "dns_port");
+        assert_eq!(bad(|c| c.http_proxy_port = c.proxy_port), "dns_port");
     }
 }

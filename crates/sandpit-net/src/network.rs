@@ -460,6 +460,16 @@ impl Network {
             .map_err(nl_err("list connections"))
     }
 
+    /// The ranges the firewall keeps every sandbox from, as of the last
+    /// read of the host's addresses: `(never, private)`, where `never`
+    /// holds link-local, the host's own addresses and `extra_deny`, and
+    /// `private` what only a CIDR rule naming it opens. The resolver and
+    /// the proxy check names' addresses against the same ranges.
+    pub fn deny_ranges(&self) -> (Vec<IpNet>, Vec<IpNet>) {
+        let deny = lock(&self.inner.deny);
+        (deny.never.clone(), deny.private.clone())
+    }
+
     /// How many namespaces are ready in the pool.
     pub fn pooled(&self) -> usize {
         lock(&self.inner.pool).len()

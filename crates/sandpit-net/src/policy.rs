@@ -14,9 +14,11 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 /// An inclusive range of ports, 1..=65535.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct PortRange {
     first: u16,
     last: u16,
@@ -87,6 +89,26 @@ impl PortRange {
     }
 }
 
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        r.to_string()
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    /// `443` or `8000-8100`, what `Display` writes.
+    fn try_from(text: String) -> Result<Self, String> {
+        let num = |t: &str| t.trim().parse::<i64>().map_err(|_| format!("{text:?} is not a port range"));
+        let (first, last) = match text.split_once('-') {
+            Some((a, b)) => (num(a)?, Some(num(b)?)),
+            None => (num(&text)?, None),
+        };
+        PortRange::new(first, last).map_err(|e| e.to_string())
+    }
+}
+
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.first == self.last {
@@ -100,7 +122,8 @@ impl fmt::Display for PortRange {
 /// A host name grant: an exact name, or one leftmost wildcard (`*.pypi.org`
 /// matches `files.pypi.org` and `a.b.pypi.org`, not `pypi.org`). Lowercase,
 /// without a trailing dot.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct NamePattern {
     /// The name, or the suffix after `*.`.
     name: String,
@@ -166,8 +189,22 @@ impl fmt::Display for NamePattern {
     }
 }
 
+impl From<NamePattern> for String {
+    fn from(n: NamePattern) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for NamePattern {
+    type Error = NamePatternError;
+
+    fn try_from(text: String) -> Result<Self, NamePatternError> {
+        NamePattern::parse(&text)
+    }
+}
+
 /// An address range with carved-out sub-ranges.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Cidr {
     /// The range.
     pub net: IpNet,
@@ -183,7 +220,7 @@ impl Cidr {
 }
 
 /// Other sandboxes, selected by who owns them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Tenant {
     /// The same principal's sandboxes.
     SameUser,
@@ -192,7 +229,7 @@ pub enum Tenant {
 }
 
 /// Where an egress rule lets a sandbox go.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EgressTarget {
     /// Addresses (any protocol the ports allow).
     Cidr(Cidr),
@@ -205,7 +242,7 @@ pub enum EgressTarget {
 }
 
 /// One egress grant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EgressRule {
     /// Where.
     pub target: EgressTarget,
@@ -214,7 +251,7 @@ pub struct EgressRule {
 }
 
 /// Where an ingress rule lets connections come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum IngressSource {
     /// These addresses.
     Cidr(Cidr),
@@ -225,7 +262,7 @@ pub enum IngressSource {
 }
 
 /// One ingress grant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct IngressRule {
     /// From where.
     pub source: IngressSource,
@@ -234,7 +271,8 @@ pub struct IngressRule {
 }
 
 /// What a runner does with a sandbox that states no egress policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DefaultEgress {
     /// Nothing leaves (the safe default).
     #[default]
@@ -244,7 +282,7 @@ pub enum DefaultEgress {
 }
 
 /// A sandbox's egress policy.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Egress {
     /// The runner's default (no rules and no deny flag were given).
     #[default]
@@ -257,7 +295,7 @@ pub enum Egress {
 
 /// A sandbox's ingress policy (connections other sandboxes and the host
 /// open to it; the services it publishes get their own path).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Ingress {
     /// Nothing comes in but the daemon's own (published services,
     /// health probes). The default.
@@ -268,7 +306,7 @@ pub enum Ingress {
 }
 
 /// Everything the enforcers need about one sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NetworkPolicy {
     /// Outbound.
     pub egress: Egress,
@@ -307,6 +345,41 @@ impl NetworkPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policies_round_trip_through_json() {
+        let policy = NetworkPolicy {
+            egress: Egress::Allow(vec![
+                EgressRule {
+                    target: EgressTarget::Name(NamePattern::parse("*.pypi.org").unwrap()),
+                    ports: vec![],
+                },
+                EgressRule {
+                    target: EgressTarget::Cidr(Cidr {
+                        net: "198.51.100.0/24".parse().unwrap(),
+                        except: vec!["198.51.100.128/25".parse().unwrap()],
+                    }),
+                    ports: vec![PortRange::new(8000, Some(8100)).unwrap()],
+                },
+            ]),
+            ingress: Ingress::Allow(vec![IngressRule {
+                source: IngressSource::Tenant(Tenant::SameUser),
+                ports: vec![PortRange::single(22)],
+            }]),
+        };
+        let text = serde_json::to_string(&policy).unwrap();
+        assert!(text.contains("\"*.pypi.org\"") && text.contains("\"8000-8100\""), "{text}");
+        assert_eq!(serde_json::from_str::<NetworkPolicy>(&text).unwrap(), policy);
+        // What a hand-edited file may hold is checked as the API checks it.
+        let bad = text.replace("8000-8100", "0-8100");
+        assert!(serde_json::from_str::<NetworkPolicy>(&bad).is_err());
+        let bad = text.replace("*.pypi.org", "a.*.org");
+        assert!(serde_json::from_str::<NetworkPolicy>(&bad).is_err());
+        assert_eq!(
+            serde_json::from_str::<DefaultEgress>("\"internet\"").unwrap(),
+            DefaultEgress::Internet
+        );
+    }
 
     #[test]
     fn ports_are_bounded() {

@@ -427,15 +427,17 @@ pub(crate) fn base(config: &NetConfig, never4: &[Span], never6: &[Span]) -> Vec<
                 .v(Verdict::Accept)
                 .rule("sb_input"),
         );
-        ops.push(
-            R::new()
-                .fam(f)
-                .addr_is(f, false, gw)
-                .tcp()
-                .dport(config.proxy_port)
-                .v(Verdict::Accept)
-                .rule("sb_input"),
-        );
+        for port in [config.proxy_port, config.http_proxy_port] {
+            ops.push(
+                R::new()
+                    .fam(f)
+                    .addr_is(f, false, gw)
+                    .tcp()
+                    .dport(port)
+                    .v(Verdict::Accept)
+                    .rule("sb_input"),
+            );
+        }
     }
     ops.push(R::new().e(Expr::Counter).v(Verdict::Drop).rule("sb_input"));
 
@@ -673,16 +675,20 @@ pub(crate) fn sandbox(config: &NetConfig, slot: &Slot, c: &Compiled) -> Vec<Op> 
                     .v(Verdict::Accept)
                     .rule(&nat),
             );
-            ops.push(
-                web()
-                    .e(Expr::Imm(reg::R0, octets(gw)))
-                    .e(Expr::Imm(
-                        port_reg(f),
-                        config.proxy_port.to_be_bytes().to_vec(),
-                    ))
-                    .e(Expr::Dnat(nfproto(f), reg::R0, port_reg(f)))
-                    .rule(&nat),
-            );
+            // TLS and HTTP go to listeners of their own: the proxy reads
+            // a ClientHello on one and a request head on the other.
+            for (dport, to) in [(443, config.proxy_port), (80, config.http_proxy_port)] {
+                ops.push(
+                    R::new()
+                        .fam(f)
+                        .tcp()
+                        .dport(dport)
+                        .e(Expr::Imm(reg::R0, octets(gw)))
+                        .e(Expr::Imm(port_reg(f), to.to_be_bytes().to_vec()))
+                        .e(Expr::Dnat(nfproto(f), reg::R0, port_reg(f)))
+                        .rule(&nat),
+                );
+            }
         }
     }
     for (map, elem) in map_elems(slot) {

@@ -35,7 +35,7 @@ pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
     default_agent_binary, default_spawner_binary, IdMap, Runtime, RuntimeConfig, RuntimeError,
-    Sandbox, SandboxSpec, SweepReport,
+    NetworkNamespace, Sandbox, SandboxSpec, SweepReport,
 };
 
 /// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`

@@ -78,7 +78,19 @@ pub struct SandboxSpec {
     /// sysctls) before, it outlives the sandbox's processes if the caller
     /// holds it, and other sandboxes may join it too. `None`: a new
     /// namespace with only `lo` up.
-    pub network_namespace: Option<PathBuf>,
+    pub network_namespace: Option<NetworkNamespace>,
+}
+
+/// A network namespace the sandbox joins, and how its processes find
+/// names there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkNamespace {
+    /// What the spawner opens (see [`SandboxSpec::network_namespace`]).
+    pub path: PathBuf,
+    /// `/etc/resolv.conf` inside (the resolver of this network).
+    pub resolv_conf: Vec<u8>,
+    /// `/etc/hosts` inside.
+    pub hosts: Vec<u8>,
 }
 
 /// Errors of the engine. None repeats its source in its message: print
@@ -341,6 +353,27 @@ impl Runtime {
         std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))
             .map_err(io("chmod upper dir"))?;
 
+        if let Some(net) = &spec.network_namespace {
+            // Written from here, into the upper layer, before anything is
+            // mounted: they are there with a read-only root too, and a
+            // symlink in the image (`/etc/resolv.conf` ->
+            // `/run/systemd/...`) is covered, never followed. Like Docker's,
+            // they are the sandbox's to edit afterwards: the firewall, not
+            // this file, decides where DNS goes.
+            let etc = dir.join("upper/etc");
+            std::fs::create_dir(&etc).map_err(io("create sandbox dir"))?;
+            std::os::unix::fs::chown(&etc, Some(base), Some(base)).map_err(io("chown /etc"))?;
+            std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755))
+                .map_err(io("chmod /etc"))?;
+            for (name, content) in [("resolv.conf", &net.resolv_conf), ("hosts", &net.hosts)] {
+                let path = etc.join(name);
+                std::fs::write(&path, content).map_err(io("write network files"))?;
+                std::os::unix::fs::chown(&path, Some(base), Some(base))
+                    .map_err(io("chown network files"))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                    .map_err(io("chmod network files"))?;
+            }
+        }
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
         let config = SpawnConfig {
             id: spec.id.clone(),
@@ -355,7 +388,7 @@ impl Runtime {
             id_count: self.config.id_map.count,
             cgroup_procs: cgroup.procs_files(),
             read_only_root: spec.read_only_root,
-            network_namespace: spec.network_namespace.clone(),
+            network_namespace: spec.network_namespace.as_ref().map(|n| n.path.clone()),
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sandpit_runtime::cgroup::Limits;
-use sandpit_runtime::{RuntimeError, SandboxId};
+use sandpit_runtime::{NetworkNamespace, RuntimeError, SandboxId};
 use sandpit_wire::client::{ClientError, ExecEvent, ExecSession};
 use sandpit_wire::{ErrorKind, ExecRequest, ExitStatus, InitFile, MainStatus, Signal, WinSize};
 
@@ -153,7 +153,11 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
         spec("netns-b", busybox(), &[]),
     ];
     for s in &mut specs {
-        s.network_namespace = Some(path.clone());
+        s.network_namespace = Some(NetworkNamespace {
+            path: path.clone(),
+            resolv_conf: b"nameserver 10.209.0.1\n".to_vec(),
+            hosts: format!("127.0.0.1 localhost\n10.209.0.9 {}\n", s.id).into_bytes(),
+        });
     }
     let [a, b] = specs;
     let a = start(rt, a);
@@ -166,6 +170,12 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
         let (out, _) = sh(&sb.agent(), "cat /sys/class/net/lo/flags");
         let flags = u32::from_str_radix(out.trim().trim_start_matches("0x"), 16).unwrap();
         assert_eq!(flags & 1, 0, "lo was brought up in a joined namespace");
+        // The network's name files, over the image's, owned by the
+        // sandbox's root.
+        let (out, _) = sh(&sb.agent(), "cat /etc/resolv.conf; stat -c %u:%a /etc/hosts");
+        assert_eq!(out, "nameserver 10.209.0.1\n0:644\n");
+        let (out, _) = sh(&sb.agent(), "cat /etc/hosts");
+        assert!(out.contains(&format!("10.209.0.9 {}", sb.id())), "{out}");
     }
     drop(a);
     drop(b);
@@ -178,7 +188,11 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
     assert_eq!(again, inode);
     // Not a network namespace: refused, nothing left.
     let mut bad = spec("netns-bad", busybox(), &[]);
-    bad.network_namespace = Some("/proc/self/ns/pid".into());
+    bad.network_namespace = Some(NetworkNamespace {
+        path: "/proc/self/ns/pid".into(),
+        resolv_conf: vec![],
+        hosts: vec![],
+    });
     let err = rt.create(&bad).unwrap_err().to_string();
     assert!(err.contains("join network namespace"), "{err}");
     assert!(!rt.list().unwrap().contains(&bad.id));

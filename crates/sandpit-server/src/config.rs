@@ -148,6 +148,7 @@ pub struct FileConfig {
     cgroup_parent: Option<String>,
     secret_stores: Option<BTreeMap<String, SecretStoreConfig>>,
     registry: Option<RegistryConfig>,
+    network: Option<crate::netconfig::FileNetwork>,
 }
 
 impl FileResources {
@@ -269,6 +270,8 @@ pub struct Config {
     pub secret_stores: BTreeMap<String, SecretStoreConfig>,
     /// Registries, mirrors and caps for image pulls (`[registry]`).
     pub registry: RegistryConfig,
+    /// The sandbox network (`[network]`).
+    pub network: crate::netconfig::NetworkSettings,
 }
 
 impl Config {
@@ -505,6 +508,9 @@ impl Config {
         registry
             .validate()
             .map_err(|e| invalid("registry", e.to_string()))?;
+        // The host's resolvers are the default upstreams of sandboxes' DNS.
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let network = file.network.unwrap_or_default().resolve(&host_resolv)?;
         let runner_id = match file.runner_id {
             Some(id) if id.is_empty() => return Err(invalid("runner_id", "must not be empty")),
             Some(id) => id,
@@ -551,6 +557,7 @@ impl Config {
             cgroup_parent,
             secret_stores,
             registry,
+            network,
         })
     }
 }

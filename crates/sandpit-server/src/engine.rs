@@ -10,6 +10,8 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use sandpit_image::Digest;
+use sandpit_net::policy::{DefaultEgress, NetworkPolicy};
+use sandpit_net::Allocation;
 use sandpit_registry::Credentials;
 use sandpit_wire::async_client::{AsyncAgentClient, Connector};
 use sandpit_wire::process::{ImageProcess, ProcessOverrides};
@@ -119,6 +121,25 @@ pub struct LaunchSpec {
     /// plain variable of the same name). Kept apart so that `Debug` of the
     /// spec redacts them; see [`LaunchSpec::environment`].
     pub secret_env: Vec<(String, crate::secrets::SecretValue)>,
+    /// Its network, on an engine that offers one ([`Engine::network`]);
+    /// `None`: loopback only.
+    pub network: Option<LaunchNetwork>,
+}
+
+/// A sandbox's network as the engine sets it up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchNetwork {
+    /// What it may reach and be reached by.
+    pub policy: NetworkPolicy,
+    /// Who owns it (what `Tenant` rules of others' policies select).
+    pub owner: String,
+}
+
+/// The network an engine gives its sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkOffer {
+    /// What a sandbox that states no egress policy may reach.
+    pub default_egress: DefaultEgress,
 }
 
 impl LaunchSpec {
@@ -269,6 +290,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// This host's capacity.
     fn capacity(&self) -> HostCapacity;
+
+    /// The network this engine gives sandboxes; `None`: loopback only (and
+    /// a [`LaunchSpec::network`] is refused).
+    fn network(&self) -> Option<NetworkOffer> {
+        None
+    }
+
+    /// A sandbox's addresses, while it has a network.
+    fn addresses(&self, _id: &SandboxId) -> Option<Allocation> {
+        None
+    }
 }
 
 /// The main command, environment, working dir, files and limits of a
@@ -304,6 +336,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         read_only_root: req.security.read_only_root,
         startup_probe: req.startup_probe.clone(),
         secret_env: req.secret_values.clone(),
+        network: req.network.clone(),
     }
 }
 

@@ -28,9 +28,11 @@ pub mod engine;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod local;
+pub mod local_net;
 pub mod logs;
 pub mod manager;
 pub mod model;
+pub mod netconfig;
 mod offload;
 pub mod secrets;
 pub mod server;

@@ -22,9 +22,12 @@ use sandpit_wire::{InitFile, InitSpec, MainStatus, Signal};
 
 use crate::chain as describe;
 use crate::engine::{
-    Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
-    PullFailureKind, RegistryCredentials,
+    Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, NetworkOffer,
+    PullFailure, PullFailureKind, RegistryCredentials,
 };
+use crate::local_net::LocalNetwork;
+use crate::netconfig::NetworkSettings;
+use sandpit_net::Allocation;
 use crate::logs::{LogWriter, OutputChunk, Stream};
 use crate::model::SandboxId;
 
@@ -48,6 +51,9 @@ pub struct LocalEngineConfig {
     pub pids_max: Option<u64>,
     /// How images missing from the store are pulled.
     pub registry: RegistryConfig,
+    /// The sandbox network and where it remembers sandboxes'
+    /// (`<data-dir>/network`); `None`: loopback only.
+    pub network: Option<(NetworkSettings, PathBuf)>,
 }
 
 /// The engine over this host's kernel.
@@ -58,6 +64,7 @@ pub struct LocalEngine {
     puller: Arc<Puller>,
     pids_max: Option<u64>,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    network: Option<Arc<LocalNetwork>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -82,6 +89,10 @@ impl LocalEngine {
             cgroup_parent: config.cgroup_parent,
         })
         .map_err(|e| EngineError::runtime("set up the runtime", e))?;
+        let network = match config.network {
+            Some((settings, dir)) => Some(Arc::new(LocalNetwork::setup(settings, &dir)?)),
+            None => None,
+        };
         let store = Arc::new(store);
         let puller = Puller::new(Arc::clone(&store), config.registry)
             .map_err(|e| EngineError::Image(e.into()))?;
@@ -91,7 +102,14 @@ impl LocalEngine {
             store,
             pids_max: config.pids_max,
             sandboxes: Mutex::new(HashMap::new()),
+            network,
         })
+    }
+
+    /// The sandbox network, when sandboxes get one (the daemon serves its
+    /// resolver and proxy).
+    pub fn local_network(&self) -> Option<&Arc<LocalNetwork>> {
+        self.network.as_ref()
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<SandboxId, Arc<Sandbox>>> {
@@ -228,9 +246,22 @@ impl Engine for LocalEngine {
 
     async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
         let runtime = Arc::clone(&self.runtime);
+        let network = match (&spec.network, &self.network) {
+            (None, _) => None,
+            (Some(n), Some(net)) => Some((n.clone(), Arc::clone(net))),
+            (Some(_), None) => {
+                return Err(EngineError::Start(
+                    "this engine gives sandboxes no network".into(),
+                ))
+            }
+        };
         // Secrets join the environment only here, on the way to the
-        // spawner's stdin.
-        let env = spec.environment();
+        // spawner's stdin. The runner's network environment (proxies,
+        // mirrors) goes under the sandbox's own.
+        let mut env = spec.environment();
+        if let Some((_, net)) = &network {
+            env = sandpit_wire::process::merge_env(&net.settings().env, &env);
+        }
         let spec_layers = spec.layers;
         let spec = SandboxSpec {
             id: id.clone(),
@@ -272,9 +303,25 @@ impl Engine for LocalEngine {
             let lease = store
                 .lease_guard_owned(spec.id.as_str(), &layers)
                 .map_err(|e| EngineError::Start(Box::new(EngineError::Image(e.into()))))?;
-            let sandbox = runtime
-                .create(&spec)
-                .map_err(|e| EngineError::Start(e.into()))?;
+            let mut spec = spec;
+            if let Some((launch, net)) = &network {
+                spec.network_namespace = Some(
+                    net.attach(&spec.id, launch)
+                        .map_err(|e| EngineError::Start(e.into()))?,
+                );
+            }
+            let detach = || {
+                if let Some((_, net)) = &network {
+                    net.detach(&spec.id);
+                }
+            };
+            let sandbox = match runtime.create(&spec) {
+                Ok(sb) => sb,
+                Err(e) => {
+                    detach();
+                    return Err(EngineError::Start(e.into()));
+                }
+            };
             // The agent starts the main command before it serves its first
             // connection, so one ping tells whether it started: a client
             // then sees FAILED from CreateSandbox itself, never a RUNNING
@@ -295,6 +342,7 @@ impl Engine for LocalEngine {
                         tracing::warn!(error = %describe(&d), "destroy after failed start");
                         lease.keep();
                     }
+                    detach();
                     Err(e)
                 }
             }
@@ -363,10 +411,15 @@ impl Engine for LocalEngine {
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
         let id = id.clone();
+        let network = self.network.clone();
         blocking(move || {
             runtime.destroy(&id)?;
             // Only once nothing is mounted any more.
             release_lease(&store, id.as_str());
+            // Only once no process of the sandbox is left.
+            if let Some(net) = network {
+                net.detach(&id);
+            }
             Ok(())
         })
         .await?
@@ -379,6 +432,15 @@ impl Engine for LocalEngine {
         let opened = blocking(move || runtime.open(&owned)).await;
         match opened {
             Ok(Ok(sb)) if sb.is_running() => {
+                if let Some(net) = self.network.clone() {
+                    let (id, pid) = (id.clone(), sb.pid());
+                    match blocking(move || net.adopt(&id, pid)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) | Err(e) => {
+                            tracing::warn!(error = %describe(&e), "adopt the sandbox network")
+                        }
+                    }
+                }
                 let status = agent_of(&sb).ping().await;
                 self.table().insert(id.clone(), Arc::new(sb));
                 match status {
@@ -397,9 +459,16 @@ impl Engine for LocalEngine {
         // ours to remove.
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
+        let network = self.network.clone();
         blocking(move || {
             let ours = |id: &SandboxId| id.is_generated() && !keep.contains(id);
             let report = runtime.sweep(ours)?;
+            if let Some(net) = network {
+                // After the runtime's: no process is left in what it removes.
+                if let Err(e) = net.sweep(|id| !ours(id)) {
+                    tracing::warn!(error = %describe(&e), "sweep the sandbox network");
+                }
+            }
             // Leases of sandboxes that are gone (a crash between destroy and
             // release) would pin their layers forever.
             match store.lease_holders() {
@@ -425,6 +494,16 @@ impl Engine for LocalEngine {
 
     fn capacity(&self) -> HostCapacity {
         host_capacity()
+    }
+
+    fn network(&self) -> Option<NetworkOffer> {
+        self.network.as_ref().map(|n| NetworkOffer {
+            default_egress: n.settings().net.default_egress,
+        })
+    }
+
+    fn addresses(&self, id: &SandboxId) -> Option<Allocation> {
+        self.network.as_ref()?.addresses(id)
     }
 }
 

@@ -150,11 +150,30 @@ async fn run(config: Config) -> Result<()> {
         cgroup_parent: config.cgroup_parent.clone(),
         pids_max: config.pids_max,
         registry: config.registry.clone(),
+        network: config
+            .network
+            .enabled
+            .then(|| (config.network.clone(), config.data_dir.join("network"))),
     };
     let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
         .await?
         .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
         .context("set up the engine")?;
+    // The resolver and the proxy every sandbox's DNS and name-routed web
+    // traffic is sent to; they end with the daemon (sandboxes' kernel rules
+    // do not: a restarted daemon serves them again).
+    let _egress = match engine.local_network() {
+        Some(net) => Some(AbortOnDrop(
+            net.serve_egress()
+                .await
+                .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+                .context("serve sandbox DNS and egress")?,
+        )),
+        None => {
+            tracing::info!("networking off: sandboxes get loopback only");
+            None
+        }
+    };
     let db_path = config.db_path();
     let db = Db::open(&db_path)
         .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
@@ -207,6 +226,15 @@ async fn run(config: Config) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT.

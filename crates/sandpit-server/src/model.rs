@@ -183,6 +183,8 @@ pub struct NewSandbox {
     /// Their values by variable, resolved by the API layer; never
     /// persisted, `Debug` redacted.
     pub secret_values: Vec<(String, crate::secrets::SecretValue)>,
+    /// Its network (an engine that offers one); `None`: loopback only.
+    pub network: Option<crate::engine::LaunchNetwork>,
 }
 
 /// Everything known about one sandbox; persisted on every change.

@@ -97,6 +97,9 @@ fn engine(data: &Path) -> LocalEngine {
         cgroup_parent: CGROUP_PARENT.into(),
         pids_max: Some(512),
         registry: Default::default(),
+        // The network has tests of its own (sandpit-net, and the daemon's
+        // end-to-end tests): these run side by side with them.
+        network: None,
     })
     .unwrap()
 }

@@ -13,9 +13,6 @@ pub mod errors;
 pub mod exec;
 pub mod files;
 pub mod logs;
-// Main's network policy conversion, not wired into validation yet (the
-// networking branch does): allowed so `clippy -D warnings` passes meanwhile.
-#[allow(dead_code)]
 pub(crate) mod network;
 pub mod sandbox;
 pub mod secrets;

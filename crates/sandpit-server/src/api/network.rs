@@ -245,6 +245,43 @@ pub(crate) fn effective_egress(
         .collect()
 }
 
+/// The ingress in force, as the status reports it.
+pub(crate) fn effective_ingress(policy: &NetworkPolicy) -> Vec<pb::IngressRule> {
+    use pb::ingress_rule::Source as S;
+    let Ingress::Allow(rules) = &policy.ingress else {
+        return Vec::new();
+    };
+    rules
+        .iter()
+        .map(|r| pb::IngressRule {
+            source: Some(match &r.source {
+                IngressSource::Cidr(c) => S::Cidr(proto_cidr(c)),
+                IngressSource::Any => S::Any(true),
+                IngressSource::Tenant(Tenant::SameUser) => S::Tenant(pb::TenantScope::SameUser as i32),
+                IngressSource::Tenant(Tenant::SameOrg) => S::Tenant(pb::TenantScope::SameOrg as i32),
+            }),
+            ports: proto_ports(&r.ports),
+        })
+        .collect()
+}
+
+/// Fills the network part of a status from the options the sandbox was
+/// created with (checked then, so they check again) and the runner's
+/// default.
+pub(crate) fn report(
+    status: &mut pb::SandboxStatus,
+    net: Option<&pb::NetworkOptions>,
+    default: DefaultEgress,
+) {
+    let none = pb::NetworkOptions::default();
+    let Ok(policy) = check(net.unwrap_or(&none), "network") else {
+        return;
+    };
+    status.effective_egress = effective_egress(&policy, default);
+    status.effective_ingress = effective_ingress(&policy);
+    status.effective_dns_egress = pb::DnsEgressMode::Allow.into();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +341,35 @@ mod tests {
             effective_egress(&none, DefaultEgress::Internet)[0].destination,
             Some(D::Any(true))
         );
+    }
+
+    #[test]
+    fn the_status_reports_what_is_in_force() {
+        let mut status = pb::SandboxStatus::default();
+        let net = pb::NetworkOptions {
+            egress: vec![rule(D::HttpsHostname("api.test".into()), &[])],
+            ingress: vec![pb::IngressRule {
+                source: Some(pb::ingress_rule::Source::Tenant(pb::TenantScope::SameUser as i32)),
+                ports: vec![pb::PortRange {
+                    protocol: String::new(),
+                    port: 8000,
+                    end_port: 0,
+                }],
+            }],
+            ..Default::default()
+        };
+        report(&mut status, Some(&net), DefaultEgress::Deny);
+        assert_eq!(
+            status.effective_egress[0].destination,
+            Some(D::HttpsHostname("api.test".into()))
+        );
+        assert_eq!(status.effective_ingress[0].ports[0].port, 8000);
+        assert_eq!(status.effective_dns_egress, pb::DnsEgressMode::Allow as i32);
+        // No options: the runner's default.
+        let mut status = pb::SandboxStatus::default();
+        report(&mut status, None, DefaultEgress::Internet);
+        assert_eq!(status.effective_egress[0].destination, Some(D::Any(true)));
+        assert!(status.effective_ingress.is_empty());
     }
 
     #[test]

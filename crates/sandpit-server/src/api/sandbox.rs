@@ -54,6 +54,7 @@ impl<E: Engine> SandboxApi<E> {
             runner_id,
             default_resources: manager.config().default_resources,
             max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
+            network: manager.engine().network(),
         };
         Self {
             manager,
@@ -70,7 +71,16 @@ impl<E: Engine> SandboxApi<E> {
     }
 
     fn sandbox(&self, r: &crate::model::SandboxRecord) -> pb::Sandbox {
-        convert::sandbox(r, &self.policy.runner_id)
+        let mut sb = convert::sandbox(r, &self.policy.runner_id);
+        if let (Some(offer), Some(status)) = (self.policy.network, sb.status.as_mut()) {
+            let spec = sb.spec.as_ref();
+            super::network::report(
+                status,
+                spec.and_then(|s| s.network.as_ref()),
+                offer.default_egress,
+            );
+        }
+        sb
     }
 }
 
@@ -111,6 +121,9 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let principal = principal(&request)?;
         let mut new = validate::create_request(request.get_ref(), &self.policy)?;
+        if let Some(net) = &mut new.network {
+            net.owner = principal.as_str().to_owned();
+        }
         if let Some(secret) = &new.pull_secret {
             let credentials = self.secrets.resolve(secret).map_err(|e| {
                 invalid_request(&[Violation::new(

@@ -52,6 +52,8 @@ pub struct CreatePolicy {
     pub default_resources: ResourceSpec,
     /// Longest lifetime granted (seconds); longer requests are refused.
     pub max_lifetime_seconds: u32,
+    /// The network sandboxes get; `None`: loopback only.
+    pub network: Option<crate::engine::NetworkOffer>,
 }
 
 impl CreatePolicy {
@@ -378,12 +380,47 @@ fn check_spec(
             format!("unknown runtime class {}", spec.runtime_class_selection),
         ),
     }
-    if let Some(net) = &spec.network {
-        check_network(rej, net);
+    match (policy.network, &spec.network) {
+        (Some(_), net) => {
+            let default = pb::NetworkOptions::default();
+            let net = net.as_ref().unwrap_or(&default);
+            check_dns_egress(rej, net);
+            match super::network::check(net, "sandbox.spec.network") {
+                Ok(p) => {
+                    out.network = Some(crate::engine::LaunchNetwork {
+                        policy: p,
+                        owner: String::new(),
+                    })
+                }
+                Err(bad) => {
+                    for (field, why) in bad {
+                        rej.invalid(field, why);
+                    }
+                }
+            }
+        }
+        (None, Some(net)) => check_network(rej, net),
+        (None, None) => {}
     }
 }
 
-/// Sandboxes have a loopback interface only: no egress and no ingress.
+/// `dns_egress` on a runner with a network: DNS always goes to the
+/// runner's resolver, which answers what the policy grants (ALLOW, the
+/// default). DENY (no DNS at all) is not offered.
+fn check_dns_egress(rej: &mut Rejection, net: &pb::NetworkOptions) {
+    const P: &str = "sandbox.spec.network.dns_egress";
+    match pb::DnsEgressMode::try_from(net.dns_egress) {
+        Ok(pb::DnsEgressMode::Unspecified | pb::DnsEgressMode::Allow) => {}
+        Ok(pb::DnsEgressMode::Deny) => rej.unsupported(
+            P,
+            "DNS is answered by the runner's resolver within the egress policy; it cannot be turned off",
+        ),
+        Err(_) => rej.invalid(P, format!("unknown DNS egress mode {}", net.dns_egress)),
+    }
+}
+
+/// Sandboxes have a loopback interface only (networking is off on this
+/// runner): no egress and no ingress.
 /// Options that ask for exactly that are honoured; anything else is not.
 fn check_network(rej: &mut Rejection, net: &pb::NetworkOptions) {
     const P: &str = "sandbox.spec.network";

@@ -8,6 +8,7 @@ fn policy() -> CreatePolicy {
         runner_id: "r1".into(),
         default_resources: ResourceSpec::default(),
         max_lifetime_seconds: 86_400,
+        network: None,
     }
 }
 
@@ -614,4 +615,46 @@ fn pull_credentials_are_checked_and_normalised() {
         assert_eq!(reason, "CWSANDBOX_INVALID_REQUEST", "{field}");
         assert_eq!(fields, [field]);
     }
+}
+
+#[test]
+fn with_a_network_the_options_become_the_sandboxs_policy() {
+    use sandpit_net::policy::Egress;
+    let on = CreatePolicy {
+        network: Some(crate::engine::NetworkOffer {
+            default_egress: sandpit_net::DefaultEgress::Deny,
+        }),
+        ..policy()
+    };
+    // No options: a network with the runner's default.
+    let n = create_request(&request(spec_with(container())), &on).unwrap();
+    assert_eq!(n.network.unwrap().policy.egress, Egress::RunnerDefault);
+    let mut spec = spec_with(container());
+    spec.network = Some(pb::NetworkOptions {
+        egress: vec![pb::EgressRule {
+            destination: Some(pb::egress_rule::Destination::HttpsHostname("api.test".into())),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let n = create_request(&request(spec.clone()), &on).unwrap();
+    assert!(matches!(n.network.unwrap().policy.egress, Egress::Allow(r) if r.len() == 1));
+    // Bad rules are invalid, with their paths; DNS cannot be turned off.
+    spec.network.as_mut().unwrap().egress[0].destination = Some(
+        pb::egress_rule::Destination::HttpsHostname("a.*.test".into()),
+    );
+    spec.network.as_mut().unwrap().dns_egress = pb::DnsEgressMode::Deny as i32;
+    let status = create_request(&request(spec), &on).unwrap_err();
+    let details = status.get_error_details();
+    let fields: Vec<String> = details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    assert!(
+        fields.contains(&"sandbox.spec.network.egress[0].https_hostname".to_string()),
+        "{status:?}"
+    );
+    // Without a network nothing of it reaches the engine.
+    let n = create_request(&request(spec_with(container())), &policy()).unwrap();
+    assert!(n.network.is_none());
 }

@@ -42,6 +42,7 @@ pub(super) fn validate(spec: pb::SandboxSpec) -> Result<NewSandbox, tonic::Statu
             runner_id: "r1".into(),
             default_resources: ResourceSpec::default(),
             max_lifetime_seconds: 86_400,
+            network: None,
         },
     )
 }

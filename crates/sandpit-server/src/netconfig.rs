@@ -1,0 +1,251 @@
+//! `[network]`: how sandboxes are networked on this runner, validated once
+//! at start-up into [`NetworkSettings`].
+//!
+//! ```toml
+//! [network]
+//! enabled = true                     # false: loopback only, as before issue 12
+//! default_egress = "deny"            # or "internet"
+//! subnet_v4 = "10.209.0.0/16"
+//! subnet_v6 = "fd5a:9d17:4e3c::/64"  # "" for IPv4 only
+//! upstream_dns = ["192.0.2.53:53"]   # default: the host's /etc/resolv.conf
+//! dns_name_except = ["*.internal.example.com"]
+//! extra_deny = ["203.0.113.0/24"]
+//! pool_size = 4
+//! [network.env]                      # into every sandbox (proxies, mirrors)
+//! PIP_INDEX_URL = "https://pypi.mirror.example/simple"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use sandpit_net::policy::NamePattern;
+use sandpit_net::{DefaultEgress, NetConfig};
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// `[network]` as the file spells it, every key optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNetwork {
+    enabled: Option<bool>,
+    default_egress: Option<DefaultEgress>,
+    subnet_v4: Option<String>,
+    subnet_v6: Option<String>,
+    gateway_link: Option<String>,
+    link_prefix: Option<String>,
+    table: Option<String>,
+    nat: Option<bool>,
+    extra_deny: Option<Vec<String>>,
+    dns_port: Option<u16>,
+    proxy_port: Option<u16>,
+    http_proxy_port: Option<u16>,
+    pool_size: Option<usize>,
+    upstream_dns: Option<Vec<String>>,
+    dns_name_except: Option<Vec<String>>,
+    resolve_all_with_cidr_rules: Option<bool>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// The sandbox network of this runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    /// Whether sandboxes get a network at all (`false`: loopback only, and
+    /// every network option but "none" is refused).
+    pub enabled: bool,
+    /// The data path and firewall layout.
+    pub net: NetConfig,
+    /// Where the resolver forwards (none: no name resolves).
+    pub upstream_dns: Vec<SocketAddr>,
+    /// The runner's carve-outs: names no sandbox resolves or reaches,
+    /// whatever its grants say.
+    pub dns_name_except: Vec<NamePattern>,
+    /// Sandboxes with CIDR rules resolve every name (off: only granted
+    /// names; a lookup upstream is itself a way out).
+    pub resolve_all_with_cidr_rules: bool,
+    /// Environment given to every sandbox (a sandbox's own wins).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            net: NetConfig::default(),
+            upstream_dns: Vec::new(),
+            dns_name_except: Vec::new(),
+            resolve_all_with_cidr_rules: false,
+            env: Vec::new(),
+        }
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: "network",
+        reason: reason.into(),
+    }
+}
+
+/// The nameservers of a `resolv.conf`, port 53.
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        // A zone index (`fe80::1%eth0`) is not an address we can parse.
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+fn server(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| invalid(format!("upstream_dns: {text:?} is not an address[:port]")))
+}
+
+impl FileNetwork {
+    /// Validates the section; `host_resolv_conf` is the host's
+    /// `/etc/resolv.conf` (the default upstreams).
+    pub fn resolve(self, host_resolv_conf: &str) -> Result<NetworkSettings, ConfigError> {
+        let d = NetConfig::default();
+        let mut net = NetConfig {
+            gateway_link: self.gateway_link.unwrap_or(d.gateway_link),
+            link_prefix: self.link_prefix.unwrap_or(d.link_prefix),
+            subnet_v4: match self.subnet_v4 {
+                Some(s) => s
+                    .parse()
+                    .map_err(|_| invalid(format!("subnet_v4: {s:?} is not an IPv4 CIDR")))?,
+                None => d.subnet_v4,
+            },
+            subnet_v6: match self.subnet_v6.as_deref() {
+                Some("") => None,
+                Some(s) => Some(
+                    s.parse()
+                        .map_err(|_| invalid(format!("subnet_v6: {s:?} is not an IPv6 CIDR")))?,
+                ),
+                None => d.subnet_v6,
+            },
+            table: self.table.unwrap_or(d.table),
+            default_egress: self.default_egress.unwrap_or(d.default_egress),
+            nat: self.nat.unwrap_or(d.nat),
+            extra_deny: Vec::new(),
+            dns_port: self.dns_port.unwrap_or(d.dns_port),
+            proxy_port: self.proxy_port.unwrap_or(d.proxy_port),
+            http_proxy_port: self.http_proxy_port.unwrap_or(d.http_proxy_port),
+            pool_size: self.pool_size.unwrap_or(d.pool_size),
+        };
+        for text in self.extra_deny.unwrap_or_default() {
+            let n: IpNet = text
+                .parse()
+                .map_err(|_| invalid(format!("extra_deny: {text:?} is not a CIDR")))?;
+            net.extra_deny.push(n.trunc());
+        }
+        net.validate()
+            .map_err(|e| invalid(sandpit_errors::chain(&e)))?;
+        let upstream_dns = match self.upstream_dns {
+            Some(list) => list.iter().map(|s| server(s)).collect::<Result<_, _>>()?,
+            None => nameservers(host_resolv_conf),
+        };
+        // None (a host without resolv.conf): sandboxes resolve nothing,
+        // which the daemon says when it starts.
+        let enabled = self.enabled.unwrap_or(true);
+        let mut dns_name_except = Vec::new();
+        for text in self.dns_name_except.unwrap_or_default() {
+            dns_name_except
+                .push(NamePattern::parse(&text).map_err(|e| invalid(format!("dns_name_except: {e}")))?);
+        }
+        let mut env = Vec::new();
+        for (k, v) in self.env.unwrap_or_default() {
+            let name_ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name_ok || v.contains('\0') {
+                return Err(invalid(format!("env: {k:?} is not a variable name")));
+            }
+            env.push((k, v));
+        }
+        Ok(NetworkSettings {
+            enabled,
+            net,
+            upstream_dns,
+            dns_name_except,
+            resolve_all_with_cidr_rules: self.resolve_all_with_cidr_rules.unwrap_or(false),
+            env,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NetworkSettings, ConfigError> {
+        let f: FileNetwork = toml::from_str(text).unwrap();
+        f.resolve("# generated\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\n")
+    }
+
+    #[test]
+    fn defaults_take_the_hosts_resolvers() {
+        let s = parse("").unwrap();
+        assert!(s.enabled);
+        assert_eq!(s.net, NetConfig::default());
+        assert_eq!(s.upstream_dns, ["192.0.2.53:53".parse().unwrap()]);
+        assert_eq!(s.net.default_egress, DefaultEgress::Deny);
+    }
+
+    #[test]
+    fn every_key_is_read_and_checked() {
+        let s = parse(
+            r#"
+            default_egress = "internet"
+            subnet_v4 = "10.77.0.0/20"
+            subnet_v6 = ""
+            upstream_dns = ["198.51.100.2", "198.51.100.3:5300"]
+            dns_name_except = ["*.Internal.test"]
+            extra_deny = ["203.0.113.7/24"]
+            pool_size = 0
+            [env]
+            PIP_INDEX_URL = "https://pypi.test/simple"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.net.default_egress, DefaultEgress::Internet);
+        assert_eq!(s.net.subnet_v6, None);
+        assert_eq!(s.net.extra_deny, ["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(s.upstream_dns[1], "198.51.100.3:5300".parse().unwrap());
+        assert_eq!(s.dns_name_except[0].to_string(), "*.internal.test");
+        assert_eq!(s.env, [("PIP_INDEX_URL".into(), "https://pypi.test/simple".into())]);
+        for bad in [
+            r#"default_egress = "open""#,
+            r#"subnet_v4 = "10.0.0.0/33""#,
+            r#"subnet_v4 = "10.0.0.0/30""#,
+            r#"upstream_dns = ["nope"]"#,
+            r#"dns_name_except = ["a.*.b"]"#,
+            "proxy_port = 5353",
+            "[env]\n\"1X\" = \"v\"",
+        ] {
+            let f: Result<FileNetwork, _> = toml::from_str(bad);
+            match f {
+                Err(_) => {}
+                Ok(f) => assert!(f.resolve("nameserver 192.0.2.53").is_err(), "{bad}"),
+            }
+        }
+        assert!(FileNetwork::default().resolve("").unwrap().upstream_dns.is_empty());
+        let off: FileNetwork = toml::from_str("enabled = false").unwrap();
+        assert!(!off.resolve("").unwrap().enabled);
+    }
+
+    #[test]
+    fn nameservers_are_read_like_the_libc_resolver() {
+        assert_eq!(
+            nameservers("nameserver 127.0.0.53\noptions edns0\n  nameserver ::1 # x\n"),
+            [
+                "127.0.0.53:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}
