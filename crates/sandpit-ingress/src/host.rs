@@ -56,7 +56,7 @@ pub(crate) fn normalize_domain(domain: &str) -> String {
 }
 
 /// The sandbox id and port named by `host` (a Host header value or a TLS
-/// server name) under `domain` (normalised, see [`normalize_domain`]).
+/// server name) under `domain` (lowercase, without a trailing dot).
 /// A `:port` suffix is ignored, case does not matter; anything that is
 /// not exactly one `<port>-<id>` label directly under `domain` is `None`.
 pub fn parse_service_host(host: &str, domain: &str) -> Option<(String, u16)> {

@@ -28,6 +28,10 @@ pub struct HttpConfig {
     /// The most client connections served at once; further ones wait in
     /// the listen queue.
     pub max_connections: usize,
+    /// The most upgraded (WebSocket and the like) connections spliced at
+    /// once; they no longer count as HTTP connections. Further upgrade
+    /// requests are answered 503.
+    pub max_upgraded: usize,
     /// The most bytes of a request head (from clients) or response head
     /// (from backends). At least 8 KiB.
     pub max_header_bytes: usize,
@@ -50,6 +54,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_upgraded: 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(30),
@@ -72,6 +77,7 @@ struct Ctx {
     domain: String,
     table: Arc<RouteTable>,
     config: HttpConfig,
+    upgraded: Arc<Semaphore>,
 }
 
 impl HttpFrontend {
@@ -99,6 +105,7 @@ impl HttpFrontend {
             ctx: Arc::new(Ctx {
                 domain: normalize_domain(domain),
                 table,
+                upgraded: Arc::new(Semaphore::new(config.max_upgraded)),
                 config,
             }),
         })
@@ -200,6 +207,14 @@ async fn proxy(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Respo
         return answer(StatusCode::UNAUTHORIZED, "share token required\n");
     }
     let upgrade = wants_upgrade(req.headers());
+    let upgrade_permit = if upgrade {
+        match ctx.upgraded.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => return answer(StatusCode::SERVICE_UNAVAILABLE, "too many upgrades\n"),
+        }
+    } else {
+        None
+    };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let backend_req = match backend_request(req, &host, peer, upgrade, ctx) {
         Some(r) => r,
@@ -215,6 +230,7 @@ async fn proxy(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Respo
         };
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let _permit = upgrade_permit;
             match tokio::try_join!(client_upgrade, backend_upgrade) {
                 Ok((c, b)) => splice(TokioIo::new(c), TokioIo::new(b)).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade"),

@@ -37,12 +37,12 @@
 //!   cannot check a token, so the table refuses such a route
 //!   ([`RouteError::TokenOnPassthrough`]) rather than leave it open.
 //! - Everything read is bounded, from clients and backends alike: the
-//!   number of connections per frontend and per TCP port, request and
-//!   response header sizes and counts, the time to send request headers
-//!   (which also ends idle keep-alive connections), the time to connect to
-//!   a backend and for it to answer, the size of and time to send a
-//!   ClientHello. Bodies and spliced bytes stream with fixed buffers and
-//!   backpressure; nothing is buffered whole.
+//!   number of connections per frontend (upgraded ones too) and per TCP
+//!   port, request and response header sizes and counts, the time to send
+//!   request headers (which also ends idle keep-alive connections), the
+//!   time to connect to a backend and for it to answer, the size of and
+//!   time to send a ClientHello. Bodies and spliced bytes stream with
+//!   fixed buffers and backpressure; nothing is buffered whole.
 //! - Client-supplied `X-Forwarded-*` and `Forwarded` headers are replaced,
 //!   not appended to, so a backend can trust them as far as it trusts this
 //!   frontend.

@@ -4,7 +4,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::StatusCode;
-use sandpit_ingress::{Auth, RouteKind, RouteTable};
+use sandpit_ingress::{Auth, HttpConfig, HttpFrontend, RouteKind, RouteTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -269,4 +269,27 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
         head.push(s.read_u8().await.unwrap());
     }
     String::from_utf8(head).unwrap()
+}
+
+#[tokio::test]
+async fn upgrades_are_bounded() {
+    let table = Arc::new(RouteTable::new());
+    let a = echo_backend("a").await;
+    table
+        .insert("sb-a", 80, route(a, Auth::Open, RouteKind::Http))
+        .unwrap();
+    let config = HttpConfig {
+        max_upgraded: 0,
+        ..HttpConfig::default()
+    };
+    let f = HttpFrontend::bind_with("127.0.0.1:0".parse().unwrap(), DOMAIN, table, config)
+        .await
+        .unwrap();
+    let front = f.local_addr().unwrap();
+    tokio::spawn(f.run());
+    let mut c = Client::connect(front).await;
+    let upgrade = [("connection", "upgrade"), ("upgrade", "echo")];
+    let (status, _, body) = c.get("80-sb-a.sb.test", "/", &upgrade).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "too many upgrades\n");
 }
