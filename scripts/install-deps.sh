@@ -5,6 +5,7 @@ packages=(
   mmdebstrap      # builds the Debian/Python test rootfs
   busybox-static  # the tiny test rootfs
   podman runc     # the speed baseline in the benchmark
+  iperf3          # sandpit-bench --net: TCP throughput baseline
   skopeo docker-registry  # registry tests
   protobuf-compiler       # gRPC protos
   python3-venv

@@ -35,3 +35,6 @@ cargo build -q --release --bins
 
 echo "== benchmark, quick mode (no speed assertions)" >&2
 target/release/sandpit-bench --quick --daemon --data-dir target/bench-quick --json target/bench-quick.json
+
+echo "== network benchmark, quick mode (~11 s; iperf3/podman rows skipped when missing)" >&2
+target/release/sandpit-bench --quick --net --only net --json target/bench-net-quick.json

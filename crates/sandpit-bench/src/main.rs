@@ -19,6 +19,12 @@
 //! or `--python` names one. Single figures (rates, MiB) are printed after the
 //! latency table and appear in the JSON as `{"measure", "value", "unit"}`.
 //!
+//! With `--net` (root), networking in private namespaces (see `net.rs`):
+//! iperf3 over a plain veth against a sandbox through NAT, HTTP bulk and
+//! new connections through the egress proxy against NAT, and podman's
+//! cold start with `--network bridge` against `none`; `--only net --net`
+//! runs just that.
+//!
 //! Prints a table and writes JSON to `--json FILE`. `--quick` runs few
 //! iterations (for CI), runs the throughput cycles at concurrency 1 and 8
 //! only (8 cycles each), skips density and the Python block, and asserts
@@ -27,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 mod daemon;
+mod net;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,6 +76,11 @@ struct Args {
     /// binary) and drives it through the gRPC API.
     #[arg(long)]
     daemon: bool,
+    /// Also measure networking (see `net.rs`): iperf3 over a veth, from a
+    /// sandbox through NAT, HTTP through the egress proxy, podman's cold
+    /// start with a network. Root; everything in private namespaces.
+    #[arg(long)]
+    net: bool,
     /// With `--daemon` (not `--quick`): idle sandboxes held at once for the
     /// density measure (0: skip).
     #[arg(long, default_value_t = 200)]
@@ -86,7 +98,8 @@ struct Args {
     /// Run only these sections (comma-separated; all when absent), for quick
     /// A/B comparisons of one measure: `engine` (in-process), and with
     /// `--daemon`: `cold` (create until first exec, delete), `exec`
-    /// (StreamExec round trip), `files`, `cycles`, `density`, `python`.
+    /// (StreamExec round trip), `files`, `cycles`, `density`, `python`;
+    /// with `--net`: `net`.
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
 }
@@ -101,6 +114,7 @@ enum Section {
     Cycles,
     Density,
     Python,
+    Net,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +244,11 @@ fn main() -> Result<()> {
         results.extend(stats);
         figures = figs;
     }
+    if args.net && want(Section::Net) {
+        let (stats, figs) = net::run(&args.image, args.quick)?;
+        results.extend(stats);
+        figures.extend(figs);
+    }
 
     println!(
         "{:<56} {:>10} {:>10} {:>6} {:>10}",
@@ -252,6 +271,7 @@ fn main() -> Result<()> {
         for f in &figures {
             println!("{:<84} {:>10.2} {}", f.name, f.value, f.unit);
         }
+        net::print_ratios(&figures);
     }
     let find = |n: &str| results.iter().find(|s| s.name == n).map(|s| s.p50());
     if let (Some(ours), Some(theirs)) = (
@@ -384,8 +404,16 @@ fn podman_cmd() -> Command {
     c
 }
 
-/// The same workloads through podman, on the same rootfs.
-fn podman(rootfs: &Path, n: usize) -> Result<Vec<Stats>> {
+/// `--ulimit`s every podman run gets (podman's defaults differ from ours).
+const PODMAN_LIMITS: [&str; 4] = [
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+/// Imports `rootfs` as podman's image; its name.
+fn podman_import(rootfs: &Path) -> Result<&'static str> {
     let image = "localhost/sandpit-bench:latest";
     let status = podman_cmd()
         .args(["import", &rootfs.to_string_lossy(), image])
@@ -395,20 +423,20 @@ fn podman(rootfs: &Path, n: usize) -> Result<Vec<Stats>> {
     if !status.success() {
         bail!("podman import failed");
     }
-    let common = [
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=4096:4096",
-    ];
+    Ok(image)
+}
+
+/// The same workloads through podman, on the same rootfs.
+fn podman(rootfs: &Path, n: usize) -> Result<Vec<Stats>> {
+    let image = podman_import(rootfs)?;
+    let mut common = vec!["--network", "none"];
+    common.extend(PODMAN_LIMITS);
     let mut run = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
         let st = podman_cmd()
             .args(["run", "--rm"])
-            .args(common)
+            .args(&common)
             .args([image, "true"])
             .status()?;
         run.push(t.elapsed());
@@ -424,7 +452,7 @@ fn podman(rootfs: &Path, n: usize) -> Result<Vec<Stats>> {
         .status();
     let st = podman_cmd()
         .args(["run", "-d", "--name", name])
-        .args(common)
+        .args(&common)
         .args([image, "sleep", "1000"])
         .stdout(std::process::Stdio::null())
         .status()?;
