@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import Server, import_test_images, sweep
+from conftest import Server, free_port, import_test_images, sweep
 from upstream import HOST_ADDR, UP_ADDR, Upstream
 
 RPC = 90  # seconds: bound on any single client operation's .result()
@@ -44,6 +44,7 @@ dns_port = 5354
 proxy_port = 3130
 http_proxy_port = 3131
 dns_name_except = ["blocked.wild.test"]
+public_tcp_ports = "31000-31099"
 """
 # A pure-Python wheel without dependencies, fetched on the host at module start.
 PACKAGE = "six"
@@ -95,7 +96,13 @@ def netd(binaries, e2e_dirs, principal_a, principal_b, upstream):
     root.mkdir()
     data = import_test_images(binaries, root, root / "data")
     config = root / "sandpitd.toml"
-    config.write_text(NET_CONFIG + f'upstream_dns = ["{upstream.dns}"]\n')
+    http_port, tls_port = free_port(), free_port()
+    config.write_text(
+        NET_CONFIG
+        + f'upstream_dns = ["{upstream.dns}"]\n'
+        + f'public_http_listen = "127.0.0.1:{http_port}"\n'
+        + f'public_tls_listen = "127.0.0.1:{tls_port}"\n'
+    )
     srv = Server(
         binary=binaries.sandpitd,
         data_dir=data,
@@ -103,6 +110,7 @@ def netd(binaries, e2e_dirs, principal_a, principal_b, upstream):
         log_path=root / "sandpitd.log",
         config=config,
     )
+    srv.public_http_port = http_port
     srv.start()
     yield srv
     problems = []
@@ -372,6 +380,161 @@ def _create_error(netd: Server, key: str, network) -> grpc.RpcError:
                 metadata=(("authorization", f"Bearer {key}"),),
             )
     return info.value
+
+
+SERVER = """
+import http.server, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        token = self.headers.get("X-Sandbox-Share-Token")
+        body = f"port {self.server.server_port} token={token}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+for port in (8000, 8001, 8002, 8003):
+    s = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+threading.Event().wait()
+"""
+
+TLS_SERVER = """
+import socket, ssl
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("/tmp/tls.pem", "/tmp/tls.key")
+srv = socket.create_server(("0.0.0.0", 8443))
+while True:
+    conn, _ = srv.accept()
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as t:
+            t.sendall(b"tls ok")
+    except OSError:
+        pass
+"""
+
+
+def http_get(host_port: tuple[str, int], host: str | None = None, headers=None, retries=50):
+    """(status, body) of GET / at `host_port` with `Host: host`, retried while refused."""
+    import http.client
+
+    for attempt in range(retries):
+        conn = http.client.HTTPConnection(*host_port, timeout=10)
+        try:
+            conn.request("GET", "/", headers={**({"Host": host} if host else {}), **(headers or {})})
+            r = conn.getresponse()
+            body = r.read().decode()
+            # The frontend answers 502 until the sandbox's server listens.
+            if r.status == 502 and attempt + 1 < retries:
+                time.sleep(0.2)
+                continue
+            return r.status, body
+        except (ConnectionRefusedError, ConnectionResetError):
+            if attempt + 1 == retries:
+                raise
+            time.sleep(0.2)
+        finally:
+            conn.close()
+
+
+def split_url(url: str) -> tuple[str, tuple[str, int]]:
+    """`scheme://host:port` -> (host, (host, port))."""
+    rest = url.split("://", 1)[1].rstrip("/")
+    host, port = rest.rsplit(":", 1)
+    return host, (host, int(port))
+
+
+def test_public_and_private_services_and_share_tokens(started, netd):
+    import cwsandbox as c
+
+    https = lambda auth: c.Endpoint(kind="https", auth=auth)  # noqa: E731
+    sb = started("python", "-c", SERVER, services=[
+        c.Service(port=8000, name="shared", visibility="public", endpoint=https("share_token")),
+        c.Service(port=8001, name="open", visibility="public", endpoint=https("open")),
+        c.Service(port=8002, name="private", visibility="private"),
+        c.Service(port=8003, name="raw", visibility="public"),
+    ])
+    urls = {name: url for _, name, url in sb.service_urls}
+    assert set(urls) == {"shared", "open", "private", "raw"}, sb.service_urls
+    frontend = ("127.0.0.1", netd.public_http_port)
+    shared_host, _ = split_url(urls["shared"])
+    assert shared_host == f"8000-{sb.sandbox_id}.sandpit.localhost"
+    assert urls["shared"].endswith(f":{netd.public_http_port}")
+    # A share-token endpoint refuses a request without the token, or with a wrong one.
+    assert http_get(frontend, shared_host)[0] == 401
+    assert http_get(frontend, shared_host, {"X-Sandbox-Share-Token": "0" * 64})[0] == 401
+    token = sb.endpoint_share_token
+    assert token is not None
+    status, body = http_get(frontend, shared_host, token.as_headers())
+    # The sandbox never sees the token.
+    assert (status, body) == (200, "port 8000 token=None")
+    open_host, _ = split_url(urls["open"])
+    assert http_get(frontend, open_host) == (200, "port 8001 token=None")
+    # No route for a port that was not published, nor for an unknown sandbox.
+    assert http_get(frontend, f"8002-{sb.sandbox_id}.sandpit.localhost")[0] == 404
+    assert http_get(frontend, "8000-nosuchsandbox.sandpit.localhost")[0] == 404
+    # PRIVATE: the sandbox's own address, from the host.
+    _, private = split_url(urls["private"])
+    assert private[0].startswith("10.210.")
+    assert http_get(private) == (200, "port 8002 token=None")
+    # A raw TCP service on a host port of the configured range.
+    _, raw = split_url(urls["raw"])
+    assert raw[0] == "127.0.0.1" and 31000 <= raw[1] <= 31099, raw
+    assert http_get(raw) == (200, "port 8003 token=None")
+    # Get and list do not show the token.
+    again = c.Sandbox.from_id(sb.sandbox_id).result(timeout=RPC)
+    assert again.endpoint_share_token is None
+    sb.stop().result(timeout=RPC)
+    # Once stopped, nothing of it is published.
+    assert http_get(frontend, open_host)[0] == 404
+    with pytest.raises(OSError):
+        socket.create_connection(raw, timeout=3).close()
+
+
+def test_tls_passthrough_is_routed_by_sni_and_not_terminated(started, netd, upstream, e2e_dirs):
+    import ssl
+
+    import cwsandbox as c
+
+    work = e2e_dirs.root / "tls"
+    work.mkdir(exist_ok=True)
+    key, csr, cert, ext = (work / n for n in ("tls.key", "tls.csr", "tls.pem", "ext.cnf"))
+    ca_key = upstream.ca_pem.with_name("ca.key")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(csr), "-subj", "/CN=sandpit.localhost"], check=True,
+                   capture_output=True)
+    ext.write_text("subjectAltName=DNS:*.sandpit.localhost\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(upstream.ca_pem),
+                    "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert), "-days", "1",
+                    "-extfile", str(ext)], check=True, capture_output=True)
+    sb = started(services=[c.Service(port=8443, name="tls", visibility="public",
+                                     endpoint=c.Endpoint(kind="tls_passthrough"))])
+    sb.write_file("/tmp/tls.pem", cert.read_bytes()).result(timeout=RPC)
+    sb.write_file("/tmp/tls.key", key.read_bytes()).result(timeout=RPC)
+    sb.write_file("/tmp/tls.py", TLS_SERVER.encode()).result(timeout=RPC)
+    sh(sb, "nohup python /tmp/tls.py >/tmp/tls.out 2>&1 &")
+    (entry,) = sb.service_addresses
+    host, port = entry.address.rsplit(":", 1)
+    assert host == f"8443-{sb.sandbox_id}.sandpit.localhost"
+    ctx = ssl.create_default_context(cafile=str(upstream.ca_pem))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as raw:
+                # The certificate checked is the sandbox's own: TLS ends there.
+                with ctx.wrap_socket(raw, server_hostname=host) as t:
+                    assert t.recv(64).startswith(b"tls ok")
+            break
+        except (OSError, ssl.SSLError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    # Another name gets nothing.
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, OSError)):
+            with ctx.wrap_socket(raw, server_hostname="8443-nosuch.sandpit.localhost") as t:
+                t.recv(1)
 
 
 def test_bad_rules_are_invalid_argument_naming_the_field(netd, principal_a):

@@ -40,9 +40,10 @@
 //!    Podman runs in a private network namespace too, so its bridge and
 //!    firewall rules land there, not on the host.
 //!
-//! The proxy's deny set carves 198.51.100.0/24 out (a real origin has a
-//! public address), and the sandbox subnet's DNAT sends TCP 80 and 443 to
-//! one port (`proxy_port`), so only the HTTP listener is measured.
+//! The proxy's deny set is the firewall's (`DenySet::of_firewall`), as in
+//! `sandpitd`. TCP 80 goes to the proxy's HTTP listener (`http_proxy_port`);
+//! only plain HTTP is measured (TLS would add the origin's handshake, not
+//! the proxy's work: both are spliced the same way).
 //!
 //! Reproduce: `apt-get install -y iperf3 podman runc`, then as root
 //! `target/release/sandpit-bench --only net --net` (`--quick` for 1 s
@@ -481,13 +482,13 @@ fn proxy(
     let config = ProxyConfig {
         http_listen: vec![SocketAddr::new(
             IpAddr::V4(gateway),
-            net.config().proxy_port,
+            net.config().http_proxy_port,
         )],
         max_connections_per_sandbox: 4096,
-        deny: DenySet::standard().allowing(UP_NET.parse()?).with_host([
-            format!("{HOST_IP}/32").parse()?,
-            format!("{gateway}/32").parse()?,
-        ]),
+        deny: {
+            let (never, private) = net.deny_ranges();
+            DenySet::of_firewall(never, private)
+        },
         ..Default::default()
     };
     let upstream = Upstream::new(&UpstreamConfig {

@@ -171,7 +171,10 @@ mod tests {
     #[test]
     fn the_firewalls_ranges_replace_the_built_in_private_part() {
         let set = DenySet::of_firewall(
-            vec!["169.254.0.0/16".parse().unwrap(), "192.0.2.7/32".parse().unwrap()],
+            vec![
+                "169.254.0.0/16".parse().unwrap(),
+                "192.0.2.7/32".parse().unwrap(),
+            ],
             vec!["10.0.0.0/8".parse().unwrap()],
         );
         assert_eq!(check(&set, "127.0.0.1", true), Err(Denied::Hard));

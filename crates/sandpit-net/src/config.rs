@@ -122,7 +122,10 @@ impl NetConfig {
             }
         }
         let ports = [self.dns_port, self.proxy_port, self.http_proxy_port];
-        if ports.contains(&0) || ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2]
+        if ports.contains(&0)
+            || ports[0] == ports[1]
+            || ports[0] == ports[2]
+            || ports[1] == ports[2]
         {
             return Err(invalid("dns_port", "ports must be distinct and nonzero"));
         }

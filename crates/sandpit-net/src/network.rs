@@ -152,7 +152,15 @@ impl Inner {
                 Err(e) => {
                     lock(&self.alloc).free(n);
                     tracing::warn!(error = %sandpit_errors::chain(&e), "could not prepare a network namespace");
-                    return;
+                    // Often passing (a link of a killed daemon's namespace
+                    // the kernel has not reaped yet): try again later,
+                    // unless told to stop meanwhile.
+                    let pool = lock(&self.pool);
+                    let _ = self
+                        .wake
+                        .wait_timeout_while(pool, std::time::Duration::from_secs(1), |_| {
+                            !self.stop.load(Ordering::Relaxed)
+                        });
                 }
             }
         }
@@ -289,11 +297,12 @@ impl Network {
                     let r = link::set_alias(&lock(&inner.rt), m.host_index, id.as_str());
                     match r {
                         Ok(()) => return Ok(net(m)),
+                        // Its link is gone (or broken): drop it, make one.
                         Err(e) => {
+                            tracing::warn!(link = %m.slot.link, error = %e, "a prepared namespace is unusable");
                             let n = m.slot.n;
                             let _ = link::delete(&lock(&inner.rt), m.host_index);
                             lock(&inner.alloc).free(n);
-                            return Err(nl_err(format!("name {}", m.slot.link))(e));
                         }
                     }
                 }
@@ -399,6 +408,12 @@ impl Network {
                     "not released: the link belongs to another sandbox");
                 return Ok(());
             }
+        }
+        // Released already, and the slot went back to the pool: a second
+        // release (a retry, a sweep racing a delete) must not take a
+        // prepared namespace's link, nor free its offset a second time.
+        if lock(&inner.pool).iter().any(|m| m.slot.n == n) {
+            return Ok(());
         }
         inner.remove_slot(n, l.map(|l| l.index))?;
         lock(&inner.alloc).free(n);

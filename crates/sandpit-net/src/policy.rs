@@ -100,7 +100,11 @@ impl TryFrom<String> for PortRange {
 
     /// `443` or `8000-8100`, what `Display` writes.
     fn try_from(text: String) -> Result<Self, String> {
-        let num = |t: &str| t.trim().parse::<i64>().map_err(|_| format!("{text:?} is not a port range"));
+        let num = |t: &str| {
+            t.trim()
+                .parse::<i64>()
+                .map_err(|_| format!("{text:?} is not a port range"))
+        };
         let (first, last) = match text.split_once('-') {
             Some((a, b)) => (num(a)?, Some(num(b)?)),
             None => (num(&text)?, None),
@@ -368,8 +372,14 @@ mod tests {
             }]),
         };
         let text = serde_json::to_string(&policy).unwrap();
-        assert!(text.contains("\"*.pypi.org\"") && text.contains("\"8000-8100\""), "{text}");
-        assert_eq!(serde_json::from_str::<NetworkPolicy>(&text).unwrap(), policy);
+        assert!(
+            text.contains("\"*.pypi.org\"") && text.contains("\"8000-8100\""),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<NetworkPolicy>(&text).unwrap(),
+            policy
+        );
         // What a hand-edited file may hold is checked as the API checks it.
         let bad = text.replace("8000-8100", "0-8100");
         assert!(serde_json::from_str::<NetworkPolicy>(&bad).is_err());

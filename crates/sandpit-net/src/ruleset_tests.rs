@@ -138,13 +138,15 @@ fn a_sandbox_is_one_batch_of_its_own_objects() {
     let nat = rules_of(&ops, "nat_2a");
     // TLS to the proxy's TLS port, HTTP to its HTTP port.
     assert!(
-        nat.iter().any(|r| r.contains("th[2:2]>8 8==01bb")
-            && r.ends_with("8:=0ad10001 9:=0c38 dnat:2(8,9)")),
+        nat.iter()
+            .any(|r| r.contains("th[2:2]>8 8==01bb")
+                && r.ends_with("8:=0ad10001 9:=0c38 dnat:2(8,9)")),
         "{nat:?}"
     );
     assert!(
-        nat.iter().any(|r| r.contains("th[2:2]>8 8==0050")
-            && r.ends_with("8:=0ad10001 9:=0c39 dnat:2(8,9)")),
+        nat.iter()
+            .any(|r| r.contains("th[2:2]>8 8==0050")
+                && r.ends_with("8:=0ad10001 9:=0c39 dnat:2(8,9)")),
         "{nat:?}"
     );
     assert!(ops.contains(&Op::AddElems(

@@ -34,8 +34,8 @@ pub use caps::{capability_by_name, capability_name, DEFAULT_CAPS};
 pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
-    default_agent_binary, default_spawner_binary, IdMap, Runtime, RuntimeConfig, RuntimeError,
-    NetworkNamespace, Sandbox, SandboxSpec, SweepReport,
+    default_agent_binary, default_spawner_binary, IdMap, NetworkNamespace, Runtime, RuntimeConfig,
+    RuntimeError, Sandbox, SandboxSpec, SweepReport,
 };
 
 /// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`

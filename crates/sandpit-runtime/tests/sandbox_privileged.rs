@@ -172,7 +172,10 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
         assert_eq!(flags & 1, 0, "lo was brought up in a joined namespace");
         // The network's name files, over the image's, owned by the
         // sandbox's root.
-        let (out, _) = sh(&sb.agent(), "cat /etc/resolv.conf; stat -c %u:%a /etc/hosts");
+        let (out, _) = sh(
+            &sb.agent(),
+            "cat /etc/resolv.conf; stat -c %u:%a /etc/hosts",
+        );
         assert_eq!(out, "nameserver 10.209.0.1\n0:644\n");
         let (out, _) = sh(&sb.agent(), "cat /etc/hosts");
         assert!(out.contains(&format!("10.209.0.9 {}", sb.id())), "{out}");

@@ -127,19 +127,77 @@ pub struct LaunchSpec {
 }
 
 /// A sandbox's network as the engine sets it up.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LaunchNetwork {
     /// What it may reach and be reached by.
     pub policy: NetworkPolicy,
     /// Who owns it (what `Tenant` rules of others' policies select).
     pub owner: String,
+    /// The ports it publishes.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One published port of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceSpec {
+    /// The sandbox's port.
+    pub port: u16,
+    /// Its name (may be empty).
+    pub name: String,
+    /// How it is reached.
+    pub exposure: Exposure,
+}
+
+/// How a service is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Exposure {
+    /// At the sandbox's own address, from the host (and from sandboxes
+    /// its ingress admits).
+    Private,
+    /// Plain TCP on a host port the daemon allocates.
+    PublicTcp,
+    /// HTTP by host name (`<port>-<id>.<domain>`) through the daemon's
+    /// reverse proxy.
+    PublicHttp {
+        /// Requests must present the sandbox's share token.
+        share_token: bool,
+        /// The longest wait for a response's headers, in seconds.
+        timeout_seconds: u32,
+    },
+    /// TLS routed by SNI (`<port>-<id>.<domain>`), not terminated.
+    PublicTls,
+}
+
+/// Where an engine publishes services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicOffer {
+    /// The domain of service host names.
+    pub domain: String,
+    /// The HTTP frontend's port, when there is one.
+    pub http_port: Option<u16>,
+    /// The TLS passthrough frontend's port, when there is one.
+    pub tls_port: Option<u16>,
+    /// Whether raw TCP ports are handed out, and on which host address.
+    pub tcp_host: Option<std::net::IpAddr>,
 }
 
 /// The network an engine gives its sandboxes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkOffer {
     /// What a sandbox that states no egress policy may reach.
     pub default_egress: DefaultEgress,
+    /// How services are published.
+    pub public: PublicOffer,
+}
+
+/// A running sandbox's network, as the status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkStatus {
+    /// Its addresses.
+    pub alloc: Allocation,
+    /// Host ports of its raw TCP services: `(sandbox port, host port)`.
+    pub host_ports: Vec<(u16, u16)>,
 }
 
 impl LaunchSpec {
@@ -297,8 +355,15 @@ pub trait Engine: Send + Sync + 'static {
         None
     }
 
-    /// A sandbox's addresses, while it has a network.
-    fn addresses(&self, _id: &SandboxId) -> Option<Allocation> {
+    /// A sandbox's network, while it has one.
+    fn network_status(&self, _id: &SandboxId) -> Option<NetworkStatus> {
+        None
+    }
+
+    /// The token share-token endpoints of sandbox `id` ask for: derived
+    /// from the id with a key of the engine's, so it needs no storage and
+    /// every create response (replays included) shows the same one.
+    fn share_token(&self, _id: &SandboxId) -> Option<String> {
         None
     }
 }

@@ -23,13 +23,12 @@ use sandpit_wire::{InitFile, InitSpec, MainStatus, Signal};
 use crate::chain as describe;
 use crate::engine::{
     Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, NetworkOffer,
-    PullFailure, PullFailureKind, RegistryCredentials,
+    NetworkStatus, PublicOffer, PullFailure, PullFailureKind, RegistryCredentials,
 };
 use crate::local_net::LocalNetwork;
-use crate::netconfig::NetworkSettings;
-use sandpit_net::Allocation;
 use crate::logs::{LogWriter, OutputChunk, Stream};
 use crate::model::SandboxId;
+use crate::netconfig::NetworkSettings;
 
 /// Bound on request-response agent calls (ping, signal).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -497,13 +496,26 @@ impl Engine for LocalEngine {
     }
 
     fn network(&self) -> Option<NetworkOffer> {
-        self.network.as_ref().map(|n| NetworkOffer {
-            default_egress: n.settings().net.default_egress,
+        self.network.as_ref().map(|n| {
+            let s = n.settings();
+            NetworkOffer {
+                default_egress: s.net.default_egress,
+                public: PublicOffer {
+                    domain: s.public.domain.clone(),
+                    http_port: s.public.http.map(|a| a.port()),
+                    tls_port: s.public.tls.map(|a| a.port()),
+                    tcp_host: s.public.tcp_ports.as_ref().map(|_| s.public.tcp_bind),
+                },
+            }
         })
     }
 
-    fn addresses(&self, id: &SandboxId) -> Option<Allocation> {
-        self.network.as_ref()?.addresses(id)
+    fn network_status(&self, id: &SandboxId) -> Option<NetworkStatus> {
+        self.network.as_ref()?.status(id)
+    }
+
+    fn share_token(&self, id: &SandboxId) -> Option<String> {
+        Some(self.network.as_ref()?.share_token(id))
     }
 }
 

@@ -11,6 +11,11 @@
 //! dns_name_except = ["*.internal.example.com"]
 //! extra_deny = ["203.0.113.0/24"]
 //! pool_size = 4
+//! public_domain = "sandpit.localhost"    # PUBLIC services: <port>-<id>.<domain>
+//! public_http_listen = "127.0.0.1:8780"  # "" turns a frontend off
+//! public_tls_listen = "127.0.0.1:8743"
+//! public_tcp_ports = "30000-30999"
+//! public_tcp_bind = "127.0.0.1"
 //! [network.env]                      # into every sandbox (proxies, mirrors)
 //! PIP_INDEX_URL = "https://pypi.mirror.example/simple"
 //! ```
@@ -46,6 +51,40 @@ pub struct FileNetwork {
     dns_name_except: Option<Vec<String>>,
     resolve_all_with_cidr_rules: Option<bool>,
     env: Option<BTreeMap<String, String>>,
+    public_domain: Option<String>,
+    public_http_listen: Option<String>,
+    public_tls_listen: Option<String>,
+    public_tcp_ports: Option<String>,
+    public_tcp_bind: Option<String>,
+}
+
+/// Where PUBLIC services are published. Loopback by default: putting them
+/// on a routable address is the operator's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicSettings {
+    /// Service host names are `<port>-<sandbox-id>.<domain>`
+    /// (`sandpit.localhost`: `*.localhost` resolves to loopback).
+    pub domain: String,
+    /// The HTTP frontend (`None`: no HTTPS-kind endpoints).
+    pub http: Option<SocketAddr>,
+    /// The TLS passthrough frontend (`None`: no TLS passthrough endpoints).
+    pub tls: Option<SocketAddr>,
+    /// Host ports for raw TCP services (`None`: none).
+    pub tcp_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Where those ports listen.
+    pub tcp_bind: IpAddr,
+}
+
+impl Default for PublicSettings {
+    fn default() -> Self {
+        Self {
+            domain: "sandpit.localhost".into(),
+            http: Some("127.0.0.1:8780".parse().expect("valid")),
+            tls: Some("127.0.0.1:8743".parse().expect("valid")),
+            tcp_ports: Some(30000..=30999),
+            tcp_bind: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
 }
 
 /// The sandbox network of this runner.
@@ -66,6 +105,8 @@ pub struct NetworkSettings {
     pub resolve_all_with_cidr_rules: bool,
     /// Environment given to every sandbox (a sandbox's own wins).
     pub env: Vec<(String, String)>,
+    /// Where PUBLIC services are published.
+    pub public: PublicSettings,
 }
 
 impl Default for NetworkSettings {
@@ -77,6 +118,7 @@ impl Default for NetworkSettings {
             dns_name_except: Vec::new(),
             resolve_all_with_cidr_rules: false,
             env: Vec::new(),
+            public: PublicSettings::default(),
         }
     }
 }
@@ -154,8 +196,9 @@ impl FileNetwork {
         let enabled = self.enabled.unwrap_or(true);
         let mut dns_name_except = Vec::new();
         for text in self.dns_name_except.unwrap_or_default() {
-            dns_name_except
-                .push(NamePattern::parse(&text).map_err(|e| invalid(format!("dns_name_except: {e}")))?);
+            dns_name_except.push(
+                NamePattern::parse(&text).map_err(|e| invalid(format!("dns_name_except: {e}")))?,
+            );
         }
         let mut env = Vec::new();
         for (k, v) in self.env.unwrap_or_default() {
@@ -167,7 +210,50 @@ impl FileNetwork {
             }
             env.push((k, v));
         }
+        let d = PublicSettings::default();
+        let listen = |v: Option<String>, default: Option<SocketAddr>, key: &str| match v.as_deref() {
+            None => Ok(default),
+            Some("") => Ok(None),
+            Some(t) => t
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| invalid(format!("{key}: {t:?} is not an address:port"))),
+        };
+        let domain = self
+            .public_domain
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+            .unwrap_or(d.domain);
+        if !sandpit_net::policy::is_dns_name(&domain) {
+            return Err(invalid(format!("public_domain: {domain:?} is not a DNS name")));
+        }
+        let tcp_ports = match self.public_tcp_ports.as_deref() {
+            None => d.tcp_ports,
+            Some("") => None,
+            Some(t) => {
+                let bad = || invalid(format!("public_tcp_ports: {t:?} is not a range like 30000-30999"));
+                let (a, b) = t.split_once('-').ok_or_else(bad)?;
+                let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if a == 0 || b < a {
+                    return Err(bad());
+                }
+                Some(a..=b)
+            }
+        };
+        let tcp_bind = match self.public_tcp_bind {
+            None => d.tcp_bind,
+            Some(t) => t
+                .parse()
+                .map_err(|_| invalid(format!("public_tcp_bind: {t:?} is not an address")))?,
+        };
+        let public = PublicSettings {
+            domain,
+            http: listen(self.public_http_listen, d.http, "public_http_listen")?,
+            tls: listen(self.public_tls_listen, d.tls, "public_tls_listen")?,
+            tcp_ports,
+            tcp_bind,
+        };
         Ok(NetworkSettings {
+            public,
             enabled,
             net,
             upstream_dns,
@@ -207,6 +293,9 @@ mod tests {
             dns_name_except = ["*.Internal.test"]
             extra_deny = ["203.0.113.7/24"]
             pool_size = 0
+            public_domain = "Apps.Example.TEST."
+            public_http_listen = ""
+            public_tcp_ports = "40000-40010"
             [env]
             PIP_INDEX_URL = "https://pypi.test/simple"
             "#,
@@ -214,10 +303,16 @@ mod tests {
         .unwrap();
         assert_eq!(s.net.default_egress, DefaultEgress::Internet);
         assert_eq!(s.net.subnet_v6, None);
-        assert_eq!(s.net.extra_deny, ["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            s.net.extra_deny,
+            ["203.0.113.0/24".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(s.upstream_dns[1], "198.51.100.3:5300".parse().unwrap());
         assert_eq!(s.dns_name_except[0].to_string(), "*.internal.test");
-        assert_eq!(s.env, [("PIP_INDEX_URL".into(), "https://pypi.test/simple".into())]);
+        assert_eq!(
+            s.env,
+            [("PIP_INDEX_URL".into(), "https://pypi.test/simple".into())]
+        );
         for bad in [
             r#"default_egress = "open""#,
             r#"subnet_v4 = "10.0.0.0/33""#,
@@ -225,6 +320,9 @@ mod tests {
             r#"upstream_dns = ["nope"]"#,
             r#"dns_name_except = ["a.*.b"]"#,
             "proxy_port = 5353",
+            r#"public_domain = "a b""#,
+            r#"public_tcp_ports = "9-3""#,
+            r#"public_tls_listen = "localhost""#,
             "[env]\n\"1X\" = \"v\"",
         ] {
             let f: Result<FileNetwork, _> = toml::from_str(bad);
@@ -233,7 +331,11 @@ mod tests {
                 Ok(f) => assert!(f.resolve("nameserver 192.0.2.53").is_err(), "{bad}"),
             }
         }
-        assert!(FileNetwork::default().resolve("").unwrap().upstream_dns.is_empty());
+        assert!(FileNetwork::default()
+            .resolve("")
+            .unwrap()
+            .upstream_dns
+            .is_empty());
         let off: FileNetwork = toml::from_str("enabled = false").unwrap();
         assert!(!off.resolve("").unwrap().enabled);
     }

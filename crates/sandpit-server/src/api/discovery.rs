@@ -49,6 +49,15 @@ impl<E: Engine> DiscoveryApi<E> {
             .map_or_else(|| self.organization_id.clone(), |o| o.0.clone())
     }
 
+    /// PUBLIC and PRIVATE when sandboxes have a network (PRIVATE: their
+    /// own address; PUBLIC: through the daemon); none without.
+    fn visibilities(&self) -> Vec<i32> {
+        match self.manager.engine().network() {
+            Some(_) => vec![pb::Visibility::Public as i32, pb::Visibility::Private as i32],
+            None => vec![],
+        }
+    }
+
     /// The runner as `organization` sees it. Capabilities come in every
     /// view (they are what a client filters on, and cost nothing here);
     /// the resources free now only in the full one.
@@ -67,7 +76,7 @@ impl<E: Engine> DiscoveryApi<E> {
                 supported_architectures: vec![oci_architecture(&cap.architecture).to_owned()],
                 supports_privileged: false,
                 available_storage_classes: vec![],
-                supported_service_visibilities: vec![],
+                supported_service_visibilities: self.visibilities(),
             }),
             resources: full.then(|| pb::RunnerResourceSummary {
                 available_cpu_millicores: cap.cpu_millis as i64,
@@ -113,8 +122,8 @@ impl<E: Engine> DiscoveryService for DiscoveryApi<E> {
             && (req.architecture.is_empty()
                 || req.architecture == arch
                 || req.architecture == oci_architecture(arch))
-            // No service visibility is supported: services are not.
-            && req.service_visibility == pb::Visibility::Unspecified as i32;
+            && (req.service_visibility == pb::Visibility::Unspecified as i32
+                || self.visibilities().contains(&req.service_visibility));
         let runners = if matches {
             vec![self.runner(full_view(req.view), organization)]
         } else {

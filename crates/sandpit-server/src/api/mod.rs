@@ -14,6 +14,7 @@ pub mod exec;
 pub mod files;
 pub mod logs;
 pub(crate) mod network;
+pub(crate) mod services;
 pub mod sandbox;
 pub mod secrets;
 pub mod validate;

@@ -257,8 +257,12 @@ pub(crate) fn effective_ingress(policy: &NetworkPolicy) -> Vec<pb::IngressRule> 
             source: Some(match &r.source {
                 IngressSource::Cidr(c) => S::Cidr(proto_cidr(c)),
                 IngressSource::Any => S::Any(true),
-                IngressSource::Tenant(Tenant::SameUser) => S::Tenant(pb::TenantScope::SameUser as i32),
-                IngressSource::Tenant(Tenant::SameOrg) => S::Tenant(pb::TenantScope::SameOrg as i32),
+                IngressSource::Tenant(Tenant::SameUser) => {
+                    S::Tenant(pb::TenantScope::SameUser as i32)
+                }
+                IngressSource::Tenant(Tenant::SameOrg) => {
+                    S::Tenant(pb::TenantScope::SameOrg as i32)
+                }
             }),
             ports: proto_ports(&r.ports),
         })
@@ -349,7 +353,9 @@ mod tests {
         let net = pb::NetworkOptions {
             egress: vec![rule(D::HttpsHostname("api.test".into()), &[])],
             ingress: vec![pb::IngressRule {
-                source: Some(pb::ingress_rule::Source::Tenant(pb::TenantScope::SameUser as i32)),
+                source: Some(pb::ingress_rule::Source::Tenant(
+                    pb::TenantScope::SameUser as i32,
+                )),
                 ports: vec![pb::PortRange {
                     protocol: String::new(),
                     port: 8000,

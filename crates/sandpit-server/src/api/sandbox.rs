@@ -72,12 +72,23 @@ impl<E: Engine> SandboxApi<E> {
 
     fn sandbox(&self, r: &crate::model::SandboxRecord) -> pb::Sandbox {
         let mut sb = convert::sandbox(r, &self.policy.runner_id);
-        if let (Some(offer), Some(status)) = (self.policy.network, sb.status.as_mut()) {
+        if let (Some(offer), Some(status)) = (&self.policy.network, sb.status.as_mut()) {
             let spec = sb.spec.as_ref();
             super::network::report(
                 status,
                 spec.and_then(|s| s.network.as_ref()),
                 offer.default_egress,
+            );
+            let live = if r.state.is_terminal() {
+                None
+            } else {
+                self.manager.engine().network_status(&r.id)
+            };
+            status.services = super::services::report(
+                r.id.as_str(),
+                spec.map_or(&[][..], |s| &s.services[..]),
+                &offer.public,
+                live.as_ref(),
             );
         }
         sb
@@ -121,20 +132,19 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let principal = principal(&request)?;
         let mut new = validate::create_request(request.get_ref(), &self.policy)?;
+        let wants_token = new.network.as_ref().is_some_and(|net| {
+            net.services.iter().any(|s| {
+                matches!(
+                    s.exposure,
+                    crate::engine::Exposure::PublicHttp {
+                        share_token: true,
+                        ..
+                    }
+                )
+            })
+        });
         if let Some(net) = &mut new.network {
             net.owner = principal.as_str().to_owned();
-        }
-        if let Some(secret) = &new.pull_secret {
-            let credentials = self.secrets.resolve(secret).map_err(|e| {
-                invalid_request(&[Violation::new(
-                    format!(
-                        "sandbox.spec.containers[0].image_pull_credentials.credentials.{}",
-                        crate::secrets::pull_field(&e)
-                    ),
-                    e.to_string(),
-                )])
-            })?;
-            new.pull_credentials = Some(credentials);
         }
         new.secret_values = super::secrets::resolve(
             &self.secrets,
@@ -148,7 +158,17 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             .create(&principal, new)
             .await
             .map_err(errors::from_manager)?;
-        Ok(Response::new(self.sandbox(&record)))
+        let mut sb = self.sandbox(&record);
+        // Shown in create responses only (the client's "create-only"
+        // credential), replays of an idempotent create included.
+        if wants_token {
+            sb.endpoint_share_token = self
+                .manager
+                .engine()
+                .share_token(&record.id)
+                .unwrap_or_default();
+        }
+        Ok(Response::new(sb))
     }
 
     async fn create_sandbox_from_template(

@@ -310,7 +310,14 @@ fn check_spec(
     if !spec.volumes.is_empty() {
         rej.unsupported(format!("{P}.volumes"), "volumes are not implemented");
     }
-    for (i, svc) in spec.services.iter().enumerate() {
+    // Without a network there is nothing to publish; with one, the
+    // services are checked with the network below.
+    let services = if policy.network.is_some() {
+        &[][..]
+    } else {
+        &spec.services[..]
+    };
+    for (i, svc) in services.iter().enumerate() {
         if svc.endpoint.as_ref().map(|e| e.kind) == Some(pb::EndpointKind::TlsPassthrough as i32) {
             rej.refuse(
                 Refusal::TLS_PASSTHROUGH,
@@ -319,10 +326,10 @@ fn check_spec(
             );
         }
     }
-    if !spec.services.is_empty() {
+    if !services.is_empty() {
         rej.unsupported(
             format!("{P}.services"),
-            "exposed services are not implemented",
+            "exposed services need a network (networking is off on this runner)",
         );
     }
     if !spec.network_ids.is_empty() {
@@ -380,16 +387,31 @@ fn check_spec(
             format!("unknown runtime class {}", spec.runtime_class_selection),
         ),
     }
-    match (policy.network, &spec.network) {
-        (Some(_), net) => {
+    match (&policy.network, &spec.network) {
+        (Some(offer), net) => {
             let default = pb::NetworkOptions::default();
             let net = net.as_ref().unwrap_or(&default);
             check_dns_egress(rej, net);
+            let services = match super::services::check(&spec.services, &offer.public) {
+                Ok(s) => s,
+                Err(problems) => {
+                    for p in problems {
+                        match p {
+                            super::services::Problem::Invalid(f, why) => rej.invalid(f, why),
+                            super::services::Problem::Unsupported(f, why) => {
+                                rej.unsupported(f, why)
+                            }
+                        }
+                    }
+                    Vec::new()
+                }
+            };
             match super::network::check(net, "sandbox.spec.network") {
                 Ok(p) => {
                     out.network = Some(crate::engine::LaunchNetwork {
                         policy: p,
                         owner: String::new(),
+                        services,
                     })
                 }
                 Err(bad) => {

@@ -623,6 +623,12 @@ fn with_a_network_the_options_become_the_sandboxs_policy() {
     let on = CreatePolicy {
         network: Some(crate::engine::NetworkOffer {
             default_egress: sandpit_net::DefaultEgress::Deny,
+            public: crate::engine::PublicOffer {
+                domain: "sandpit.localhost".into(),
+                http_port: Some(8780),
+                tls_port: None,
+                tcp_host: None,
+            },
         }),
         ..policy()
     };
@@ -632,7 +638,9 @@ fn with_a_network_the_options_become_the_sandboxs_policy() {
     let mut spec = spec_with(container());
     spec.network = Some(pb::NetworkOptions {
         egress: vec![pb::EgressRule {
-            destination: Some(pb::egress_rule::Destination::HttpsHostname("api.test".into())),
+            destination: Some(pb::egress_rule::Destination::HttpsHostname(
+                "api.test".into(),
+            )),
             ..Default::default()
         }],
         ..Default::default()
