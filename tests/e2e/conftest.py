@@ -529,6 +529,16 @@ def server(
     if mounts:
         problems.append("mounts left under the data dir:\n" + "\n".join(f"  {m}" for m in mounts))
     _SERVER = None
+    if not problems:
+        # The daemon's host side of the network (its nftables table and gateway
+        # link) outlives it by design; nothing of a sandbox may (no sp- link).
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        left = [l.split(":")[1].strip() for l in links.splitlines() if l.split(":")[1].strip().startswith("sp-")]
+        if left:
+            problems.append(f"sandbox links left on the host: {left}")
+        else:
+            subprocess.run(["nft", "delete", "table", "inet", "sandpit"], check=False)
+            subprocess.run(["ip", "link", "del", "sandpit0"], check=False)
     if problems:
         e2e_dirs.keep = True  # keep the data dir and log to look at
         raise AssertionError(

@@ -102,6 +102,10 @@ def netd(binaries, e2e_dirs, principal_a, principal_b, upstream):
         + f'upstream_dns = ["{upstream.dns}"]\n'
         + f'public_http_listen = "127.0.0.1:{http_port}"\n'
         + f'public_tls_listen = "127.0.0.1:{tls_port}"\n'
+        # The upstream's private CA plays a TLS-inspecting proxy's, and its index
+        # the site's package mirror: what a runner behind a proxy configures.
+        + f'ca_certificates = ["{upstream.ca_pem}"]\n'
+        + '[network.env]\nPIP_INDEX_URL = "https://pypi.test/simple/"\n'
     )
     srv = Server(
         binary=binaries.sandpitd,
@@ -127,6 +131,11 @@ def netd(binaries, e2e_dirs, principal_a, principal_b, upstream):
     left = list((data / "network").glob("*.json"))
     if left:
         problems.append(f"allocations left: {left}")
+    if not problems:
+        # The daemon's own host side (table, gateway link) stays after it stops,
+        # for the next start, as Docker's does; the test host gets it back.
+        subprocess.run(["nft", "delete", "table", "inet", TABLE], check=False)
+        subprocess.run(["ip", "link", "del", "spn0"], check=False)
     if problems:
         e2e_dirs.keep = True
         raise AssertionError("\n".join(problems) + "\n" + srv.log_tail(60))
@@ -177,19 +186,14 @@ def started(nsdk, netd, principal_a, request):
             pass
 
 
-def with_ca(sb, upstream: Upstream) -> None:
-    pem = upstream.ca_pem.read_text()
-    assert "'" not in pem
-    assert sh(sb, f"printf '%s' '{pem}' > /tmp/ca.pem").returncode == 0
-
-
 def address_of(sb) -> str:
     out = sh(sb, "ip -4 -o addr show eth0").stdout.split()
     return out[out.index("inet") + 1].split("/")[0]
 
 
 def curl(sb, url: str, *extra: str) -> subprocess.CompletedProcess:
-    return sh(sb, f"curl -sS -m 8 --cacert /tmp/ca.pem {' '.join(extra)} {url}")
+    # No --cacert: the runner's extra CA is in the sandbox's bundle.
+    return sh(sb, f"curl -sS -m 8 {' '.join(extra)} {url}")
 
 
 def test_a_sandbox_gets_its_own_network_and_the_runner_default_denies(started, upstream):
@@ -206,14 +210,15 @@ def test_a_sandbox_gets_its_own_network_and_the_runner_default_denies(started, u
 
 
 def test_pip_install_succeeds_with_a_grant_and_fails_fast_without(started, upstream):
-    index = ["--index-url", "https://pypi.test/simple/", "--cert", "/tmp/ca.pem",
-             "--no-deps", "--retries", "0", "--timeout", "5", PACKAGE]
+    # No --index-url, no --cert: the runner's mirror (PIP_INDEX_URL) and CA come
+    # from its config.
+    index = ["--no-deps", "--retries", "0", "--timeout", "5", PACKAGE]
     import cwsandbox as c
 
     granted = started(network=c.NetworkOptions(egress=[c.EgressRule(dns_name="pypi.test")]))
     denied = started()
-    for sb in (granted, denied):
-        with_ca(sb, upstream)
+    env = sh(granted, "echo $PIP_INDEX_URL $REQUESTS_CA_BUNDLE").stdout.split()
+    assert env == ["https://pypi.test/simple/", "/etc/ssl/certs/ca-certificates.crt"]
     r = granted.exec(["pip", "install", *index], check=False).result(timeout=RPC)
     assert r.returncode == 0, r.stderr
     assert sh(granted, f"python -c 'import {PACKAGE}; print({PACKAGE}.__name__)'").stdout.strip() == PACKAGE
@@ -231,7 +236,6 @@ def test_name_grants_wildcards_and_the_runners_carve_out(started, upstream):
 
     sb = started(network=c.NetworkOptions(egress=[
         c.EgressRule(dns_name="api.test"), c.EgressRule(dns_name="*.wild.test")]))
-    with_ca(sb, upstream)
     assert curl(sb, "https://api.test/hello.txt").stdout == "hello from upstream\n"
     assert curl(sb, "https://a.wild.test/hello.txt").stdout == "hello from upstream\n"
     # A name without a grant does not resolve...

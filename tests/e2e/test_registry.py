@@ -210,6 +210,9 @@ def pull_server(
         f'mirrors = ["http://{registries.public.host}"]\n'
         "[secret_stores.local]\n"
         f'dir = "{secrets}"\n'
+        # A second daemon on the host: the session daemon owns the default network
+        # layout (links, table, ports), and pulls need none.
+        "[network]\nenabled = false\n"
     )
     baseline_mounts = set(mounts_under(root))
     srv = Server(

@@ -6,7 +6,8 @@
 //! rootfs there as `python:3.11` (with `sandpit image import`, as the e2e
 //! harness does), measures, deletes its sandboxes, stops the daemon with
 //! SIGTERM and removes the data dir. The daemon gets a config file raising
-//! `max_sandboxes` above the density count.
+//! `max_sandboxes` above the density count; its sandboxes have the default
+//! network (`--daemon-no-network`: loopback only, for an A/B).
 //!
 //! Host memory for density is `MemTotal - MemFree - Buffers - Cached -
 //! SReclaimable` from /proc/meminfo, before and after the N sandboxes are up
@@ -53,6 +54,8 @@ pub(crate) struct Counts {
     /// Python client block: the interpreter (with `cwsandbox`) and the
     /// number of timed iterations; `explicit`: fail (not warn) if it fails.
     pub python: Option<PythonRun>,
+    /// Sandboxes get the daemon's default network (off: loopback only).
+    pub network: bool,
 }
 
 /// The Python client block's settings.
@@ -100,9 +103,19 @@ pub(crate) fn run(
 
     // The default cap (256 live sandboxes) would stop a larger density run.
     let config = data_dir.join("sandpitd.toml");
+    // The network as `sandpitd` defaults it (egress denied, so no name is
+    // ever resolved upstream: none is configured), or none.
+    let network = if n.network {
+        "[network]\nupstream_dns = []\n"
+    } else {
+        "[network]\nenabled = false\n"
+    };
     std::fs::write(
         &config,
-        format!("max_sandboxes = {}\n", (n.density + 64).max(256)),
+        format!(
+            "max_sandboxes = {}\n{network}",
+            (n.density + 64).max(256)
+        ),
     )?;
     let mut daemon = Daemon::start(&bin_dir.join("sandpitd"), &data_dir, &config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

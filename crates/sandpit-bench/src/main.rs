@@ -102,6 +102,11 @@ struct Args {
     /// with `--net`: `net`.
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
+    /// With `--daemon`: run the daemon with networking off (`[network]
+    /// enabled = false`: loopback-only sandboxes), for an A/B of what a
+    /// sandbox's network costs.
+    #[arg(long)]
+    daemon_no_network: bool,
 }
 
 /// A part of the benchmark that `--only` can select.
@@ -190,6 +195,7 @@ fn main() -> Result<()> {
                 cycles: vec![(1, 8), (8, 1)],
                 density: 0,
                 python: None,
+                network: !args.daemon_no_network,
             }
         } else {
             let python = match &args.python {
@@ -214,6 +220,7 @@ fn main() -> Result<()> {
                     iterations: args.python_iterations.max(1),
                     explicit,
                 }),
+                network: !args.daemon_no_network,
             }
         };
         let mut counts = counts;

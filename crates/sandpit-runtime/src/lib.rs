@@ -23,6 +23,7 @@ pub mod cgroup;
 mod chain;
 mod id;
 mod process;
+pub mod layered;
 pub mod quantity;
 mod rootfs;
 pub mod runtime;
@@ -35,7 +36,7 @@ pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
     default_agent_binary, default_spawner_binary, IdMap, NetworkNamespace, Runtime, RuntimeConfig,
-    RuntimeError, Sandbox, SandboxSpec, SweepReport,
+    RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
 };
 
 /// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`

@@ -91,6 +91,41 @@ pub struct NetworkNamespace {
     pub resolv_conf: Vec<u8>,
     /// `/etc/hosts` inside.
     pub hosts: Vec<u8>,
+    /// CA certificates (PEM) the sandbox trusts besides the image's: added
+    /// to the image's bundle at [`CA_BUNDLE`] and kept at
+    /// [`EXTRA_CAS`] (where `update-ca-certificates` finds them). Empty:
+    /// the image's bundle as it is.
+    pub ca_certificates: Vec<u8>,
+}
+
+/// The CA bundle of Debian, Ubuntu and Alpine images (what OpenSSL,
+/// Debian's pip and curl read).
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Where the extra CAs are kept in the sandbox.
+pub const EXTRA_CAS: &str = "/usr/local/share/ca-certificates/sandpit-extra.crt";
+
+/// Creates `rel` (a file path, relative) in the upper dir `upper` with its
+/// parent directories (0755) and `content` (0644), all owned by `base`
+/// (the sandbox's root).
+fn write_upper(upper: &Path, rel: &str, content: &[u8], base: u32) -> std::io::Result<()> {
+    let path = upper.join(rel.trim_start_matches('/'));
+    let mut dir = upper.to_path_buf();
+    if let Some(parent) = Path::new(rel.trim_start_matches('/')).parent() {
+        for c in parent.components() {
+            dir.push(c);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    std::os::unix::fs::chown(&dir, Some(base), Some(base))?;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    std::fs::write(&path, content)?;
+    std::os::unix::fs::chown(&path, Some(base), Some(base))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
 }
 
 /// Errors of the engine. None repeats its source in its message: print
@@ -360,18 +395,22 @@ impl Runtime {
             // `/run/systemd/...`) is covered, never followed. Like Docker's,
             // they are the sandbox's to edit afterwards: the firewall, not
             // this file, decides where DNS goes.
-            let etc = dir.join("upper/etc");
-            std::fs::create_dir(&etc).map_err(io("create sandbox dir"))?;
-            std::os::unix::fs::chown(&etc, Some(base), Some(base)).map_err(io("chown /etc"))?;
-            std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755))
-                .map_err(io("chmod /etc"))?;
-            for (name, content) in [("resolv.conf", &net.resolv_conf), ("hosts", &net.hosts)] {
-                let path = etc.join(name);
-                std::fs::write(&path, content).map_err(io("write network files"))?;
-                std::os::unix::fs::chown(&path, Some(base), Some(base))
-                    .map_err(io("chown network files"))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-                    .map_err(io("chmod network files"))?;
+            let upper = dir.join("upper");
+            for (name, content) in [("etc/resolv.conf", &net.resolv_conf), ("etc/hosts", &net.hosts)] {
+                write_upper(&upper, name, content, base).map_err(io("write network files"))?;
+            }
+            if !net.ca_certificates.is_empty() {
+                // The image's bundle (read through its own layers and
+                // symlinks, never the host's), then ours.
+                let mut bundle = crate::layered::read_image_file(&spec.lower_dirs, CA_BUNDLE, 16 << 20)
+                    .unwrap_or_default();
+                if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+                    bundle.push(b'\n');
+                }
+                bundle.extend_from_slice(&net.ca_certificates);
+                write_upper(&upper, CA_BUNDLE, &bundle, base).map_err(io("write the CA bundle"))?;
+                write_upper(&upper, EXTRA_CAS, &net.ca_certificates, base)
+                    .map_err(io("write the CA bundle"))?;
             }
         }
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;

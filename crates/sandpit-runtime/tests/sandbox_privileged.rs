@@ -157,6 +157,7 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
             path: path.clone(),
             resolv_conf: b"nameserver 10.209.0.1\n".to_vec(),
             hosts: format!("127.0.0.1 localhost\n10.209.0.9 {}\n", s.id).into_bytes(),
+            ca_certificates: b"# test CA\n".to_vec(),
         });
     }
     let [a, b] = specs;
@@ -179,6 +180,12 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
         assert_eq!(out, "nameserver 10.209.0.1\n0:644\n");
         let (out, _) = sh(&sb.agent(), "cat /etc/hosts");
         assert!(out.contains(&format!("10.209.0.9 {}", sb.id())), "{out}");
+        // The extra CAs, in the bundle and where update-ca-certificates looks.
+        let (out, _) = sh(
+            &sb.agent(),
+            "tail -n1 /etc/ssl/certs/ca-certificates.crt; cat /usr/local/share/ca-certificates/sandpit-extra.crt",
+        );
+        assert_eq!(out, "# test CA\n# test CA\n");
     }
     drop(a);
     drop(b);
@@ -195,6 +202,7 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
         path: "/proc/self/ns/pid".into(),
         resolv_conf: vec![],
         hosts: vec![],
+        ca_certificates: vec![],
     });
     let err = rt.create(&bad).unwrap_err().to_string();
     assert!(err.contains("join network namespace"), "{err}");

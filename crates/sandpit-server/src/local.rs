@@ -259,7 +259,7 @@ impl Engine for LocalEngine {
         // mirrors) goes under the sandbox's own.
         let mut env = spec.environment();
         if let Some((_, net)) = &network {
-            env = sandpit_wire::process::merge_env(&net.settings().env, &env);
+            env = sandpit_wire::process::merge_env(&net.settings().sandbox_env(), &env);
         }
         let spec_layers = spec.layers;
         let spec = SandboxSpec {

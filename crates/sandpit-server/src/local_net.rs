@@ -96,6 +96,44 @@ pub struct LocalNetwork {
     routes: Arc<RouteTable>,
     tcp: Option<TcpPorts>,
     token_key: [u8; 32],
+    /// Held while this daemon owns the layout (see [`lock_layout`]).
+    _layout: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Where host-wide locks of network layouts live.
+const LOCK_DIR: &str = "/run/sandpit";
+
+/// An exclusive lock on the host for `table`'s layout. Two daemons on one
+/// layout would replace each other's base rules and sweep each other's
+/// sandboxes' links: the second one is refused at start, whatever its data
+/// dir.
+fn lock_layout(table: &str) -> Result<nix::fcntl::Flock<std::fs::File>, EngineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(LOCK_DIR)
+        .map_err(io_err("create /run/sandpit"))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(Path::new(LOCK_DIR).join(format!("network-{table}.lock")))
+        .map_err(io_err("open the network lock"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            EngineError::runtime(
+                "lock the network layout",
+                format!(
+                    "another sandpitd uses the layout of table {table:?}: give this one its own \
+                     [network] table, gateway_link, link_prefix, subnets and ports, or enabled = false"
+                ),
+            )
+        } else {
+            EngineError::runtime("lock the network layout", std::io::Error::from(e))
+        }
+    })
 }
 
 /// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
@@ -135,6 +173,7 @@ impl LocalNetwork {
     /// Sets the host side up (see [`Network::setup`]), with the addresses
     /// of every sandbox `dir` remembers reserved.
     pub fn setup(settings: NetworkSettings, dir: &Path) -> Result<Self, EngineError> {
+        let layout = lock_layout(&settings.net.table)?;
         std::fs::create_dir_all(dir).map_err(io_err("create the network dir"))?;
         let in_use: Vec<Allocation> = read_all(dir).into_iter().map(|(_, p)| p.alloc).collect();
         let network = Network::setup(settings.net.clone(), &in_use)
@@ -154,6 +193,7 @@ impl LocalNetwork {
             routes: Arc::new(RouteTable::new()),
             tcp,
             token_key,
+            _layout: layout,
         })
     }
 
@@ -335,6 +375,7 @@ impl LocalNetwork {
             path: net.netns_path(),
             resolv_conf: self.resolv_conf().into_bytes(),
             hosts: hosts_file(id, &net.alloc).into_bytes(),
+            ca_certificates: self.settings.ca_certificates.clone(),
         })
     }
 

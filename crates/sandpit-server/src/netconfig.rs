@@ -16,6 +16,7 @@
 //! public_tls_listen = "127.0.0.1:8743"
 //! public_tcp_ports = "30000-30999"
 //! public_tcp_bind = "127.0.0.1"
+//! ca_certificates = ["/etc/sandpit/proxy-ca.pem"]  # trusted in every sandbox
 //! [network.env]                      # into every sandbox (proxies, mirrors)
 //! PIP_INDEX_URL = "https://pypi.mirror.example/simple"
 //! ```
@@ -56,6 +57,7 @@ pub struct FileNetwork {
     public_tls_listen: Option<String>,
     public_tcp_ports: Option<String>,
     public_tcp_bind: Option<String>,
+    ca_certificates: Option<Vec<std::path::PathBuf>>,
 }
 
 /// Where PUBLIC services are published. Loopback by default: putting them
@@ -107,6 +109,32 @@ pub struct NetworkSettings {
     pub env: Vec<(String, String)>,
     /// Where PUBLIC services are published.
     pub public: PublicSettings,
+    /// CA certificates (PEM, read at start-up) every sandbox trusts besides
+    /// its image's: a TLS-inspecting proxy's, a private mirror's.
+    pub ca_certificates: Vec<u8>,
+}
+
+impl NetworkSettings {
+    /// What every sandbox's environment starts from: `[network.env]`, and
+    /// with extra CAs the variables that make common tools read the
+    /// bundle they were added to (a sandbox's own variables win over both).
+    pub fn sandbox_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if !self.ca_certificates.is_empty() {
+            let bundle = sandpit_runtime::CA_BUNDLE;
+            for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO"] {
+                env.push((k.to_owned(), bundle.to_owned()));
+            }
+            env.push(("NODE_EXTRA_CA_CERTS".into(), sandpit_runtime::EXTRA_CAS.into()));
+        }
+        for (k, v) in &self.env {
+            match env.iter_mut().find(|(n, _)| n == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => env.push((k.clone(), v.clone())),
+            }
+        }
+        env
+    }
 }
 
 impl Default for NetworkSettings {
@@ -119,6 +147,7 @@ impl Default for NetworkSettings {
             resolve_all_with_cidr_rules: false,
             env: Vec::new(),
             public: PublicSettings::default(),
+            ca_certificates: Vec::new(),
         }
     }
 }
@@ -252,7 +281,23 @@ impl FileNetwork {
             tcp_ports,
             tcp_bind,
         };
+        let mut ca_certificates = Vec::new();
+        for path in self.ca_certificates.unwrap_or_default() {
+            let pem = std::fs::read(&path)
+                .map_err(|e| invalid(format!("ca_certificates: read {}: {e}", path.display())))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(invalid(format!(
+                    "ca_certificates: {} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            ca_certificates.extend_from_slice(&pem);
+            if !pem.ends_with(b"\n") {
+                ca_certificates.push(b'\n');
+            }
+        }
         Ok(NetworkSettings {
+            ca_certificates,
             public,
             enabled,
             net,
@@ -338,6 +383,25 @@ mod tests {
             .is_empty());
         let off: FileNetwork = toml::from_str("enabled = false").unwrap();
         assert!(!off.resolve("").unwrap().enabled);
+    }
+
+    #[test]
+    fn extra_cas_are_read_once_and_pointed_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----").unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let s = parse(&format!("ca_certificates = [{:?}]\n[env]\nPIP_CERT = \"/mine.pem\"", ca)).unwrap();
+        assert!(s.ca_certificates.ends_with(b"-----END CERTIFICATE-----\n"));
+        let env = s.sandbox_env();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("SSL_CERT_FILE"), Some(sandpit_runtime::CA_BUNDLE));
+        // The operator's own setting wins over the default.
+        assert_eq!(get("PIP_CERT"), Some("/mine.pem"));
+        assert!(parse(&format!("ca_certificates = [{junk:?}]")).is_err());
+        assert!(parse("ca_certificates = [\"/nonexistent/ca.pem\"]").is_err());
+        assert!(parse("").unwrap().sandbox_env().is_empty());
     }
 
     #[test]

@@ -146,6 +146,18 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
         if let Some(net) = &mut new.network {
             net.owner = principal.as_str().to_owned();
         }
+        if let Some(secret) = &new.pull_secret {
+            let credentials = self.secrets.resolve(secret).map_err(|e| {
+                invalid_request(&[Violation::new(
+                    format!(
+                        "sandbox.spec.containers[0].image_pull_credentials.credentials.{}",
+                        crate::secrets::pull_field(&e)
+                    ),
+                    e.to_string(),
+                )])
+            })?;
+            new.pull_credentials = Some(credentials);
+        }
         new.secret_values = super::secrets::resolve(
             &self.secrets,
             &new.secret_env,
