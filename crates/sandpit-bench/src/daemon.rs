@@ -112,10 +112,7 @@ pub(crate) fn run(
     };
     std::fs::write(
         &config,
-        format!(
-            "max_sandboxes = {}\n{network}",
-            (n.density + 64).max(256)
-        ),
+        format!("max_sandboxes = {}\n{network}", (n.density + 64).max(256)),
     )?;
     let mut daemon = Daemon::start(&bin_dir.join("sandpitd"), &data_dir, &config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -156,11 +156,11 @@ impl Inner {
                     // the kernel has not reaped yet): try again later,
                     // unless told to stop meanwhile.
                     let pool = lock(&self.pool);
-                    let _ = self
-                        .wake
-                        .wait_timeout_while(pool, std::time::Duration::from_secs(1), |_| {
-                            !self.stop.load(Ordering::Relaxed)
-                        });
+                    let _ = self.wake.wait_timeout_while(
+                        pool,
+                        std::time::Duration::from_secs(1),
+                        |_| !self.stop.load(Ordering::Relaxed),
+                    );
                 }
             }
         }

@@ -67,7 +67,9 @@ fn lookup(layers: &[PathBuf], rel: &[String]) -> Option<Found> {
         let p = layer.join(&path);
         match std::fs::symlink_metadata(&p) {
             Ok(m) if is_whiteout(&m) => return None,
-            Ok(m) if m.file_type().is_symlink() => return std::fs::read_link(&p).ok().map(Found::Link),
+            Ok(m) if m.file_type().is_symlink() => {
+                return std::fs::read_link(&p).ok().map(Found::Link)
+            }
             Ok(m) if m.is_dir() => return Some(Found::Dir),
             Ok(m) if m.is_file() => return Some(Found::File(p)),
             Ok(_) => return None,
@@ -146,26 +148,47 @@ mod tests {
         std::fs::create_dir_all(top.join("etc/ssl")).unwrap();
         std::fs::write(base.join("usr/share/ca/bundle.pem"), "image bundle").unwrap();
         // Relative and absolute links, resolved in the image.
-        symlink("../../../usr/share/ca/bundle.pem", base.join("etc/ssl/certs/rel.pem")).unwrap();
-        symlink("/usr/share/ca/bundle.pem", base.join("etc/ssl/certs/abs.pem")).unwrap();
+        symlink(
+            "../../../usr/share/ca/bundle.pem",
+            base.join("etc/ssl/certs/rel.pem"),
+        )
+        .unwrap();
+        symlink(
+            "/usr/share/ca/bundle.pem",
+            base.join("etc/ssl/certs/abs.pem"),
+        )
+        .unwrap();
         // A link aimed at the host's file reaches the image's path of that
         // name (absent), never the host's.
         symlink(&host_secret, base.join("etc/ssl/certs/escape.pem")).unwrap();
-        symlink("../../../../../../../../..".to_owned() + host_secret.to_str().unwrap(),
-            base.join("etc/ssl/certs/dots.pem")).unwrap();
+        symlink(
+            "../../../../../../../../..".to_owned() + host_secret.to_str().unwrap(),
+            base.join("etc/ssl/certs/dots.pem"),
+        )
+        .unwrap();
         symlink("loop.pem", base.join("etc/ssl/certs/loop.pem")).unwrap();
         std::fs::write(base.join("etc/ssl/certs/plain.pem"), "base").unwrap();
         std::fs::write(top.join("etc/ssl/plain-top"), "x").unwrap();
         let layers = [top.clone(), base.clone()];
-        let read = |p: &str| read_image_file(&layers, p, 1 << 20).map(|v| String::from_utf8(v).unwrap());
-        assert_eq!(read("/etc/ssl/certs/rel.pem").as_deref(), Some("image bundle"));
-        assert_eq!(read("/etc/ssl/certs/abs.pem").as_deref(), Some("image bundle"));
+        let read =
+            |p: &str| read_image_file(&layers, p, 1 << 20).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            read("/etc/ssl/certs/rel.pem").as_deref(),
+            Some("image bundle")
+        );
+        assert_eq!(
+            read("/etc/ssl/certs/abs.pem").as_deref(),
+            Some("image bundle")
+        );
         assert_eq!(read("/etc/ssl/certs/plain.pem").as_deref(), Some("base"));
         assert_eq!(read("/etc/ssl/certs/escape.pem"), None);
         assert_eq!(read("/etc/ssl/certs/dots.pem"), None);
         assert_eq!(read("/etc/ssl/certs/loop.pem"), None);
         assert_eq!(read("/etc/ssl/certs/plain.pem/x"), None);
-        assert_eq!(read_image_file(&layers, "/etc/ssl/certs/plain.pem", 2), None);
+        assert_eq!(
+            read_image_file(&layers, "/etc/ssl/certs/plain.pem", 2),
+            None
+        );
         // A file of the top layer hides the lower layer's directory.
         std::fs::create_dir_all(base.join("etc/hidden")).unwrap();
         std::fs::write(base.join("etc/hidden/f"), "lower").unwrap();

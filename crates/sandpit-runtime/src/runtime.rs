@@ -396,14 +396,18 @@ impl Runtime {
             // they are the sandbox's to edit afterwards: the firewall, not
             // this file, decides where DNS goes.
             let upper = dir.join("upper");
-            for (name, content) in [("etc/resolv.conf", &net.resolv_conf), ("etc/hosts", &net.hosts)] {
+            for (name, content) in [
+                ("etc/resolv.conf", &net.resolv_conf),
+                ("etc/hosts", &net.hosts),
+            ] {
                 write_upper(&upper, name, content, base).map_err(io("write network files"))?;
             }
             if !net.ca_certificates.is_empty() {
                 // The image's bundle (read through its own layers and
                 // symlinks, never the host's), then ours.
-                let mut bundle = crate::layered::read_image_file(&spec.lower_dirs, CA_BUNDLE, 16 << 20)
-                    .unwrap_or_default();
+                let mut bundle =
+                    crate::layered::read_image_file(&spec.lower_dirs, CA_BUNDLE, 16 << 20)
+                        .unwrap_or_default();
                 if !bundle.is_empty() && !bundle.ends_with(b"\n") {
                     bundle.push(b'\n');
                 }

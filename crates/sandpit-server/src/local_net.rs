@@ -24,10 +24,10 @@ use sandpit_egress::{
     DenySet, DnsConfig, DnsServer, PolicyTable, Proxy, ProxyConfig, SandboxPolicy, Upstream,
     UpstreamConfig,
 };
-use sandpit_net::policy::{Egress, EgressTarget, Ingress, IngressSource, NetworkPolicy};
 use sandpit_ingress::{
     Auth, HttpFrontend, Route, RouteKind, RouteTable, TcpPorts, TcpPortsConfig, TlsPassthrough,
 };
+use sandpit_net::policy::{Egress, EgressTarget, Ingress, IngressSource, NetworkPolicy};
 use sandpit_net::{Allocation, NetError, Network, SandboxNet, TenantSets};
 use sandpit_runtime::NetworkNamespace;
 use serde::{Deserialize, Serialize};
@@ -145,8 +145,15 @@ fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
         ipad[i] ^= k;
         opad[i] ^= k;
     }
-    let inner = Sha256::new().chain_update(ipad).chain_update(msg).finalize();
-    Sha256::new().chain_update(opad).chain_update(inner).finalize().into()
+    let inner = Sha256::new()
+        .chain_update(ipad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(opad)
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 /// The key share tokens derive from, made once (0600) and kept: tokens
@@ -158,7 +165,10 @@ fn load_token_key(path: &Path) -> std::io::Result<[u8; 32]> {
             k.copy_from_slice(&b);
             Ok(k)
         }
-        Ok(_) => Err(std::io::Error::other(format!("{} is not a 32-byte key", path.display()))),
+        Ok(_) => Err(std::io::Error::other(format!(
+            "{} is not a 32-byte key",
+            path.display()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut k = [0u8; 32];
             getrandom::fill(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -180,9 +190,11 @@ impl LocalNetwork {
             .map_err(net_err("set up the sandbox network"))?;
         let token_key = load_token_key(&dir.join("share-token.key"))
             .map_err(io_err("load the share token key"))?;
-        let tcp = settings.public.tcp_ports.clone().map(|ports| {
-            TcpPorts::new(TcpPortsConfig::new(settings.public.tcp_bind, ports))
-        });
+        let tcp = settings
+            .public
+            .tcp_ports
+            .clone()
+            .map(|ports| TcpPorts::new(TcpPortsConfig::new(settings.public.tcp_bind, ports)));
         Ok(Self {
             network,
             settings,
@@ -557,13 +569,17 @@ impl LocalNetwork {
         if let Some(addr) = p.http {
             let http = HttpFrontend::bind(addr, &p.domain, Arc::clone(&self.routes))
                 .await
-                .map_err(|e| EngineError::runtime("start the public HTTP frontend (public_http_listen)", e))?;
+                .map_err(|e| {
+                    EngineError::runtime("start the public HTTP frontend (public_http_listen)", e)
+                })?;
             tasks.push(tokio::spawn(http.run()));
         }
         if let Some(addr) = p.tls {
             let tls = TlsPassthrough::bind(addr, &p.domain, Arc::clone(&self.routes))
                 .await
-                .map_err(|e| EngineError::runtime("start the public TLS frontend (public_tls_listen)", e))?;
+                .map_err(|e| {
+                    EngineError::runtime("start the public TLS frontend (public_tls_listen)", e)
+                })?;
             tasks.push(tokio::spawn(tls.run()));
         }
         Ok(tasks)
@@ -617,6 +633,11 @@ fn read_all(dir: &Path) -> Vec<(SandboxId, Persisted)> {
         .collect()
 }
 
+/// Writes `path` whole or not at all (a crash of the daemon leaves the old
+/// file or the new one). Not fsynced, on purpose: the page cache outlives a
+/// killed daemon, and a crash of the host that loses it also ends every
+/// sandbox the file speaks of (the sweep then removes what is left). An
+/// fsync here cost milliseconds on every create.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -626,7 +647,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 

@@ -122,10 +122,19 @@ impl NetworkSettings {
         let mut env = Vec::new();
         if !self.ca_certificates.is_empty() {
             let bundle = sandpit_runtime::CA_BUNDLE;
-            for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO"] {
+            for k in [
+                "SSL_CERT_FILE",
+                "REQUESTS_CA_BUNDLE",
+                "CURL_CA_BUNDLE",
+                "PIP_CERT",
+                "GIT_SSL_CAINFO",
+            ] {
                 env.push((k.to_owned(), bundle.to_owned()));
             }
-            env.push(("NODE_EXTRA_CA_CERTS".into(), sandpit_runtime::EXTRA_CAS.into()));
+            env.push((
+                "NODE_EXTRA_CA_CERTS".into(),
+                sandpit_runtime::EXTRA_CAS.into(),
+            ));
         }
         for (k, v) in &self.env {
             match env.iter_mut().find(|(n, _)| n == k) {
@@ -240,7 +249,8 @@ impl FileNetwork {
             env.push((k, v));
         }
         let d = PublicSettings::default();
-        let listen = |v: Option<String>, default: Option<SocketAddr>, key: &str| match v.as_deref() {
+        let listen = |v: Option<String>, default: Option<SocketAddr>, key: &str| match v.as_deref()
+        {
             None => Ok(default),
             Some("") => Ok(None),
             Some(t) => t
@@ -253,15 +263,24 @@ impl FileNetwork {
             .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
             .unwrap_or(d.domain);
         if !sandpit_net::policy::is_dns_name(&domain) {
-            return Err(invalid(format!("public_domain: {domain:?} is not a DNS name")));
+            return Err(invalid(format!(
+                "public_domain: {domain:?} is not a DNS name"
+            )));
         }
         let tcp_ports = match self.public_tcp_ports.as_deref() {
             None => d.tcp_ports,
             Some("") => None,
             Some(t) => {
-                let bad = || invalid(format!("public_tcp_ports: {t:?} is not a range like 30000-30999"));
+                let bad = || {
+                    invalid(format!(
+                        "public_tcp_ports: {t:?} is not a range like 30000-30999"
+                    ))
+                };
                 let (a, b) = t.split_once('-').ok_or_else(bad)?;
-                let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                let (a, b): (u16, u16) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
                 if a == 0 || b < a {
                     return Err(bad());
                 }
@@ -389,10 +408,18 @@ mod tests {
     fn extra_cas_are_read_once_and_pointed_at() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----").unwrap();
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----",
+        )
+        .unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
-        let s = parse(&format!("ca_certificates = [{:?}]\n[env]\nPIP_CERT = \"/mine.pem\"", ca)).unwrap();
+        let s = parse(&format!(
+            "ca_certificates = [{:?}]\n[env]\nPIP_CERT = \"/mine.pem\"",
+            ca
+        ))
+        .unwrap();
         assert!(s.ca_certificates.ends_with(b"-----END CERTIFICATE-----\n"));
         let env = s.sandbox_env();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());

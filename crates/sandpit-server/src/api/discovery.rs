@@ -53,7 +53,10 @@ impl<E: Engine> DiscoveryApi<E> {
     /// own address; PUBLIC: through the daemon); none without.
     fn visibilities(&self) -> Vec<i32> {
         match self.manager.engine().network() {
-            Some(_) => vec![pb::Visibility::Public as i32, pb::Visibility::Private as i32],
+            Some(_) => vec![
+                pb::Visibility::Public as i32,
+                pb::Visibility::Private as i32,
+            ],
             None => vec![],
         }
     }

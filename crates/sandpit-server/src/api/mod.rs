@@ -14,9 +14,9 @@ pub mod exec;
 pub mod files;
 pub mod logs;
 pub(crate) mod network;
-pub(crate) mod services;
 pub mod sandbox;
 pub mod secrets;
+pub(crate) mod services;
 pub mod validate;
 
 use tonic::{Code, Request, Status};

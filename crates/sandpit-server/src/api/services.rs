@@ -69,7 +69,11 @@ pub(crate) fn check(
             Ok(pb::Visibility::Private) => false,
             Ok(pb::Visibility::Unspecified) => s.endpoint.is_some(),
             Ok(pb::Visibility::Custom) => {
-                unsupported(&mut bad, ".visibility", "CUSTOM visibility needs a fleet; this runner offers PUBLIC and PRIVATE");
+                unsupported(
+                    &mut bad,
+                    ".visibility",
+                    "CUSTOM visibility needs a fleet; this runner offers PUBLIC and PRIVATE",
+                );
                 continue;
             }
             Err(_) => {
@@ -85,7 +89,11 @@ pub(crate) fn check(
             (None, false) => Exposure::Private,
             (None, true) => {
                 if offer.tcp_host.is_none() {
-                    unsupported(&mut bad, "", "raw TCP ports are not published on this runner");
+                    unsupported(
+                        &mut bad,
+                        "",
+                        "raw TCP ports are not published on this runner",
+                    );
                 }
                 Exposure::PublicTcp
             }
@@ -100,27 +108,45 @@ pub(crate) fn check(
                 };
                 let t = e.request_timeout_seconds;
                 if t != 0 && !TIMEOUT_SECONDS.contains(&t) {
-                    invalid(&mut bad, ".endpoint.request_timeout_seconds", "must be 0 (the default, 15) or 15 to 900");
+                    invalid(
+                        &mut bad,
+                        ".endpoint.request_timeout_seconds",
+                        "must be 0 (the default, 15) or 15 to 900",
+                    );
                 }
                 match pb::EndpointKind::try_from(e.kind) {
                     Ok(pb::EndpointKind::Https) => {
                         if offer.http_port.is_none() {
-                            unsupported(&mut bad, ".endpoint.kind", "HTTPS endpoints are not published on this runner");
+                            unsupported(
+                                &mut bad,
+                                ".endpoint.kind",
+                                "HTTPS endpoints are not published on this runner",
+                            );
                         }
                         Exposure::PublicHttp {
                             share_token,
                             timeout_seconds: match t {
                                 0 => DEFAULT_TIMEOUT_SECONDS,
-                                t => t.clamp(*TIMEOUT_SECONDS.start(), *TIMEOUT_SECONDS.end()) as u32,
+                                t => {
+                                    t.clamp(*TIMEOUT_SECONDS.start(), *TIMEOUT_SECONDS.end()) as u32
+                                }
                             },
                         }
                     }
                     Ok(pb::EndpointKind::TlsPassthrough) => {
                         if share_token {
-                            invalid(&mut bad, ".endpoint.auth", "a share token cannot be checked without terminating TLS");
+                            invalid(
+                                &mut bad,
+                                ".endpoint.auth",
+                                "a share token cannot be checked without terminating TLS",
+                            );
                         }
                         if offer.tls_port.is_none() {
-                            unsupported(&mut bad, ".endpoint.kind", "TLS passthrough endpoints are not published on this runner");
+                            unsupported(
+                                &mut bad,
+                                ".endpoint.kind",
+                                "TLS passthrough endpoints are not published on this runner",
+                            );
                         }
                         Exposure::PublicTls
                     }
@@ -191,7 +217,10 @@ pub(crate) fn report(
                 }
                 Exposure::PublicTcp => {
                     let host_port = live.and_then(|n| {
-                        n.host_ports.iter().find(|(p, _)| *p == s.port).map(|(_, h)| *h)
+                        n.host_ports
+                            .iter()
+                            .find(|(p, _)| *p == s.port)
+                            .map(|(_, h)| *h)
                     });
                     if let (Some(ip), Some(hp)) = (offer.tcp_host, host_port) {
                         st.url = format!("tcp://{}", std::net::SocketAddr::new(ip, hp));
@@ -249,7 +278,11 @@ mod tests {
         }
     }
 
-    fn svc(port: i32, visibility: pb::Visibility, endpoint: Option<(pb::EndpointKind, pb::EndpointAuth)>) -> pb::Service {
+    fn svc(
+        port: i32,
+        visibility: pb::Visibility,
+        endpoint: Option<(pb::EndpointKind, pb::EndpointAuth)>,
+    ) -> pb::Service {
         pb::Service {
             port,
             name: format!("s{port}"),
@@ -277,7 +310,10 @@ mod tests {
         assert_eq!(specs[1].exposure, Exposure::PublicTcp);
         assert_eq!(
             specs[2].exposure,
-            Exposure::PublicHttp { share_token: true, timeout_seconds: 15 }
+            Exposure::PublicHttp {
+                share_token: true,
+                timeout_seconds: 15
+            }
         );
         assert_eq!(specs[3].exposure, Exposure::PublicTls);
         let live = NetworkStatus {
@@ -290,8 +326,14 @@ mod tests {
         assert_eq!(st[1].url, "tcp://127.0.0.1:30001");
         let e = st[2].endpoint.as_ref().unwrap();
         assert_eq!(e.url, "http://8080-abc.sandpit.localhost:8780");
-        assert_eq!((e.auth, e.request_timeout_seconds), (A::ShareToken as i32, 15));
-        assert_eq!(st[3].endpoint.as_ref().unwrap().address, "8443-abc.sandpit.localhost:8743");
+        assert_eq!(
+            (e.auth, e.request_timeout_seconds),
+            (A::ShareToken as i32, 15)
+        );
+        assert_eq!(
+            st[3].endpoint.as_ref().unwrap().address,
+            "8443-abc.sandpit.localhost:8743"
+        );
         // Once it stopped, no address is reported.
         let gone = report("abc", &services, &offer(), None);
         assert!(gone[0].url.is_empty() && gone[2].endpoint.as_ref().unwrap().url.is_empty());
@@ -326,8 +368,13 @@ mod tests {
             ]
         );
         // A frontend the operator turned off.
-        let off = PublicOffer { http_port: None, ..offer() };
+        let off = PublicOffer {
+            http_port: None,
+            ..offer()
+        };
         let https = [svc(80, V::Public, Some((K::Https, A::Open)))];
-        assert!(matches!(&check(&https, &off).err().unwrap()[0], Problem::Unsupported(f, _) if f.ends_with(".endpoint.kind")));
+        assert!(
+            matches!(&check(&https, &off).err().unwrap()[0], Problem::Unsupported(f, _) if f.ends_with(".endpoint.kind"))
+        );
     }
 }
