@@ -10,7 +10,7 @@ packages=(
   protobuf-compiler       # gRPC protos
   python3-venv
   curl bc                 # scripts/bench-pull.sh
-  nftables iproute2 openssl  # the networking tests inspect the firewall, build the upstream namespace and its CA
+  nftables iproute2 openssl conntrack  # the networking tests inspect the firewall and conntrack, build the upstream namespace and its CA
 )
 missing=()
 for p in "${packages[@]}"; do

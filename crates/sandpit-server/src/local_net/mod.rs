@@ -11,28 +11,30 @@
 //! touched in between, so nothing a sandbox had open is cut.
 //!
 //! Blocking, like `sandpit-net`: called on tokio's blocking pool.
+//!
+//! - `host`: what the daemon keeps on the host (the records, the share
+//!   token key, the layout lock);
+//! - `serve`: the resolver, the proxy and the public frontends, and the
+//!   publishing of services.
+
+mod host;
+mod serve;
+
+use host::{hmac_sha256, load_token_key, lock_layout, read_all, read_one, write_atomic};
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use sandpit_egress::{
-    DenySet, DnsConfig, DnsServer, PolicyTable, Proxy, ProxyConfig, SandboxPolicy, Upstream,
-    UpstreamConfig,
-};
-use sandpit_ingress::{
-    Auth, HttpFrontend, Route, RouteKind, RouteTable, TcpPorts, TcpPortsConfig, TlsPassthrough,
-};
+use sandpit_egress::{PolicyTable, SandboxPolicy};
+use sandpit_ingress::{RouteTable, TcpPorts, TcpPortsConfig};
 use sandpit_net::policy::{Egress, EgressTarget, Ingress, IngressSource, NetworkPolicy};
 use sandpit_net::{Allocation, NetError, Network, SandboxNet, TenantSets};
 use sandpit_runtime::NetworkNamespace;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{EngineError, Exposure, LaunchNetwork, NetworkStatus, ServiceSpec};
+use crate::engine::{EngineError, LaunchNetwork, NetworkStatus, ServiceSpec};
 use crate::model::SandboxId;
 use crate::netconfig::NetworkSettings;
 
@@ -100,85 +102,6 @@ pub struct LocalNetwork {
     _layout: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Where host-wide locks of network layouts live.
-const LOCK_DIR: &str = "/run/sandpit";
-
-/// An exclusive lock on the host for `table`'s layout. Two daemons on one
-/// layout would replace each other's base rules and sweep each other's
-/// sandboxes' links: the second one is refused at start, whatever its data
-/// dir.
-fn lock_layout(table: &str) -> Result<nix::fcntl::Flock<std::fs::File>, EngineError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(LOCK_DIR)
-        .map_err(io_err("create /run/sandpit"))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(Path::new(LOCK_DIR).join(format!("network-{table}.lock")))
-        .map_err(io_err("open the network lock"))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        if e == nix::errno::Errno::EWOULDBLOCK {
-            EngineError::runtime(
-                "lock the network layout",
-                format!(
-                    "another sandpitd uses the layout of table {table:?}: give this one its own \
-                     [network] table, gateway_link, link_prefix, subnets and ports, or enabled = false"
-                ),
-            )
-        } else {
-            EngineError::runtime("lock the network layout", std::io::Error::from(e))
-        }
-    })
-}
-
-/// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
-fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-/// The key share tokens derive from, made once (0600) and kept: tokens
-/// handed out stay valid across restarts.
-fn load_token_key(path: &Path) -> std::io::Result<[u8; 32]> {
-    match std::fs::read(path) {
-        Ok(b) if b.len() == 32 => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&b);
-            Ok(k)
-        }
-        Ok(_) => Err(std::io::Error::other(format!(
-            "{} is not a 32-byte key",
-            path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut k = [0u8; 32];
-            getrandom::fill(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
-            write_atomic(path, &k)?;
-            Ok(k)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 impl LocalNetwork {
     /// Sets the host side up (see [`Network::setup`]), with the addresses
     /// of every sandbox `dir` remembers reserved.
@@ -233,63 +156,6 @@ impl LocalNetwork {
     /// The share token of sandbox `id` (see `Engine::share_token`).
     pub fn share_token(&self, id: &SandboxId) -> String {
         hex::encode(hmac_sha256(&self.token_key, id.as_str().as_bytes()))
-    }
-
-    /// Publishes `id`'s services; returns the host ports of its raw TCP
-    /// ones. Runs on the blocking pool, inside the runtime (listeners are
-    /// its tasks).
-    fn publish(
-        &self,
-        id: &SandboxId,
-        alloc: &Allocation,
-        services: &[ServiceSpec],
-    ) -> Result<Vec<(u16, u16)>, EngineError> {
-        let mut host_ports = Vec::new();
-        for s in services {
-            let backend = SocketAddr::new(IpAddr::V4(alloc.ipv4), s.port);
-            let route = |kind, auth, timeout: Option<u32>| Route {
-                backend,
-                auth,
-                request_timeout: timeout.map(|t| Duration::from_secs(t.into())),
-                kind,
-            };
-            let routed = match s.exposure {
-                Exposure::Private => continue,
-                Exposure::PublicTcp => {
-                    let tcp = self.tcp.as_ref().ok_or_else(|| {
-                        EngineError::Start("raw TCP ports are not published here".into())
-                    })?;
-                    let port = tcp
-                        .publish(id.as_str(), s.port, backend)
-                        .map_err(|e| EngineError::runtime("publish a TCP port", e))?;
-                    host_ports.push((s.port, port));
-                    continue;
-                }
-                Exposure::PublicHttp {
-                    share_token,
-                    timeout_seconds,
-                } => {
-                    let auth = if share_token {
-                        Auth::ShareToken(self.share_token(id))
-                    } else {
-                        Auth::Open
-                    };
-                    route(RouteKind::Http, auth, Some(timeout_seconds))
-                }
-                Exposure::PublicTls => route(RouteKind::TlsPassthrough, Auth::Open, None),
-            };
-            self.routes
-                .insert(id.as_str(), s.port, routed)
-                .map_err(|e| EngineError::runtime("publish a service", e))?;
-        }
-        Ok(host_ports)
-    }
-
-    fn unpublish(&self, id: &SandboxId) {
-        self.routes.remove_sandbox(id.as_str());
-        if let (Some(tcp), Ok(rt)) = (&self.tcp, tokio::runtime::Handle::try_current()) {
-            rt.block_on(tcp.release_sandbox(id.as_str()));
-        }
     }
 
     fn tenants(attached: &HashMap<SandboxId, Attached>, owner: &str) -> TenantSets {
@@ -487,114 +353,6 @@ impl LocalNetwork {
             .map_err(net_err("sweep the sandbox network"))?;
         Ok(cleaned)
     }
-
-    /// Binds the resolver and the proxy on the gateway and serves them
-    /// until the returned task is aborted. Without upstream resolvers no
-    /// name resolves (and the proxy dials nothing).
-    pub async fn serve_egress(
-        self: &Arc<Self>,
-    ) -> Result<tokio::task::JoinHandle<()>, EngineError> {
-        let c = &self.settings.net;
-        let gws: Vec<IpAddr> = std::iter::once(IpAddr::V4(c.gateway_v4()))
-            .chain(c.gateway_v6().map(IpAddr::V6))
-            .collect();
-        let (never, private) = self.network.deny_ranges();
-        let deny = DenySet::of_firewall(never, private);
-        if self.settings.upstream_dns.is_empty() {
-            tracing::warn!("no upstream DNS server: sandboxes resolve no name");
-            let tasks = self.serve_ingress().await?;
-            return Ok(tokio::spawn(async move {
-                let _guard = AbortAll(tasks);
-                std::future::pending::<()>().await
-            }));
-        }
-        let upstream = Upstream::new(&UpstreamConfig {
-            servers: self.settings.upstream_dns.clone(),
-            ..Default::default()
-        })
-        .map_err(|e| EngineError::runtime("configure upstream DNS", e))?;
-        let dns = DnsServer::bind(
-            DnsConfig {
-                listen: gws
-                    .iter()
-                    .map(|&ip| SocketAddr::new(ip, c.dns_port))
-                    .collect(),
-                resolve_all_with_cidr_rules: self.settings.resolve_all_with_cidr_rules,
-                deny: deny.clone(),
-                ..Default::default()
-            },
-            upstream.clone(),
-            self.table.clone(),
-        )
-        .await
-        .map_err(|e| EngineError::runtime("start the sandbox resolver", e))?;
-        let proxy = Proxy::bind(
-            ProxyConfig {
-                tls_listen: gws
-                    .iter()
-                    .map(|&ip| SocketAddr::new(ip, c.proxy_port))
-                    .collect(),
-                http_listen: gws
-                    .iter()
-                    .map(|&ip| SocketAddr::new(ip, c.http_proxy_port))
-                    .collect(),
-                deny,
-                ..Default::default()
-            },
-            upstream,
-            self.table.clone(),
-        )
-        .await
-        .map_err(|e| EngineError::runtime("start the egress proxy", e))?;
-        let mut tasks = vec![tokio::spawn(async move {
-            let (a, b) = tokio::join!(dns.run(), proxy.run());
-            for r in [a, b] {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "egress service stopped");
-                }
-            }
-        })];
-        tasks.extend(self.serve_ingress().await?);
-        Ok(tokio::spawn(async move {
-            // Aborting this task drops the handles; abort them too.
-            let _guard = AbortAll(tasks);
-            std::future::pending::<()>().await
-        }))
-    }
-
-    /// Binds the HTTP and TLS frontends of PUBLIC services.
-    async fn serve_ingress(&self) -> Result<Vec<tokio::task::JoinHandle<()>>, EngineError> {
-        let p = &self.settings.public;
-        let mut tasks = Vec::new();
-        if let Some(addr) = p.http {
-            let http = HttpFrontend::bind(addr, &p.domain, Arc::clone(&self.routes))
-                .await
-                .map_err(|e| {
-                    EngineError::runtime("start the public HTTP frontend (public_http_listen)", e)
-                })?;
-            tasks.push(tokio::spawn(http.run()));
-        }
-        if let Some(addr) = p.tls {
-            let tls = TlsPassthrough::bind(addr, &p.domain, Arc::clone(&self.routes))
-                .await
-                .map_err(|e| {
-                    EngineError::runtime("start the public TLS frontend (public_tls_listen)", e)
-                })?;
-            tasks.push(tokio::spawn(tls.run()));
-        }
-        Ok(tasks)
-    }
-}
-
-/// Aborts tasks when dropped.
-struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortAll {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
 }
 
 /// `/etc/hosts` of a sandbox: loopback and its own name.
@@ -609,64 +367,10 @@ fn hosts_file(id: &SandboxId, alloc: &Allocation) -> String {
     s
 }
 
-fn read_one(path: &Path) -> Option<Persisted> {
-    let bytes = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "unreadable sandbox network record");
-            None
-        }
-    }
-}
-
-fn read_all(dir: &Path) -> Vec<(SandboxId, Persisted)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            let id = SandboxId::parse(name.strip_suffix(".json")?).ok()?;
-            Some((id.clone(), read_one(&dir.join(&name))?))
-        })
-        .collect()
-}
-
-/// Writes `path` whole or not at all (a crash of the daemon leaves the old
-/// file or the new one). Not fsynced, on purpose: the page cache outlives a
-/// killed daemon, and a crash of the host that loses it also ends every
-/// sandbox the file speaks of (the sweep then removes what is left). An
-/// fsync here cost milliseconds on every create.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use sandpit_net::policy::{EgressRule, IngressRule, Tenant};
-
-    #[test]
-    fn hmac_matches_rfc_4231() {
-        // RFC 4231 has no 32-byte-key case; this is HMAC-SHA256 of "abc"
-        // under 32 bytes of 0x0b, checked with `openssl dgst -sha256 -mac
-        // HMAC -macopt hexkey:0b..0b`.
-        let key = [0x0bu8; 32];
-        assert_eq!(
-            hex::encode(hmac_sha256(&key, b"abc")),
-            "cc2b6e43b092526c09f6b2db76c7dc2867ebfdf7d1b170f2d8f73a3894792e12"
-        );
-        assert_ne!(hmac_sha256(&key, b"abd"), hmac_sha256(&key, b"abc"));
-    }
 
     #[test]
     fn tenant_policies_are_recognised() {
@@ -682,29 +386,5 @@ mod tests {
             ports: vec![],
         }]);
         assert!(names_tenants(&p));
-    }
-
-    #[test]
-    fn records_round_trip_and_bad_ones_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = Persisted {
-            alloc: "10.209.0.5,fd5a:9d17:4e3c::5".parse().unwrap(),
-            policy: NetworkPolicy::default(),
-            owner: "alice".into(),
-            services: vec![],
-        };
-        write_atomic(
-            &dir.path().join("sb-1.json"),
-            &serde_json::to_vec(&p).unwrap(),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("sb-2.json"), b"{not json").unwrap();
-        std::fs::write(dir.path().join("Not An Id.json"), b"{}").unwrap();
-        let all = read_all(dir.path());
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].0.as_str(), "sb-1");
-        assert_eq!(all[0].1.alloc, p.alloc);
-        let hosts = hosts_file(&all[0].0, &p.alloc);
-        assert!(hosts.contains("10.209.0.5\tsb-1\n") && hosts.contains("fd5a:9d17:4e3c::5\tsb-1"));
     }
 }
