@@ -282,10 +282,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(data: &Path, extra: &[&str]) -> Self {
+        // Loopback-only sandboxes: these daemons run side by side (and next
+        // to the networking tests' own), and one network layout per host
+        // is all a host takes.
+        let config = data.join("sandpitd.toml");
+        std::fs::write(&config, "[network]\nenabled = false\n").unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sandpitd"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)
+            .arg("--config")
+            .arg(&config)
             .env("SANDPIT_AGENT", agent())
             .env("SANDPIT_SPAWN", spawner())
             .env_remove("SANDPIT_API_KEYS")
