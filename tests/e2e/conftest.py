@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -597,9 +598,16 @@ def sdk(request: pytest.FixtureRequest, client_env: dict[str, str]):
     (`x-wandb-api-key`); each test gets the mode of the API it imports, so both
     auth headers are exercised whatever the test order.
     """
+    with client_api(request.param) as module:
+        yield module
+
+
+@contextmanager
+def client_api(name: str) -> Iterator:
+    """`cwsandbox` or `wandb.sandbox`, with the auth mode that import path installs."""
     import cwsandbox._auth
 
-    if request.param == "wandb.sandbox":
+    if name == "wandb.sandbox":
         import wandb.sandbox as module
         import wandb.sandbox._auth as wandb_auth
 
@@ -608,8 +616,10 @@ def sdk(request: pytest.FixtureRequest, client_env: dict[str, str]):
         import cwsandbox as module
 
         cwsandbox._auth._reset_auth_mode_for_testing()
-    yield module
-    cwsandbox._auth._reset_auth_mode_for_testing()
+    try:
+        yield module
+    finally:
+        cwsandbox._auth._reset_auth_mode_for_testing()
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import Server, free_port, import_test_images, sweep
+from conftest import Server, client_api, free_port, import_test_images, sweep
 from upstream import HOST_ADDR, UP_ADDR, Upstream
 
 RPC = 90  # seconds: bound on any single client operation's .result()
@@ -153,19 +153,8 @@ def net_env(netd, principal_a, e2e_dirs, monkeypatch):
 @pytest.fixture(params=["cwsandbox", "wandb.sandbox"])
 def nsdk(request, net_env):
     """The client API as users import it, pointed at the networking daemon."""
-    import cwsandbox._auth
-
-    if request.param == "wandb.sandbox":
-        import wandb.sandbox as module
-        import wandb.sandbox._auth as wandb_auth
-
-        wandb_auth._set_wandb_auth_mode()
-    else:
-        import cwsandbox as module
-
-        cwsandbox._auth._reset_auth_mode_for_testing()
-    yield module
-    cwsandbox._auth._reset_auth_mode_for_testing()
+    with client_api(request.param) as module:
+        yield module
 
 
 @pytest.fixture

@@ -47,24 +47,12 @@ pub(super) fn lock_layout(table: &str) -> Result<nix::fcntl::Flock<std::fs::File
     })
 }
 
-/// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
+/// HMAC-SHA256 of `msg` under `key`.
 pub(super) fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
 }
 
 /// The key share tokens derive from, made once (0600) and kept: tokens
