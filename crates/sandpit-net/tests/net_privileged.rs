@@ -364,3 +364,59 @@ fn two_hundred_cycles_leave_nothing_and_latency_is_printed() {
         }
     });
 }
+
+#[test]
+fn a_second_release_leaves_the_slot_that_went_back_to_the_pool() {
+    let w = World::new();
+    in_ns(&w.host.try_clone().unwrap(), || {
+        // 13 offsets (2-14), handed out next-fit: the freed one comes round.
+        let small = NetConfig {
+            subnet_v4: "10.209.0.0/28".parse().unwrap(),
+            ..config(1)
+        };
+        let net = Network::setup(small, &[]).unwrap();
+        let wait_pool = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while net.pooled() != 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pool never refilled"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_pool();
+        let a = net.prepare(&id("twice-a"), None).unwrap();
+        net.apply(&a, &any(), &none()).unwrap();
+        let (alloc, link) = (a.alloc, a.host_link.clone());
+        drop(a);
+        net.release(&id("twice-a"), &alloc).unwrap();
+        // Cycle other sandboxes until the filler comes round to A's offset:
+        // A's link name exists again only as the pooled namespace's.
+        let pooled_a = || sh("ip -o link show").contains(&format!(" {link}@"));
+        for i in 0..30 {
+            wait_pool();
+            if pooled_a() {
+                break;
+            }
+            let t = net.prepare(&id(&format!("cycle-{i}")), None).unwrap();
+            net.release(&t.id, &t.alloc).unwrap();
+        }
+        wait_pool();
+        assert!(pooled_a(), "A's slot never came back to the pool");
+        // A late release of A (a retry, a sweep racing a delete) must not
+        // take the pooled namespace's link, nor free its offset.
+        net.release(&id("twice-a"), &alloc).unwrap();
+        let links = sh("ip -o link show");
+        assert!(
+            links.contains(&format!(" {link}@")),
+            "pooled link taken: {links}"
+        );
+        let b = net.prepare(&id("twice-b"), None).unwrap();
+        assert_eq!(
+            b.host_link, link,
+            "the pooled namespace is handed out intact"
+        );
+        net.release(&b.id, &b.alloc).unwrap();
+    });
+}
