@@ -26,7 +26,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import Server, client_api, free_port, import_test_images, sweep
+from conftest import (
+    Server,
+    all_sandbox_ids,
+    client_api,
+    free_port,
+    import_test_images,
+    mounts_under,
+    sandpit_cgroup_procs,
+    sweep,
+)
 from upstream import HOST_ADDR, UP_ADDR, Upstream
 
 RPC = 90  # seconds: bound on any single client operation's .result()
@@ -121,9 +130,23 @@ def netd(binaries, e2e_dirs, principal_a, principal_b, upstream):
     if not srv.alive():
         srv.start()
     sweep(srv, [principal_a, principal_b])
+    ids = all_sandbox_ids(srv, [principal_a, principal_b])
     code = srv.stop()
     if code != 0:
         problems.append(f"sandpitd exited with {code}")
+    # As the session's check does for its daemon: no process left in a
+    # cgroup of this daemon's sandboxes, no mount under its data dir.
+    deadline = time.monotonic() + 15
+    while True:
+        leaked = {p: c for p, c in sandpit_cgroup_procs().items()
+                  if any(i in c.split("/") for i in ids)}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if leaked:
+        problems.append(f"processes left in sandbox cgroups: {leaked}")
+    if mounts_under(root):
+        problems.append(f"mounts left: {mounts_under(root)}")
     if sandbox_links():
         problems.append(f"links left: {sandbox_links()}")
     if per_sandbox_objects():
