@@ -25,6 +25,9 @@
 //! cold start with `--network bridge` against `none`; `--only net --net`
 //! runs just that.
 //!
+//! `--only snapshot`: volume snapshots into the local blob store and back,
+//! next to `tar | zstd -1` (see `snapshot.rs`).
+//!
 //! Prints a table and writes JSON to `--json FILE`. `--quick` runs few
 //! iterations (for CI), runs the throughput cycles at concurrency 1 and 8
 //! only (8 cycles each), skips density and the Python block, and asserts
@@ -34,6 +37,7 @@
 
 mod daemon;
 mod net;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -99,7 +103,7 @@ struct Args {
     /// A/B comparisons of one measure: `engine` (in-process), and with
     /// `--daemon`: `cold` (create until first exec, delete), `exec`
     /// (StreamExec round trip), `files`, `cycles`, `density`, `python`;
-    /// with `--net`: `net`.
+    /// with `--net`: `net`; `snapshot` (volume snapshot and restore).
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
     /// With `--daemon`: run the daemon with networking off (`[network]
@@ -107,6 +111,9 @@ struct Args {
     /// sandbox's network costs.
     #[arg(long)]
     daemon_no_network: bool,
+    /// Iterations of the snapshot measures (`--quick`: 2).
+    #[arg(long, default_value_t = 5)]
+    snapshot_iterations: usize,
 }
 
 /// A part of the benchmark that `--only` can select.
@@ -120,6 +127,7 @@ enum Section {
     Density,
     Python,
     Net,
+    Snapshot,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +261,16 @@ fn main() -> Result<()> {
     }
     if args.net && want(Section::Net) {
         let (stats, figs) = net::run(&args.image, args.quick)?;
+        results.extend(stats);
+        figures.extend(figs);
+    }
+    if want(Section::Snapshot) {
+        let n = if args.quick {
+            2
+        } else {
+            args.snapshot_iterations
+        };
+        let (stats, figs) = snapshot::run(&args.data_dir, n)?;
         results.extend(stats);
         figures.extend(figs);
     }

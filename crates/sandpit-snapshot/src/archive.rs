@@ -46,6 +46,9 @@ const USTAR_NAME_LEN: usize = 100;
 /// Largest mtime an 11-digit octal field holds.
 const MAX_MTIME: u64 = 0o77777777777;
 const COPY_BUF: usize = 256 * 1024;
+/// The walk recurses once per directory level: whatever the limits say, it
+/// stops here, well inside a 2 MiB stack (tokio's blocking pool threads).
+pub(crate) const MAX_DEPTH: u32 = 256;
 
 /// Archives `dir` (see the module docs for the format) into `out`.
 pub fn archive(
@@ -67,7 +70,10 @@ pub fn archive(
     let mut walker = Walker {
         tar: tar::Builder::new(encoder),
         shift,
-        limits: *limits,
+        limits: Limits {
+            max_depth: limits.max_depth.min(MAX_DEPTH),
+            ..*limits
+        },
         // The root counts.
         entries: 1,
         stats: ArchiveStats::default(),

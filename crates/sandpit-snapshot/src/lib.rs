@@ -55,7 +55,8 @@ pub struct Limits {
     /// Files, directories, symlinks and skipped entries.
     pub max_entries: u64,
     /// Directories below the root (a file in the root is at depth 1). One
-    /// directory fd is held per level.
+    /// directory fd is held per level; `archive` caps it at 256 (it
+    /// recurses per level).
     pub max_depth: u32,
 }
 

@@ -214,7 +214,7 @@ fn bounded_depth_entries_and_content() {
         Err(SnapshotError::TooLarge { limit: 9 })
     ));
 
-    // Far deeper than any limit (past PATH_MAX): refused, not a stack
+    // Far deeper than the limit (past PATH_MAX): refused, not a stack
     // overflow, and the walk needs no long paths.
     let hostile = tmp.path().join("hostile");
     fs::create_dir(&hostile).unwrap();
@@ -240,8 +240,24 @@ fn bounded_depth_entries_and_content() {
         pack(&hostile, &Limits::default()),
         Err(SnapshotError::TooDeep { limit: 128 })
     ));
-    // Clean-up by fds too: paths are too long for remove_dir_all's
-    // fallbacks? It works by fds; check it went.
+    // Whatever the limit says, the recursive walk stops at 256 levels,
+    // inside a 2 MiB stack (tokio's blocking pool threads).
+    let unbounded = Limits {
+        max_depth: u32::MAX,
+        ..Limits::default()
+    };
+    let walk = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn({
+            let hostile = hostile.clone();
+            move || pack(&hostile, &unbounded).map(|_| ())
+        })
+        .unwrap();
+    assert!(matches!(
+        walk.join().unwrap(),
+        Err(SnapshotError::TooDeep { limit: 256 })
+    ));
+    // remove_dir_all works by directory fds too.
     fs::remove_dir_all(&hostile).unwrap();
     assert!(!hostile.exists());
 }

@@ -164,7 +164,7 @@ fn dedup_delete_and_list() {
     store.delete(&a.digest).unwrap();
     store.delete(&a.digest).unwrap();
     assert!(!store.exists(&a.digest).unwrap());
-    assert_eq!(store.list().unwrap(), [b.digest.clone()]);
+    assert_eq!(store.list().unwrap(), std::slice::from_ref(&b.digest));
     assert!(matches!(
         store.open(&a),
         Err(SnapshotError::NotFound { .. })
