@@ -63,16 +63,18 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod commit;
 mod digest;
 mod lease;
 mod reference;
 mod store;
 mod unpack;
 
+pub use commit::{COMMIT_MAX_BYTES, COMMIT_MAX_DEPTH, COMMIT_MAX_ENTRIES};
 pub use digest::{Digest, DigestWriter};
 pub use lease::LeaseGuard;
 pub use reference::{Reference, DEFAULT_REGISTRY, DEFAULT_TAG};
-pub use store::{ImageStore, ROOTFS_MAX_BYTES};
+pub use store::{CommittedLayer, ImageStore, ROOTFS_MAX_BYTES};
 
 /// How layer ownership is shifted: id `n` of a tar entry is stored as host id
 /// `base + n`. Ids `>= count` cannot be mapped and are clamped to the range's

@@ -1,7 +1,10 @@
 //! The on-disk store: layers by diff id, image records by reference.
 //! Importing layers is in `import.rs`.
 
+mod commit;
 mod import;
+
+pub use commit::CommittedLayer;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};

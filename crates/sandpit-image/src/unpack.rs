@@ -58,7 +58,7 @@ mod walk;
 mod xattr;
 
 use walk::{normalize, split_parent};
-use xattr::fsetxattr;
+pub(crate) use xattr::fsetxattr;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";

@@ -46,6 +46,22 @@ pub mod coreweave {
 
 pub use coreweave::sandbox;
 
+/// Sandpit's own extensions, next to `coreweave.sandbox.v1` (not part of the
+/// client's protocol; see `proto/sandpit/`).
+pub mod sandpit {
+    /// `sandpit.v1`: CheckpointService (commit a sandbox into an image).
+    #[allow(
+        clippy::all,
+        clippy::pedantic,
+        missing_debug_implementations,
+        missing_docs,
+        rustdoc::all
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/sandpit.v1.rs"));
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every file under `proto/` plus the
 /// well-known types they import, for `tonic-reflection`
 /// (`register_encoded_file_descriptor_set`).
@@ -130,6 +146,13 @@ mod tests {
         ] {
             assert!(services.contains(&svc), "{svc} missing from {services:?}");
         }
+        // The extension service is in the same set (reflection lists it).
+        assert!(set.file.iter().any(|f| f.package() == "sandpit.v1"
+            && f.service.iter().any(|s| s.name() == "CheckpointService")));
+        assert_eq!(
+            super::sandpit::v1::checkpoint_service_server::SERVICE_NAME,
+            "sandpit.v1.CheckpointService"
+        );
         // Imports are included, so reflection can resolve google.protobuf.Timestamp.
         assert!(set
             .file

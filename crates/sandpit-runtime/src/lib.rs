@@ -35,8 +35,8 @@ pub use caps::{capability_by_name, capability_name, DEFAULT_CAPS};
 pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
-    default_agent_binary, default_spawner_binary, IdMap, NetworkNamespace, Runtime, RuntimeConfig,
-    RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
+    default_agent_binary, default_spawner_binary, Frozen, IdMap, NetworkNamespace, Runtime,
+    RuntimeConfig, RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
 };
 
 /// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`

@@ -17,6 +17,9 @@ use crate::id::SandboxId;
 use crate::process::{is_zombie, process_start_time, reap, wait_gone};
 use crate::spawn::{SpawnConfig, SpawnOutcome};
 
+mod freeze;
+pub use freeze::Frozen;
+
 /// Host uids/gids a sandbox's users map to. Root inside is `host_base`.
 ///
 /// Every sandbox shares one range (as Docker's `userns-remap` does): image

@@ -76,16 +76,16 @@ impl<R: Read> Read for Tallying<R> {
 }
 
 /// Removes a staging directory on drop unless disarmed.
-struct Staging {
+pub(super) struct Staging {
     path: Option<PathBuf>,
 }
 
 impl Staging {
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.path.as_deref().expect("staging dir already taken")
     }
 
-    fn disarm(&mut self) -> PathBuf {
+    pub(super) fn disarm(&mut self) -> PathBuf {
         self.path.take().expect("staging dir already taken")
     }
 }
@@ -299,7 +299,7 @@ impl ImageStore {
         result
     }
 
-    fn new_staging(&self) -> Result<Staging, ImageError> {
+    pub(super) fn new_staging(&self) -> Result<Staging, ImageError> {
         let path = self.root.join("tmp").join(unique_name("layer-"));
         fs::DirBuilder::new()
             .mode(0o700)
@@ -308,7 +308,7 @@ impl ImageStore {
         Ok(Staging { path: Some(path) })
     }
 
-    fn mark_fresh(&self, diff_id: &Digest) {
+    pub(super) fn mark_fresh(&self, diff_id: &Digest) {
         let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
         fresh.insert(diff_id.clone(), Instant::now());
     }

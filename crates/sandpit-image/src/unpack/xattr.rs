@@ -9,7 +9,7 @@ use super::Unpacker;
 use crate::IdShift;
 
 /// `fsetxattr(2)`: on the entry's own fd, so nothing is resolved by path.
-pub(super) fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Result<()> {
+pub(crate) fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Result<()> {
     let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `fd` is a valid open descriptor for the duration of the call,
     // `name` is NUL-terminated, and `value` is valid for `value.len()` bytes.

@@ -2,6 +2,7 @@
 //! mknod of whiteouts, trusted xattrs): those tests print a line and pass
 //! when run by another user.
 
+mod commit;
 mod common;
 mod layers;
 mod records;

@@ -123,6 +123,10 @@ pub enum CgroupError {
     /// A leftover cgroup with that id still holds processes or children.
     #[error("cgroup {} already exists and is in use", .0.display())]
     InUse(PathBuf),
+    /// Some task of the group did not freeze in time (the group is thawed
+    /// again).
+    #[error("cgroup {} did not freeze", .0.display())]
+    NotFrozen(PathBuf),
 }
 
 /// CFS period; the quota is expressed against it.
@@ -473,6 +477,32 @@ impl Cgroup {
     /// Memory currently charged to the cgroup, in bytes.
     pub fn memory_current(&self) -> Result<u64, CgroupError> {
         self.checked()?.memory_current()
+    }
+
+    /// Freezes every process of the cgroup and waits (a second at most)
+    /// until the kernel reports the group frozen: nothing in it runs, forks
+    /// or writes until [`thaw`](Cgroup::thaw). A group that does not freeze
+    /// in time is thawed again and reported as [`CgroupError::NotFrozen`];
+    /// a host without a freezer as [`CgroupError::MissingController`].
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        let freezer = self
+            .checked()?
+            .freezer()
+            .ok_or(CgroupError::MissingController("freezer"))?;
+        if freezer.freeze() {
+            return Ok(());
+        }
+        let _ = freezer.thaw();
+        Err(CgroupError::NotFrozen(freezer.dir().to_path_buf()))
+    }
+
+    /// Thaws a group [`freeze`](Cgroup::freeze) froze (thawing a running
+    /// group changes nothing).
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        self.checked()?
+            .freezer()
+            .ok_or(CgroupError::MissingController("freezer"))?
+            .thaw()
     }
 
     /// Kills every process in the cgroup, waits for them to leave (a few

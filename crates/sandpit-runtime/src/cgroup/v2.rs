@@ -401,6 +401,30 @@ mod tests {
     }
 
     #[test]
+    fn v2_freeze_waits_for_frozen_and_thaws() {
+        let (t, m) = v2_tree("cpu memory pids");
+        let dir = t.path().join("sandpit/sb1");
+        put(&dir.join("cgroup.freeze"), "0");
+        put(&dir.join("cgroup.events"), "populated 1\nfrozen 1\n");
+        let cg = m.open("sb1");
+        cg.freeze().unwrap();
+        assert_eq!(get(&dir.join("cgroup.freeze")), "1");
+        cg.thaw().unwrap();
+        assert_eq!(get(&dir.join("cgroup.freeze")), "0");
+
+        // Tasks that never report frozen: refused, and thawed again.
+        put(&dir.join("cgroup.events"), "populated 1\nfrozen 0\n");
+        assert!(matches!(cg.freeze(), Err(CgroupError::NotFrozen(d)) if d == dir));
+        assert_eq!(get(&dir.join("cgroup.freeze")), "0");
+
+        // No freezer at all (a group that was never created).
+        assert!(matches!(
+            m.open("sb2").freeze(),
+            Err(CgroupError::MissingController("freezer"))
+        ));
+    }
+
+    #[test]
     fn v2_statistics() {
         let (t, m) = v2_tree("cpu memory pids");
         let dir = t.path().join("sandpit/sb1");
