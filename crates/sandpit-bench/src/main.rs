@@ -374,6 +374,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
         limits: Default::default(),
         read_only_root: false,
         network_namespace: None,
+        mounts: Vec::new(),
     };
     let true_req = || ExecRequest {
         argv: vec!["true".into()],

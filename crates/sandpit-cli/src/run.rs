@@ -118,6 +118,7 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
         limits,
         read_only_root: false,
         network_namespace: None,
+        mounts: Vec::new(),
     };
     // Signals are handled by a dedicated thread from here on, so that a
     // Ctrl-C still tears the sandbox down.

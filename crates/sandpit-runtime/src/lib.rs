@@ -2,7 +2,8 @@
 //! sandbox whose PID 1 is the agent, and tears it down without debris.
 //!
 //! - [`runtime`]: the public API ([`Runtime`], [`SandboxSpec`], [`Sandbox`]),
-//!   with sandboxes named by [`SandboxId`].
+//!   with sandboxes named by [`SandboxId`] and volumes bound in as
+//!   [`BindMount`]s.
 //! - [`cgroup`]: limits, statistics and teardown on cgroup v1 or v2.
 //! - [`quantity`]: `"256Mi"` / `"500m"` parsing for limits.
 //!
@@ -23,6 +24,7 @@ pub mod cgroup;
 mod chain;
 mod id;
 pub mod layered;
+mod mounts;
 mod process;
 pub mod quantity;
 mod rootfs;
@@ -35,7 +37,8 @@ pub use caps::{capability_by_name, capability_name, DEFAULT_CAPS};
 pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
-    default_agent_binary, default_spawner_binary, Frozen, IdMap, NetworkNamespace, Runtime,
+    default_agent_binary, default_spawner_binary, BindMount, Frozen, IdMap, NetworkNamespace,
+    Runtime,
     RuntimeConfig, RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
 };
 

@@ -7,11 +7,17 @@
 //! image itself: every directory we mount on is checked with `lstat` to be a
 //! real directory (an image whose `/proc` is a symlink to `/etc` must not make
 //! us mount over a host path). Nothing else can change the tree meanwhile.
+//! Volumes ([`BindMount`]s) are mounted last, before the read-only remount:
+//! their targets in the tree are checked the same way (and never lie in
+//! another volume, see [`crate::mounts::check`]), and their contents, which
+//! other sandboxes may be changing, are only entered through
+//! [`Syscalls::bind_beneath`].
 
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
+use crate::mounts::{self, BindMount, MountSpecError};
 use crate::syscalls::{FileKind, SysError, Syscalls};
 
 /// Where the agent binary appears inside every sandbox. It lives on the `/dev`
@@ -66,6 +72,8 @@ pub(crate) struct RootfsPlan {
     pub(crate) root_id: u32,
     /// Mount the root read-only, with a writable tmpfs at `/tmp`.
     pub(crate) read_only: bool,
+    /// Volumes, mounted in this order.
+    pub(crate) mounts: Vec<BindMount>,
 }
 
 /// Size of the `/tmp` tmpfs of a read-only root. Its pages count against
@@ -87,6 +95,18 @@ pub(crate) enum RootfsError {
     /// The overlay options do not fit in one page.
     #[error("too many image layers for one overlay mount ({0} bytes of options)")]
     TooManyLayers(usize),
+    /// The mounts of the spec are not acceptable.
+    #[error(transparent)]
+    Spec(#[from] MountSpecError),
+    /// A volume could not be mounted.
+    #[error("volume mount {target}")]
+    Mount {
+        /// Its target inside the sandbox.
+        target: String,
+        /// Why.
+        #[source]
+        source: Box<RootfsError>,
+    },
 }
 
 const MS_NONE: MsFlags = MsFlags::empty();
@@ -248,6 +268,13 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
             )?;
         }
     }
+    mounts::check(&plan.mounts)?;
+    for m in &plan.mounts {
+        bind_volume(sys, root, m, owner).map_err(|e| RootfsError::Mount {
+            target: m.target.clone(),
+            source: Box::new(e),
+        })?;
+    }
     if plan.read_only {
         // Last, once every mount point exists: only this mount of the
         // overlay becomes read-only (a bind remount changes the mount, not
@@ -261,6 +288,33 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
             None,
         )?;
     }
+    Ok(())
+}
+
+/// Mounts one volume: its target's directories made (or checked to be
+/// real directories) one component at a time, then the bind, then its
+/// flags (a bind mount ignores all but `MS_BIND` in the first call).
+fn bind_volume(
+    sys: &dyn Syscalls,
+    root: &Path,
+    m: &BindMount,
+    owner: (u32, u32),
+) -> Result<(), RootfsError> {
+    let mut rel = String::new();
+    for c in mounts::target_components(&m.target)? {
+        if !rel.is_empty() {
+            rel.push('/');
+        }
+        rel.push_str(c);
+        ensure_dir(sys, root, &rel, owner)?;
+    }
+    let target = root.join(&rel);
+    sys.bind_beneath(&m.source, m.sub_path.as_deref(), &target)?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if m.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    sys.mount(None, &target, None, flags, None)?;
     Ok(())
 }
 
@@ -314,231 +368,5 @@ fn escape_overlay_path(p: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::RefCell;
-    use std::collections::BTreeMap;
-
-    /// One recorded mount(2): source, target, fstype, flags, data.
-    type MountCall = (
-        Option<String>,
-        PathBuf,
-        Option<String>,
-        MsFlags,
-        Option<String>,
-    );
-
-    /// An in-memory tree that records every call.
-    #[derive(Default)]
-    struct FakeSys {
-        tree: RefCell<BTreeMap<PathBuf, FileKind>>,
-        mounts: RefCell<Vec<MountCall>>,
-        pivoted: RefCell<Option<PathBuf>>,
-    }
-
-    impl FakeSys {
-        fn with(paths: &[(&str, FileKind)]) -> Self {
-            let s = Self::default();
-            for (p, k) in paths {
-                s.tree.borrow_mut().insert(PathBuf::from(p), *k);
-            }
-            s
-        }
-        fn mount_of(&self, target: &str) -> Vec<(Option<String>, MsFlags, Option<String>)> {
-            self.mounts
-                .borrow()
-                .iter()
-                .filter(|m| m.1 == Path::new(target))
-                .map(|m| (m.0.clone(), m.3, m.4.clone()))
-                .collect()
-        }
-    }
-
-    impl Syscalls for FakeSys {
-        fn mount(
-            &self,
-            source: Option<&str>,
-            target: &Path,
-            fstype: Option<&str>,
-            flags: MsFlags,
-            data: Option<&str>,
-        ) -> Result<(), SysError> {
-            if !self.tree.borrow().contains_key(target) {
-                return Err(SysError {
-                    op: "mount",
-                    path: target.into(),
-                    errno: nix::errno::Errno::ENOENT,
-                });
-            }
-            self.mounts.borrow_mut().push((
-                source.map(String::from),
-                target.into(),
-                fstype.map(String::from),
-                flags,
-                data.map(String::from),
-            ));
-            Ok(())
-        }
-        fn mkdir(&self, path: &Path, _mode: u32, _owner: (u32, u32)) -> Result<(), SysError> {
-            self.tree.borrow_mut().insert(path.into(), FileKind::Dir);
-            Ok(())
-        }
-        fn create_file(&self, path: &Path, _mode: u32) -> Result<(), SysError> {
-            self.tree.borrow_mut().insert(path.into(), FileKind::File);
-            Ok(())
-        }
-        fn symlink(&self, _target: &str, link: &Path) -> Result<(), SysError> {
-            self.tree
-                .borrow_mut()
-                .insert(link.into(), FileKind::Symlink);
-            Ok(())
-        }
-        fn kind(&self, path: &Path) -> Result<Option<FileKind>, SysError> {
-            Ok(self.tree.borrow().get(path).copied())
-        }
-        fn pivot_root(&self, new_root: &Path) -> Result<(), SysError> {
-            *self.pivoted.borrow_mut() = Some(new_root.into());
-            Ok(())
-        }
-    }
-
-    fn plan() -> RootfsPlan {
-        RootfsPlan {
-            root: "/r".into(),
-            lower_dirs: vec!["/l/top".into(), "/l/base".into()],
-            upper_dir: "/s/upper".into(),
-            work_dir: "/s/work".into(),
-            agent_binary: "/host/agent".into(),
-            root_id: 1000,
-            read_only: false,
-        }
-    }
-
-    #[test]
-    fn assembles_the_default_profile() {
-        let sys = FakeSys::with(&[
-            ("/r", FileKind::Dir),
-            ("/r/proc", FileKind::Dir),
-            ("/r/proc/kcore", FileKind::File),
-            ("/r/proc/sys", FileKind::Dir),
-            ("/r/proc/acpi", FileKind::Dir),
-            ("/r/sys/firmware", FileKind::Dir),
-        ]);
-        build_and_enter(&sys, &plan()).unwrap();
-
-        let overlay = &sys.mount_of("/r")[0];
-        assert_eq!(
-            overlay.2.as_deref(),
-            Some("lowerdir=/l/top:/l/base,upperdir=/s/upper,workdir=/s/work")
-        );
-        let proc = &sys.mount_of("/r/proc")[0];
-        assert!(proc
-            .1
-            .contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC));
-        let sysfs = &sys.mount_of("/r/sys")[0];
-        assert!(sysfs.1.contains(MsFlags::MS_RDONLY));
-        // Image lacked /sys and /dev: created, owned by the sandbox's root.
-        assert_eq!(sys.kind(Path::new("/r/sys")).unwrap(), Some(FileKind::Dir));
-        let dev = &sys.mount_of("/r/dev")[0];
-        assert!(dev.2.as_deref().unwrap().contains("uid=1000,gid=1000"));
-        for d in DEVICES {
-            let m = &sys.mount_of(&format!("/r/dev/{d}"))[0];
-            assert_eq!(m.0.as_deref(), Some(format!("/dev/{d}").as_str()));
-            assert!(m.1.contains(MsFlags::MS_BIND));
-        }
-        assert!(sys.mount_of("/r/dev/pts")[0]
-            .2
-            .as_deref()
-            .unwrap()
-            .contains("gid=1005"));
-        // The agent is bound read-only, never copied.
-        let agent = sys.mount_of("/r/dev/.sandpit-agent");
-        assert_eq!(agent[0].0.as_deref(), Some("/host/agent"));
-        assert!(agent[1]
-            .1
-            .contains(MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY));
-        // Masked and read-only paths, only where they exist.
-        assert_eq!(
-            sys.mount_of("/r/proc/kcore")[0].0.as_deref(),
-            Some("/r/dev/null")
-        );
-        assert!(sys.mount_of("/r/proc/keys").is_empty());
-        assert!(sys.mount_of("/r/proc/acpi")[0]
-            .1
-            .contains(MsFlags::MS_RDONLY));
-        assert!(sys.mount_of("/r/sys/firmware")[0]
-            .1
-            .contains(MsFlags::MS_RDONLY));
-        let procsys = sys.mount_of("/r/proc/sys");
-        assert!(procsys[1]
-            .1
-            .contains(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT));
-        assert_eq!(sys.pivoted.borrow().as_deref(), Some(Path::new("/r")));
-    }
-
-    #[test]
-    fn a_read_only_root_gets_a_tmp_and_is_remounted_last() {
-        let sys = FakeSys::with(&[("/r", FileKind::Dir)]);
-        build(&sys, &plan()).unwrap();
-        // Writable by default: one mount of the root, no /tmp of ours.
-        assert_eq!(sys.mount_of("/r").len(), 1);
-        assert!(sys.mount_of("/r/tmp").is_empty());
-
-        let sys = FakeSys::with(&[("/r", FileKind::Dir)]);
-        let p = RootfsPlan {
-            read_only: true,
-            ..plan()
-        };
-        build(&sys, &p).unwrap();
-        let tmp = &sys.mount_of("/r/tmp")[0];
-        assert_eq!(tmp.0.as_deref(), Some("tmpfs"));
-        assert!(tmp.1.contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV));
-        assert!(!tmp.1.contains(MsFlags::MS_RDONLY));
-        assert_eq!(
-            tmp.2.as_deref(),
-            Some("mode=1777,size=256m,uid=1000,gid=1000")
-        );
-        // Created in the image where it was missing, before the remount.
-        assert_eq!(sys.kind(Path::new("/r/tmp")).unwrap(), Some(FileKind::Dir));
-        let root = sys.mount_of("/r");
-        assert_eq!(root.len(), 2);
-        assert!(root[1]
-            .1
-            .contains(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY));
-        // The remount is the last mount of all.
-        let last = sys.mounts.borrow().last().cloned().unwrap();
-        assert_eq!(last.1, Path::new("/r"));
-        // An image whose /tmp is a symlink is refused, as for /proc.
-        let sys = FakeSys::with(&[("/r", FileKind::Dir), ("/r/tmp", FileKind::Symlink)]);
-        assert_eq!(
-            build(&sys, &p).unwrap_err().to_string(),
-            "image path /tmp is not a directory"
-        );
-    }
-
-    #[test]
-    fn refuses_an_image_whose_proc_is_a_symlink() {
-        let sys = FakeSys::with(&[("/r", FileKind::Dir), ("/r/proc", FileKind::Symlink)]);
-        let err = build_and_enter(&sys, &plan()).unwrap_err();
-        assert_eq!(err.to_string(), "image path /proc is not a directory");
-        // Nothing was mounted through the link, and we never pivoted.
-        assert!(sys.mount_of("/r/proc").is_empty());
-        assert!(sys.pivoted.borrow().is_none());
-    }
-
-    #[test]
-    fn overlay_paths_are_escaped_and_bounded() {
-        let mut p = plan();
-        p.lower_dirs = vec!["/a,b:c".into()];
-        assert!(overlay_options(&p)
-            .unwrap()
-            .starts_with("lowerdir=/a\\,b\\:c,"));
-        p.lower_dirs = vec![PathBuf::from("/x".repeat(300)); 10];
-        assert!(matches!(
-            overlay_options(&p),
-            Err(RootfsError::TooManyLayers(_))
-        ));
-        p.lower_dirs.clear();
-        assert!(matches!(overlay_options(&p), Err(RootfsError::NoLayers)));
-    }
-}
+#[path = "rootfs_tests.rs"]
+mod tests;

@@ -14,6 +14,7 @@ use crate::binaries::is_dynamically_linked;
 pub use crate::binaries::{default_agent_binary, default_spawner_binary, AGENT_ENV, SPAWNER_ENV};
 use crate::cgroup::{Cgroup, CgroupError, CgroupManager, Limits};
 use crate::id::SandboxId;
+pub use crate::mounts::BindMount;
 use crate::process::{is_zombie, process_start_time, reap, wait_gone};
 use crate::spawn::{SpawnConfig, SpawnOutcome};
 
@@ -82,6 +83,10 @@ pub struct SandboxSpec {
     /// holds it, and other sandboxes may join it too. `None`: a new
     /// namespace with only `lo` up.
     pub network_namespace: Option<NetworkNamespace>,
+    /// Host directories (volumes) bound into the sandbox, in order, after
+    /// the image and the system mounts and before a read-only root is
+    /// remounted (see [`BindMount`] for what is refused).
+    pub mounts: Vec<BindMount>,
 }
 
 /// A network namespace the sandbox joins, and how its processes find
@@ -351,6 +356,7 @@ impl Runtime {
                 reason: "empty program name".into(),
             });
         }
+        check_mounts(&spec.mounts)?;
         let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.to_string());
         if hostname.is_empty() || hostname.len() > 63 {
             return Err(RuntimeError::InvalidSpec {
@@ -435,6 +441,7 @@ impl Runtime {
             cgroup_procs: cgroup.procs_files(),
             read_only_root: spec.read_only_root,
             network_namespace: spec.network_namespace.as_ref().map(|n| n.path.clone()),
+            mounts: spec.mounts.clone(),
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');
@@ -587,6 +594,26 @@ impl Runtime {
         // first, removed last), so `destroy` above took every one picked.
         Ok(report)
     }
+}
+
+/// The spec's mounts, checked before anything is created: paths (the
+/// spawner checks them again) and sources that are directories.
+fn check_mounts(mounts: &[BindMount]) -> Result<(), RuntimeError> {
+    let invalid = |reason: String| RuntimeError::InvalidSpec {
+        field: "mounts",
+        reason,
+    };
+    crate::mounts::check(mounts).map_err(|e| invalid(e.to_string()))?;
+    for m in mounts {
+        if !m.source.is_dir() {
+            return Err(invalid(format!(
+                "source {} of target {} is not a directory",
+                m.source.display(),
+                m.target
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn read_record(dir: &Path) -> Option<SandboxRecord> {

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::chain;
 use crate::id::SandboxId;
+use crate::mounts::BindMount;
 use crate::rootfs::{self, RootfsPlan, AGENT_PATH_IN_SANDBOX};
 use crate::syscalls::LinuxSyscalls;
 use crate::{caps, seccomp};
@@ -73,6 +74,9 @@ pub(crate) struct SpawnConfig {
     /// A network namespace to join; `None`: a new one with only `lo`.
     #[serde(default)]
     pub(crate) network_namespace: Option<PathBuf>,
+    /// Volumes bound into the root, in order.
+    #[serde(default)]
+    pub(crate) mounts: Vec<BindMount>,
 }
 
 /// What the spawner reports.
@@ -202,6 +206,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
         agent_binary: config.agent_binary.clone(),
         root_id: config.host_id_base,
         read_only: config.read_only_root,
+        mounts: config.mounts.clone(),
     };
     let agent_path = CString::new(AGENT_PATH_IN_SANDBOX).expect("no nul");
     let agent_argv: Vec<CString> = [

@@ -1,9 +1,11 @@
 //! The privileged system calls the spawner makes, behind a trait so that the
 //! rootfs logic in [`crate::rootfs`] can be unit-tested without root.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::mount::MsFlags;
 
 /// A failed system call, with the path it was about.
@@ -62,6 +64,18 @@ pub(crate) trait Syscalls {
     fn kind(&self, path: &Path) -> Result<Option<FileKind>, SysError>;
     /// Makes `new_root` the root of the mount namespace and detaches the old one.
     fn pivot_root(&self, new_root: &Path) -> Result<(), SysError>;
+    /// Bind-mounts (not recursively) the directory `sub_path` of `source`
+    /// onto `target`. `source` is trusted; `sub_path` lies in hostile
+    /// contents: it is resolved from a descriptor of `source` without
+    /// following symlinks, leaving `source` or crossing a mount, and the
+    /// descriptor it resolved to is what gets mounted (nothing can swap a
+    /// component between the check and the mount).
+    fn bind_beneath(
+        &self,
+        source: &Path,
+        sub_path: Option<&str>,
+        target: &Path,
+    ) -> Result<(), SysError>;
 }
 
 /// The real thing.
@@ -137,6 +151,81 @@ impl Syscalls for LinuxSyscalls {
             .map_err(|e| SysError::new("umount old root", new_root, e))?;
         nix::unistd::chdir("/").map_err(|e| SysError::new("chdir", Path::new("/"), e))
     }
+
+    fn bind_beneath(
+        &self,
+        source: &Path,
+        sub_path: Option<&str>,
+        target: &Path,
+    ) -> Result<(), SysError> {
+        let src = nix::fcntl::open(
+            source,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| SysError::new("open volume", source, e))?;
+        let rel: Vec<&str> = sub_path
+            .unwrap_or_default()
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        let shown = source.join(rel.join("/"));
+        let dir = if rel.is_empty() {
+            src
+        } else {
+            open_beneath(&src, &rel, &shown)?
+        };
+        // The host's /proc (we have not pivoted yet): the magic link names
+        // exactly the directory resolved above.
+        let by_fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        nix::mount::mount(
+            Some(by_fd.as_str()),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| SysError::new("bind volume", &shown, e))
+    }
+}
+
+/// Opens the directory `rel` beneath `dir` (see [`Syscalls::bind_beneath`]).
+fn open_beneath(dir: &OwnedFd, rel: &[&str], shown: &Path) -> Result<OwnedFd, SysError> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let how = OpenHow::new().flags(flags).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS
+            | ResolveFlag::RESOLVE_NO_XDEV,
+    );
+    match nix::fcntl::openat2(dir, rel.join("/").as_str(), how) {
+        Ok(fd) => return Ok(fd),
+        // Before Linux 5.6: the same walk by hand, below.
+        Err(nix::errno::Errno::ENOSYS) => {}
+        Err(e) => return Err(SysError::new("open volume sub_path", shown, e)),
+    }
+    let dev = nix::sys::stat::fstat(dir)
+        .map_err(|e| SysError::new("stat volume", shown, e))?
+        .st_dev;
+    let mut cur = dir
+        .try_clone()
+        .map_err(|e| SysError::new("dup", shown, io_errno(&e)))?;
+    for c in rel {
+        // O_NOFOLLOW with O_DIRECTORY: a symlink is ENOTDIR, never followed.
+        let next = nix::fcntl::openat(&cur, *c, flags, nix::sys::stat::Mode::empty())
+            .map_err(|e| SysError::new("open volume sub_path", shown, e))?;
+        let st = nix::sys::stat::fstat(&next)
+            .map_err(|e| SysError::new("stat volume sub_path", shown, e))?;
+        if st.st_dev != dev {
+            return Err(SysError::new(
+                "open volume sub_path",
+                shown,
+                nix::errno::Errno::EXDEV,
+            ));
+        }
+        cur = next;
+    }
+    Ok(cur)
 }
 
 fn io_errno(e: &std::io::Error) -> nix::errno::Errno {

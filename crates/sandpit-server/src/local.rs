@@ -292,6 +292,7 @@ impl Engine for LocalEngine {
             },
             read_only_root: spec.read_only_root,
             network_namespace: None,
+            mounts: Vec::new(),
         };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;

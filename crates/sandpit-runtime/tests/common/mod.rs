@@ -118,6 +118,7 @@ pub(crate) fn spec(prefix: &str, layers: Vec<PathBuf>, argv: &[&str]) -> Sandbox
         limits: Limits::default(),
         read_only_root: false,
         network_namespace: None,
+        mounts: Vec::new(),
     }
 }
 
