@@ -14,6 +14,7 @@ export CARGO_TERM_COLOR=never
 scripts/install-deps.sh
 scripts/build-test-images.sh
 scripts/build-agent.sh
+scripts/install-s3-server.sh
 
 echo "== fmt and clippy" >&2
 cargo fmt --all --check

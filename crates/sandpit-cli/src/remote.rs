@@ -1,5 +1,5 @@
 //! Commands that talk to a running `sandpitd` over its gRPC API: `ls`,
-//! `get`, `stop`, `delete`, `logs`.
+//! `get`, `stop`, `delete`, `logs`, `commit`.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -25,14 +25,16 @@ pub(crate) struct ServerArgs {
     api_key: Option<String>,
 }
 
-type Client = SandboxServiceClient<
-    InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send>,
-    >,
->;
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send>;
+type Client = SandboxServiceClient<InterceptedService<Channel, Auth>>;
 
 async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client> {
+    let (channel, auth) = connect_channel(args, data_dir).await?;
+    Ok(SandboxServiceClient::with_interceptor(channel, auth).max_decoding_message_size(100 << 20))
+}
+
+/// The channel to the daemon and the interceptor that authenticates on it.
+async fn connect_channel(args: &ServerArgs, data_dir: &std::path::Path) -> Result<(Channel, Auth)> {
     let key = match &args.api_key {
         Some(k) => k.clone(),
         None => {
@@ -56,12 +58,11 @@ async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client
         .connect()
         .await
         .with_context(|| format!("connect to {}", args.server))?;
-    let auth: Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", header.clone());
-            Ok(req)
-        });
-    Ok(SandboxServiceClient::with_interceptor(channel, auth).max_decoding_message_size(100 << 20))
+    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
+    Ok((channel, auth))
 }
 
 /// The remote subcommands.
@@ -95,6 +96,17 @@ pub(crate) enum RemoteCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Checkpoint a running sandbox's root file system into an image that
+    /// new sandboxes start from (`container_image="NAME:TAG"`).
+    Commit {
+        /// Sandbox id.
+        id: String,
+        /// The image to store it as: NAME[:TAG].
+        image: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a sandbox's main-process output (kept after it ended).
     Logs {
         /// Sandbox id.
@@ -122,8 +134,12 @@ pub(crate) fn run(
         .build()
         .context("start async runtime")?;
     rt.block_on(async {
+        if let RemoteCommand::Commit { id, image, json } = command {
+            return commit(server, data_dir, id, image, json).await;
+        }
         let mut client = connect(server, data_dir).await?;
         match command {
+            RemoteCommand::Commit { .. } => unreachable!("handled above"),
             RemoteCommand::Ls { all, tags } => {
                 println!(
                     "{:<14} {:<12} {:<20} {:>5} REASON",
@@ -198,6 +214,46 @@ pub(crate) fn run(
         }
         Ok(())
     })
+}
+
+async fn commit(
+    server: &ServerArgs,
+    data_dir: &std::path::Path,
+    id: String,
+    image: String,
+    json: bool,
+) -> Result<()> {
+    use sandpit_proto::sandpit::v1 as spb;
+    let (channel, auth) = connect_channel(server, data_dir).await?;
+    let mut client =
+        spb::checkpoint_service_client::CheckpointServiceClient::with_interceptor(channel, auth);
+    let r = client
+        .commit_sandbox(spb::CommitSandboxRequest {
+            sandbox_id: id.clone(),
+            image,
+            request_id: String::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        let value = serde_json::json!({
+            "sandbox_id": id,
+            "image": r.image,
+            "image_id": r.image_id,
+            "layer_digest": r.layer_digest,
+            "layer_size_bytes": r.layer_size_bytes,
+            "files": r.files,
+            "duration_ms": r.duration_ms,
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "{}  {} ({} files, {} bytes, {} ms)",
+            r.image, r.layer_digest, r.files, r.layer_size_bytes, r.duration_ms
+        );
+    }
+    Ok(())
 }
 
 async fn delete(client: &mut Client, id: String, grace: i32) -> Result<pb::Sandbox> {

@@ -38,8 +38,7 @@ pub use cgroup::Limits;
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
     default_agent_binary, default_spawner_binary, BindMount, Frozen, IdMap, NetworkNamespace,
-    Runtime,
-    RuntimeConfig, RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
+    Runtime, RuntimeConfig, RuntimeError, Sandbox, SandboxSpec, SweepReport, CA_BUNDLE, EXTRA_CAS,
 };
 
 /// The bit mask of the capability numbers in `caps`, as `/proc/PID/status`

@@ -149,6 +149,7 @@ pub struct FileConfig {
     secret_stores: Option<BTreeMap<String, SecretStoreConfig>>,
     registry: Option<RegistryConfig>,
     network: Option<crate::netconfig::FileNetwork>,
+    storage: Option<crate::storageconfig::FileStorage>,
 }
 
 impl FileResources {
@@ -272,6 +273,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The sandbox network (`[network]`).
     pub network: crate::netconfig::NetworkSettings,
+    /// Volumes and snapshots (`[storage]`).
+    pub storage: crate::storageconfig::StorageSettings,
 }
 
 impl Config {
@@ -511,6 +514,7 @@ impl Config {
         // The host's resolvers are the default upstreams of sandboxes' DNS.
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let network = file.network.unwrap_or_default().resolve(&host_resolv)?;
+        let storage = file.storage.unwrap_or_default().resolve()?;
         let runner_id = match file.runner_id {
             Some(id) if id.is_empty() => return Err(invalid("runner_id", "must not be empty")),
             Some(id) => id,
@@ -558,6 +562,7 @@ impl Config {
             secret_stores,
             registry,
             network,
+            storage,
         })
     }
 }

@@ -19,6 +19,7 @@ use sandpit_wire::{ExitStatus, Probe, RunAs, Signal};
 
 use crate::logs::LogWriter;
 use crate::model::{MountedFile, NewSandbox, ResourceSpec, SandboxId, Security};
+use crate::storage::model::{LaunchVolume, SnapshotBlob};
 
 /// What failed inside an engine's machinery. Boxed: engines differ in what
 /// fails (a runtime and an image store here; a VMM or a remote node
@@ -58,6 +59,18 @@ pub enum EngineError {
     /// A blocking task panicked or was cancelled.
     #[error("engine task failed")]
     Task,
+    /// This engine does not offer it.
+    #[error("{0} not offered by this engine")]
+    Unsupported(&'static str),
+    /// A storage operation failed.
+    #[error("{op}")]
+    Storage {
+        /// What was being done.
+        op: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
 }
 
 impl EngineError {
@@ -124,6 +137,56 @@ pub struct LaunchSpec {
     /// Its network, on an engine that offers one ([`Engine::network`]);
     /// `None`: loopback only.
     pub network: Option<LaunchNetwork>,
+    /// Its volumes, on an engine that offers them ([`Engine::storage`]).
+    pub volumes: Vec<LaunchVolume>,
+}
+
+/// The volumes and snapshots an engine offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageOffer {
+    /// Size of a scratch volume that names none.
+    pub scratch_default_size: u64,
+    /// The largest volume.
+    pub max_volume_size: u64,
+    /// Snapshots of scratch volumes (and restores).
+    pub snapshots: bool,
+}
+
+/// A snapshot the engine took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTaken {
+    /// The stored archive.
+    pub blob: SnapshotBlob,
+    /// Bytes of file contents in it.
+    pub content_bytes: u64,
+    /// Files in it.
+    pub files: u64,
+}
+
+/// A checkpoint of a sandbox's root file system, stored as an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The stored reference.
+    pub reference: String,
+    /// The image's id (sha256 of its layers and config).
+    pub image_id: String,
+    /// The new top layer's diff id.
+    pub layer_digest: String,
+    /// Bytes of file content in it.
+    pub layer_size_bytes: u64,
+    /// Entries in it.
+    pub files: u64,
+    /// How long the sandbox was frozen.
+    pub frozen: std::time::Duration,
+}
+
+/// Space of a volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeUsage {
+    /// Used.
+    pub used_bytes: u64,
+    /// Capacity.
+    pub capacity_bytes: u64,
 }
 
 /// A sandbox's network as the engine sets it up.
@@ -366,6 +429,65 @@ pub trait Engine: Send + Sync + 'static {
     fn share_token(&self, _id: &SandboxId) -> Option<String> {
         None
     }
+
+    /// The volumes and snapshots this engine offers; `None`: none (and a
+    /// [`LaunchSpec::volumes`] is refused).
+    fn storage(&self) -> Option<StorageOffer> {
+        None
+    }
+
+    /// Snapshots scratch volume `volume` of sandbox `id` into `bucket`
+    /// (`local` or an S3 bucket), its processes frozen meanwhile so the
+    /// copy is consistent.
+    fn snapshot_volume(
+        &self,
+        _id: &SandboxId,
+        _volume: &str,
+        _bucket: &str,
+    ) -> impl Future<Output = Result<SnapshotTaken, EngineError>> + Send {
+        async { Err(EngineError::Unsupported("snapshots")) }
+    }
+
+    /// Creates (or re-attaches) the storage of a registered volume.
+    fn provision_volume(
+        &self,
+        _key: &str,
+        _capacity_bytes: u64,
+    ) -> impl Future<Output = Result<VolumeUsage, EngineError>> + Send {
+        async { Err(EngineError::Unsupported("volumes")) }
+    }
+
+    /// Removes the storage of a registered volume, data included.
+    fn remove_volume(&self, _key: &str) -> impl Future<Output = Result<(), EngineError>> + Send {
+        async { Err(EngineError::Unsupported("volumes")) }
+    }
+
+    /// Removes every archive of `bucket` that is not in `referenced`;
+    /// returns how many.
+    fn gc_snapshots(
+        &self,
+        _bucket: &str,
+        _referenced: HashSet<Digest>,
+    ) -> impl Future<Output = Result<usize, EngineError>> + Send {
+        async { Ok(0) }
+    }
+
+    /// Checkpoints sandbox `id`'s root file system (its writable layer
+    /// over `base`, its image) into image `target` in the local store, the
+    /// sandbox frozen meanwhile.
+    fn commit(
+        &self,
+        _id: &SandboxId,
+        _base: &str,
+        _target: &str,
+    ) -> impl Future<Output = Result<Committed, EngineError>> + Send {
+        async { Err(EngineError::Unsupported("commits")) }
+    }
+
+    /// Checks that snapshots can be kept in `bucket`.
+    fn check_bucket(&self, _bucket: &str) -> impl Future<Output = Result<(), EngineError>> + Send {
+        async { Err(EngineError::Unsupported("snapshot buckets")) }
+    }
 }
 
 /// The main command, environment, working dir, files and limits of a
@@ -402,6 +524,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         startup_probe: req.startup_probe.clone(),
         secret_env: req.secret_values.clone(),
         network: req.network.clone(),
+        volumes: req.launch_volumes.clone(),
     }
 }
 

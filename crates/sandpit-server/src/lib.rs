@@ -29,6 +29,7 @@ pub mod engine;
 pub mod fake;
 pub mod local;
 pub mod local_net;
+pub mod local_storage;
 pub mod logs;
 pub mod manager;
 pub mod model;
@@ -36,6 +37,8 @@ pub mod netconfig;
 mod offload;
 pub mod secrets;
 pub mod server;
+pub mod storage;
+pub mod storageconfig;
 
 /// An error and its sources along `source()`, joined with ": " (the one
 /// chain printer at the daemon's edges: gRPC messages, state reasons,

@@ -22,10 +22,12 @@ use sandpit_wire::{InitFile, InitSpec, MainStatus, Signal};
 
 use crate::chain as describe;
 use crate::engine::{
-    Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, NetworkOffer,
-    NetworkStatus, PublicOffer, PullFailure, PullFailureKind, RegistryCredentials,
+    Adoption, Committed, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit,
+    NetworkOffer, NetworkStatus, PublicOffer, PullFailure, PullFailureKind, RegistryCredentials,
+    SnapshotTaken, StorageOffer, VolumeUsage,
 };
 use crate::local_net::LocalNetwork;
+use crate::local_storage::LocalStorage;
 use crate::logs::{LogWriter, OutputChunk, Stream};
 use crate::model::SandboxId;
 use crate::netconfig::NetworkSettings;
@@ -53,6 +55,9 @@ pub struct LocalEngineConfig {
     /// The sandbox network and where it remembers sandboxes'
     /// (`<data-dir>/network`); `None`: loopback only.
     pub network: Option<(NetworkSettings, PathBuf)>,
+    /// Volumes and snapshots, and the data dir they live under
+    /// (`<data-dir>/volumes`, `<data-dir>/snapshots`); `None`: refused.
+    pub storage: Option<(crate::storageconfig::StorageSettings, PathBuf)>,
 }
 
 /// The engine over this host's kernel.
@@ -64,6 +69,7 @@ pub struct LocalEngine {
     pids_max: Option<u64>,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
     network: Option<Arc<LocalNetwork>>,
+    storage: Option<Arc<LocalStorage>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -92,6 +98,14 @@ impl LocalEngine {
             Some((settings, dir)) => Some(Arc::new(LocalNetwork::setup(settings, &dir)?)),
             None => None,
         };
+        let storage = match config.storage {
+            Some((settings, data_dir)) => Some(Arc::new(LocalStorage::open(
+                settings,
+                &data_dir,
+                store.shift(),
+            )?)),
+            None => None,
+        };
         let store = Arc::new(store);
         let puller = Puller::new(Arc::clone(&store), config.registry)
             .map_err(|e| EngineError::Image(e.into()))?;
@@ -102,6 +116,7 @@ impl LocalEngine {
             pids_max: config.pids_max,
             sandboxes: Mutex::new(HashMap::new()),
             network,
+            storage,
         })
     }
 
@@ -262,6 +277,7 @@ impl Engine for LocalEngine {
             env = sandpit_wire::process::merge_env(&net.settings().sandbox_env(), &env);
         }
         let spec_layers = spec.layers;
+        let spec_volumes = spec.volumes;
         let spec = SandboxSpec {
             id: id.clone(),
             hostname: None,
@@ -294,6 +310,14 @@ impl Engine for LocalEngine {
             network_namespace: None,
             mounts: Vec::new(),
         };
+        let volumes = spec_volumes;
+        let storage = match (volumes.is_empty(), &self.storage) {
+            (true, _) => None,
+            (false, Some(s)) => Some(Arc::clone(s)),
+            (false, None) => {
+                return Err(EngineError::Start("this engine offers no volumes".into()))
+            }
+        };
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
         let sandbox = blocking(move || {
@@ -304,15 +328,30 @@ impl Engine for LocalEngine {
                 .lease_guard_owned(spec.id.as_str(), &layers)
                 .map_err(|e| EngineError::Start(Box::new(EngineError::Image(e.into()))))?;
             let mut spec = spec;
+            // Volumes first (a restore can fail on its content): nothing of
+            // the network is made for a sandbox that cannot start.
+            if let Some(storage) = &storage {
+                spec.mounts = storage
+                    .prepare(&spec.id, &volumes)
+                    .map_err(|e| EngineError::Start(e.into()))?;
+            }
             if let Some((launch, net)) = &network {
-                spec.network_namespace = Some(
-                    net.attach(&spec.id, launch)
-                        .map_err(|e| EngineError::Start(e.into()))?,
-                );
+                match net.attach(&spec.id, launch) {
+                    Ok(ns) => spec.network_namespace = Some(ns),
+                    Err(e) => {
+                        if let Some(storage) = &storage {
+                            storage.release(&spec.id);
+                        }
+                        return Err(EngineError::Start(e.into()));
+                    }
+                }
             }
             let detach = || {
                 if let Some((_, net)) = &network {
                     net.detach(&spec.id);
+                }
+                if let Some(storage) = &storage {
+                    storage.release(&spec.id);
                 }
             };
             let sandbox = match runtime.create(&spec) {
@@ -412,8 +451,13 @@ impl Engine for LocalEngine {
         let store = Arc::clone(&self.store);
         let id = id.clone();
         let network = self.network.clone();
+        let storage = self.storage.clone();
         blocking(move || {
             runtime.destroy(&id)?;
+            // Only once nothing of the sandbox mounts them.
+            if let Some(storage) = &storage {
+                storage.release(&id);
+            }
             // Only once nothing is mounted any more.
             release_lease(&store, id.as_str());
             // Only once no process of the sandbox is left.
@@ -460,9 +504,16 @@ impl Engine for LocalEngine {
         let runtime = Arc::clone(&self.runtime);
         let store = Arc::clone(&self.store);
         let network = self.network.clone();
+        let storage = self.storage.clone();
         blocking(move || {
             let ours = |id: &SandboxId| id.is_generated() && !keep.contains(id);
             let report = runtime.sweep(ours)?;
+            if let Some(storage) = &storage {
+                let removed = storage.sweep(&keep);
+                if removed > 0 {
+                    tracing::info!(removed, "orphaned scratch volumes removed");
+                }
+            }
             if let Some(net) = network {
                 // After the runtime's: no process is left in what it removes.
                 if let Err(e) = net.sweep(|id| !ours(id)) {
@@ -517,6 +568,113 @@ impl Engine for LocalEngine {
 
     fn share_token(&self, id: &SandboxId) -> Option<String> {
         Some(self.network.as_ref()?.share_token(id))
+    }
+
+    fn storage(&self) -> Option<StorageOffer> {
+        self.storage.as_ref().map(|s| s.offer())
+    }
+
+    async fn snapshot_volume(
+        &self,
+        id: &SandboxId,
+        volume: &str,
+        bucket: &str,
+    ) -> Result<SnapshotTaken, EngineError> {
+        let storage = self
+            .storage
+            .clone()
+            .ok_or(EngineError::Unsupported("snapshots"))?;
+        let runtime = Arc::clone(&self.runtime);
+        let (id, volume, bucket) = (id.clone(), volume.to_owned(), bucket.to_owned());
+        blocking(move || {
+            storage.snapshot(&id, &volume, &bucket, || {
+                // Frozen while the copy is taken: what a process writes
+                // meanwhile is in the snapshot entirely or not at all.
+                runtime
+                    .freeze(&id)
+                    .map_err(|e| EngineError::runtime("freeze the sandbox", e))
+            })
+        })
+        .await?
+    }
+
+    async fn provision_volume(
+        &self,
+        key: &str,
+        capacity_bytes: u64,
+    ) -> Result<VolumeUsage, EngineError> {
+        let storage = self
+            .storage
+            .clone()
+            .ok_or(EngineError::Unsupported("volumes"))?;
+        let key = key.to_owned();
+        blocking(move || storage.provision_registered(&key, capacity_bytes)).await?
+    }
+
+    async fn remove_volume(&self, key: &str) -> Result<(), EngineError> {
+        let storage = self
+            .storage
+            .clone()
+            .ok_or(EngineError::Unsupported("volumes"))?;
+        let key = key.to_owned();
+        blocking(move || storage.remove_registered(&key)).await?
+    }
+
+    async fn gc_snapshots(
+        &self,
+        bucket: &str,
+        referenced: HashSet<sandpit_image::Digest>,
+    ) -> Result<usize, EngineError> {
+        let Some(storage) = self.storage.clone() else {
+            return Ok(0);
+        };
+        let bucket = bucket.to_owned();
+        blocking(move || storage.gc(&bucket, &referenced)).await?
+    }
+
+    async fn commit(
+        &self,
+        id: &SandboxId,
+        base: &str,
+        target: &str,
+    ) -> Result<Committed, EngineError> {
+        let (runtime, store) = (Arc::clone(&self.runtime), Arc::clone(&self.store));
+        let (id, base, target) = (id.clone(), base.to_owned(), target.to_owned());
+        blocking(move || {
+            let image_err = |e: ImageError| EngineError::Image(e.into());
+            let base = store
+                .get(&Reference::parse(&base).map_err(image_err)?)
+                .map_err(image_err)?;
+            let target = Reference::parse(&target).map_err(image_err)?;
+            let started = std::time::Instant::now();
+            // Frozen while the writable layer is copied: the checkpoint is
+            // one moment of the sandbox, not a mix of two.
+            let frozen = runtime
+                .freeze(&id)
+                .map_err(|e| EngineError::runtime("freeze the sandbox", e))?;
+            let committed = store.commit(&base, &runtime.upper_dir(&id), &target);
+            drop(frozen);
+            let frozen_for = started.elapsed();
+            let (image, layer) = committed.map_err(image_err)?;
+            Ok(Committed {
+                reference: image.reference.clone(),
+                image_id: image.id.to_string(),
+                layer_digest: layer.layer.diff_id.to_string(),
+                layer_size_bytes: layer.layer.size,
+                files: layer.entries,
+                frozen: frozen_for,
+            })
+        })
+        .await?
+    }
+
+    async fn check_bucket(&self, bucket: &str) -> Result<(), EngineError> {
+        let storage = self
+            .storage
+            .clone()
+            .ok_or(EngineError::Unsupported("snapshot buckets"))?;
+        let bucket = bucket.to_owned();
+        blocking(move || storage.check_bucket(&bucket)).await?
     }
 }
 

@@ -16,7 +16,7 @@ use sandpit_server::db::Db;
 use sandpit_server::local::{LocalEngine, LocalEngineConfig};
 use sandpit_server::logs::FileSink;
 use sandpit_server::manager::Manager;
-use sandpit_server::server::{serve, ServerOptions};
+use sandpit_server::server::{serve_with_storage, ServerOptions};
 use tokio::net::TcpListener;
 
 /// The sandpit sandbox service (coreweave.sandbox.v1 over gRPC).
@@ -154,6 +154,10 @@ async fn run(config: Config) -> Result<()> {
             .network
             .enabled
             .then(|| (config.network.clone(), config.data_dir.join("network"))),
+        storage: config
+            .storage
+            .enabled
+            .then(|| (config.storage.clone(), config.data_dir.clone())),
     };
     let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
         .await?
@@ -192,6 +196,20 @@ async fn run(config: Config) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
     .context("start the sandbox manager")?;
 
+    let catalog_path = config.data_dir.join("storage.db");
+    let catalog = sandpit_server::storage::catalog::Catalog::open(&catalog_path)
+        .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+        .with_context(|| format!("open {}", catalog_path.display()))?;
+    let storage = sandpit_server::storage::Storage::start(
+        manager.clone(),
+        catalog,
+        config.storage.clone(),
+        config.runner_id.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+    .context("start volumes and snapshots")?;
+
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -206,7 +224,7 @@ async fn run(config: Config) -> Result<()> {
     // A fixed line on stderr whatever the log format: scripts wait for it.
     eprintln!("sandpitd listening on {addr}");
 
-    serve(
+    serve_with_storage(
         listener,
         manager,
         auth,
@@ -220,6 +238,7 @@ async fn run(config: Config) -> Result<()> {
             logs: Some(logs),
             secret_stores,
         },
+        Some(storage),
         shutdown_signal(),
     )
     .await

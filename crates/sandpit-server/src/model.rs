@@ -185,6 +185,11 @@ pub struct NewSandbox {
     pub secret_values: Vec<(String, crate::secrets::SecretValue)>,
     /// Its network (an engine that offers one); `None`: loopback only.
     pub network: Option<crate::engine::LaunchNetwork>,
+    /// Volumes, as requested (checked).
+    pub volumes: Vec<crate::storage::model::VolumeRequest>,
+    /// Volumes, resolved by the handler (snapshots and registered volumes
+    /// looked up): what the engine sets up.
+    pub launch_volumes: Vec<crate::storage::model::LaunchVolume>,
 }
 
 /// Everything known about one sandbox; persisted on every change.

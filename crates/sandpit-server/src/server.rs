@@ -15,12 +15,18 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::api::{DataPlaneOptions, DiscoveryApi, SandboxApi};
+use crate::api::{
+    CheckpointApi, DataPlaneOptions, DiscoveryApi, SandboxApi, SettingsApi, VolumeApi,
+};
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::logs::LogReader;
 use crate::manager::Manager;
 use crate::secrets::SecretStores;
+use crate::storage::Storage;
+use sandpit_proto::sandbox::v1::settings_service_server::SettingsServiceServer;
+use sandpit_proto::sandbox::v1::volume_service_server::VolumeServiceServer;
+use sandpit_proto::sandpit::v1::checkpoint_service_server::CheckpointServiceServer;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,19 @@ pub async fn serve<E: Engine>(
     options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_with_storage(listener, manager, auth, options, None, shutdown).await
+}
+
+/// [`serve`], with volumes and snapshots (VolumeService, the snapshot RPCs
+/// and SettingsService's bucket configuration) when `storage` is given.
+pub async fn serve_with_storage<E: Engine>(
+    listener: TcpListener,
+    manager: Manager<E>,
+    auth: Auth,
+    options: ServerOptions,
+    storage: Option<Storage<E>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let max = options.max_message_bytes;
     // Long data-plane streams (exec, followed logs) end when shutdown starts,
     // or the graceful shutdown would wait for them.
@@ -76,12 +95,15 @@ pub async fn serve<E: Engine>(
         logs: options.logs.clone(),
         shutdown: stop_rx,
     };
-    let sandbox = SandboxServiceServer::new(
-        SandboxApi::new(manager.clone(), options.runner_id.clone(), data)
-            .with_secret_stores(options.secret_stores.clone()),
-    )
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let mut sandbox_api = SandboxApi::new(manager.clone(), options.runner_id.clone(), data)
+        .with_secret_stores(options.secret_stores.clone());
+    if let Some(storage) = &storage {
+        sandbox_api = sandbox_api.with_storage(storage.clone());
+    }
+    let sandbox = SandboxServiceServer::new(sandbox_api)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let checkpoint = CheckpointServiceServer::new(CheckpointApi::new(manager.clone()));
     let discovery = DiscoveryServiceServer::new(DiscoveryApi::new(
         manager,
         options.runner_id.clone(),
@@ -122,7 +144,19 @@ pub async fn serve<E: Engine>(
     let mut routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
-        .add_service(InterceptedService::new(discovery, auth.interceptor()));
+        .add_service(InterceptedService::new(discovery, auth.interceptor()))
+        .add_service(InterceptedService::new(checkpoint, auth.interceptor()));
+    if let Some(storage) = storage.filter(|s| s.offered()) {
+        routes = routes
+            .add_service(InterceptedService::new(
+                VolumeServiceServer::new(VolumeApi::new(storage.clone())),
+                auth.interceptor(),
+            ))
+            .add_service(InterceptedService::new(
+                SettingsServiceServer::new(SettingsApi::new(storage)),
+                auth.interceptor(),
+            ));
+    }
     // The services of the protocol this server does not offer (templates,
     // settings, volumes, the direct data plane), and any other path, answer
     // UNIMPLEMENTED with the client's ErrorInfo instead of a bare status.

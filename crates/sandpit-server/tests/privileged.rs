@@ -90,6 +90,7 @@ fn data_dir() -> tempfile::TempDir {
 
 fn engine(data: &Path) -> LocalEngine {
     LocalEngine::new(LocalEngineConfig {
+        storage: None,
         store_dir: data.join("store"),
         state_dir: data.join("sandboxes"),
         agent_binary: agent(),

@@ -61,6 +61,24 @@ pub mod reason {
     pub const SECRET_NOT_FOUND: &str = "CWSANDBOX_SECRET_NOT_FOUND";
     /// A secret exists but cannot be used as asked (FAILED_PRECONDITION).
     pub const SECRET_UNUSABLE: &str = "CWSANDBOX_SECRET_UNUSABLE";
+    /// No such registered volume of the caller's (NOT_FOUND).
+    pub const VOLUME_NOT_FOUND: &str = "CWSANDBOX_VOLUME_NOT_FOUND";
+    /// The volume is not READY (FAILED_PRECONDITION).
+    pub const VOLUME_NOT_READY: &str = "CWSANDBOX_VOLUME_NOT_READY";
+    /// Sandboxes mount the volume (FAILED_PRECONDITION).
+    pub const VOLUME_IN_USE: &str = "CWSANDBOX_VOLUME_IN_USE";
+    /// Not a kind of volume this runner has (FAILED_PRECONDITION).
+    pub const VOLUME_TYPE_NOT_SUPPORTED: &str = "CWSANDBOX_VOLUME_TYPE_NOT_SUPPORTED";
+    /// A registered volume named for a snapshot (FAILED_PRECONDITION).
+    pub const VOLUME_NOT_SNAPSHOTTABLE: &str = "CWSANDBOX_VOLUME_NOT_SNAPSHOTTABLE";
+    /// No such snapshot of the caller's (NOT_FOUND).
+    pub const FSS_NOT_FOUND: &str = "CWSANDBOX_FSS_NOT_FOUND";
+    /// The snapshot is not READY (FAILED_PRECONDITION).
+    pub const FSS_NOT_READY: &str = "CWSANDBOX_FSS_NOT_READY";
+    /// The snapshot bucket cannot be used (FAILED_PRECONDITION).
+    pub const FSS_BUCKET_UNAVAILABLE: &str = "CWSANDBOX_FSS_BUCKET_UNAVAILABLE";
+    /// Taking the snapshot failed (INTERNAL).
+    pub const FSS_CREATE_FAILED: &str = "CWSANDBOX_FSS_CREATE_FAILED";
 }
 
 /// One offending field of a request.
@@ -257,6 +275,90 @@ pub fn from_manager(e: ManagerError) -> Status {
             status(
                 Code::Internal,
                 format!("internal error: {}", crate::chain(&e)),
+                reason::INTERNAL,
+                &[],
+            )
+        }
+    }
+}
+
+/// The status for a storage error.
+pub fn from_storage(e: crate::storage::StorageError) -> Status {
+    use crate::storage::StorageError as S;
+    let msg = crate::chain(&e);
+    match e {
+        S::VolumeNotFound(id) => status(
+            Code::NotFound,
+            msg,
+            reason::VOLUME_NOT_FOUND,
+            &[("volume_id", id)],
+        ),
+        S::VolumeNotReady { id, state, .. } => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::VOLUME_NOT_READY,
+            &[("volume_id", id), ("state", state.to_owned())],
+        ),
+        S::VolumeInUse { id, sandboxes } => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::VOLUME_IN_USE,
+            &[("volume_id", id), ("sandbox_ids", sandboxes.join(","))],
+        ),
+        S::VolumeExists(id) => status(
+            Code::AlreadyExists,
+            msg,
+            reason::INVALID_REQUEST,
+            &[("volume_id", id)],
+        ),
+        S::Invalid { field, why } => invalid_request(&[Violation::new(field, why)]),
+        S::SnapshotNotFound(id) => status(
+            Code::NotFound,
+            msg,
+            reason::FSS_NOT_FOUND,
+            &[("file_system_snapshot_id", id)],
+        ),
+        S::SnapshotNotReady { id, state, .. } => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::FSS_NOT_READY,
+            &[("file_system_snapshot_id", id), ("state", state.to_owned())],
+        ),
+        S::NotSnapshottable(_) => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::VOLUME_NOT_SNAPSHOTTABLE,
+            &[],
+        ),
+        S::SandboxNotRunning { id, state } => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::SANDBOX_NOT_RUNNING,
+            &[("sandbox_id", id), ("state", state)],
+        ),
+        S::NotSupported(what) => status(
+            Code::FailedPrecondition,
+            msg,
+            if what == "volumes" {
+                reason::VOLUME_TYPE_NOT_SUPPORTED
+            } else {
+                reason::FSS_NOT_SUPPORTED
+            },
+            &[],
+        ),
+        S::BucketUnavailable { bucket, .. } => status(
+            Code::FailedPrecondition,
+            msg,
+            reason::FSS_BUCKET_UNAVAILABLE,
+            &[("bucket", bucket)],
+        ),
+        S::Manager(m) => from_manager(m),
+        e @ (S::Catalog(_) | S::Engine(_) | S::Task) => {
+            tracing::error!(error = %msg, "storage error");
+            let _ = e;
+            status(
+                Code::Internal,
+                format!("internal error: {msg}"),
                 reason::INTERNAL,
                 &[],
             )

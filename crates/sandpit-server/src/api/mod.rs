@@ -7,6 +7,7 @@
 //! waits while a sandbox is being created and refuses one that is not
 //! running; [`logs`] (StreamLogs) reads what the log sink kept.
 
+pub mod checkpoint;
 pub mod convert;
 pub mod discovery;
 pub mod errors;
@@ -17,15 +18,20 @@ pub(crate) mod network;
 pub mod sandbox;
 pub mod secrets;
 pub(crate) mod services;
+pub mod snapshots;
 pub mod validate;
+pub mod volumes;
 
 use tonic::{Code, Request, Status};
 
 use crate::manager::ManagerError;
 use crate::model::{Principal, SandboxId};
 
+pub use checkpoint::CheckpointApi;
 pub use discovery::DiscoveryApi;
 pub use sandbox::{DataPlaneOptions, SandboxApi};
+pub use snapshots::SettingsApi;
+pub use volumes::VolumeApi;
 
 /// A sandbox id from a request. One that is not even a valid id names no
 /// sandbox: NOT_FOUND, exactly like an unknown one.

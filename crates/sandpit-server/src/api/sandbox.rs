@@ -45,6 +45,7 @@ pub struct SandboxApi<E: Engine> {
     policy: CreatePolicy,
     data: DataPlaneOptions,
     secrets: SecretStores,
+    storage: Option<crate::storage::Storage<E>>,
 }
 
 impl<E: Engine> SandboxApi<E> {
@@ -55,13 +56,24 @@ impl<E: Engine> SandboxApi<E> {
             default_resources: manager.config().default_resources,
             max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
             network: manager.engine().network(),
+            storage: None,
         };
         Self {
             manager,
             policy,
             data,
             secrets: SecretStores::default(),
+            storage: None,
         }
+    }
+
+    /// Volumes and snapshots, when the runner offers them.
+    pub fn with_storage(mut self, storage: crate::storage::Storage<E>) -> Self {
+        if storage.offered() {
+            self.policy.storage = self.manager.engine().storage();
+            self.storage = Some(storage);
+        }
+        self
     }
 
     /// Where `image_pull_credentials` and `secret_stores` are looked up.
@@ -165,6 +177,25 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             "sandbox.spec.containers[0]",
         )
         .await?;
+        // The caller's own commits (`sandpit commit`) come first.
+        if let Some(committed) = super::checkpoint::commit_reference(&principal, &new.image) {
+            if let Ok(Some(_)) = self.manager.engine().image(&committed).await {
+                new.image = committed;
+            }
+        }
+        let _pending = match (&self.storage, new.volumes.is_empty()) {
+            (_, true) => None,
+            (Some(storage), false) => {
+                let (launch, guard) = storage
+                    .resolve(&principal, &new.volumes)
+                    .await
+                    .map_err(errors::from_storage)?;
+                new.launch_volumes = launch;
+                Some(guard)
+            }
+            // Refused by validation already.
+            (None, false) => None,
+        };
         let record = self
             .manager
             .create(&principal, new)
@@ -280,7 +311,7 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
                 "must not be negative",
             )]));
         }
-        if !req.snapshot_volumes.is_empty() {
+        if !req.snapshot_volumes.is_empty() && self.storage.is_none() {
             return Err(errors::refused(
                 Code::FailedPrecondition,
                 errors::reason::FSS_NOT_SUPPORTED,
@@ -298,6 +329,20 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             }
             Err(e) => return Err(e),
         };
+        // Snapshots asked for are taken first, the sandbox frozen; none
+        // of another request runs while the sandbox is being stopped.
+        let (snapshot_ids, _quiet) = match &self.storage {
+            None => (vec![], None),
+            Some(storage) if !req.snapshot_volumes.is_empty() => {
+                let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
+                let (ids, guard) = storage
+                    .snapshot_before_delete(&principal, &id, &req.snapshot_volumes, request_id)
+                    .await
+                    .map_err(errors::from_storage)?;
+                (ids, Some(guard))
+            }
+            Some(storage) => (vec![], Some(storage.quiesce(&id).await)),
+        };
         let record = self
             .manager
             .delete(&principal, &id, grace, req.allow_missing)
@@ -305,7 +350,7 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
             .map_err(errors::from_manager)?;
         Ok(Response::new(pb::DeleteSandboxResponse {
             sandbox: record.map(|r| self.sandbox(&r)),
-            file_system_snapshot_ids: vec![],
+            file_system_snapshot_ids: snapshot_ids,
         }))
     }
 
@@ -381,29 +426,29 @@ impl<E: Engine> SandboxService for SandboxApi<E> {
 
     async fn create_file_system_snapshot(
         &self,
-        _: Request<pb::CreateFileSystemSnapshotRequest>,
+        request: Request<pb::CreateFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::snapshots_not_supported("CreateFileSystemSnapshot"))
+        super::snapshots::create(self.storage.as_ref(), request).await
     }
 
     async fn get_file_system_snapshot(
         &self,
-        _: Request<pb::GetFileSystemSnapshotRequest>,
+        request: Request<pb::GetFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::snapshots_not_supported("GetFileSystemSnapshot"))
+        super::snapshots::get(self.storage.as_ref(), request).await
     }
 
     async fn list_file_system_snapshots(
         &self,
-        _: Request<pb::ListFileSystemSnapshotsRequest>,
+        request: Request<pb::ListFileSystemSnapshotsRequest>,
     ) -> Result<Response<pb::ListFileSystemSnapshotsResponse>, Status> {
-        Err(errors::snapshots_not_supported("ListFileSystemSnapshots"))
+        super::snapshots::list(self.storage.as_ref(), request).await
     }
 
     async fn delete_file_system_snapshot(
         &self,
-        _: Request<pb::DeleteFileSystemSnapshotRequest>,
+        request: Request<pb::DeleteFileSystemSnapshotRequest>,
     ) -> Result<Response<pb::FileSystemSnapshot>, Status> {
-        Err(errors::snapshots_not_supported("DeleteFileSystemSnapshot"))
+        super::snapshots::delete(self.storage.as_ref(), request).await
     }
 }

@@ -19,6 +19,7 @@ mod probe;
 mod security;
 #[cfg(test)]
 mod test_support;
+pub mod volumes;
 
 use crate::model::{MountedFile, NewSandbox, ResourceSpec, Resources};
 use crate::secrets::SecretRef;
@@ -54,6 +55,8 @@ pub struct CreatePolicy {
     pub max_lifetime_seconds: u32,
     /// The network sandboxes get; `None`: loopback only.
     pub network: Option<crate::engine::NetworkOffer>,
+    /// The volumes and snapshots offered; `None`: none.
+    pub storage: Option<crate::engine::StorageOffer>,
 }
 
 impl CreatePolicy {
@@ -76,6 +79,11 @@ impl Refusal {
     /// GPUs on this CPU-only runner: a resource ceiling (another placement
     /// mode could satisfy it, so the client may spill over).
     pub const GPU: Refusal = Refusal {
+        code: Code::InvalidArgument,
+        reason: reason::RESOURCE_CEILING_EXCEEDED,
+    };
+    /// A volume larger than this runner's largest.
+    pub const CEILING: Refusal = Refusal {
         code: Code::InvalidArgument,
         reason: reason::RESOURCE_CEILING_EXCEEDED,
     };
@@ -214,6 +222,18 @@ pub fn create_request(
         }
     }
     out.startup_probe = probe::check(&mut rej, spec);
+    let mounts = spec
+        .containers
+        .first()
+        .map_or(&[][..], |c| &c.volume_mounts[..]);
+    out.volumes = volumes::check(
+        &mut rej,
+        spec,
+        mounts,
+        "sandbox.spec",
+        "sandbox.spec.containers[0]",
+        policy.storage.as_ref(),
+    );
     if !rej.is_empty() {
         return Err(rej.into_status());
     }
@@ -296,19 +316,6 @@ fn check_spec(
                 policy.runner_id
             ),
         );
-    }
-    for (i, v) in spec.volumes.iter().enumerate() {
-        let restores = matches!(&v.source, Some(pb::sandbox_volume::Source::Scratch(s)) if !s.restore_from_snapshot_id.is_empty());
-        if restores {
-            rej.refuse(
-                Refusal::SNAPSHOTS,
-                format!("{P}.volumes[{i}].scratch.restore_from_snapshot_id"),
-                "file-system snapshots are not supported on this runner",
-            );
-        }
-    }
-    if !spec.volumes.is_empty() {
-        rej.unsupported(format!("{P}.volumes"), "volumes are not implemented");
     }
     // Without a network there is nothing to publish; with one, the
     // services are checked with the network below.
@@ -575,12 +582,6 @@ fn check_container(
 
     out.resources = check_resources(rej, c, p, &policy.default_resources);
 
-    if !c.volume_mounts.is_empty() {
-        rej.unsupported(
-            format!("{p}.volume_mounts"),
-            "volume mounts are not implemented",
-        );
-    }
     out.secret_env = super::secrets::check(&mut rej.invalid, c, p);
     if let Some(ipc) = &c.image_pull_credentials {
         out.pull_secret = check_pull_credentials(rej, ipc, &format!("{p}.image_pull_credentials"));

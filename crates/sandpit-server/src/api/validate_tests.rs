@@ -9,6 +9,7 @@ fn policy() -> CreatePolicy {
         default_resources: ResourceSpec::default(),
         max_lifetime_seconds: 86_400,
         network: None,
+        storage: None,
     }
 }
 

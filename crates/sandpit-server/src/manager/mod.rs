@@ -252,7 +252,8 @@ impl<E: Engine> Manager<E> {
         &self.inner.config
     }
 
-    fn now(&self) -> SystemTime {
+    /// The manager's clock.
+    pub fn now(&self) -> SystemTime {
         self.inner.clock.now()
     }
 
@@ -381,6 +382,16 @@ impl<E: Engine> Manager<E> {
             state: record.state,
             reason: record.state_reason,
         })
+    }
+
+    /// The published records of `principal` that are not terminal (what
+    /// storage asks when a registered volume is to be deleted).
+    pub fn live_records(&self, principal: &Principal) -> Vec<SandboxRecord> {
+        lock(&self.inner.table)
+            .records()
+            .filter(|r| &r.principal == principal && !r.state.is_terminal())
+            .cloned()
+            .collect()
     }
 
     /// Sandboxes in RUNNING (or being stopped) now.

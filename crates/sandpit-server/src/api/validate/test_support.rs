@@ -43,6 +43,7 @@ pub(super) fn validate(spec: pb::SandboxSpec) -> Result<NewSandbox, tonic::Statu
             default_resources: ResourceSpec::default(),
             max_lifetime_seconds: 86_400,
             network: None,
+            storage: None,
         },
     )
 }
