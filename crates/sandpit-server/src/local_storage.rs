@@ -114,13 +114,8 @@ impl LocalStorage {
             return Ok(b.clone());
         }
         let store = S3BlobStore::new(&S3Config {
-            endpoint: s3.endpoint.clone(),
-            region: s3.region.clone(),
             bucket: bucket.to_owned(),
-            prefix: s3.prefix.clone(),
-            access_key_id: s3.access_key_id.clone(),
-            secret_access_key: s3.secret_access_key.clone(),
-            allow_http: s3.allow_http,
+            ..s3.clone()
         })
         .map_err(|e| storage_err(format!("open bucket {bucket:?}"), e))?;
         let store = Arc::new(store);

@@ -63,38 +63,9 @@ pub enum SnapshotBackend {
     S3,
 }
 
-/// An S3-compatible endpoint (validated).
-#[derive(Clone, PartialEq, Eq)]
-pub struct S3Settings {
-    /// `None`: AWS's own endpoint for the region.
-    pub endpoint: Option<String>,
-    /// The region.
-    pub region: String,
-    /// The managed bucket.
-    pub bucket: String,
-    /// Key prefix of every object.
-    pub prefix: String,
-    /// Credentials.
-    pub access_key_id: String,
-    /// Credentials (never printed).
-    pub secret_access_key: String,
-    /// Plain HTTP allowed.
-    pub allow_http: bool,
-}
-
-impl std::fmt::Debug for S3Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Settings")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("prefix", &self.prefix)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .field("allow_http", &self.allow_http)
-            .finish()
-    }
-}
+/// An S3-compatible endpoint (validated): `bucket` is the managed
+/// bucket; a principal's own bucket is the same endpoint with another.
+pub use sandpit_snapshot::S3Config as S3Settings;
 
 /// Storage on this runner, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,6 +39,16 @@ pub(crate) fn known_id(id: &str) -> Result<SandboxId, Status> {
     SandboxId::parse(id).map_err(|_| errors::from_manager(ManagerError::NotFound(id.to_owned())))
 }
 
+/// INVALID_ARGUMENT naming `field` when a required string is empty.
+pub(crate) fn require(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(errors::invalid_request(&[errors::Violation::new(
+            field, "required",
+        )]));
+    }
+    Ok(())
+}
+
 /// The caller, as the auth interceptor recorded it.
 pub(crate) fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     request

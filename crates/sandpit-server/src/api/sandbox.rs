@@ -108,10 +108,7 @@ impl<E: Engine> SandboxApi<E> {
 }
 
 fn require_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() {
-        return Err(invalid_request(&[Violation::new("sandbox_id", "required")]));
-    }
-    Ok(())
+    super::require("sandbox_id", id)
 }
 
 /// The domain state for a ListSandboxes state filter.

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::timestamp;
 use super::errors::{self, invalid_request, Violation};
-use super::{known_id, principal};
+use super::{known_id, principal, require};
 use crate::engine::Engine;
 use crate::storage::model::{BucketConfig, SnapshotRecord, SnapshotState, Trigger};
 use crate::storage::Storage;
@@ -46,13 +46,6 @@ fn snapshots_of<'a, E: Engine>(
     rpc: &str,
 ) -> Result<&'a Storage<E>, Status> {
     storage.ok_or_else(|| errors::snapshots_not_supported(rpc))
-}
-
-fn require(field: &str, v: &str) -> Result<(), Status> {
-    if v.is_empty() {
-        return Err(invalid_request(&[Violation::new(field, "required")]));
-    }
-    Ok(())
 }
 
 /// CreateFileSystemSnapshot.

@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert::timestamp;
 use super::errors::{self, invalid_request, Violation};
-use super::principal;
 use super::validate::volumes::valid_volume_name;
+use super::{principal, require};
 use crate::engine::Engine;
 use crate::storage::model::{VolumeRecord, VolumeState};
 use crate::storage::{NewVolume, Storage, VolumeUpdate};
@@ -82,13 +82,6 @@ fn quantity(bytes: u64) -> String {
         }
     }
     bytes.to_string()
-}
-
-fn require(field: &str, v: &str) -> Result<(), Status> {
-    if v.is_empty() {
-        return Err(invalid_request(&[Violation::new(field, "required")]));
-    }
-    Ok(())
 }
 
 /// A relative path inside a claim: no `.`/`..`, normalised.

@@ -206,6 +206,7 @@ impl<E: Engine> Storage<E> {
         let mut out = Vec::with_capacity(requests.len());
         for (i, req) in requests.iter().enumerate() {
             let field = format!("sandbox.spec.volumes[{i}]");
+            let mut registered_root = String::new();
             let source = match &req.source {
                 RequestedSource::Scratch {
                     size_bytes,
@@ -242,6 +243,7 @@ impl<E: Engine> Storage<E> {
                         .entry(key.clone())
                         .or_default() += 1;
                     guard.keys.push(key);
+                    registered_root = v.sub_path.clone();
                     LaunchSource::Registered {
                         key: v.storage_key(),
                         size_bytes: v.capacity_bytes,
@@ -250,26 +252,13 @@ impl<E: Engine> Storage<E> {
                 }
             };
             let mut mounts = req.mounts.clone();
-            if let LaunchSource::Registered { .. } = &source {
-                // The registered volume's own root inside its claim comes
-                // first.
-                let v_sub = match &req.source {
-                    RequestedSource::Registered { volume_id } => {
-                        let (p, id) = (principal.clone(), volume_id.clone());
-                        self.db(move |c| c.volume(&p, &id))
-                            .await?
-                            .map(|v| v.sub_path)
-                            .unwrap_or_default()
-                    }
-                    RequestedSource::Scratch { .. } => String::new(),
-                };
-                if !v_sub.is_empty() {
-                    for m in &mut mounts {
-                        m.sub_path = Some(match &m.sub_path {
-                            Some(s) => format!("{v_sub}/{s}"),
-                            None => v_sub.clone(),
-                        });
-                    }
+            // A registered volume's own root inside its claim comes first.
+            if !registered_root.is_empty() {
+                for m in &mut mounts {
+                    m.sub_path = Some(match &m.sub_path {
+                        Some(s) => format!("{registered_root}/{s}"),
+                        None => registered_root.clone(),
+                    });
                 }
             }
             if mounts.is_empty() {
@@ -284,9 +273,21 @@ impl<E: Engine> Storage<E> {
         Ok((out, guard))
     }
 
-    /// Sandboxes of `principal` that mount registered volume `volume_id`,
-    /// live or being created.
-    fn mounted_by(&self, principal: &Principal, volume_id: &str) -> Vec<String> {
+    /// How many sandboxes mount the volume now, live or being created.
+    pub fn attached_count(&self, principal: &Principal, id: &str) -> usize {
+        self.live_mounts(principal, id).len() + self.pending_mounts(principal, id)
+    }
+
+    fn pending_mounts(&self, principal: &Principal, volume_id: &str) -> usize {
+        lock(&self.inner.pending_mounts)
+            .get(&(principal.clone(), volume_id.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Live sandboxes of `principal` that mount registered volume
+    /// `volume_id`, by id.
+    fn live_mounts(&self, principal: &Principal, volume_id: &str) -> Vec<String> {
         let mut ids: Vec<String> = self
             .inner
             .manager
@@ -300,14 +301,18 @@ impl<E: Engine> Storage<E> {
             .map(|r| r.id.to_string())
             .collect();
         ids.sort();
-        let pending = lock(&self.inner.pending_mounts)
-            .get(&(principal.clone(), volume_id.to_owned()))
-            .copied()
-            .unwrap_or(0);
-        if pending > 0 {
-            ids.push(format!("{pending} sandbox(es) being created"));
-        }
         ids
+    }
+
+    /// What mounts the volume, for a refusal: live sandboxes by id, and a
+    /// note for creates in flight.
+    fn mounted_by(&self, principal: &Principal, volume_id: &str) -> Vec<String> {
+        let mut users = self.live_mounts(principal, volume_id);
+        let pending = self.pending_mounts(principal, volume_id);
+        if pending > 0 {
+            users.push(format!("{pending} sandbox(es) being created"));
+        }
+        users
     }
 
     /// The caller's snapshot bucket choice.

@@ -150,11 +150,6 @@ impl<E: Engine> Storage<E> {
         self.db(move |c| c.volumes(&p)).await
     }
 
-    /// How many sandboxes mount the volume now.
-    pub fn attached_count(&self, principal: &Principal, id: &str) -> usize {
-        self.mounted_by(principal, id).len()
-    }
-
     /// Changes the description or the read-only flag.
     pub async fn update_volume(
         &self,
