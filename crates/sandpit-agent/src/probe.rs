@@ -9,11 +9,16 @@
 //! architecture, an empty module). For the latter, that later error means the
 //! privilege was granted and is reported as "ok". Anything else is reported
 //! by errno name, e.g. "EPERM".
+//!
+//! `attempts` holds the privileged operations; `escape` (see [`escape`])
+//! holds one key per known route out of a container.
 
 use std::ffi::CString;
 use std::process::ExitCode;
 
 use serde_json::{json, Map, Value};
+
+mod escape;
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -342,6 +347,7 @@ fn report() -> Value {
         "cap_bnd": status_field(&status, "CapBnd").unwrap_or_default(),
         "cap_eff": status_field(&status, "CapEff").unwrap_or_default(),
         "attempts": attempts(),
+        "escape": escape::escapes(),
     })
 }
 
