@@ -742,3 +742,7 @@ fn check_resources(
 #[cfg(test)]
 #[path = "validate_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "validate_fuzz.rs"]
+mod fuzz;
