@@ -137,7 +137,7 @@ struct Chunked<'a> {
 impl Read for Chunked<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.reads += 1;
-        if self.reads % 2 == 0 {
+        if self.reads.is_multiple_of(2) {
             return Err(io::ErrorKind::Interrupted.into());
         }
         let size = self.sizes[(self.reads / 2) % self.sizes.len()].max(1);
