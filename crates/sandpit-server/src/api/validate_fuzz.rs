@@ -66,7 +66,6 @@ fn request(f: &Fields) -> pb::CreateSandboxRequest {
             .map(|path| pb::FileMount {
                 path: path.clone(),
                 content: b"x".to_vec(),
-                ..Default::default()
             })
             .collect(),
         resource_requirements: (requests.is_some() || limits.is_some())
