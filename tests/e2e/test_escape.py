@@ -49,8 +49,7 @@ ROUTES: dict[str, set[str]] = {
     **{f"unshare_{ns}": DENIED | {"EINVAL"} for ns in NAMESPACES},
     **{f"setns_pid1_{ns}": DENIED | {"ENOENT"} for ns in NS_FILES},
     # Device nodes: none made, none of the host's memory or disks opened.
-    # ENOENT as for the older mknod_char: the node's directory is refused first.
-    "mknod_dev_mem": DENIED | {"ENOENT"},
+    "mknod_dev_mem": DENIED,
     "open_dev_mem": NO_FILE,
     "open_block_device": NO_FILE,
     # The kernel log.
@@ -66,6 +65,7 @@ ATTEMPTS: dict[str, set[str]] = {
     "write_proc_sysrq": NO_FILE,
     "open_kcore_read": NO_FILE,
     "init_module": DENIED,
+    "mknod_char": DENIED,
     "kexec_load": DENIED,
 }
 

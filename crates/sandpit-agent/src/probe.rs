@@ -113,8 +113,10 @@ fn mknod_char(dir: &std::path::Path) -> String {
     let path = cpath(&node);
     // SAFETY: the path outlives the call; a /dev/null node is removed at once.
     let ret = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    // Before the removal, which would overwrite errno (with ENOENT).
+    let result = outcome(ret.into(), &[]);
     let _ = std::fs::remove_file(&node);
-    outcome(ret.into(), &[])
+    result
 }
 
 fn open_kcore_read() -> String {

@@ -36,8 +36,7 @@ fn routes() -> Vec<(String, Vec<&'static str>)> {
             "perf_event_open".into(),
             with(DENIED, &["ENOSYS", "ENOENT", "ENODEV"]),
         ),
-        // ENOENT as for the older mknod_char: the node's directory is refused first.
-        ("mknod_dev_mem".into(), with(DENIED, &["ENOENT"])),
+        ("mknod_dev_mem".into(), DENIED.to_vec()),
         ("open_dev_mem".into(), NO_FILE.to_vec()),
         ("open_block_device".into(), NO_FILE.to_vec()),
         ("klogctl_read_all".into(), DENIED.to_vec()),
@@ -101,7 +100,7 @@ fn every_escape_route_is_refused() {
             "{key}: a known gap closed, move it to the refused: {p}"
         );
     }
-    for key in ["bpf", "keyctl", "write_proc_sysrq"] {
+    for key in ["bpf", "keyctl", "write_proc_sysrq", "mknod_char"] {
         assert!(p["attempts"][key].is_string(), "{key} missing: {p}");
         assert_ne!(p["attempts"][key], "ok", "{key} was allowed: {p}");
     }

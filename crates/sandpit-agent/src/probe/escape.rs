@@ -168,8 +168,10 @@ fn mknod_dev_mem(dir: &Path) -> String {
     let path = cpath(&node);
     // SAFETY: the path outlives the call; a /dev/mem node is removed at once.
     let ret = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 1)) };
+    // Before the removal, which would overwrite errno (with ENOENT).
+    let result = outcome(ret.into(), &[]);
     let _ = std::fs::remove_file(&node);
-    outcome(ret.into(), &[])
+    result
 }
 
 /// `process_vm_readv` of one byte of PID 1. The address is one of ours, so
