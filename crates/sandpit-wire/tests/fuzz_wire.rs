@@ -223,12 +223,25 @@ fn check_arbitrary(data: &[u8]) -> Result<(), TestCaseError> {
     prop_assert_eq!(&frames, &stepped);
     match (&end, &step_end) {
         (None, None) => {}
+        // read_frame refuses a tail frame too short for its fixed fields
+        // from the tag alone; a reader that waits for the whole body first
+        // finds the stream cut before that.
+        (Some(WireError::Malformed(_)), Some(WireError::Truncated)) => {}
         (Some(a), Some(b)) => prop_assert!(same_kind(a, b), "read_frame: {a:?}, step: {b:?}"),
         _ => prop_assert!(false, "read_frame ended in {end:?}, step in {step_end:?}"),
     }
-    // What was decoded is valid: it encodes to exactly the bytes consumed.
-    let consumed = encode_all(&frames);
-    prop_assert_eq!(&data[..consumed.len()], &consumed[..]);
+    // What was decoded is valid: its encoding takes as many bytes as it came
+    // from (not always the same ones: the decoder takes any non-zero byte for
+    // a flag or a present option, the encoder writes 1) and decodes back.
+    let encoded = encode_all(&frames);
+    let (again, end) = read_all(encoded.as_slice());
+    prop_assert!(end.is_none(), "{:?}", end);
+    prop_assert_eq!(&again, &frames);
+    let consumed: usize = (0..frames.len()).fold(0, |at, _| {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+        at + 4 + len as usize
+    });
+    prop_assert_eq!(consumed, encoded.len());
     Ok(())
 }
 
