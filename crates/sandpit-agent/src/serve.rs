@@ -96,6 +96,11 @@ fn prepare_process() {
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // Off PID 1 (tests on the host), orphans must still come to us.
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        // Not dumpable: the sandbox's processes (same uid, no
+        // CAP_SYS_PTRACE) can neither ptrace the agent nor read its memory,
+        // environment or descriptors through /proc/1. Every exec resets it
+        // for the programs the agent starts.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         // Children get 0-2 from descriptors we create: keep these slots taken so
         // nothing we open lands there (the spawner provides /dev/null). A new
         // descriptor takes the lowest free slot, so each hole fills in order.

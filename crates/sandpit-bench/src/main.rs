@@ -358,6 +358,8 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
         spawner_binary: spawner.to_path_buf(),
         id_map: Default::default(),
         cgroup_parent: "sandpit-bench".into(),
+        disk_pool: None,
+        lxcfs: None,
     })?;
     rt.sweep(|_| true)?;
 
@@ -375,6 +377,7 @@ fn engine(args: &Args, iterations: usize, spawner: &Path) -> Result<Vec<Stats>> 
         read_only_root: false,
         network_namespace: None,
         mounts: Vec::new(),
+        disk_bytes: None,
     };
     let true_req = || ExecRequest {
         argv: vec!["true".into()],

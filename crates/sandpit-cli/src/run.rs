@@ -101,6 +101,8 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
         spawner_binary: default_spawner_binary(),
         id_map: Default::default(),
         cgroup_parent: "sandpit".into(),
+        disk_pool: None,
+        lxcfs: None,
     })?;
     let id = SandboxId::generate_prefixed("run");
     // The sandbox idles (no main command); the user's command runs as an
@@ -119,6 +121,7 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
         read_only_root: false,
         network_namespace: None,
         mounts: Vec::new(),
+        disk_bytes: None,
     };
     // Signals are handled by a dedicated thread from here on, so that a
     // Ctrl-C still tears the sandbox down.

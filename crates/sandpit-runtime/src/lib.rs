@@ -34,7 +34,7 @@ mod spawn;
 mod syscalls;
 
 pub use caps::{capability_by_name, capability_name, DEFAULT_CAPS};
-pub use cgroup::Limits;
+pub use cgroup::{CpuMask, Limits};
 pub use id::{InvalidSandboxId, SandboxId};
 pub use runtime::{
     default_agent_binary, default_spawner_binary, BindMount, Frozen, IdMap, NetworkNamespace,

@@ -74,7 +74,22 @@ pub(crate) struct RootfsPlan {
     pub(crate) read_only: bool,
     /// Volumes, mounted in this order.
     pub(crate) mounts: Vec<BindMount>,
+    /// A mounted LXCFS: its views are bound over `/proc` and `/sys` files.
+    pub(crate) lxcfs: Option<PathBuf>,
 }
+
+/// Files of an LXCFS mount bound over the sandbox's own (when both exist):
+/// the views LXCFS computes from the reading process's cgroup.
+const LXCFS_FILES: &[&str] = &[
+    "proc/cpuinfo",
+    "proc/diskstats",
+    "proc/loadavg",
+    "proc/meminfo",
+    "proc/stat",
+    "proc/swaps",
+    "proc/uptime",
+    "sys/devices/system/cpu/online",
+];
 
 /// Size of the `/tmp` tmpfs of a read-only root. Its pages count against
 /// the sandbox's memory limit too.
@@ -149,6 +164,24 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
         MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None,
     )?;
+
+    if let Some(lxcfs) = &plan.lxcfs {
+        for rel in LXCFS_FILES {
+            let source = lxcfs.join(rel);
+            let target = at(rel);
+            // Files of the fresh proc and sys mounts, so never a symlink
+            // the image planted.
+            if sys.kind(&source)? == Some(FileKind::File) && sys.kind(&target)?.is_some() {
+                sys.mount(
+                    Some(&source.to_string_lossy()),
+                    &target,
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )?;
+            }
+        }
+    }
 
     ensure_dir(sys, root, "dev", owner)?;
     let id = plan.root_id;

@@ -115,6 +115,7 @@ fn plan() -> RootfsPlan {
         root_id: 1000,
         read_only: false,
         mounts: Vec::new(),
+        lxcfs: None,
     }
 }
 
@@ -367,4 +368,41 @@ fn reserved_and_overlapping_targets_are_refused_before_any_volume() {
         assert!(err.starts_with(msg), "{err}");
         assert!(sys.mount_of("/r/a").is_empty());
     }
+}
+
+#[test]
+fn lxcfs_views_are_bound_over_the_files_that_exist_on_both_sides() {
+    let sys = FakeSys::with(&[
+        ("/r", FileKind::Dir),
+        ("/lx/proc/meminfo", FileKind::File),
+        ("/lx/proc/cpuinfo", FileKind::File),
+        // A view LXCFS offers that the sandbox's /proc lacks: left alone.
+        ("/lx/proc/swaps", FileKind::File),
+        // Not a file on the LXCFS side: never bound.
+        ("/lx/sys/devices/system/cpu/online", FileKind::Dir),
+    ]);
+    // What the fresh proc and sys mounts hold (the fake does not mount).
+    for p in [
+        "/r/proc/meminfo",
+        "/r/proc/cpuinfo",
+        "/r/sys/devices/system/cpu/online",
+    ] {
+        sys.tree.borrow_mut().insert(p.into(), FileKind::File);
+    }
+    let p = RootfsPlan {
+        lxcfs: Some("/lx".into()),
+        ..plan()
+    };
+    build(&sys, &p).unwrap();
+    for (target, source) in [
+        ("/r/proc/meminfo", "/lx/proc/meminfo"),
+        ("/r/proc/cpuinfo", "/lx/proc/cpuinfo"),
+    ] {
+        let m = sys.mount_of(target);
+        assert_eq!(m.len(), 1, "{target}: {m:?}");
+        assert_eq!(m[0].0.as_deref(), Some(source));
+        assert_eq!(m[0].1, MsFlags::MS_BIND);
+    }
+    assert!(sys.mount_of("/r/proc/swaps").is_empty());
+    assert!(sys.mount_of("/r/sys/devices/system/cpu/online").is_empty());
 }

@@ -5,7 +5,10 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use sandpit_volume::disk::{self, DiskPool};
 use sandpit_wire::client::AgentClient;
 use sandpit_wire::InitSpec;
 use serde::{Deserialize, Serialize};
@@ -57,6 +60,14 @@ pub struct RuntimeConfig {
     pub id_map: IdMap,
     /// Name of the parent cgroup that holds every sandbox's cgroup.
     pub cgroup_parent: String,
+    /// Formatted images for writable layers of the pool's size (see
+    /// [`SandboxSpec::disk_bytes`]); other sizes are formatted on demand.
+    pub disk_pool: Option<Arc<DiskPool>>,
+    /// A mounted LXCFS whose `proc` files (`meminfo`, `cpuinfo`, `stat`,
+    /// `uptime`, ...) and `sys/devices/system/cpu/online` are bound over
+    /// the sandbox's own, so that `free`, `top` and `os.cpu_count()` see its
+    /// limits rather than the host. `None`: the host's figures show.
+    pub lxcfs: Option<PathBuf>,
 }
 
 /// What to create.
@@ -87,6 +98,11 @@ pub struct SandboxSpec {
     /// the image and the system mounts and before a read-only root is
     /// remounted (see [`BindMount`] for what is refused).
     pub mounts: Vec<BindMount>,
+    /// Size of the writable layer: the overlay's upper dir lives on an ext4
+    /// file system of this size of its own (a sparse image on a loop
+    /// device), so writes past it fail with `ENOSPC` inside. `None`: the
+    /// upper dir is a plain directory of the state dir, unbounded.
+    pub disk_bytes: Option<u64>,
 }
 
 /// A network namespace the sandbox joins, and how its processes find
@@ -282,6 +298,9 @@ pub struct Runtime {
     destroying: std::sync::Mutex<
         std::collections::HashMap<SandboxId, std::sync::Arc<std::sync::Mutex<()>>>,
     >,
+    /// Where the next CPU-limited sandbox's CPU set starts, so that
+    /// sandboxes limited to fewer CPUs than the host has spread over them.
+    next_cpu: AtomicUsize,
 }
 
 impl Runtime {
@@ -325,6 +344,7 @@ impl Runtime {
             config,
             cgroups,
             destroying: Default::default(),
+            next_cpu: AtomicUsize::new(0),
         }
     }
 
@@ -375,7 +395,7 @@ impl Runtime {
         let result = self.create_in(spec, &dir, hostname);
         if result.is_err() {
             let _ = self.cgroups.open(spec.id.as_str()).destroy();
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = remove_state_dir(&dir);
         }
         result
     }
@@ -387,14 +407,20 @@ impl Runtime {
         hostname: String,
     ) -> Result<Sandbox, RuntimeError> {
         let base = self.config.id_map.host_base;
-        for sub in ["upper", "work", "rootfs"] {
-            std::fs::create_dir(dir.join(sub)).map_err(io("create sandbox dir"))?;
+        std::fs::create_dir(dir.join("rootfs")).map_err(io("create sandbox dir"))?;
+        // The writable layer: on a file system of its own when sized.
+        let layer = match spec.disk_bytes {
+            Some(size) => self.attach_disk(dir, size)?,
+            None => dir.to_path_buf(),
+        };
+        let (upper, work) = (layer.join("upper"), layer.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(io("create sandbox dir"))?;
         }
         // The overlay's root directory takes its owner from the upper dir:
         // make it the sandbox's root.
-        std::os::unix::fs::chown(dir.join("upper"), Some(base), Some(base))
-            .map_err(io("chown upper dir"))?;
-        std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))
+        std::os::unix::fs::chown(&upper, Some(base), Some(base)).map_err(io("chown upper dir"))?;
+        std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755))
             .map_err(io("chmod upper dir"))?;
 
         if let Some(net) = &spec.network_namespace {
@@ -404,7 +430,6 @@ impl Runtime {
             // `/run/systemd/...`) is covered, never followed. Like Docker's,
             // they are the sandbox's to edit afterwards: the firewall, not
             // this file, decides where DNS goes.
-            let upper = dir.join("upper");
             for (name, content) in [
                 ("etc/resolv.conf", &net.resolv_conf),
                 ("etc/hosts", &net.hosts),
@@ -426,14 +451,19 @@ impl Runtime {
                     .map_err(io("write the CA bundle"))?;
             }
         }
-        let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
+        let cpus = self.cpus_for(spec.limits.cpu_millis);
+        let limits = Limits {
+            cpus: (!cpus.is_empty()).then(|| crate::cgroup::CpuMask::of(&cpus)),
+            ..spec.limits
+        };
+        let cgroup = self.cgroups.create(spec.id.as_str(), &limits)?;
         let config = SpawnConfig {
             id: spec.id.clone(),
             hostname,
             root: dir.join("rootfs"),
             lower_dirs: spec.lower_dirs.clone(),
-            upper_dir: dir.join("upper"),
-            work_dir: dir.join("work"),
+            upper_dir: upper,
+            work_dir: work,
             agent_binary: self.config.agent_binary.clone(),
             agent_socket: dir.join("agent.sock"),
             host_id_base: base,
@@ -442,6 +472,8 @@ impl Runtime {
             read_only_root: spec.read_only_root,
             network_namespace: spec.network_namespace.as_ref().map(|n| n.path.clone()),
             mounts: spec.mounts.clone(),
+            cpus,
+            lxcfs: self.config.lxcfs.clone(),
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');
@@ -489,6 +521,43 @@ impl Runtime {
             dir: dir.to_path_buf(),
             cgroup,
         })
+    }
+
+    /// Formats (or takes from the pool) and mounts a writable layer of
+    /// `size` bytes at `dir/disk`, the image at `dir/disk.img`.
+    fn attach_disk(&self, dir: &Path, size: u64) -> Result<PathBuf, RuntimeError> {
+        let image = dir.join(DISK_IMAGE);
+        let mnt = dir.join(DISK_MOUNT);
+        std::fs::create_dir(&mnt).map_err(io("create sandbox dir"))?;
+        let pooled = self
+            .config
+            .disk_pool
+            .as_ref()
+            .is_some_and(|p| p.size_bytes() == size && p.take_into(&image));
+        if !pooled {
+            disk::format_disk(&image, size).map_err(disk_error("format writable layer"))?;
+        }
+        disk::attach_disk(&image, &mnt).map_err(disk_error("mount writable layer"))?;
+        Ok(mnt)
+    }
+
+    /// The CPUs a sandbox limited to `cpu_millis` may run on: as many as
+    /// its limit rounded up, taken in turn from those this process may use,
+    /// so that `nproc` and thread pools inside size themselves to the
+    /// limit. Empty (no change) without a limit or when it covers them all.
+    fn cpus_for(&self, cpu_millis: Option<u64>) -> Vec<usize> {
+        let Some(millis) = cpu_millis else {
+            return Vec::new();
+        };
+        let allowed = allowed_cpus();
+        let want = usize::try_from(millis.div_ceil(1000).max(1)).unwrap_or(usize::MAX);
+        if want >= allowed.len() {
+            return Vec::new();
+        }
+        let start = self.next_cpu.fetch_add(want, Ordering::Relaxed);
+        (0..want)
+            .map(|i| allowed[(start + i) % allowed.len()])
+            .collect()
     }
 
     /// Adopts an existing sandbox (after a daemon restart).
@@ -562,11 +631,7 @@ impl Runtime {
         }
         // Catches anything that was mid-fork or otherwise outlived PID 1.
         self.cgroups.open(id.as_str()).destroy()?;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("remove sandbox dir")(e)),
-        }
+        remove_state_dir(&dir)?;
         tracing::debug!(sandbox_id = %id, "sandbox destroyed");
         Ok(())
     }
@@ -593,6 +658,42 @@ impl Runtime {
         // a sandbox's cgroup never exists without its state dir (created
         // first, removed last), so `destroy` above took every one picked.
         Ok(report)
+    }
+}
+
+/// Image file and mount point of a sized writable layer, in the state dir.
+const DISK_IMAGE: &str = "disk.img";
+const DISK_MOUNT: &str = "disk";
+
+fn disk_error(step: &'static str) -> impl FnOnce(sandpit_volume::VolumeError) -> RuntimeError {
+    move |e| RuntimeError::Io {
+        step,
+        source: std::io::Error::other(sandpit_errors::chain(&e)),
+    }
+}
+
+/// Removes a sandbox's state dir: its writable layer's file system
+/// unmounted first (lazily when a dying sandbox still holds it), so the
+/// recursive delete below never runs through a mounted file system.
+fn remove_state_dir(dir: &Path) -> Result<(), RuntimeError> {
+    let mnt = dir.join(DISK_MOUNT);
+    if disk::is_mounted(&mnt) {
+        disk::detach_disk(&mnt).map_err(disk_error("unmount writable layer"))?;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("remove sandbox dir")(e)),
+    }
+}
+
+/// The CPUs this process may run on (its affinity), in order.
+fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -649,6 +750,8 @@ mod tests {
                 spawner_binary: "/nonexistent/spawner".into(),
                 id_map: IdMap::default(),
                 cgroup_parent: "sandpit".into(),
+                disk_pool: None,
+                lxcfs: None,
             },
             cgroups,
         )

@@ -77,6 +77,12 @@ pub(crate) struct SpawnConfig {
     /// Volumes bound into the root, in order.
     #[serde(default)]
     pub(crate) mounts: Vec<BindMount>,
+    /// The CPUs the sandbox may run on (its affinity); empty: all.
+    #[serde(default)]
+    pub(crate) cpus: Vec<usize>,
+    /// A mounted LXCFS whose views replace the sandbox's `/proc` figures.
+    #[serde(default)]
+    pub(crate) lxcfs: Option<PathBuf>,
 }
 
 /// What the spawner reports.
@@ -203,6 +209,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
         lower_dirs: config.lower_dirs.clone(),
         upper_dir: config.upper_dir.clone(),
         work_dir: config.work_dir.clone(),
+        lxcfs: config.lxcfs.clone(),
         agent_binary: config.agent_binary.clone(),
         root_id: config.host_id_base,
         read_only: config.read_only_root,
@@ -272,6 +279,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
                 agent_path: &agent_path,
                 agent_argv: &agent_argv,
                 own_network: config.network_namespace.is_none(),
+                cpus: &config.cpus,
             });
             let _ = report.write_all(format!("E{err}").as_bytes());
             // SAFETY: _exit is async-signal-safe and skips atexit handlers and
@@ -359,6 +367,8 @@ struct ChildArgs<'a> {
     /// The network namespace is new (not joined): bring up `lo` and set
     /// its sysctls here.
     own_network: bool,
+    /// CPUs to confine the sandbox to; empty: all.
+    cpus: &'a [usize],
 }
 
 /// Runs in the sandbox's PID 1 until it execs the agent; returns only on failure.
@@ -401,9 +411,15 @@ fn child(mut a: ChildArgs<'_>) -> String {
             step!(key, std::fs::write(key, value));
         }
     }
+    // The overlay's layers by descriptor: its options (which
+    // `/proc/self/mountinfo` shows inside) then name `/proc/self/fd/N`, not
+    // the data dir's paths and the sandbox's id. Opened here, in the new
+    // mount namespace: overlayfs clones each layer's mount, which must be
+    // one of this namespace. Close-on-exec: gone once the agent runs.
+    let (plan, _layer_fds) = step!("open image layers", by_descriptor(a.plan));
     step!(
         "root filesystem",
-        rootfs::build_and_enter(&LinuxSyscalls, a.plan)
+        rootfs::build_and_enter(&LinuxSyscalls, &plan)
     );
 
     // The parent moves us into the sandbox's cgroup meanwhile: on cgroup v1
@@ -412,6 +428,18 @@ fn child(mut a: ChildArgs<'_>) -> String {
     // it. Nothing sandboxed has run yet; from here on everything is charged.
     let mut byte = [0u8; 1];
     step!("wait for cgroup", a.from_parent.read_exact(&mut byte));
+    if !a.cpus.is_empty() {
+        // Inherited by everything the agent starts: `nproc` and thread
+        // pools see the CPU limit (the CFS quota still caps the time).
+        let mut set = nix::sched::CpuSet::new();
+        for &c in a.cpus {
+            step!("cpu affinity", set.set(c));
+        }
+        step!(
+            "cpu affinity",
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        );
+    }
 
     // 5. The user namespace comes last, after every mount: the mount, network
     // and PID namespaces stay owned by the host's user namespace.
@@ -496,6 +524,39 @@ fn child(mut a: ChildArgs<'_>) -> String {
     // SAFETY: argv and envp are NUL-terminated arrays of pointers to live CStrings.
     unsafe { libc::execve(a.agent_path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
     step_failed("exec agent", &std::io::Error::last_os_error())
+}
+
+/// `plan` with its layers named `/proc/self/fd/N`, and the descriptors.
+fn by_descriptor(plan: &RootfsPlan) -> nix::Result<(RootfsPlan, Vec<OwnedFd>)> {
+    let mut fds = Vec::with_capacity(plan.lower_dirs.len() + 2);
+    let mut open = |p: &PathBuf| -> nix::Result<PathBuf> {
+        let fd = nix::fcntl::open(
+            p.as_path(),
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        fds.push(fd);
+        Ok(path)
+    };
+    let lower_dirs = plan
+        .lower_dirs
+        .iter()
+        .map(&mut open)
+        .collect::<nix::Result<Vec<_>>>()?;
+    let upper_dir = open(&plan.upper_dir)?;
+    let work_dir = open(&plan.work_dir)?;
+    Ok((
+        RootfsPlan {
+            lower_dirs,
+            upper_dir,
+            work_dir,
+            ..plan.clone()
+        },
+        fds,
+    ))
 }
 
 fn memfd_with(data: &[u8]) -> Result<OwnedFd, SpawnError> {

@@ -106,6 +106,7 @@ fn limits_are_written_and_destroy_kills_and_removes() {
         pids_max: Some(32),
         cpu_request_millis: Some(100),
         memory_request_bytes: Some(16 << 20),
+        cpus: None,
     };
     let cg = m.create("sb", &limits).unwrap();
     match m.version() {

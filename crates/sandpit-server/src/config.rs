@@ -150,27 +150,63 @@ pub struct FileConfig {
     registry: Option<RegistryConfig>,
     network: Option<crate::netconfig::FileNetwork>,
     storage: Option<crate::storageconfig::FileStorage>,
+    limits: Option<crate::limitsconfig::FileLimits>,
 }
 
+/// What a sandbox that asks for nothing gets when `[resources]` does not
+/// say: a small request (so that a host admits many idle sandboxes) and
+/// limits that keep one tenant from taking the host: one CPU, 1 GiB.
+pub const DEFAULT_RESOURCES: ResourceSpec = ResourceSpec {
+    requests: Resources {
+        cpu_millis: Some(50),
+        memory_bytes: Some(128 << 20),
+    },
+    limits: Resources {
+        cpu_millis: Some(1000),
+        memory_bytes: Some(1 << 30),
+    },
+};
+
 impl FileResources {
+    /// Each quantity the file leaves out takes [`DEFAULT_RESOURCES`]'; `"0"`
+    /// leaves it unset (no request, no limit).
     fn resolve(self) -> Result<ResourceSpec, ConfigError> {
-        let side = |q: Option<FileQuantities>, field: &str| -> Result<Resources, ConfigError> {
+        let side = |q: Option<FileQuantities>,
+                    field: &str,
+                    d: Resources|
+         -> Result<Resources, ConfigError> {
             let q = q.unwrap_or_default();
+            let cpu = match q.cpu {
+                None => d.cpu_millis,
+                Some(c) if c.trim() == "0" => None,
+                Some(c) => Some(
+                    parse_cpu_millis(&c)
+                        .map_err(|e| invalid("resources", format!("{field}.cpu: {e}")))?,
+                ),
+            };
+            let memory = match q.memory {
+                None => d.memory_bytes,
+                Some(m) if m.trim() == "0" => None,
+                Some(m) => Some(
+                    parse_memory(&m)
+                        .map_err(|e| invalid("resources", format!("{field}.memory: {e}")))?,
+                ),
+            };
             Ok(Resources {
-                cpu_millis: q
-                    .cpu
-                    .map(|c| parse_cpu_millis(&c))
-                    .transpose()
-                    .map_err(|e| invalid("resources", format!("{field}.cpu: {e}")))?,
-                memory_bytes: q
-                    .memory
-                    .map(|m| parse_memory(&m))
-                    .transpose()
-                    .map_err(|e| invalid("resources", format!("{field}.memory: {e}")))?,
+                cpu_millis: cpu,
+                memory_bytes: memory,
             })
         };
-        let requests = side(self.default_requests, "default_requests")?;
-        let limits = side(self.default_limits, "default_limits")?;
+        let requests = side(
+            self.default_requests,
+            "default_requests",
+            DEFAULT_RESOURCES.requests,
+        )?;
+        let limits = side(
+            self.default_limits,
+            "default_limits",
+            DEFAULT_RESOURCES.limits,
+        )?;
         let over = |r: Option<u64>, l: Option<u64>| matches!((r, l), (Some(r), Some(l)) if r > l);
         if over(requests.cpu_millis, limits.cpu_millis)
             || over(requests.memory_bytes, limits.memory_bytes)
@@ -275,6 +311,8 @@ pub struct Config {
     pub network: crate::netconfig::NetworkSettings,
     /// Volumes and snapshots (`[storage]`).
     pub storage: crate::storageconfig::StorageSettings,
+    /// What one tenant may take of the host (`[limits]`).
+    pub limits: crate::limitsconfig::LimitsSettings,
 }
 
 impl Config {
@@ -437,11 +475,8 @@ impl Config {
                 format!("{max_lifetime} is above {MAX_LIFETIME_CEILING} (30 days)"),
             ));
         }
-        let default_resources = file
-            .resources
-            .map(|r| r.resolve())
-            .transpose()?
-            .unwrap_or_default();
+        let default_resources = file.resources.unwrap_or_default().resolve()?;
+        let limits = file.limits.unwrap_or_default().resolve()?;
         let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
         if organization_id.is_empty() {
             return Err(invalid("organization_id", "must not be empty"));
@@ -541,6 +576,9 @@ impl Config {
                 gc_interval,
                 max_sandboxes,
                 default_resources,
+                // Filled in from the host at start-up (see `main.rs`).
+                allocatable: Default::default(),
+                disk: limits.disk,
             },
             organization_id,
             max_message_bytes,
@@ -563,6 +601,7 @@ impl Config {
             registry,
             network,
             storage,
+            limits,
         })
     }
 }
@@ -599,7 +638,26 @@ mod tests {
         assert_eq!(c.db_path(), Path::new("/var/lib/sandpit/sandpitd.db"));
         assert_eq!(c.store_dir(), Path::new("/var/lib/sandpit/store"));
         assert_eq!(c.organization_id, "default");
-        assert!(c.manager.default_resources.is_empty());
+        assert_eq!(c.manager.default_resources, DEFAULT_RESOURCES);
+        assert_eq!(c.limits, crate::limitsconfig::LimitsSettings::default());
+    }
+
+    #[test]
+    fn a_resource_set_to_zero_is_left_unset() {
+        let c = resolve(
+            "[resources]\ndefault_requests = { cpu = \"0\" }\ndefault_limits = { memory = \"0\", cpu = \"2\" }",
+            Overrides::default(),
+            None,
+        )
+        .unwrap();
+        let r = c.manager.default_resources;
+        assert_eq!(r.requests.cpu_millis, None);
+        assert_eq!(
+            r.requests.memory_bytes,
+            DEFAULT_RESOURCES.requests.memory_bytes
+        );
+        assert_eq!(r.limits.memory_bytes, None);
+        assert_eq!(r.limits.cpu_millis, Some(2000));
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct LaunchSpec {
     pub network: Option<LaunchNetwork>,
     /// Its volumes, on an engine that offers them ([`Engine::storage`]).
     pub volumes: Vec<LaunchVolume>,
+    /// Size of the writable layer; `None`: unbounded.
+    pub disk_bytes: Option<u64>,
 }
 
 /// The volumes and snapshots an engine offers.
@@ -412,6 +414,12 @@ pub trait Engine: Send + Sync + 'static {
     /// This host's capacity.
     fn capacity(&self) -> HostCapacity;
 
+    /// Free bytes in the file system of the data dir (for its reserve);
+    /// `None` when unknown or not applicable.
+    fn data_free_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// The network this engine gives sandboxes; `None`: loopback only (and
     /// a [`LaunchSpec::network`] is refused).
     fn network(&self) -> Option<NetworkOffer> {
@@ -525,6 +533,7 @@ pub fn launch_spec(image: &ImageInfo, req: &NewSandbox) -> LaunchSpec {
         secret_env: req.secret_values.clone(),
         network: req.network.clone(),
         volumes: req.launch_volumes.clone(),
+        disk_bytes: req.disk_bytes,
     }
 }
 

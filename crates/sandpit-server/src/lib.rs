@@ -27,10 +27,12 @@ pub mod db;
 pub mod engine;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod limitsconfig;
 pub mod local;
 pub mod local_net;
 pub mod local_storage;
 pub mod logs;
+pub mod lxcfs;
 pub mod manager;
 pub mod model;
 pub mod netconfig;

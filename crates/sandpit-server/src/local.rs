@@ -58,6 +58,23 @@ pub struct LocalEngineConfig {
     /// Volumes and snapshots, and the data dir they live under
     /// (`<data-dir>/volumes`, `<data-dir>/snapshots`); `None`: refused.
     pub storage: Option<(crate::storageconfig::StorageSettings, PathBuf)>,
+    /// Writable layers formatted ahead of time; `None`: each formatted
+    /// when its sandbox is created.
+    pub disk_pool: Option<DiskPoolConfig>,
+    /// A mounted LXCFS for the sandboxes' `/proc` views; `None`: the host's.
+    pub lxcfs: Option<PathBuf>,
+}
+
+/// Writable layers of the default size kept formatted (see
+/// [`sandpit_volume::DiskPool`]).
+#[derive(Debug, Clone)]
+pub struct DiskPoolConfig {
+    /// Where (on the state dir's file system: taken by `rename`).
+    pub dir: PathBuf,
+    /// The default writable layer's size.
+    pub size_bytes: u64,
+    /// How many to keep ready.
+    pub ready: usize,
 }
 
 /// The engine over this host's kernel.
@@ -70,6 +87,8 @@ pub struct LocalEngine {
     sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
     network: Option<Arc<LocalNetwork>>,
     storage: Option<Arc<LocalStorage>>,
+    /// Where sandboxes' state and writable layers live (for free space).
+    state_dir: PathBuf,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -86,12 +105,25 @@ impl LocalEngine {
     pub fn new(config: LocalEngineConfig) -> Result<Self, EngineError> {
         let store = ImageStore::open(&config.store_dir, IdShift::default())
             .map_err(|e| EngineError::Image(e.into()))?;
+        let disk_pool = match &config.disk_pool {
+            Some(p) if p.ready > 0 => {
+                let pool = sandpit_volume::DiskPool::open(&p.dir, p.size_bytes, p.ready)
+                    .map_err(|e| EngineError::runtime("open the disk pool", e))?;
+                pool.start_refiller()
+                    .map_err(|e| EngineError::runtime("start the disk pool", e))?;
+                Some(pool)
+            }
+            _ => None,
+        };
+        let state_dir = config.state_dir.clone();
         let runtime = Runtime::new(RuntimeConfig {
             state_dir: config.state_dir,
             agent_binary: config.agent_binary,
             spawner_binary: config.spawner_binary,
             id_map: IdMap::default(),
             cgroup_parent: config.cgroup_parent,
+            disk_pool,
+            lxcfs: config.lxcfs,
         })
         .map_err(|e| EngineError::runtime("set up the runtime", e))?;
         let network = match config.network {
@@ -117,6 +149,7 @@ impl LocalEngine {
             sandboxes: Mutex::new(HashMap::new()),
             network,
             storage,
+            state_dir,
         })
     }
 
@@ -305,10 +338,12 @@ impl Engine for LocalEngine {
                 pids_max: self.pids_max,
                 cpu_request_millis: spec.resources.requests.cpu_millis,
                 memory_request_bytes: spec.resources.requests.memory_bytes,
+                cpus: None,
             },
             read_only_root: spec.read_only_root,
             network_namespace: None,
             mounts: Vec::new(),
+            disk_bytes: spec.disk_bytes,
         };
         let volumes = spec_volumes;
         let storage = match (volumes.is_empty(), &self.storage) {
@@ -545,6 +580,11 @@ impl Engine for LocalEngine {
 
     fn capacity(&self) -> HostCapacity {
         host_capacity()
+    }
+
+    fn data_free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.state_dir).ok()?;
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 
     fn network(&self) -> Option<NetworkOffer> {

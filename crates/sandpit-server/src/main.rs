@@ -158,7 +158,29 @@ async fn run(config: Config) -> Result<()> {
             .storage
             .enabled
             .then(|| (config.storage.clone(), config.data_dir.clone())),
+        disk_pool: config
+            .limits
+            .disk
+            .default_bytes
+            .filter(|_| config.limits.disk_pool > 0)
+            .map(|size_bytes| sandpit_server::local::DiskPoolConfig {
+                dir: config.data_dir.join("disk-pool"),
+                size_bytes,
+                ready: config.limits.disk_pool,
+            }),
+        lxcfs: {
+            let mode = config.limits.lxcfs.clone();
+            tokio::task::spawn_blocking(move || sandpit_server::lxcfs::ensure(&mode)).await?
+        },
     };
+    let mut manager_config = config.manager.clone();
+    manager_config.allocatable = allocatable(&config);
+    tracing::info!(
+        cpu_millis = manager_config.allocatable.cpu_millis,
+        memory_bytes = manager_config.allocatable.memory_bytes,
+        data_dir_reserve_bytes = manager_config.allocatable.disk_reserve_bytes,
+        "admitting sandboxes by their requests against"
+    );
     let engine = tokio::task::spawn_blocking(move || LocalEngine::new(engine_config))
         .await?
         .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
@@ -186,7 +208,7 @@ async fn run(config: Config) -> Result<()> {
         .with_context(|| format!("create {}", config.logs_dir().display()))?;
     let logs = sink.reader();
     let manager = Manager::start(
-        config.manager.clone(),
+        manager_config,
         engine,
         db,
         Arc::new(SystemClock),
@@ -326,4 +348,29 @@ fn load_or_generate_key(path: &Path) -> Result<String> {
         }
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
+}
+
+/// What the host admits: the config's figures, else the host's CPUs and
+/// memory less a system share; the data dir's reserve.
+fn allocatable(config: &Config) -> sandpit_server::manager::admission::Allocatable {
+    let host = sandpit_server::local::host_capacity();
+    let disk_total = nix::sys::statvfs::statvfs(&config.data_dir)
+        .map(|st| st.blocks().saturating_mul(st.fragment_size()))
+        .unwrap_or(0);
+    let reserve = config
+        .limits
+        .data_dir_reserve
+        .unwrap_or_else(|| sandpit_server::limitsconfig::auto_reserve(disk_total));
+    let mut a = sandpit_server::manager::admission::Allocatable::of_host(
+        host.cpu_millis,
+        host.memory_total_bytes,
+        reserve,
+    );
+    if let Some(cpu) = config.limits.allocatable_cpu {
+        a.cpu_millis = cpu;
+    }
+    if let Some(memory) = config.limits.allocatable_memory {
+        a.memory_bytes = memory;
+    }
+    a
 }

@@ -190,6 +190,9 @@ pub struct NewSandbox {
     /// Volumes, resolved by the handler (snapshots and registered volumes
     /// looked up): what the engine sets up.
     pub launch_volumes: Vec<crate::storage::model::LaunchVolume>,
+    /// Size of the writable layer (`sandpit.dev/ephemeral-storage` or the
+    /// runner's default); `None`: unbounded.
+    pub disk_bytes: Option<u64>,
 }
 
 /// Everything known about one sandbox; persisted on every change.

@@ -91,6 +91,8 @@ fn data_dir() -> tempfile::TempDir {
 fn engine(data: &Path) -> LocalEngine {
     LocalEngine::new(LocalEngineConfig {
         storage: None,
+        disk_pool: None,
+        lxcfs: None,
         store_dir: data.join("store"),
         state_dir: data.join("sandboxes"),
         agent_binary: agent(),

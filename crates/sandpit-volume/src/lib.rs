@@ -14,12 +14,14 @@
 //! them; the backend only mounts, measures (`statvfs`) and removes whole
 //! file systems.
 
+pub mod disk;
 mod key;
 mod local;
 mod loopdev;
 
 use std::path::PathBuf;
 
+pub use disk::DiskPool;
 pub use key::{InvalidVolumeKey, VolumeKey, MAX_KEY_LEN};
 pub use local::LocalVolumes;
 

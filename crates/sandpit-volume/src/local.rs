@@ -252,7 +252,7 @@ fn mismatch(key: &VolumeKey, existing: Option<Medium>, requested: Medium) -> Vol
 
 /// Whether something is mounted on `dir`: it sits on another device than
 /// its parent (both of ours, so neither is a symlink).
-fn is_mount_point(dir: &Path) -> Result<bool, VolumeError> {
+pub(crate) fn is_mount_point(dir: &Path) -> Result<bool, VolumeError> {
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -283,26 +283,33 @@ fn medium_of(mnt: &Path) -> Result<Option<Medium>, VolumeError> {
 /// half-formatted `disk.img` that a later provision would attach.
 fn create_image(dir: &Path, size: u64) -> Result<(), VolumeError> {
     let tmp = dir.join(IMAGE_TMP);
+    format_sparse(&tmp, size, &[])?;
+    let image = dir.join(IMAGE);
+    std::fs::rename(&tmp, &image).map_err(VolumeError::io("rename volume image", &tmp))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(VolumeError::io("sync volume dir", dir))
+}
+
+/// Creates `path` as a sparse file of `size` bytes and formats it as ext4
+/// with `extra` arguments for `mkfs.ext4`; removes it again on failure.
+pub(crate) fn format_sparse(tmp: &Path, size: u64, extra: &[&str]) -> Result<(), VolumeError> {
     let file = File::options()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(VolumeError::io("create volume image", &tmp))?;
+        .open(tmp)
+        .map_err(VolumeError::io("create volume image", tmp))?;
     file.set_len(size)
-        .map_err(VolumeError::io("size volume image", &tmp))?;
+        .map_err(VolumeError::io("size volume image", tmp))?;
     drop(file);
-    if let Err(e) = mkfs(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = mkfs(tmp, extra) {
+        let _ = std::fs::remove_file(tmp);
         return Err(e);
     }
-    let image = dir.join(IMAGE);
-    std::fs::rename(&tmp, &image).map_err(VolumeError::io("rename volume image", &tmp))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(VolumeError::io("sync volume dir", dir))
+    Ok(())
 }
 
 fn mkfs_binary() -> PathBuf {
@@ -317,7 +324,7 @@ fn mkfs_binary() -> PathBuf {
 /// `mkfs.ext4` tuned for speed on a new sparse file: inode tables and the
 /// journal are initialised lazily (in the background once mounted), no
 /// discard pass, no blocks reserved for root (the volume is the sandbox's).
-fn mkfs(image: &Path) -> Result<(), VolumeError> {
+fn mkfs(image: &Path, extra: &[&str]) -> Result<(), VolumeError> {
     let bin = mkfs_binary();
     let mut child = Command::new(&bin)
         .args([
@@ -328,6 +335,7 @@ fn mkfs(image: &Path) -> Result<(), VolumeError> {
             "-E",
             "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
         ])
+        .args(extra)
         .arg(image)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
@@ -353,7 +361,7 @@ fn mkfs(image: &Path) -> Result<(), VolumeError> {
 /// Mounts the ext4 `image` on `mnt` through a loop device: the one it is
 /// still attached to if any (its file system may live on in a sandbox's
 /// mount namespace after an unmount here), else a new one.
-fn mount_image(image: &Path, mnt: &Path) -> Result<(), VolumeError> {
+pub(crate) fn mount_image(image: &Path, mnt: &Path) -> Result<(), VolumeError> {
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let file = File::options()
         .read(true)
@@ -396,7 +404,7 @@ fn init_root(mnt: &Path, req: &VolumeRequest) -> Result<(), VolumeError> {
 
 /// Unmounts everything on `mnt` (mounts may be stacked); a busy file
 /// system is detached lazily and goes once its last user does.
-fn unmount(mnt: &Path) -> Result<(), VolumeError> {
+pub(crate) fn unmount(mnt: &Path) -> Result<(), VolumeError> {
     for _ in 0..16 {
         if !is_mount_point(mnt)? {
             return Ok(());

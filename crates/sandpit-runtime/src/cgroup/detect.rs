@@ -142,6 +142,7 @@ pub(super) mod tests {
             [
                 ("/sys/fs/cgroup/cpu".to_string(), strings(&["cpu"])),
                 ("/sys/fs/cgroup/cpuacct".to_string(), strings(&["cpuacct"])),
+                ("/sys/fs/cgroup/cpuset".to_string(), strings(&["cpuset"])),
                 ("/sys/fs/cgroup/memory".to_string(), strings(&["memory"])),
                 ("/sys/fs/cgroup/freezer".to_string(), strings(&["freezer"])),
                 ("/sys/fs/cgroup/pids".to_string(), strings(&["pids"])),
@@ -150,11 +151,11 @@ pub(super) mod tests {
         let cg = m.open("sb-1");
         assert_eq!(
             cg.procs_files(),
-            ["cpu", "cpuacct", "memory", "freezer", "pids"]
+            ["cpu", "cpuacct", "cpuset", "memory", "freezer", "pids"]
                 .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}/sandpit/sb-1/cgroup.procs")))
         );
         assert_eq!(
-            m.parent_dirs()[2],
+            m.parent_dirs()[3],
             PathBuf::from("/sys/fs/cgroup/memory/sandpit")
         );
     }

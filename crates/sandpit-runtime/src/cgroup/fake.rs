@@ -56,4 +56,5 @@ pub(super) const LIMITS: Limits = Limits {
     pids_max: Some(32),
     cpu_request_millis: None,
     memory_request_bytes: None,
+    cpus: None,
 };

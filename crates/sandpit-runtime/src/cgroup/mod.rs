@@ -66,6 +66,70 @@ pub struct Limits {
     /// The memory the sandbox asks for: reclaimed last under host memory
     /// pressure (`memory.soft_limit_in_bytes` / `memory.low`), never a cap.
     pub memory_request_bytes: Option<u64>,
+    /// The CPUs the sandbox may run on (`cpuset.cpus`), where the host has
+    /// a cpuset controller; `None`: all of the parent's.
+    pub cpus: Option<CpuMask>,
+}
+
+/// A set of CPU numbers below 1024, as `cpuset.cpus` takes them.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuMask([u64; 16]);
+
+impl CpuMask {
+    /// The set of `cpus` (numbers of 1024 and above are left out).
+    pub fn of(cpus: &[usize]) -> Self {
+        let mut m = [0u64; 16];
+        for &c in cpus.iter().filter(|&&c| c < 1024) {
+            m[c / 64] |= 1 << (c % 64);
+        }
+        Self(m)
+    }
+
+    /// The CPUs, ascending.
+    pub fn cpus(&self) -> Vec<usize> {
+        (0..1024)
+            .filter(|&c| self.0[c / 64] & (1 << (c % 64)) != 0)
+            .collect()
+    }
+
+    /// The kernel's list format: `0-2,5`.
+    pub fn to_list(&self) -> String {
+        let cpus = self.cpus();
+        let mut out: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < cpus.len() {
+            let mut j = i;
+            while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+                j += 1;
+            }
+            out.push(if i == j {
+                cpus[i].to_string()
+            } else {
+                format!("{}-{}", cpus[i], cpus[j])
+            });
+            i = j + 1;
+        }
+        out.join(",")
+    }
+}
+
+impl std::fmt::Debug for CpuMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuMask({})", self.to_list())
+    }
+}
+
+#[cfg(test)]
+mod cpumask_tests {
+    use super::CpuMask;
+
+    #[test]
+    fn lists_are_written_as_the_kernel_reads_them() {
+        assert_eq!(CpuMask::of(&[0]).to_list(), "0");
+        assert_eq!(CpuMask::of(&[3, 0, 1, 2, 7, 9, 10]).to_list(), "0-3,7,9-10");
+        assert_eq!(CpuMask::of(&[1023, 2000]).cpus(), vec![1023]);
+        assert_eq!(CpuMask::default().to_list(), "");
+    }
 }
 
 /// `cpu.shares` (cgroup v1) for a CPU request, as Kubernetes computes it:

@@ -16,8 +16,9 @@ use super::{
 };
 
 /// Controllers a sandbox's cgroup is created in: the limits (`cpu`,
-/// `memory`, `pids`), CPU accounting (`cpuacct`) and teardown (`freezer`).
-const USED: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+/// `memory`, `pids`, `cpuset` where mounted), CPU accounting (`cpuacct`)
+/// and teardown (`freezer`).
+const USED: [&str; 6] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "freezer"];
 
 /// Every v1 controller name: the other words in a cgroup mount's super
 /// options are flags (`rw`, `clone_children`, `name=...`, ...).
@@ -217,6 +218,13 @@ impl GroupOps for Group {
     }
 
     fn write_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        if let Some(cpus) = limits.cpus {
+            // Optional: a host without a cpuset hierarchy still confines
+            // the sandbox by affinity (see the spawner).
+            if let Some(dir) = self.dirs.iter().find(|d| d.has("cpuset")) {
+                write(&dir.path.join("cpuset.cpus"), &cpus.to_list())?;
+            }
+        }
         if let Some(millis) = limits.cpu_millis {
             let dir = self.dir_of("cpu")?;
             write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;

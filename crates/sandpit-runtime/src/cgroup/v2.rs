@@ -12,7 +12,7 @@ use super::{
 };
 
 /// Controllers enabled for sandboxes.
-const WANTED: [&str; 3] = ["cpu", "memory", "pids"];
+const WANTED: [&str; 4] = ["cpu", "cpuset", "memory", "pids"];
 
 /// The unified hierarchy, mounted at `root`.
 #[derive(Debug, Clone)]
@@ -131,6 +131,14 @@ impl GroupOps for Group {
 
     fn write_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
         let dir = &self.dir;
+        if let Some(cpus) = limits.cpus {
+            // Only where the cpuset controller is enabled for us; the
+            // spawner's affinity confines the sandbox either way.
+            let file = dir.join("cpuset.cpus");
+            if file.exists() {
+                write(&file, &cpus.to_list())?;
+            }
+        }
         if let Some(millis) = limits.cpu_millis {
             let value = format!("{} {CFS_PERIOD_US}", quota_us(millis));
             write(&dir.join("cpu.max"), &value)?;
@@ -224,10 +232,11 @@ mod tests {
         let root = t.path();
         assert_eq!(
             get(&root.join("cgroup.subtree_control")),
-            "+cpu +memory +pids"
+            "+cpu +cpuset +memory +pids"
         );
         assert_eq!(
             get(&root.join("sandpit/cgroup.subtree_control")),
+            // The fake's parent group offers only what the limits need.
             "+cpu +memory +pids"
         );
         let dir = root.join("sandpit/sb1");

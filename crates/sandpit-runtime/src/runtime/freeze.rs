@@ -69,6 +69,12 @@ impl Runtime {
     /// contents are the sandbox's, hostile: read it only with care (no
     /// symlink followed), ideally while [`freeze`](Runtime::freeze)n.
     pub fn upper_dir(&self, id: &SandboxId) -> PathBuf {
-        self.dir_of(id).join("upper")
+        let dir = self.dir_of(id);
+        let on_disk = dir.join(super::DISK_MOUNT).join("upper");
+        if on_disk.is_dir() {
+            on_disk
+        } else {
+            dir.join("upper")
+        }
     }
 }

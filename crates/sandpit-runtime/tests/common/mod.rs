@@ -82,6 +82,8 @@ pub(crate) fn new_runtime(name: &str) -> Runtime {
         spawner_binary: PathBuf::from(env!("CARGO_BIN_EXE_sandpit-spawn")),
         id_map: sandpit_runtime::IdMap::default(),
         cgroup_parent: format!("sandpit-test-{name}"),
+        disk_pool: None,
+        lxcfs: None,
     })
     .unwrap()
 }
@@ -119,6 +121,7 @@ pub(crate) fn spec(prefix: &str, layers: Vec<PathBuf>, argv: &[&str]) -> Sandbox
         read_only_root: false,
         network_namespace: None,
         mounts: Vec::new(),
+        disk_bytes: None,
     }
 }
 

@@ -66,14 +66,25 @@ impl<E: Engine> DiscoveryApi<E> {
     /// the resources free now only in the full one.
     fn runner(&self, full: bool, organization: String) -> pb::AvailableRunner {
         let cap = self.manager.engine().capacity();
+        // What admission allows (never more than the host has), and what
+        // the live sandboxes' requests leave of it.
+        let alloc = self.manager.config().allocatable;
+        let max_cpu = alloc.cpu_millis.min(cap.cpu_millis);
+        let max_memory = alloc.memory_bytes.min(cap.memory_total_bytes);
+        let committed = self.manager.committed();
+        let free_cpu = max_cpu.saturating_sub(committed.cpu_millis.unwrap_or(0));
+        let free_memory = max_memory
+            .saturating_sub(committed.memory_bytes.unwrap_or(0))
+            .min(cap.memory_available_bytes);
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         pb::AvailableRunner {
             runner_id: self.runner_id.clone(),
             runner_group_id: RUNNER_GROUP.into(),
             tags: vec![],
             healthy: true,
             capabilities: Some(pb::RunnerCapabilitySummary {
-                max_cpu_millicores: cap.cpu_millis as i64,
-                max_memory_bytes: cap.memory_total_bytes as i64,
+                max_cpu_millicores: as_i64(max_cpu),
+                max_memory_bytes: as_i64(max_memory),
                 max_gpu_count: 0,
                 supported_gpu_types: vec![],
                 supported_architectures: vec![oci_architecture(&cap.architecture).to_owned()],
@@ -82,8 +93,8 @@ impl<E: Engine> DiscoveryApi<E> {
                 supported_service_visibilities: self.visibilities(),
             }),
             resources: full.then(|| pb::RunnerResourceSummary {
-                available_cpu_millicores: cap.cpu_millis as i64,
-                available_memory_bytes: cap.memory_available_bytes as i64,
+                available_cpu_millicores: as_i64(free_cpu),
+                available_memory_bytes: as_i64(free_memory),
                 available_gpu_count: 0,
                 running_sandboxes: self.manager.running_count().min(i32::MAX as usize) as i32,
             }),

@@ -238,6 +238,26 @@ pub fn unauthenticated(e: &AuthError) -> Status {
     )
 }
 
+/// A quantity as a person reads it: `1500m` CPU, `1.5 GiB` memory.
+fn unit(resource: &str, n: u64) -> String {
+    if resource == "cpu" {
+        format!("{n}m CPU")
+    } else if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30))
+    } else {
+        format!("{} MiB", n >> 20)
+    }
+}
+
+fn e_message(resource: &str, requested: u64, available: u64, allocatable: u64) -> String {
+    format!(
+        "runner is at capacity: {resource} request of {} exceeds the {} of {} not yet requested by live sandboxes",
+        unit(resource, requested),
+        unit(resource, available),
+        unit(resource, allocatable)
+    )
+}
+
 /// The status for a manager error.
 pub fn from_manager(e: ManagerError) -> Status {
     match e {
@@ -249,6 +269,63 @@ pub fn from_manager(e: ManagerError) -> Status {
             &[("max_sandboxes", max.to_string())],
             &[],
             Some(Duration::from_secs(5)),
+        ),
+        ManagerError::InsufficientCapacity {
+            resource,
+            requested,
+            available,
+            allocatable,
+        } => with_details(
+            Code::ResourceExhausted,
+            e_message(resource, requested, available, allocatable),
+            reason::RUNNER_CAPACITY_EXHAUSTED,
+            &[
+                ("resource", resource.to_string()),
+                ("requested", requested.to_string()),
+                ("available", available.to_string()),
+                ("allocatable", allocatable.to_string()),
+            ],
+            &[],
+            Some(Duration::from_secs(5)),
+        ),
+        ManagerError::ResourceCeiling {
+            resource,
+            requested,
+            allocatable,
+        } => with_details(
+            Code::InvalidArgument,
+            format!(
+                "{resource} request of {} is more than this runner can ever allocate ({})",
+                unit(resource, requested),
+                unit(resource, allocatable)
+            ),
+            reason::RESOURCE_CEILING_EXCEEDED,
+            &[
+                ("resource", resource.to_string()),
+                ("requested", requested.to_string()),
+                ("allocatable", allocatable.to_string()),
+            ],
+            &[Violation::new(
+                format!("sandbox.spec.containers[0].resource_requirements.requests.{resource}"),
+                format!("more than the runner's {}", unit(resource, allocatable)),
+            )],
+            None,
+        ),
+        ManagerError::DiskLow { free, reserve } => with_details(
+            Code::ResourceExhausted,
+            format!(
+                "runner is low on disk: {} free in its data dir, below the reserve of {}; delete sandboxes, volumes or snapshots",
+                unit("memory", free),
+                unit("memory", reserve)
+            ),
+            reason::RUNNER_CAPACITY_EXHAUSTED,
+            &[
+                ("resource", "ephemeral-storage".to_string()),
+                ("free_bytes", free.to_string()),
+                ("reserve_bytes", reserve.to_string()),
+            ],
+            &[],
+            Some(Duration::from_secs(30)),
         ),
         ManagerError::NotRunning {
             id,

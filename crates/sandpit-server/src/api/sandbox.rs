@@ -57,6 +57,7 @@ impl<E: Engine> SandboxApi<E> {
             max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
             network: manager.engine().network(),
             storage: None,
+            disk: manager.config().disk,
         };
         Self {
             manager,

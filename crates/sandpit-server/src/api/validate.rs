@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 
 use super::errors::{invalid_request, reason, refused, Violation};
 
+mod disk;
 mod probe;
 mod security;
 #[cfg(test)]
@@ -23,6 +24,7 @@ pub mod volumes;
 
 use crate::model::{MountedFile, NewSandbox, ResourceSpec, Resources};
 use crate::secrets::SecretRef;
+pub use disk::{DiskPolicy, EPHEMERAL_STORAGE_ANNOTATION, MIN_DISK_BYTES};
 pub use probe::PROBE_ANNOTATION;
 
 /// Most mounted files per sandbox.
@@ -57,6 +59,8 @@ pub struct CreatePolicy {
     pub network: Option<crate::engine::NetworkOffer>,
     /// The volumes and snapshots offered; `None`: none.
     pub storage: Option<crate::engine::StorageOffer>,
+    /// Sizes of writable layers.
+    pub disk: DiskPolicy,
 }
 
 impl CreatePolicy {
@@ -306,6 +310,7 @@ fn check_spec(
         }
         annotations.insert(k.clone(), v.clone());
     }
+    out.disk_bytes = disk::check(rej, &annotations, &policy.disk);
     out.annotations = annotations;
 
     if !spec.runner_ids.is_empty() && !spec.runner_ids.contains(&policy.runner_id) {

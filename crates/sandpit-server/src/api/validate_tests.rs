@@ -7,6 +7,7 @@ fn policy() -> CreatePolicy {
     CreatePolicy {
         runner_id: "r1".into(),
         default_resources: ResourceSpec::default(),
+        disk: Default::default(),
         max_lifetime_seconds: 86_400,
         network: None,
         storage: None,

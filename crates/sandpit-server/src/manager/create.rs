@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
+use super::admission::{self, Misfit};
 use super::startup::Ready;
 use super::{lock, span, Applied, Manager, ManagerError, Transition, SETTLE_TIMEOUT};
 use crate::db::DbError;
@@ -59,6 +60,17 @@ impl<E: Engine> Manager<E> {
         principal: &Principal,
         req: &NewSandbox,
     ) -> Result<Reserved, ManagerError> {
+        let alloc = self.inner.config.allocatable;
+        if alloc.disk_reserve_bytes > 0 {
+            if let Some(free) = self.inner.engine.data_free_bytes() {
+                if free < alloc.disk_reserve_bytes {
+                    return Err(ManagerError::DiskLow {
+                        free,
+                        reserve: alloc.disk_reserve_bytes,
+                    });
+                }
+            }
+        }
         let (record, stored) = {
             let mut table = lock(&self.inner.table);
             if let Some(rid) = &req.request_id {
@@ -72,6 +84,32 @@ impl<E: Engine> Manager<E> {
             if live >= max {
                 return Err(ManagerError::CapacityExhausted { live, max });
             }
+            // Under the table's lock: two creates racing never both take
+            // the last of it.
+            admission::fit(&req.resources.requests, &table.committed(), &alloc).map_err(
+                |m| match m {
+                    Misfit::Ceiling {
+                        resource,
+                        requested,
+                        allocatable,
+                    } => ManagerError::ResourceCeiling {
+                        resource,
+                        requested,
+                        allocatable,
+                    },
+                    Misfit::Exhausted {
+                        resource,
+                        requested,
+                        available,
+                        allocatable,
+                    } => ManagerError::InsufficientCapacity {
+                        resource,
+                        requested,
+                        available,
+                        allocatable,
+                    },
+                },
+            )?;
             let id = loop {
                 let id = SandboxId::generate();
                 if table.get(&id).is_none() {

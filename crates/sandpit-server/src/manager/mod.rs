@@ -41,6 +41,7 @@ use crate::engine::{Engine, EngineError};
 use crate::logs::{LogSink, LogWriter};
 use crate::model::{Principal, ResourceSpec, SandboxId, SandboxRecord, State};
 
+pub mod admission;
 mod adoption;
 mod create;
 pub mod lifecycle;
@@ -78,6 +79,10 @@ pub struct ManagerConfig {
     pub max_sandboxes: usize,
     /// Requests and limits of a sandbox that asks for none.
     pub default_resources: ResourceSpec,
+    /// What creates are admitted against (see [`admission`]).
+    pub allocatable: admission::Allocatable,
+    /// Sizes of writable layers.
+    pub disk: crate::api::validate::DiskPolicy,
 }
 
 impl Default for ManagerConfig {
@@ -90,6 +95,8 @@ impl Default for ManagerConfig {
             gc_interval: Duration::from_secs(60),
             max_sandboxes: 256,
             default_resources: ResourceSpec::default(),
+            allocatable: admission::Allocatable::default(),
+            disk: Default::default(),
         }
     }
 }
@@ -108,6 +115,40 @@ pub enum ManagerError {
         live: usize,
         /// The configured maximum.
         max: usize,
+    },
+    /// The request asks for more than this runner can ever allocate.
+    #[error(
+        "{resource} request of {requested} is more than this runner's {allocatable} allocatable"
+    )]
+    ResourceCeiling {
+        /// `cpu` or `memory`.
+        resource: &'static str,
+        /// Asked for (millicores or bytes).
+        requested: u64,
+        /// All the runner has.
+        allocatable: u64,
+    },
+    /// The request does not fit next to the live sandboxes' requests.
+    #[error("runner is at capacity: {resource} request of {requested} exceeds the {available} of {allocatable} not yet requested")]
+    InsufficientCapacity {
+        /// `cpu` or `memory`.
+        resource: &'static str,
+        /// Asked for (millicores or bytes).
+        requested: u64,
+        /// Free now.
+        available: u64,
+        /// All the runner has.
+        allocatable: u64,
+    },
+    /// The data dir has less free space than its reserve.
+    #[error(
+        "runner is low on disk: {free} bytes free in its data dir, below the reserve of {reserve}"
+    )]
+    DiskLow {
+        /// Free bytes now.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
     },
     /// The sandbox is not running (data-plane calls).
     #[error("sandbox {id} is {state}, not running")]
@@ -397,6 +438,12 @@ impl<E: Engine> Manager<E> {
     /// Sandboxes in RUNNING (or being stopped) now.
     pub fn running_count(&self) -> usize {
         lock(&self.inner.table).count(|r| matches!(r.state, State::Running | State::Terminating))
+    }
+
+    /// The sum of the live sandboxes' requests (what admission holds
+    /// against [`ManagerConfig::allocatable`]).
+    pub fn committed(&self) -> crate::model::Resources {
+        lock(&self.inner.table).committed()
     }
 
     /// Runs `work` as a task of its own in the sandbox's span, and waits for

@@ -158,6 +158,16 @@ impl Table {
     }
 
     /// Sandboxes not in a terminal state, counting those being stored.
+    /// The sum of the requests of the live sandboxes.
+    pub(super) fn committed(&self) -> crate::model::Resources {
+        self.entries
+            .values()
+            .filter(|e| !e.latest.state.is_terminal())
+            .fold(crate::model::Resources::default(), |acc, e| {
+                super::admission::add(&acc, &e.latest.resources.requests)
+            })
+    }
+
     pub(super) fn live(&self) -> usize {
         self.entries
             .values()

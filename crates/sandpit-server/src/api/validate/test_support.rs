@@ -41,6 +41,7 @@ pub(super) fn validate(spec: pb::SandboxSpec) -> Result<NewSandbox, tonic::Statu
         &CreatePolicy {
             runner_id: "r1".into(),
             default_resources: ResourceSpec::default(),
+            disk: Default::default(),
             max_lifetime_seconds: 86_400,
             network: None,
             storage: None,
