@@ -11,6 +11,7 @@ packages=(
   python3-venv
   curl bc                 # scripts/bench-pull.sh
   nftables iproute2 openssl conntrack  # the networking tests inspect the firewall and conntrack, build the upstream namespace and its CA
+  lxcfs                   # sandboxes' /proc/meminfo, cpuinfo, ... show their limits (docs/limits.md)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -56,6 +56,8 @@ pub(crate) struct Counts {
     pub python: Option<PythonRun>,
     /// Sandboxes get the daemon's default network (off: loopback only).
     pub network: bool,
+    /// Writable layers get the default size limit (off: unbounded).
+    pub disk_limit: bool,
 }
 
 /// The Python client block's settings.
@@ -110,9 +112,21 @@ pub(crate) fn run(
     } else {
         "[network]\nenabled = false\n"
     };
+    // Admission by requests would stop a density run past the host's CPUs
+    // (the default request is 50m): allocate far more than there is.
+    let disk = if n.disk_limit {
+        ""
+    } else {
+        "ephemeral_storage = \"0\"\n"
+    };
+    let limits =
+        format!("[limits]\nallocatable_cpu = \"100000\"\nallocatable_memory = \"64Ti\"\n{disk}");
     std::fs::write(
         &config,
-        format!("max_sandboxes = {}\n{network}", (n.density + 64).max(256)),
+        format!(
+            "max_sandboxes = {}\n{network}{limits}",
+            (n.density + 64).max(256)
+        ),
     )?;
     let mut daemon = Daemon::start(&bin_dir.join("sandpitd"), &data_dir, &config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

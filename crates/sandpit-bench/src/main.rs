@@ -111,6 +111,11 @@ struct Args {
     /// sandbox's network costs.
     #[arg(long)]
     daemon_no_network: bool,
+    /// With `--daemon`: writable layers without a size (`[limits]
+    /// ephemeral_storage = "0"`: plain directories, no ext4 disk per
+    /// sandbox), for an A/B of what the disk quota costs.
+    #[arg(long)]
+    daemon_no_disk_limit: bool,
     /// Iterations of the snapshot measures (`--quick`: 2).
     #[arg(long, default_value_t = 5)]
     snapshot_iterations: usize,
@@ -204,6 +209,7 @@ fn main() -> Result<()> {
                 density: 0,
                 python: None,
                 network: !args.daemon_no_network,
+                disk_limit: !args.daemon_no_disk_limit,
             }
         } else {
             let python = match &args.python {
@@ -229,6 +235,7 @@ fn main() -> Result<()> {
                     explicit,
                 }),
                 network: !args.daemon_no_network,
+                disk_limit: !args.daemon_no_disk_limit,
             }
         };
         let mut counts = counts;

@@ -40,7 +40,7 @@ use crate::chain::chain;
 use crate::id::SandboxId;
 use crate::mounts::BindMount;
 use crate::rootfs::{self, RootfsPlan, AGENT_PATH_IN_SANDBOX};
-use crate::syscalls::LinuxSyscalls;
+use crate::syscalls::{LinuxSyscalls, SysError};
 use crate::{caps, seccomp};
 
 /// What the spawner needs to create one sandbox.
@@ -416,7 +416,7 @@ fn child(mut a: ChildArgs<'_>) -> String {
     // the data dir's paths and the sandbox's id. Opened here, in the new
     // mount namespace: overlayfs clones each layer's mount, which must be
     // one of this namespace. Close-on-exec: gone once the agent runs.
-    let (plan, _layer_fds) = step!("open image layers", by_descriptor(a.plan));
+    let (plan, _layer_fds) = step!("root filesystem", by_descriptor(a.plan));
     step!(
         "root filesystem",
         rootfs::build_and_enter(&LinuxSyscalls, &plan)
@@ -527,16 +527,21 @@ fn child(mut a: ChildArgs<'_>) -> String {
 }
 
 /// `plan` with its layers named `/proc/self/fd/N`, and the descriptors.
-fn by_descriptor(plan: &RootfsPlan) -> nix::Result<(RootfsPlan, Vec<OwnedFd>)> {
+fn by_descriptor(plan: &RootfsPlan) -> Result<(RootfsPlan, Vec<OwnedFd>), SysError> {
     let mut fds = Vec::with_capacity(plan.lower_dirs.len() + 2);
-    let mut open = |p: &PathBuf| -> nix::Result<PathBuf> {
+    let mut open = |p: &PathBuf| -> Result<PathBuf, SysError> {
         let fd = nix::fcntl::open(
             p.as_path(),
             nix::fcntl::OFlag::O_PATH
                 | nix::fcntl::OFlag::O_DIRECTORY
                 | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
-        )?;
+        )
+        .map_err(|errno| SysError {
+            op: "open",
+            path: p.clone(),
+            errno,
+        })?;
         let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         fds.push(fd);
         Ok(path)
@@ -545,7 +550,7 @@ fn by_descriptor(plan: &RootfsPlan) -> nix::Result<(RootfsPlan, Vec<OwnedFd>)> {
         .lower_dirs
         .iter()
         .map(&mut open)
-        .collect::<nix::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let upper_dir = open(&plan.upper_dir)?;
     let work_dir = open(&plan.work_dir)?;
     Ok((

@@ -164,7 +164,9 @@ fn a_given_network_namespace_is_joined_and_outlives_the_sandbox() {
     let a = start(rt, a);
     let b = start(rt, b);
     for sb in [&a, &b] {
-        let (out, _) = sh(&sb.agent(), "readlink /proc/1/ns/net");
+        // The shell's, not the agent's: the agent is not dumpable, so its
+        // /proc/1/ns links are not the sandbox's to read.
+        let (out, _) = sh(&sb.agent(), "readlink /proc/self/ns/net");
         assert_eq!(out.trim(), format!("net:[{inode}]"));
         // Its owner did not bring `lo` up: the spawner leaves a joined
         // namespace as it is.

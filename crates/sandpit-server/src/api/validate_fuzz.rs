@@ -97,9 +97,16 @@ fn validate(f: &Fields) -> Result<NewSandbox, tonic::Status> {
             max_lifetime_seconds: MAX_LIFETIME,
             network: None,
             storage: None,
+            disk: DISK,
         },
     )
 }
+
+/// Writable layers as the daemon's defaults size them.
+const DISK: super::DiskPolicy = super::DiskPolicy {
+    default_bytes: Some(10 << 30),
+    max_bytes: 1 << 40,
+};
 
 /// An absolute path without a `..` component or NUL, of a bounded length.
 fn safe_path(p: &str) -> bool {
@@ -112,6 +119,12 @@ fn safe_path(p: &str) -> bool {
 /// The invariants of an accepted request.
 fn check_accepted(f: &Fields, s: &NewSandbox) -> Result<(), TestCaseError> {
     prop_assert!(!s.image.is_empty(), "accepted without an image: {f:?}");
+    if let Some(n) = s.disk_bytes {
+        prop_assert!(
+            (super::MIN_DISK_BYTES..=DISK.max_bytes).contains(&n),
+            "writable layer of {n} bytes accepted"
+        );
+    }
     if let Some(dir) = &s.working_dir {
         prop_assert!(safe_path(dir), "working_dir {dir:?} accepted");
     }
