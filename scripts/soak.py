@@ -139,11 +139,15 @@ class Probe:
             except (OSError, ValueError, IndexError):
                 continue
             mine_cg = any(marker in g or g.endswith(f"/{self.parent}") for g in cgroups)
-            mine_exe = exe.startswith(self.target) and "sandpit" in os.path.basename(exe)
+            agent = os.path.basename(exe) in ("sandpit-agent", ".sandpit-agent")
+            # A spawner of this checkout run by our daemon, or left behind by it (PID 1's now).
+            spawner = exe.startswith(self.target) and os.path.basename(exe) == "sandpit-spawn" and (
+                ppid in (1, self.server.pid))
             procs += mine_cg
-            sandpit += mine_exe
-            # Children of none: ours, but reparented to init (or whoever reaps orphans).
-            orphans += (mine_cg or mine_exe) and ppid == 1
+            sandpit += spawner or (agent and mine_cg)
+            # Children of none: reparented to PID 1. A sandbox's agent is, by design
+            # (sandboxes outlive the daemon); anything else of ours is not.
+            orphans += (spawner or mine_cg) and ppid == 1 and not agent
         c.update(cgroup_procs=procs, sandpit_procs=sandpit, orphans=orphans)
         files, dirs = _walk_count(data / "sandboxes")
         c["state_entries"] = files + dirs
@@ -437,7 +441,7 @@ def run_faults(args, server: Server, probe: Probe, baseline: dict, registry_host
                 request_timeout_seconds=10).wait(timeout=30), errors)]
         time.sleep(max(0.0, delay - (time.monotonic() - t0)))
         server.kill9()
-        restart_ok, problems, states = True, [], {}
+        restart_ok, problems, states, reasons = True, [], {}, []
         try:
             server.start()
         except AssertionError as e:
@@ -448,11 +452,13 @@ def run_faults(args, server: Server, probe: Probe, baseline: dict, registry_host
         if restart_ok:
             for b in list_all():
                 states[str(b.status)] = states.get(str(b.status), 0) + 1
+                if str(b.status) == "failed":
+                    reasons.append(f"{b.sandbox_id}: {b.status_reason}")
             problems += check_records(server)
             after = settle(probe, baseline, args.settle_seconds)
             problems += [f"leak {l}" for l in leaks(baseline, after)]
         outcome = {"fault": k, "point": point, "kill_after_s": round(delay, 3), "ok": not problems,
-                   "records_after_restart": states, "client_errors": errors, "problems": problems,
+                   "records_after_restart": states, "failed_reasons": reasons, "client_errors": errors, "problems": problems,
                    "seconds": round(time.monotonic() - t0, 1)}
         print(f"soak: fault {k}: kill -9 during {point} after {delay:.2f} s; records after the restart "
               f"{states}; client calls that failed: {len(errors)}: "
@@ -477,14 +483,14 @@ def main() -> int:
     ap.add_argument("--rss-mib", type=float, default=20)
     ap.add_argument("--fd-slack", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="CI: 40 cycles, concurrency 4, 2 faults")
+    ap.add_argument("--quick", action="store_true", help="CI: 40 cycles, concurrency 4, 3 faults")
     ap.add_argument("--network", action="store_true", help="networking on (one such daemon per host)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.cycles, args.concurrency, args.faults = 40, 4, 2
+        args.cycles, args.concurrency, args.faults = 40, 4, 3  # one kill at each point
         args.max_seconds = min(args.max_seconds, 60)
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
@@ -603,4 +609,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything was stopped through the API and the daemon is gone: skip the client's
+    # atexit cleanup, which would retry stopping every sandbox it made against no daemon.
+    os._exit(code)
