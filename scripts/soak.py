@@ -488,6 +488,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--self-test-leak", action="store_true",
+                    help="plant a mount and a cgroup after the baseline: the run must fail")
     args = ap.parse_args()
     if args.quick:
         args.cycles, args.concurrency, args.faults = 40, 4, 3  # one kill at each point
@@ -529,6 +531,11 @@ def main() -> int:
         probe = Probe(server, parent, args.network)
         baseline = probe.count()
         result["baseline"] = baseline
+        if args.self_test_leak:
+            planted = root / "data" / "sandboxes" / "planted"
+            planted.mkdir(parents=True)
+            subprocess.run(["mount", "-t", "tmpfs", "soak-planted", str(planted)], check=True)
+            next(iter(probe.cgroup_roots()), Path("/sys/fs/cgroup/memory") / parent).joinpath("planted").mkdir(parents=True)
         log(f"daemon up on {server.url}, data dir {server.data_dir}; baseline taken")
         soak = Soak(args, server, probe)
         warm_at = max(1, args.cycles // 10)
@@ -580,6 +587,10 @@ def main() -> int:
                 ok = False
         if registry is not None:
             registry.stop()
+        if args.self_test_leak:
+            subprocess.run(["umount", str(root / "data" / "sandboxes" / "planted")], check=False)
+            for d in Path("/sys/fs/cgroup").glob(f"*/{parent}/planted"):
+                d.rmdir()
         for d in Probe(server, parent, False).cgroup_roots() if server else []:
             try:
                 d.rmdir()  # the parent group is never removed by the daemon; ours is ours
