@@ -301,6 +301,10 @@ class Soak:
                 if str(st.status) not in TERMINAL:
                     self.anomaly(i, fault, f"main process killed, sandbox still {st.status}")
             elif fault == "short_grace":
+                # `sleep infinity` in ps: the main shell has set its trap and exec'd.
+                deadline = time.monotonic() + 10
+                while not sleeping(sb, "infinity") and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 sb.exec(["sh", "-c", "trap '' TERM; sleep 33"])
                 grace = rng.choice([0, 1, 2])
                 t0 = time.monotonic()
