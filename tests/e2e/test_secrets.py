@@ -206,11 +206,36 @@ def _files_under(root: Path):
                 continue
 
 
+def _file_holds(needle: bytes, path: Path) -> bool:
+    """Whether `path` holds `needle`, reading only its data: the writable layers'
+    disk images (and the disk pool's) are sparse files of 10 GiB."""
+    chunk = 1 << 20
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                return False
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            pos = start
+            while pos < end:
+                # Overlapping reads: a match across two chunks is still found.
+                data = os.pread(fd, min(chunk, end - pos) + len(needle) - 1, pos)
+                if needle in data:
+                    return True
+                pos += chunk
+            off = end
+    return False
+
+
 def _holding(needle: bytes, paths) -> list[str]:
     found = []
     for path in paths:
         try:
-            if needle in path.read_bytes():
+            if _file_holds(needle, path):
                 found.append(str(path))
         except OSError:
             continue

@@ -119,8 +119,13 @@ pub(crate) fn run(
     } else {
         "ephemeral_storage = \"0\"\n"
     };
-    let limits =
+    let mut limits =
         format!("[limits]\nallocatable_cpu = \"100000\"\nallocatable_memory = \"64Ti\"\n{disk}");
+    if let Ok(extra) = std::env::var("SANDPIT_BENCH_DAEMON_TOML") {
+        // Appended as is: tables of its own (`[resources]`, ...) for A/Bs.
+        limits.push_str(&extra.replace("\\n", "\n"));
+        limits.push('\n');
+    }
     std::fs::write(
         &config,
         format!(

@@ -477,6 +477,46 @@ impl Copier {
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Another file system (a writable layer on its own
+                    // disk): the kernel copies only within one.
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP) if copied == 0 => {
+                        return self.read_write(src, dest, path);
+                    }
+                    _ => return Err(ImageError::io("copy", shown(path), e)),
+                }
+            }
+            if n == 0 {
+                return Ok(copied);
+            }
+            copied += n as u64;
+            self.stats.content_bytes += n as u64;
+        }
+    }
+
+    /// What `copy_data` does, through a buffer: for files on another file
+    /// system than the store.
+    fn read_write(
+        &mut self,
+        src: &OwnedFd,
+        dest: &OwnedFd,
+        path: &[u8],
+    ) -> Result<u64, ImageError> {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut copied = 0u64;
+        loop {
+            let left = COMMIT_MAX_BYTES.saturating_sub(self.stats.content_bytes);
+            if left == 0 {
+                return Err(ImageError::TooLarge {
+                    limit: COMMIT_MAX_BYTES,
+                });
+            }
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            // SAFETY: `buf` is valid for `want` bytes; the fd is open.
+            let n = unsafe { libc::read(src.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -484,6 +524,21 @@ impl Copier {
             }
             if n == 0 {
                 return Ok(copied);
+            }
+            let n = n as usize;
+            let mut at = 0;
+            while at < n {
+                // SAFETY: `buf[at..n]` is initialised and valid; the fd is open.
+                let w =
+                    unsafe { libc::write(dest.as_raw_fd(), buf[at..n].as_ptr().cast(), n - at) };
+                if w < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(ImageError::io("copy", shown(path), e));
+                }
+                at += w as usize;
             }
             copied += n as u64;
             self.stats.content_bytes += n as u64;

@@ -5,9 +5,10 @@
 //! file system supports (project quotas need XFS or ext4 with the `quota`
 //! feature and a kernel built with `CONFIG_QUOTA`; many hosts have neither).
 //!
-//! Formatting costs ~9 ms (`mkfs.ext4` without a journal: the layer is
-//! ephemeral, a crash discards it anyway), more than a whole sandbox start,
-//! so a [`DiskPool`] keeps images of the default size formatted ahead of
+//! Formatting costs ~3 ms (`mkfs.ext4` without a journal: the layer is
+//! ephemeral, a crash discards it anyway; without the online-resize
+//! reservation: it never grows), a third of a whole sandbox start, so a
+//! [`DiskPool`] keeps images of the default size formatted ahead of
 //! time, refilled by a background thread; a create takes one by `rename`
 //! and only pays for the loop device and the mount.
 //!
@@ -25,8 +26,10 @@ use crate::local::{format_sparse, is_mount_point, mount_image, unmount, MIN_DISK
 use crate::VolumeError;
 
 /// `mkfs.ext4` arguments of a writable layer: no journal (see the module
-/// doc) and no reserved blocks.
-const LAYER_MKFS: &[&str] = &["-O", "^has_journal"];
+/// doc), and no blocks reserved for growing the file system online (a
+/// layer never grows): that reservation is 4 MiB of writes per 10 GiB
+/// image and 5 of the 8 ms mkfs takes; without it, ~3 ms and 228 KiB.
+const LAYER_MKFS: &[&str] = &["-O", "^has_journal,^resize_inode"];
 
 /// Formats a new sparse image of `size_bytes` at `image` for a writable
 /// layer. The image must not exist.
@@ -163,15 +166,18 @@ impl DiskPool {
         let weak: Weak<Self> = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("sandpit-disk-pool".into())
-            .spawn(move || loop {
-                let Some(pool) = weak.upgrade() else { return };
-                if let Err(e) = pool.fill() {
-                    tracing::warn!(error = %sandpit_errors::chain(&e), "refill disk pool");
+            .spawn(move || {
+                background_priority();
+                loop {
+                    let Some(pool) = weak.upgrade() else { return };
+                    if let Err(e) = pool.fill() {
+                        tracing::warn!(error = %sandpit_errors::chain(&e), "refill disk pool");
+                    }
+                    let guard = pool.lock();
+                    // Woken by a take, or every few seconds to notice the
+                    // last handle going.
+                    let _ = pool.wake.wait_timeout(guard, Duration::from_secs(2));
                 }
-                let guard = pool.lock();
-                // Woken by a take, or every few seconds to notice the
-                // last handle going.
-                let _ = pool.wake.wait_timeout(guard, Duration::from_secs(2));
             })
             .map(drop)
     }
@@ -182,6 +188,33 @@ impl DiskPool {
             let _ = std::fs::remove_file(image);
         }
     }
+}
+
+/// Makes this thread, and the `mkfs` processes it starts (they inherit
+/// both), yield to everything else: the lowest CPU priority and the idle
+/// I/O class, so refilling the pool never slows the creates it serves.
+fn background_priority() {
+    // SAFETY: gettid takes nothing and returns this thread's id.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: integer arguments only; on Linux PRIO_PROCESS with a thread id
+    // sets that thread's nice value.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: ioprio_set takes integers only and changes this thread's I/O
+    // priority; a refusal leaves it as it was.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
 }
 
 #[cfg(test)]
