@@ -451,17 +451,23 @@ impl Copier {
         Ok(())
     }
 
+    /// Content bytes the commit may still copy; an error once none are
+    /// left.
+    fn budget(&self) -> Result<u64, ImageError> {
+        match COMMIT_MAX_BYTES.saturating_sub(self.stats.content_bytes) {
+            0 => Err(ImageError::TooLarge {
+                limit: COMMIT_MAX_BYTES,
+            }),
+            left => Ok(left),
+        }
+    }
+
     /// `copy_file_range` until the source ends (its size may not be what
     /// the stat said when the sandbox is not frozen), within the bound.
     fn copy_data(&mut self, src: &OwnedFd, dest: &OwnedFd, path: &[u8]) -> Result<u64, ImageError> {
         let mut copied = 0u64;
         loop {
-            let left = COMMIT_MAX_BYTES.saturating_sub(self.stats.content_bytes);
-            if left == 0 {
-                return Err(ImageError::TooLarge {
-                    limit: COMMIT_MAX_BYTES,
-                });
-            }
+            let left = self.budget()?;
             let chunk = left.min(1 << 30) as usize;
             // SAFETY: both fds are open for the call; null offsets use and
             // advance the files' own positions.
@@ -506,12 +512,7 @@ impl Copier {
         let mut buf = vec![0u8; 256 << 10];
         let mut copied = 0u64;
         loop {
-            let left = COMMIT_MAX_BYTES.saturating_sub(self.stats.content_bytes);
-            if left == 0 {
-                return Err(ImageError::TooLarge {
-                    limit: COMMIT_MAX_BYTES,
-                });
-            }
+            let left = self.budget()?;
             let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             // SAFETY: `buf` is valid for `want` bytes; the fd is open.
             let n = unsafe { libc::read(src.as_raw_fd(), buf.as_mut_ptr().cast(), want) };

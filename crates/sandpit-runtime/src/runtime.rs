@@ -301,6 +301,8 @@ pub struct Runtime {
     /// Where the next CPU-limited sandbox's CPU set starts, so that
     /// sandboxes limited to fewer CPUs than the host has spread over them.
     next_cpu: AtomicUsize,
+    /// The CPUs this process may run on, read once (not per create).
+    allowed_cpus: Vec<usize>,
 }
 
 impl Runtime {
@@ -345,6 +347,7 @@ impl Runtime {
             cgroups,
             destroying: Default::default(),
             next_cpu: AtomicUsize::new(0),
+            allowed_cpus: allowed_cpus(),
         }
     }
 
@@ -549,7 +552,7 @@ impl Runtime {
         let Some(millis) = cpu_millis else {
             return Vec::new();
         };
-        let allowed = allowed_cpus();
+        let allowed = &self.allowed_cpus;
         let want = usize::try_from(millis.div_ceil(1000).max(1)).unwrap_or(usize::MAX);
         if want >= allowed.len() {
             return Vec::new();

@@ -20,7 +20,7 @@
 
 use std::path::PathBuf;
 
-use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
+use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory, QuantityError};
 use serde::Deserialize;
 
 use crate::api::validate::DiskPolicy;
@@ -88,14 +88,14 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// `None` for "auto" (or absent), else the parsed quantity.
-fn auto_or<T>(
+fn auto_or(
     key: &'static str,
     value: Option<&str>,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<Option<T>, ConfigError> {
+    parse: fn(&str) -> Result<u64, QuantityError>,
+) -> Result<Option<u64>, ConfigError> {
     match value {
         None | Some("auto") => Ok(None),
-        Some(v) => parse(v).map(Some).map_err(|e| invalid(key, e)),
+        Some(v) => parse(v).map(Some).map_err(|e| invalid(key, e.to_string())),
     }
 }
 
@@ -126,31 +126,21 @@ impl FileLimits {
                 "is more than limits.max_ephemeral_storage",
             ));
         }
-        let positive = |key: &'static str, n: u64| {
-            if n == 0 {
-                Err(invalid(key, "must be more than 0"))
-            } else {
-                Ok(n)
-            }
-        };
+        // The parsers refuse 0 and negative quantities themselves.
         let allocatable_cpu = auto_or(
             "limits.allocatable_cpu",
             self.allocatable_cpu.as_deref(),
-            |v| parse_cpu_millis(v).map_err(|e| e.to_string()),
-        )?
-        .map(|n| positive("limits.allocatable_cpu", n))
-        .transpose()?;
+            parse_cpu_millis,
+        )?;
         let allocatable_memory = auto_or(
             "limits.allocatable_memory",
             self.allocatable_memory.as_deref(),
-            |v| parse_memory(v).map_err(|e| e.to_string()),
-        )?
-        .map(|n| positive("limits.allocatable_memory", n))
-        .transpose()?;
+            parse_memory,
+        )?;
         let data_dir_reserve = auto_or(
             "limits.data_dir_reserve",
             self.data_dir_reserve.as_deref(),
-            |v| parse_memory(v).map_err(|e| e.to_string()),
+            parse_memory,
         )?;
         let lxcfs = match self.lxcfs.as_deref() {
             None | Some("auto") => LxcfsMode::Auto,

@@ -249,7 +249,7 @@ fn unit(resource: &str, n: u64) -> String {
     }
 }
 
-fn e_message(resource: &str, requested: u64, available: u64, allocatable: u64) -> String {
+fn capacity_message(resource: &str, requested: u64, available: u64, allocatable: u64) -> String {
     format!(
         "runner is at capacity: {resource} request of {} exceeds the {} of {} not yet requested by live sandboxes",
         unit(resource, requested),
@@ -277,7 +277,7 @@ pub fn from_manager(e: ManagerError) -> Status {
             allocatable,
         } => with_details(
             Code::ResourceExhausted,
-            e_message(resource, requested, available, allocatable),
+            capacity_message(resource, requested, available, allocatable),
             reason::RUNNER_CAPACITY_EXHAUSTED,
             &[
                 ("resource", resource.to_string()),
