@@ -152,7 +152,9 @@ class Probe:
         files, dirs = _walk_count(data / "sandboxes")
         c["state_entries"] = files + dirs
         # The image store is a cache (a pulled image stays); its staging and leases are not.
-        c["data_files"] = _walk_count(data, skip=("store",))[0]
+        # The disk pool's level moves by design (taken by creates, refilled behind them);
+        # a pooled image in use is a sandbox's disk.img, counted under state_entries.
+        c["data_files"] = _walk_count(data, skip=("store", "disk-pool"))[0]
         c["store_tmp"] = sum(_walk_count(data / "store" / "tmp"))
         c["leases"] = sum(_walk_count(data / "store" / "leases"))
         loops = 0
