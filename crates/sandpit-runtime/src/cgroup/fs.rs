@@ -10,8 +10,11 @@ use nix::errno::Errno;
 
 use super::CgroupError;
 
-/// How long teardown waits for a freeze to complete before killing anyway.
-pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a freeze may take to complete (teardown then kills anyway; a
+/// snapshot fails). Tasks in the middle of I/O freeze only once it ends,
+/// and a writable layer's writes now go through a loop device: 1 s was seen
+/// to be too short for a process writing while its sandbox was snapshotted.
+pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `rmdir` may keep failing with `EBUSY` (tasks that have exited
 /// but are not yet released by the kernel).
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(2);
