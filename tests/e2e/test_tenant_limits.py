@@ -129,6 +129,43 @@ def test_cpus_and_memory_seen_inside_follow_the_limits(started):
     assert read_cgroup(sb.sandbox_id, "memory", "memory.limit_in_bytes", "memory.max") == str(384 << 20)
 
 
+def test_lxcfs_runs_in_its_own_cgroup_and_is_started_again_when_it_dies(started):
+    """The host-wide LXCFS is not in the daemon's cgroup (stopping a unit does not take it
+    down), and when it dies anyway the daemon starts it again: later sandboxes get the
+    views back. The stale mount left behind is replaced, not reused."""
+    import os
+    import signal
+
+    pid = int(Path("/run/sandpit/lxcfs.pid").read_text().strip())
+    groups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    assert groups and all(g.split(":", 2)[2].startswith("/sandpit-lxcfs") for g in groups), groups
+    def alive() -> bool:
+        # A zombie (its parent, PID 1 here, reaps when it will) is dead.
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(), "lxcfs survived SIGKILL"
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sb = started(resources={"memory": "384Mi"})
+        r = sh(sb, "head -1 /proc/meminfo")
+        seen.append((r.returncode, r.stdout.strip()))
+        sb.stop().result(timeout=RPC)
+        if r.returncode == 0 and meminfo_kib(r.stdout, "MemTotal") == 384 << 10:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no sandbox saw its memory limit again after lxcfs died: {seen}")
+    assert int(Path("/run/sandpit/lxcfs.pid").read_text().strip()) != pid
+
+
 def test_mountinfo_shows_no_host_paths(started, data_dir):
     sb = started()
     text = sh(sb, "cat /proc/self/mountinfo").stdout

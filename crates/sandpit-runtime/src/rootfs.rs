@@ -170,8 +170,11 @@ pub(crate) fn build(sys: &dyn Syscalls, plan: &RootfsPlan) -> Result<(), RootfsE
             let source = lxcfs.join(rel);
             let target = at(rel);
             // Files of the fresh proc and sys mounts, so never a symlink
-            // the image planted.
-            if sys.kind(&source)? == Some(FileKind::File) && sys.kind(&target)?.is_some() {
+            // the image planted. An LXCFS that died (ENOTCONN) is no
+            // reason to fail the create: the sandbox keeps the kernel's
+            // figures, and the daemon starts LXCFS again.
+            let serving = matches!(sys.kind(&source), Ok(Some(FileKind::File)));
+            if serving && sys.kind(&target)?.is_some() {
                 sys.mount(
                     Some(&source.to_string_lossy()),
                     &target,

@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -83,7 +84,9 @@ fn is_lxcfs_mount(dir: &Path) -> bool {
 /// Reuses the LXCFS mounted at `dir`, or starts one there.
 fn start(binary: &Path, dir: &Path) -> Result<PathBuf, String> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // Not `dir` itself yet: on a stale mount even `stat` fails (ENOTCONN),
+    // so it is made only once the mount is known gone.
+    std::fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
     let lock_path = parent.join("lxcfs.lock");
     let lock =
         File::create(&lock_path).map_err(|e| format!("create {}: {e}", lock_path.display()))?;
@@ -102,8 +105,11 @@ fn start(binary: &Path, dir: &Path) -> Result<PathBuf, String> {
     if is_lxcfs_mount(dir) {
         // Its process is gone: reads would fail with ENOTCONN.
         tracing::warn!(path = %dir.display(), "lxcfs mount is stale: mounting it again");
-        let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| format!("unmount the stale {}: {e}", dir.display()))?;
     }
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let cgroup = own_cgroup();
     let log_path = parent.join("lxcfs.log");
     let log = File::options()
         .create(true)
@@ -113,7 +119,23 @@ fn start(binary: &Path, dir: &Path) -> Result<PathBuf, String> {
     // LXCFS daemonizes itself (no `-f`): the child we wait for exits at
     // once and the daemon is nobody's child. `--enable-cfs` makes the CPU
     // views follow the CFS quota (the CPU limit), not only the cpuset.
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    let cgroup_fds: Vec<i32> = cgroup.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the hook runs in the forked child before exec and only calls
+    // write(2) on descriptors opened above (no allocation, no locks).
+    // Writing "0" to a cgroup.procs moves the writer, so LXCFS and the
+    // daemon it forks live in a cgroup of their own: stopping the unit or
+    // the cgroup sandpitd runs in does not take the views of running
+    // sandboxes down with it.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in &cgroup_fds {
+                libc::write(*fd, b"0".as_ptr().cast(), 1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .arg("--enable-cfs")
         .arg("-p")
         .arg(parent.join("lxcfs.pid"))
@@ -149,4 +171,65 @@ fn start(binary: &Path, dir: &Path) -> Result<PathBuf, String> {
         dir.display(),
         tail.lines().last().unwrap_or("")
     ))
+}
+
+/// The cgroup LXCFS is started in.
+pub const CGROUP: &str = "sandpit-lxcfs";
+
+/// `cgroup.procs` of [`CGROUP`] in every mounted hierarchy (v2, and each
+/// v1 one of a hybrid host), created as needed; the ones that cannot be
+/// made are left out (LXCFS then stays in the daemon's cgroup there).
+fn own_cgroup() -> Vec<File> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut hierarchies = Vec::new();
+    if root.join("cgroup.controllers").is_file() {
+        hierarchies.push(root.to_path_buf());
+    } else if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // Co-mounted controllers (cpu -> cpu,cpuacct) appear as links.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && path.join("cgroup.procs").is_file() {
+                hierarchies.push(path);
+            }
+        }
+    }
+    hierarchies
+        .into_iter()
+        .filter_map(|h| {
+            let dir = h.join(CGROUP);
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::debug!(path = %dir.display(), error = %e, "lxcfs cgroup");
+                return None;
+            }
+            // A new v1 cpuset starts empty, and nothing can join it then.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let mine = dir.join(file);
+                if std::fs::read_to_string(&mine).is_ok_and(|v| v.trim().is_empty()) {
+                    if let Ok(all) = std::fs::read_to_string(h.join(file)) {
+                        let _ = std::fs::write(&mine, all.trim());
+                    }
+                }
+            }
+            File::options()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Restarts the LXCFS at `path` when it no longer answers (killed, or
+/// crashed): sandboxes created from then on get working views again.
+/// Those already running read `ENOTCONN` from their binds until they are
+/// recreated; a FUSE connection cannot be taken over.
+pub fn revive(path: &Path) {
+    if serves(path) {
+        return;
+    }
+    let Some(binary) = binary() else { return };
+    tracing::warn!(path = %path.display(), "lxcfs stopped answering: starting it again");
+    if let Err(e) = start(&binary, path) {
+        tracing::warn!(error = %e, "lxcfs: sandboxes see the host's /proc figures");
+    }
 }

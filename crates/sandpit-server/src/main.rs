@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -172,6 +172,24 @@ async fn run(config: Config) -> Result<()> {
             let mode = config.limits.lxcfs.clone();
             tokio::task::spawn_blocking(move || sandpit_server::lxcfs::ensure(&mode)).await?
         },
+    };
+    // The LXCFS this daemon started (not one configured by path, which is
+    // the host's to run) is started again if it dies.
+    let _lxcfs_watch = match (&config.limits.lxcfs, &engine_config.lxcfs) {
+        (sandpit_server::limitsconfig::LxcfsMode::Auto, Some(path)) => {
+            let path = path.clone();
+            Some(AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    let path = path.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || sandpit_server::lxcfs::revive(&path))
+                            .await;
+                }
+            })))
+        }
+        _ => None,
     };
     let mut manager_config = config.manager.clone();
     manager_config.allocatable = allocatable(&config);
