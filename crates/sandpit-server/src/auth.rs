@@ -114,7 +114,17 @@ impl Auth {
     /// request's extensions, or answers UNAUTHENTICATED.
     pub fn interceptor(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
         let auth = self.clone();
-        move |mut req: Request<()>| match auth.authenticate_caller(req.metadata()) {
+        move |mut req: Request<()>| {
+            // First, before the key check: tonic starts the call's
+            // grpc-timeout clock just before this runs.
+            req.extensions_mut()
+                .insert(Arrived(std::time::Instant::now()));
+            auth.admit(req)
+        }
+    }
+
+    fn admit(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        match self.authenticate_caller(req.metadata()) {
             Ok((p, org)) => {
                 req.extensions_mut().insert(p);
                 if let Some(org) = org {
@@ -126,6 +136,11 @@ impl Auth {
         }
     }
 }
+
+/// When a call reached the server (set by [`Auth::interceptor`]): a
+/// handler's own deadline counts from here, as tonic's does.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub std::time::Instant);
 
 /// The key a request carries: `authorization: Bearer KEY`, else
 /// `x-wandb-api-key: KEY`.

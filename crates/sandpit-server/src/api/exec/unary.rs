@@ -57,8 +57,12 @@ pub async fn exec<E: Engine>(
     // tonic cancels a unary call at its deadline itself (CANCELLED, which
     // the client reads as "sandbox not running"): ours fires a little
     // earlier, so the caller learns that the command timed out.
+    let arrived = request
+        .extensions()
+        .get::<crate::auth::Arrived>()
+        .map_or_else(Instant::now, |a| Instant::from_std(a.0));
     let deadline = grpc_timeout(request.metadata())
-        .map(|d| Instant::now() + d.saturating_sub(DEADLINE_MARGIN.min(d / 10)));
+        .map(|d| arrived + d.saturating_sub(DEADLINE_MARGIN.min(d / 10)));
     let req = request.into_inner();
     let mut violations = vec![];
     if req.sandbox_id.is_empty() {
