@@ -238,15 +238,12 @@ async fn download(client: &mut Client, id: &str, path: &str, to: Location) -> Re
         })
         .await;
     let content = match read {
-        Ok(r) => r.into_inner().content,
+        Ok(r) => Some(r.into_inner().content),
         Err(s) if reason(&s) == "CWSANDBOX_FILE_IS_DIRECTORY" => {
             return download_dir(client, id, path, &local).await
         }
-        Err(s) if reason(&s) == "CWSANDBOX_FILE_TOO_LARGE" => {
-            let mut out = Vec::new();
-            run_script(client, id, "cat -- \"$1\"", &[path], None, Some(&mut out)).await?;
-            out
-        }
+        // Above the one-message limit: streamed, as the client does.
+        Err(s) if reason(&s) == "CWSANDBOX_FILE_TOO_LARGE" => None,
         Err(s) => return Err(remote::status_error(s)).with_context(|| format!("{id}:{path}")),
     };
     let mut target = local.clone();
@@ -259,8 +256,17 @@ async fn download(client: &mut Client, id: &str, path: &str, to: Location) -> Re
         .with_context(|| format!("mode of {path}: {:?}", mode.trim()))?;
     let mut file =
         std::fs::File::create(&target).with_context(|| format!("create {}", target.display()))?;
-    file.write_all(&content)
-        .with_context(|| format!("write {}", target.display()))?;
+    match content {
+        Some(content) => file
+            .write_all(&content)
+            .with_context(|| format!("write {}", target.display()))?,
+        None => {
+            let mut out = std::io::BufWriter::new(&mut file);
+            run_script(client, id, "cat -- \"$1\"", &[path], None, Some(&mut out)).await?;
+            out.flush()
+                .with_context(|| format!("write {}", target.display()))?;
+        }
+    }
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", target.display()))?;
     Ok(())

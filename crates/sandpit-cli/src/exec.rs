@@ -72,19 +72,23 @@ pub(crate) fn run(server: &ServerArgs, data_dir: &std::path::Path, args: ExecArg
         .enable_all()
         .build()
         .context("start async runtime")?;
-    // The raw terminal is restored when this returns, on every path (an
-    // error, a signal, a panic's unwinding), before `main` exits.
-    let raw = if args.tty && std::io::stdin().is_terminal() {
+    rt.block_on(exec(server, data_dir, args))
+}
+
+async fn exec(server: &ServerArgs, data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
+    // Caught before the terminal goes raw, so that no signal's default
+    // action can leave it raw.
+    let mut winch = signal(SignalKind::window_change()).context("watch SIGWINCH")?;
+    let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("watch SIGHUP")?;
+    // Restored when this future ends or is dropped: every return, an
+    // error, a signal above, a panic's unwinding (`block_on` drops it).
+    let _raw = if args.tty && std::io::stdin().is_terminal() {
         Some(RawMode::enter()?)
     } else {
         None
     };
-    let code = rt.block_on(exec(server, data_dir, args));
-    drop(raw);
-    code
-}
-
-async fn exec(server: &ServerArgs, data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
     let mut env: std::collections::HashMap<String, String> = args.env.into_iter().collect();
     let size = if args.tty { terminal_size() } else { None };
     if args.tty && !env.contains_key("TERM") {
@@ -118,10 +122,6 @@ async fn exec(server: &ServerArgs, data_dir: &std::path::Path, args: ExecArgs) -
         .await
         .map_err(remote::status_error)?
         .into_inner();
-    let mut winch = signal(SignalKind::window_change()).context("watch SIGWINCH")?;
-    let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
-    let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
-    let mut hup = signal(SignalKind::hangup()).context("watch SIGHUP")?;
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr().lock();
     loop {
