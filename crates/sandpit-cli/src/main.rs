@@ -2,6 +2,11 @@
 //! sandboxes straight on the engine (no daemon needed), and lists or stops
 //! the sandboxes of a running `sandpitd`.
 
+mod completions;
+mod cp;
+mod create;
+mod exec;
+mod output;
 mod pull;
 mod remote;
 mod run;
@@ -15,7 +20,7 @@ use sandpit_image::{IdShift, ImageConfig, ImageStore, Reference};
 
 #[derive(Parser, Debug)]
 #[command(name = "sandpit", version, about = "Sandpit operator CLI")]
-struct Cli {
+pub(crate) struct Cli {
     /// Data directory (image store and sandbox state).
     #[arg(
         long,
@@ -41,6 +46,14 @@ enum Command {
     Run(run::RunArgs),
     /// Manage the secrets of sandpitd's managed secret stores.
     Secret(secret::SecretArgs),
+    /// Create a sandbox through the daemon; prints its id once it runs.
+    Create(create::CreateArgs),
+    /// Run a command in a running sandbox; exits with its exit code.
+    Exec(exec::ExecArgs),
+    /// Copy files or directories between a sandbox and here (ID:PATH).
+    Cp(cp::CpArgs),
+    /// Print a shell completion script (bash, zsh, fish).
+    Completions(completions::CompletionsArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -64,7 +77,11 @@ enum ImageCommand {
         cmd: Vec<String>,
     },
     /// List images.
-    Ls,
+    Ls {
+        /// Print one JSON array of images (see docs/ops/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove images and the layers no other image uses.
     Rm {
         /// References to remove.
@@ -100,6 +117,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image { command } => image(&cli.data_dir, command).map(|()| 0),
         Command::Run(args) => run::run(&cli.data_dir, args),
         Command::Secret(args) => secret::run(args).map(|()| 0),
+        Command::Create(args) => create::run(&cli.server, &cli.data_dir, args).map(|()| 0),
+        Command::Exec(args) => exec::run(&cli.server, &cli.data_dir, args),
+        Command::Cp(args) => cp::run(&cli.server, &cli.data_dir, args).map(|()| 0),
+        Command::Completions(args) => {
+            completions::run(args);
+            Ok(0)
+        }
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }
@@ -144,7 +168,11 @@ fn image(data_dir: &std::path::Path, command: ImageCommand) -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
-        ImageCommand::Ls => {
+        ImageCommand::Ls { json: true } => {
+            let images: Vec<_> = store()?.list()?.iter().map(output::image).collect();
+            output::print(&serde_json::Value::Array(images));
+        }
+        ImageCommand::Ls { json: false } => {
             println!(
                 "{:<48} {:<14} {:>6} {:>10}",
                 "REFERENCE", "ID", "LAYERS", "SIZE"

@@ -26,9 +26,9 @@ pub(crate) struct ServerArgs {
 }
 
 type Auth = Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send>;
-type Client = SandboxServiceClient<InterceptedService<Channel, Auth>>;
+pub(crate) type Client = SandboxServiceClient<InterceptedService<Channel, Auth>>;
 
-async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client> {
+pub(crate) async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client> {
     let (channel, auth) = connect_channel(args, data_dir).await?;
     Ok(SandboxServiceClient::with_interceptor(channel, auth).max_decoding_message_size(100 << 20))
 }
@@ -76,11 +76,17 @@ pub(crate) enum RemoteCommand {
         /// Only sandboxes carrying all of these tags.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Print one JSON array of records (see docs/ops/cli.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Show one sandbox.
     Get {
         /// Sandbox id.
         id: String,
+        /// Print the record as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop a sandbox: SIGTERM, then SIGKILL after the grace period.
     Stop {
@@ -140,11 +146,14 @@ pub(crate) fn run(
         let mut client = connect(server, data_dir).await?;
         match command {
             RemoteCommand::Commit { .. } => unreachable!("handled above"),
-            RemoteCommand::Ls { all, tags } => {
-                println!(
-                    "{:<14} {:<12} {:<20} {:>5} REASON",
-                    "ID", "STATE", "CREATED", "EXIT"
-                );
+            RemoteCommand::Ls { all, tags, json } => {
+                let mut records = vec![];
+                if !json {
+                    println!(
+                        "{:<14} {:<12} {:<20} {:>5} REASON",
+                        "ID", "STATE", "CREATED", "EXIT"
+                    );
+                }
                 let mut page_token = String::new();
                 loop {
                     let page = client
@@ -158,21 +167,32 @@ pub(crate) fn run(
                         .map_err(status_error)?
                         .into_inner();
                     for sb in &page.sandboxes {
-                        print_row(sb);
+                        if json {
+                            records.push(crate::output::sandbox(sb));
+                        } else {
+                            print_row(sb);
+                        }
                     }
                     if page.next_page_token.is_empty() {
                         break;
                     }
                     page_token = page.next_page_token;
                 }
+                if json {
+                    crate::output::print(&serde_json::Value::Array(records));
+                }
             }
-            RemoteCommand::Get { id } => {
+            RemoteCommand::Get { id, json } => {
                 let sb = client
                     .get_sandbox(pb::GetSandboxRequest { sandbox_id: id })
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                print_details(&sb);
+                if json {
+                    crate::output::print(&crate::output::sandbox(&sb));
+                } else {
+                    print_details(&sb);
+                }
             }
             RemoteCommand::Stop { id, grace } => {
                 let sb = delete(&mut client, id, grace).await?;
@@ -272,11 +292,22 @@ async fn delete(client: &mut Client, id: String, grace: i32) -> Result<pb::Sandb
     }))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+/// The daemon's refusal as `CODE (REASON): message`: the ErrorInfo reason
+/// is what scripts match on.
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    use tonic_types::StatusExt;
+    match status.get_error_details().error_info() {
+        Some(info) if !info.reason.is_empty() => anyhow::anyhow!(
+            "{:?} ({}): {}",
+            status.code(),
+            info.reason,
+            status.message()
+        ),
+        _ => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+    }
 }
 
-fn state_name(sb: &pb::Sandbox) -> String {
+pub(crate) fn state_name(sb: &pb::Sandbox) -> String {
     let state = sb.status.as_ref().map(|s| s.state).unwrap_or_default();
     pb::State::try_from(state)
         .map(|s| {
@@ -305,7 +336,7 @@ fn time(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

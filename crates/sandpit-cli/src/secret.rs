@@ -39,6 +39,9 @@ enum SecretCommand {
     Ls {
         /// The managed store.
         store: String,
+        /// Print one JSON array of `{"store", "name"}` objects.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove secrets.
     Rm {
@@ -160,9 +163,18 @@ pub(crate) fn run(args: SecretArgs) -> Result<()> {
             m.set(&name, &value).map_err(chain)?;
             println!("set {name} in {store}");
         }
-        SecretCommand::Ls { store } => {
-            for name in managed(&args.config, &store)?.list().map_err(chain)? {
-                println!("{name}");
+        SecretCommand::Ls { store, json } => {
+            let names = managed(&args.config, &store)?.list().map_err(chain)?;
+            if json {
+                let entries: Vec<_> = names
+                    .iter()
+                    .map(|name| serde_json::json!({ "store": store, "name": name }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(entries));
+            } else {
+                for name in names {
+                    println!("{name}");
+                }
             }
         }
         SecretCommand::Rm { store, names } => {
