@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, AuthError};
 use crate::consoleconfig::ConsoleSettings;
 use crate::engine::Engine;
 use crate::logs::LogReader;
@@ -120,14 +120,18 @@ pub(crate) fn refusal(status: StatusCode, message: impl Into<String>) -> Respons
 
 /// The principal of a request's `Authorization: Bearer KEY`, by the gRPC
 /// API's own key table.
-fn caller(auth: &Auth, headers: &HeaderMap) -> Result<Principal, Response> {
+fn caller(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthError> {
     // Only the bearer header: the page sends nothing else.
     let mut only = HeaderMap::new();
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         only.insert(header::AUTHORIZATION, v.clone());
     }
     auth.authenticate(&MetadataMap::from_headers(only))
-        .map_err(|e| refusal(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+/// The 401 for a refused key.
+fn unauthorized(e: &AuthError) -> Response {
+    refusal(StatusCode::UNAUTHORIZED, e.to_string())
 }
 
 /// The principal of a key sent in a websocket's first message.

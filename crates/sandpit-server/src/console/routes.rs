@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
-use super::{caller, refusal, ws, Shared};
+use super::{caller, refusal, unauthorized, ws, Shared};
 use crate::engine::Engine;
 use crate::manager::{ListQuery, ManagerError, StateFilter};
 use crate::model::{Resources, SandboxId, SandboxRecord, State as SandboxState};
@@ -84,7 +84,7 @@ pub(super) fn routes<E: Engine>(console: Shared<E>) -> Router {
 async fn whoami<E: Engine>(State(c): State<Shared<E>>, headers: HeaderMap) -> Response {
     match caller(&c.auth, &headers) {
         Ok(p) => Json(serde_json::json!({ "principal": p.as_str() })).into_response(),
-        Err(r) => r,
+        Err(e) => unauthorized(&e),
     }
 }
 
@@ -98,18 +98,13 @@ pub(super) struct Filters {
 }
 
 impl Filters {
-    fn query(&self) -> Result<ListQuery, Response> {
+    fn query(&self) -> Result<ListQuery, String> {
         let (state, show_terminated) = match self.state.as_deref().unwrap_or("") {
             "" | "active" => (StateFilter::Any, false),
             "all" => (StateFilter::Any, true),
             name => match SandboxState::parse(name) {
                 Some(s) => (StateFilter::Only(s), false),
-                None => {
-                    return Err(refusal(
-                        StatusCode::BAD_REQUEST,
-                        format!("state: {name:?} is not active, all or a state"),
-                    ))
-                }
+                None => return Err(format!("state: {name:?} is not active, all or a state")),
             },
         };
         Ok(ListQuery {
@@ -204,11 +199,11 @@ async fn list<E: Engine>(
 ) -> Response {
     let principal = match caller(&c.auth, &headers) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return unauthorized(&e),
     };
     let query = match filters.query() {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(m) => return refusal(StatusCode::BAD_REQUEST, m),
     };
     match c.manager.list(&principal, &query) {
         Ok(page) => {
@@ -227,7 +222,7 @@ async fn stop<E: Engine>(
 ) -> Response {
     let principal = match caller(&c.auth, &headers) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return unauthorized(&e),
     };
     // A malformed id names no sandbox, as in the gRPC API.
     let Ok(id) = SandboxId::parse(&id) else {

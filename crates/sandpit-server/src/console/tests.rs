@@ -301,9 +301,9 @@ async fn the_table_shows_only_the_callers_sandboxes_with_its_filters() {
     assert_eq!(row["image"], IMAGE);
     assert!(row["created_ms"].as_u64().unwrap() > 0);
     let tagged = http(addr, "GET", "/api/sandboxes?tag=web", &h).await;
-    assert_eq!(ids(&tagged), [web.clone()]);
+    assert_eq!(ids(&tagged), [web.as_str()]);
     let running = http(addr, "GET", "/api/sandboxes?state=running&tag=db", &h).await;
-    assert_eq!(ids(&running), [db.clone()]);
+    assert_eq!(ids(&running), [db.as_str()]);
     let none = http(addr, "GET", "/api/sandboxes?state=completed", &h).await;
     assert!(ids(&none).is_empty());
     let bad = http(addr, "GET", "/api/sandboxes?state=paused", &h).await;
