@@ -75,9 +75,19 @@ impl Origins {
         let mut own = vec![];
         let any_host = addr.ip().is_unspecified();
         if !any_host {
-            own.push(format!("http://{addr}"));
+            let mut hosts = vec![match addr {
+                SocketAddr::V4(a) => a.ip().to_string(),
+                SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            }];
             if addr.ip().is_loopback() {
-                own.push(format!("http://localhost:{}", addr.port()));
+                hosts.push("localhost".into());
+            }
+            for host in hosts {
+                own.push(format!("http://{host}:{}", addr.port()));
+                // Browsers leave the default port out.
+                if addr.port() == 80 {
+                    own.push(format!("http://{host}"));
+                }
             }
         }
         Self {

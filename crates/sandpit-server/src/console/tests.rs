@@ -360,6 +360,10 @@ fn origins_follow_the_listen_address() {
     assert!(any.allow(Some(&v("https://c.example")), None));
     let v6 = Origins::new("[::1]:9000".parse().unwrap(), &[]);
     assert!(v6.allow(Some(&v("http://[::1]:9000")), None));
+    let port80 = Origins::new("127.0.0.1:80".parse().unwrap(), &[]);
+    assert!(port80.allow(Some(&v("http://localhost")), None));
+    assert!(port80.allow(Some(&v("http://127.0.0.1:80")), None));
+    assert!(!loopback.allow(Some(&v("http://localhost")), None));
 }
 
 #[tokio::test]
