@@ -12,6 +12,7 @@ packages=(
   curl bc                 # scripts/bench-pull.sh
   nftables iproute2 openssl conntrack  # the networking tests inspect the firewall and conntrack, build the upstream namespace and its CA
   lxcfs                   # sandboxes' /proc/meminfo, cpuinfo, ... show their limits (docs/limits.md)
+  chromium chromium-driver  # tests/e2e/test_console.py drives the web console in headless Chromium
 )
 missing=()
 for p in "${packages[@]}"; do

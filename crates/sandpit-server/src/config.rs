@@ -151,6 +151,7 @@ pub struct FileConfig {
     network: Option<crate::netconfig::FileNetwork>,
     storage: Option<crate::storageconfig::FileStorage>,
     limits: Option<crate::limitsconfig::FileLimits>,
+    console: Option<crate::consoleconfig::FileConsole>,
 }
 
 /// What a sandbox that asks for nothing gets when `[resources]` does not
@@ -256,6 +257,8 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     /// `--insecure`.
     pub insecure: bool,
+    /// `--console-listen` (enables the console).
+    pub console_listen: Option<String>,
 }
 
 /// Certificate chain and private key files (PEM).
@@ -313,6 +316,8 @@ pub struct Config {
     pub storage: crate::storageconfig::StorageSettings,
     /// What one tenant may take of the host (`[limits]`).
     pub limits: crate::limitsconfig::LimitsSettings,
+    /// The web console (`[console]`).
+    pub console: crate::consoleconfig::ConsoleSettings,
 }
 
 impl Config {
@@ -550,6 +555,10 @@ impl Config {
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let network = file.network.unwrap_or_default().resolve(&host_resolv)?;
         let storage = file.storage.unwrap_or_default().resolve()?;
+        let console = file
+            .console
+            .unwrap_or_default()
+            .resolve(o.console_listen.as_deref(), insecure)?;
         let runner_id = match file.runner_id {
             Some(id) if id.is_empty() => return Err(invalid("runner_id", "must not be empty")),
             Some(id) => id,
@@ -602,6 +611,7 @@ impl Config {
             network,
             storage,
             limits,
+            console,
         })
     }
 }

@@ -23,6 +23,8 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod console;
+pub mod consoleconfig;
 pub mod db;
 pub mod engine;
 #[cfg(any(test, feature = "testing"))]

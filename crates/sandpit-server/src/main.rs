@@ -50,6 +50,9 @@ struct Args {
     /// Allow plaintext on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// Serve the web console on this address (enables `[console]`).
+    #[arg(long, value_name = "ADDR")]
+    console_listen: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         insecure: args.insecure,
+        console_listen: args.console_listen,
     };
     let config = match Config::load(args.config.as_deref(), overrides, env_keys.as_deref()) {
         Ok(c) => c,
@@ -250,6 +254,22 @@ async fn run(config: Config) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
     .context("start volumes and snapshots")?;
 
+    let console = if config.console.enabled {
+        let c = sandpit_server::console::ConsoleServer::start(
+            &config.console,
+            manager.clone(),
+            auth.clone(),
+            Some(logs.clone()),
+        )
+        .await
+        .with_context(|| format!("console: listen on {}", config.console.listen))?;
+        tracing::info!(addr = %c.local_addr(), "console listening");
+        eprintln!("sandpitd console on http://{}", c.local_addr());
+        Some(c)
+    } else {
+        None
+    };
+
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -283,6 +303,9 @@ async fn run(config: Config) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
+    if let Some(c) = console {
+        c.shutdown().await;
+    }
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }

@@ -151,8 +151,9 @@ async fn deadline_passed(deadline: Option<Instant>) {
     }
 }
 
-/// How starting a command went.
-enum Started<C: Connector> {
+/// How starting a command went (the console's terminal starts its
+/// commands here too).
+pub(crate) enum Started<C: Connector> {
     Running(AsyncExec<C>),
     /// It did not start, as a shell reports it: a message and a code.
     Failed {
@@ -162,7 +163,7 @@ enum Started<C: Connector> {
 }
 
 /// Starts `req` in the caller's sandbox `id` (waiting while it is created).
-async fn start<E: Engine>(
+pub(crate) async fn start<E: Engine>(
     manager: &Manager<E>,
     principal: &Principal,
     id: &SandboxId,
@@ -220,7 +221,7 @@ fn agent_failure<E: Engine>(
     }
 }
 
-fn win_size(width: u32, height: u32) -> WinSize {
+pub(crate) fn win_size(width: u32, height: u32) -> WinSize {
     let clamp = |v: u32, default: u16| {
         if v == 0 {
             default
