@@ -107,7 +107,8 @@ def pid_alive(m: Machine, pid: str) -> bool:
 def agent_pid(m: Machine, sandbox_id: str) -> str:
     """The sandbox's PID 1 (the agent), as the machine numbers it: the
     process in the sandbox's memory cgroup that is no other's child there."""
-    procs = m.sh(f"cat /sys/fs/cgroup/memory/sandpit/{sandbox_id}/cgroup.procs /sys/fs/cgroup/sandpit/{sandbox_id}/cgroup.procs 2>/dev/null || true").stdout.split()
+    groups = f"/sys/fs/cgroup/memory/sandpit/{sandbox_id} /sys/fs/cgroup/sandpit/{sandbox_id}"  # v1, v2
+    procs = m.sh(f"for g in {groups}; do cat $g/cgroup.procs 2>/dev/null; done; true").stdout.split()
     for pid in procs:
         exe = m.sh(f"readlink /proc/{pid}/exe", check=False).stdout
         if "sandpit-agent" in exe:
@@ -143,6 +144,9 @@ def test_installed_enabled_and_started(machine: Machine) -> None:
     assert m.sh("stat -c %a /var/lib/sandpit/api-key").stdout.strip() == "600"
     assert m.sh("stat -c %a /var/lib/sandpit").stdout.strip() == "700"
     assert "sandpitd listening on 127.0.0.1:50051" in journal(m)
+    # The recommended lxcfs serves sandboxes' /proc views from /run/sandpit
+    # (the RuntimeDirectory), in a cgroup of its own.
+    m.sh("mountpoint -q /run/sandpit/lxcfs && head -1 /run/sandpit/lxcfs/proc/meminfo | grep -q MemTotal")
 
 
 def test_unit_verifies_clean(machine: Machine) -> None:
