@@ -13,6 +13,7 @@ packages=(
   nftables iproute2 openssl conntrack  # the networking tests inspect the firewall and conntrack, build the upstream namespace and its CA
   lxcfs                   # sandboxes' /proc/meminfo, cpuinfo, ... show their limits (docs/limits.md)
   chromium chromium-driver  # tests/e2e/test_console.py drives the web console in headless Chromium
+  systemd-container logrotate dpkg-dev  # the package test: boots a machine (systemd-nspawn), checks the logrotate file; dpkg-shlibdeps for cargo-deb
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -23,4 +24,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# cargo-deb builds the Debian package (scripts/build-deb.sh); compiled once,
+# about 2 minutes on 2 cores, then kept in ~/.cargo/bin.
+cargo_deb_version=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qF "$cargo_deb_version"; then
+  echo "installing cargo-deb $cargo_deb_version" >&2
+  cargo install cargo-deb --locked --version "$cargo_deb_version" --quiet
 fi

@@ -34,6 +34,9 @@ echo "== end-to-end tests (real sandpitd, real cwsandbox / wandb.sandbox clients
 cargo build -q --release --bins
 .venv/bin/python -m pytest -q tests/e2e
 
+echo "== Debian package installed and started in a booted systemd machine (~1 min)" >&2
+.venv/bin/python -m pytest -q tests/package
+
 echo "== benchmark, quick mode (no speed assertions)" >&2
 target/release/sandpit-bench --quick --daemon --data-dir target/bench-quick --json target/bench-quick.json
 

@@ -39,6 +39,7 @@ pub mod manager;
 pub mod model;
 pub mod netconfig;
 mod offload;
+pub mod sd_notify;
 pub mod secrets;
 pub mod server;
 pub mod storage;

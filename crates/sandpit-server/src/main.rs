@@ -56,6 +56,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before the runtime's threads exist: it edits the environment.
+    let notifier = sandpit_server::sd_notify::Notifier::take_from_env();
     let args = Args::parse();
     let env_keys = std::env::var("SANDPIT_API_KEYS").ok();
     let overrides = Overrides {
@@ -86,7 +88,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, notifier)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -109,7 +111,7 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn run(config: Config) -> Result<()> {
+async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> Result<()> {
     let started = SystemTime::now();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -283,6 +285,11 @@ async fn run(config: Config) -> Result<()> {
     );
     // A fixed line on stderr whatever the log format: scripts wait for it.
     eprintln!("sandpitd listening on {addr}");
+    // systemd's Type=notify: ready once the port answers and every
+    // sandbox of the last run is adopted (Manager::start did that).
+    if let Err(e) = notifier.notify("READY=1") {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
 
     serve_with_storage(
         listener,
@@ -299,7 +306,10 @@ async fn run(config: Config) -> Result<()> {
             secret_stores,
         },
         Some(storage),
-        shutdown_signal(),
+        async {
+            shutdown_signal().await;
+            let _ = notifier.notify("STOPPING=1");
+        },
     )
     .await
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
