@@ -6,6 +6,7 @@ mod pull;
 mod remote;
 mod run;
 mod secret;
+mod stats;
 
 use std::path::PathBuf;
 
@@ -41,6 +42,8 @@ enum Command {
     Run(run::RunArgs),
     /// Manage the secrets of sandpitd's managed secret stores.
     Secret(secret::SecretArgs),
+    /// Live CPU, memory, network and tasks of running sandboxes.
+    Stats(stats::StatsArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -100,6 +103,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image { command } => image(&cli.data_dir, command).map(|()| 0),
         Command::Run(args) => run::run(&cli.data_dir, args),
         Command::Secret(args) => secret::run(args).map(|()| 0),
+        Command::Stats(args) => stats::run(&cli.server, &cli.data_dir, args).map(|()| 0),
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }

@@ -151,6 +151,7 @@ pub struct FileConfig {
     network: Option<crate::netconfig::FileNetwork>,
     storage: Option<crate::storageconfig::FileStorage>,
     limits: Option<crate::limitsconfig::FileLimits>,
+    metrics: Option<crate::metricsconfig::FileMetrics>,
 }
 
 /// What a sandbox that asks for nothing gets when `[resources]` does not
@@ -256,6 +257,8 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     /// `--insecure`.
     pub insecure: bool,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
 }
 
 /// Certificate chain and private key files (PEM).
@@ -313,6 +316,8 @@ pub struct Config {
     pub storage: crate::storageconfig::StorageSettings,
     /// What one tenant may take of the host (`[limits]`).
     pub limits: crate::limitsconfig::LimitsSettings,
+    /// Where Prometheus scrapes (`[metrics]`).
+    pub metrics: crate::metricsconfig::MetricsSettings,
 }
 
 impl Config {
@@ -477,6 +482,7 @@ impl Config {
         }
         let default_resources = file.resources.unwrap_or_default().resolve()?;
         let limits = file.limits.unwrap_or_default().resolve()?;
+        let metrics = file.metrics.unwrap_or_default().resolve(o.metrics_listen)?;
         let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
         if organization_id.is_empty() {
             return Err(invalid("organization_id", "must not be empty"));
@@ -602,6 +608,7 @@ impl Config {
             network,
             storage,
             limits,
+            metrics,
         })
     }
 }

@@ -50,6 +50,10 @@ struct Args {
     /// Allow plaintext on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// Address of the Prometheus /metrics endpoint, or "off"
+    /// [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +67,7 @@ fn main() -> std::process::ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         insecure: args.insecure,
+        metrics_listen: args.metrics_listen,
     };
     let config = match Config::load(args.config.as_deref(), overrides, env_keys.as_deref()) {
         Ok(c) => c,
@@ -250,6 +255,8 @@ async fn run(config: Config) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
     .context("start volumes and snapshots")?;
 
+    let _metrics = serve_metrics(&config, &manager).await?;
+
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -285,6 +292,34 @@ async fn run(config: Config) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// The /metrics listener, when configured (see `metricsconfig.rs`: the
+/// default address already taken only turns metrics off).
+async fn serve_metrics(
+    config: &Config,
+    manager: &Manager<LocalEngine>,
+) -> Result<Option<AbortOnDrop>> {
+    sandpit_server::metrics::init();
+    let Some(addr) = config.metrics.listen else {
+        tracing::info!("metrics off");
+        return Ok(None);
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !config.metrics.explicit => {
+            tracing::warn!(%addr, error = %e, "metrics off: the default address is not free");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("metrics: listen on {addr}")),
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving metrics on /metrics");
+    eprintln!("sandpitd metrics on http://{addr}/metrics");
+    let manager = manager.clone();
+    Ok(Some(AbortOnDrop(tokio::spawn(
+        sandpit_server::metrics::http::serve(listener, manager),
+    ))))
 }
 
 /// Aborts a task when dropped.
