@@ -11,6 +11,7 @@ mod pull;
 mod remote;
 mod run;
 mod secret;
+mod stats;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,8 @@ enum Command {
     Cp(cp::CpArgs),
     /// Print a shell completion script (bash, zsh, fish).
     Completions(completions::CompletionsArgs),
+    /// Live CPU, memory, network and tasks of running sandboxes.
+    Stats(stats::StatsArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -124,6 +127,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             completions::run(args);
             Ok(0)
         }
+        Command::Stats(args) => stats::run(&cli.server, &cli.data_dir, args).map(|()| 0),
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }

@@ -25,7 +25,8 @@ pub(crate) struct ServerArgs {
     api_key: Option<String>,
 }
 
-type Auth = Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send>;
+pub(crate) type Auth =
+    Box<dyn FnMut(tonic::Request<()>) -> tonic::Result<tonic::Request<()>> + Send>;
 pub(crate) type Client = SandboxServiceClient<InterceptedService<Channel, Auth>>;
 
 pub(crate) async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client> {
@@ -34,7 +35,10 @@ pub(crate) async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Re
 }
 
 /// The channel to the daemon and the interceptor that authenticates on it.
-async fn connect_channel(args: &ServerArgs, data_dir: &std::path::Path) -> Result<(Channel, Auth)> {
+pub(crate) async fn connect_channel(
+    args: &ServerArgs,
+    data_dir: &std::path::Path,
+) -> Result<(Channel, Auth)> {
     let key = match &args.api_key {
         Some(k) => k.clone(),
         None => {

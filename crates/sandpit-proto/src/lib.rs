@@ -49,7 +49,8 @@ pub use coreweave::sandbox;
 /// Sandpit's own extensions, next to `coreweave.sandbox.v1` (not part of the
 /// client's protocol; see `proto/sandpit/`).
 pub mod sandpit {
-    /// `sandpit.v1`: CheckpointService (commit a sandbox into an image).
+    /// `sandpit.v1`: CheckpointService (commit a sandbox into an image) and
+    /// Operations (live sandbox stats).
     #[allow(
         clippy::all,
         clippy::pedantic,
@@ -152,6 +153,10 @@ mod tests {
         assert_eq!(
             super::sandpit::v1::checkpoint_service_server::SERVICE_NAME,
             "sandpit.v1.CheckpointService"
+        );
+        assert_eq!(
+            super::sandpit::v1::operations_server::SERVICE_NAME,
+            "sandpit.v1.Operations"
         );
         // Imports are included, so reflection can resolve google.protobuf.Timestamp.
         assert!(set

@@ -152,6 +152,7 @@ pub struct FileConfig {
     storage: Option<crate::storageconfig::FileStorage>,
     limits: Option<crate::limitsconfig::FileLimits>,
     console: Option<crate::consoleconfig::FileConsole>,
+    metrics: Option<crate::metricsconfig::FileMetrics>,
 }
 
 /// What a sandbox that asks for nothing gets when `[resources]` does not
@@ -259,6 +260,8 @@ pub struct Overrides {
     pub insecure: bool,
     /// `--console-listen` (enables the console).
     pub console_listen: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
 }
 
 /// Certificate chain and private key files (PEM).
@@ -318,6 +321,8 @@ pub struct Config {
     pub limits: crate::limitsconfig::LimitsSettings,
     /// The web console (`[console]`).
     pub console: crate::consoleconfig::ConsoleSettings,
+    /// Where Prometheus scrapes (`[metrics]`).
+    pub metrics: crate::metricsconfig::MetricsSettings,
 }
 
 impl Config {
@@ -482,6 +487,7 @@ impl Config {
         }
         let default_resources = file.resources.unwrap_or_default().resolve()?;
         let limits = file.limits.unwrap_or_default().resolve()?;
+        let metrics = file.metrics.unwrap_or_default().resolve(o.metrics_listen)?;
         let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
         if organization_id.is_empty() {
             return Err(invalid("organization_id", "must not be empty"));
@@ -612,6 +618,7 @@ impl Config {
             storage,
             limits,
             console,
+            metrics,
         })
     }
 }

@@ -349,6 +349,26 @@ pub struct HostCapacity {
     pub architecture: String,
 }
 
+/// Live figures of one running sandbox, read from its cgroup (and its
+/// host link when it has a network) at the moment of asking.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxStats {
+    /// CPU time used by its processes since it started.
+    pub cpu_usage_ns: u64,
+    /// Memory charged to it now (page cache included, as the kernel counts).
+    pub memory_bytes: u64,
+    /// Its memory limit; `None`: unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// The most memory charged to it so far, where the kernel keeps it.
+    pub memory_peak_bytes: Option<u64>,
+    /// Tasks (processes and threads) in it.
+    pub pids: u64,
+    /// Bytes it received and sent over its network; `None` without one.
+    pub net_rx_bytes: Option<u64>,
+    /// See `net_rx_bytes`.
+    pub net_tx_bytes: Option<u64>,
+}
+
 /// The backend the manager drives: the control plane (images, create,
 /// watch, signal, destroy, adopt, sweep) and the way into the data plane
 /// ([`Engine::agent`]).
@@ -413,6 +433,14 @@ pub trait Engine: Send + Sync + 'static {
 
     /// This host's capacity.
     fn capacity(&self) -> HostCapacity;
+
+    /// Live figures of a running sandbox (metrics, `sandpit stats`).
+    fn stats(
+        &self,
+        _id: &SandboxId,
+    ) -> impl Future<Output = Result<SandboxStats, EngineError>> + Send {
+        async { Err(EngineError::Unsupported("sandbox stats")) }
+    }
 
     /// Free bytes in the file system of the data dir (for its reserve);
     /// `None` when unknown or not applicable.

@@ -36,6 +36,8 @@ pub mod local_storage;
 pub mod logs;
 pub mod lxcfs;
 pub mod manager;
+pub mod metrics;
+pub mod metricsconfig;
 pub mod model;
 pub mod netconfig;
 mod offload;

@@ -24,7 +24,7 @@ use crate::chain as describe;
 use crate::engine::{
     Adoption, Committed, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit,
     NetworkOffer, NetworkStatus, PublicOffer, PullFailure, PullFailureKind, RegistryCredentials,
-    SnapshotTaken, StorageOffer, VolumeUsage,
+    SandboxStats, SnapshotTaken, StorageOffer, VolumeUsage,
 };
 use crate::local_net::LocalNetwork;
 use crate::local_storage::LocalStorage;
@@ -273,11 +273,21 @@ impl Engine for LocalEngine {
             let credentials = credentials
                 .filter(|c| c.registry == parsed.registry)
                 .map(|c| c.credentials);
+            let sizes = std::sync::Mutex::new(Vec::new());
             let image = puller
-                .pull_if_missing(&parsed, credentials.as_ref(), &|p: &Progress| {
-                    if let Progress::LayerDone { index } = p {
-                        tracing::debug!(layer = index, "layer pulled");
+                .pull_if_missing(&parsed, credentials.as_ref(), &|p: &Progress| match p {
+                    Progress::Resolved { layers, .. } => {
+                        *sizes.lock().unwrap_or_else(|e| e.into_inner()) =
+                            layers.iter().map(|l| l.size).collect();
                     }
+                    Progress::LayerDone { index } => {
+                        tracing::debug!(layer = index, "layer pulled");
+                        let sizes = sizes.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(size) = sizes.get(*index) {
+                            crate::metrics::PULLED_BYTES.inc_by(*size);
+                        }
+                    }
+                    _ => {}
                 })
                 .map_err(|e| PullFailure {
                     kind: e.kind(),
@@ -580,6 +590,33 @@ impl Engine for LocalEngine {
 
     fn capacity(&self) -> HostCapacity {
         host_capacity()
+    }
+
+    async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, EngineError> {
+        let sb = self
+            .sandbox(id)
+            .ok_or_else(|| EngineError::Unknown(id.clone()))?;
+        let link = self.network.as_ref().and_then(|n| n.host_link(id));
+        blocking(move || {
+            let cg = sb
+                .cgroup()
+                .stats()
+                .map_err(|e| EngineError::runtime("read the sandbox's cgroup", e))?;
+            // The host end of the veth: what it receives the sandbox sent.
+            let (tx, rx) = link
+                .map(|l| crate::local_net::link_counters(&l))
+                .unwrap_or((None, None));
+            Ok(SandboxStats {
+                cpu_usage_ns: cg.cpu_usage_usec.saturating_mul(1000),
+                memory_bytes: cg.memory_bytes,
+                memory_limit_bytes: cg.memory_limit_bytes,
+                memory_peak_bytes: cg.memory_peak_bytes,
+                pids: cg.pids,
+                net_rx_bytes: rx,
+                net_tx_bytes: tx,
+            })
+        })
+        .await?
     }
 
     fn data_free_bytes(&self) -> Option<u64> {

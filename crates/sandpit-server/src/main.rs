@@ -53,6 +53,10 @@ struct Args {
     /// Serve the web console on this address (enables `[console]`).
     #[arg(long, value_name = "ADDR")]
     console_listen: Option<String>,
+    /// Address of the Prometheus /metrics endpoint, or "off"
+    /// [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +73,7 @@ fn main() -> std::process::ExitCode {
         tls_key: args.tls_key,
         insecure: args.insecure,
         console_listen: args.console_listen,
+        metrics_listen: args.metrics_listen,
     };
     let config = match Config::load(args.config.as_deref(), overrides, env_keys.as_deref()) {
         Ok(c) => c,
@@ -271,6 +276,7 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     } else {
         None
     };
+    let _metrics = serve_metrics(&config, &manager).await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -318,6 +324,34 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     }
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// The /metrics listener, when configured (see `metricsconfig.rs`: the
+/// default address already taken only turns metrics off).
+async fn serve_metrics(
+    config: &Config,
+    manager: &Manager<LocalEngine>,
+) -> Result<Option<AbortOnDrop>> {
+    sandpit_server::metrics::init();
+    let Some(addr) = config.metrics.listen else {
+        tracing::info!("metrics off");
+        return Ok(None);
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !config.metrics.explicit => {
+            tracing::warn!(%addr, error = %e, "metrics off: the default address is not free");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("metrics: listen on {addr}")),
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving metrics on /metrics");
+    eprintln!("sandpitd metrics on http://{addr}/metrics");
+    let manager = manager.clone();
+    Ok(Some(AbortOnDrop(tokio::spawn(
+        sandpit_server::metrics::http::serve(listener, manager),
+    ))))
 }
 
 /// Aborts a task when dropped.

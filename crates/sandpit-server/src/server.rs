@@ -16,7 +16,8 @@ use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::api::{
-    CheckpointApi, DataPlaneOptions, DiscoveryApi, SandboxApi, SettingsApi, VolumeApi,
+    CheckpointApi, DataPlaneOptions, DiscoveryApi, OperationsApi, SandboxApi, SettingsApi,
+    VolumeApi,
 };
 use crate::auth::Auth;
 use crate::engine::Engine;
@@ -27,6 +28,7 @@ use crate::storage::Storage;
 use sandpit_proto::sandbox::v1::settings_service_server::SettingsServiceServer;
 use sandpit_proto::sandbox::v1::volume_service_server::VolumeServiceServer;
 use sandpit_proto::sandpit::v1::checkpoint_service_server::CheckpointServiceServer;
+use sandpit_proto::sandpit::v1::operations_server::OperationsServer;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,7 @@ pub async fn serve_with_storage<E: Engine>(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let checkpoint = CheckpointServiceServer::new(CheckpointApi::new(manager.clone()));
+    let operations = OperationsServer::new(OperationsApi::new(manager.clone()));
     let discovery = DiscoveryServiceServer::new(DiscoveryApi::new(
         manager,
         options.runner_id.clone(),
@@ -145,7 +148,8 @@ pub async fn serve_with_storage<E: Engine>(
         .add_service(reflection)
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
         .add_service(InterceptedService::new(discovery, auth.interceptor()))
-        .add_service(InterceptedService::new(checkpoint, auth.interceptor()));
+        .add_service(InterceptedService::new(checkpoint, auth.interceptor()))
+        .add_service(InterceptedService::new(operations, auth.interceptor()));
     if let Some(storage) = storage.filter(|s| s.offered()) {
         routes = routes
             .add_service(InterceptedService::new(
@@ -161,7 +165,9 @@ pub async fn serve_with_storage<E: Engine>(
     // settings, volumes, the direct data plane), and any other path, answer
     // UNIMPLEMENTED with the client's ErrorInfo instead of a bare status.
     let router = std::mem::take(routes.axum_router_mut());
-    *routes.axum_router_mut() = router.fallback(unknown_rpc);
+    *routes.axum_router_mut() = router
+        .fallback(unknown_rpc)
+        .layer(axum::middleware::from_fn(crate::metrics::grpc::track));
     builder
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)

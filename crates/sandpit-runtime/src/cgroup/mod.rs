@@ -39,6 +39,7 @@
 
 mod detect;
 mod fs;
+mod stats;
 mod v1;
 mod v2;
 
@@ -47,6 +48,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+pub use stats::CgroupStats;
 
 use fs::{child_dirs, kill_pids, pids_below, read, read_key, read_pids, remove_tree, write};
 
@@ -284,6 +287,10 @@ trait GroupOps {
     fn cpu_usage_usec(&self) -> Result<u64, CgroupError>;
     /// See [`Cgroup::memory_current`].
     fn memory_current(&self) -> Result<u64, CgroupError>;
+    /// The memory limit; `None`: unlimited.
+    fn memory_limit(&self) -> Result<Option<u64>, CgroupError>;
+    /// The most memory charged so far, where the kernel keeps it.
+    fn memory_peak(&self) -> Option<u64>;
     /// A file whose write kills every process of the group at once, forks
     /// included (v2's `cgroup.kill`), where the kernel has one.
     fn kill_file(&self) -> Option<PathBuf>;

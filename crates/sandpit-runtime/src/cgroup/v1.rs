@@ -15,6 +15,10 @@ use super::{
     CFS_PERIOD_US,
 };
 
+/// v1 memory limits at or above this are "unlimited" (the kernel shows
+/// `PAGE_COUNTER_MAX` pages: 0x7FFFFFFFFFFFF000 with 4 KiB pages).
+const V1_UNLIMITED: u64 = 1 << 62;
+
 /// Controllers a sandbox's cgroup is created in: the limits (`cpu`,
 /// `memory`, `pids`, `cpuset` where mounted), CPU accounting (`cpuacct`)
 /// and teardown (`freezer`).
@@ -274,6 +278,22 @@ impl GroupOps for Group {
 
     fn memory_current(&self) -> Result<u64, CgroupError> {
         read_u64(&self.dir_of("memory")?.join("memory.usage_in_bytes"))
+    }
+
+    fn memory_limit(&self) -> Result<Option<u64>, CgroupError> {
+        let limit = read_u64(&self.dir_of("memory")?.join("memory.limit_in_bytes"))?;
+        // Unlimited reads as the largest page-aligned i64 (platform-dependent).
+        Ok(Some(limit).filter(|l| *l < V1_UNLIMITED))
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        read_u64(
+            &self
+                .dir_of("memory")
+                .ok()?
+                .join("memory.max_usage_in_bytes"),
+        )
+        .ok()
     }
 
     /// v1 has no `cgroup.kill`: teardown freezes, kills and thaws.

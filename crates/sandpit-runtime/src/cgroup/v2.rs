@@ -180,6 +180,22 @@ impl GroupOps for Group {
         read_u64(&self.dir.join("memory.current"))
     }
 
+    fn memory_limit(&self) -> Result<Option<u64>, CgroupError> {
+        let path = self.dir.join("memory.max");
+        match read(&path)?.trim() {
+            "max" => Ok(None),
+            n => n
+                .parse()
+                .map(Some)
+                .map_err(|_| CgroupError::Parse(path.clone())),
+        }
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        // Linux 5.19+.
+        read_u64(&self.dir.join("memory.peak")).ok()
+    }
+
     fn kill_file(&self) -> Option<PathBuf> {
         Some(self.dir.join("cgroup.kill")).filter(|p| p.exists())
     }

@@ -15,6 +15,7 @@ pub mod exec;
 pub mod files;
 pub mod logs;
 pub(crate) mod network;
+pub mod operations;
 pub mod sandbox;
 pub mod secrets;
 pub(crate) mod services;
@@ -29,6 +30,7 @@ use crate::model::{Principal, SandboxId};
 
 pub use checkpoint::CheckpointApi;
 pub use discovery::DiscoveryApi;
+pub use operations::OperationsApi;
 pub use sandbox::{DataPlaneOptions, SandboxApi};
 pub use snapshots::SettingsApi;
 pub use volumes::VolumeApi;

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::engine::{
     Adoption, Engine, EngineError, HostCapacity, ImageInfo, LaunchSpec, MainExit, PullFailure,
-    RegistryCredentials,
+    RegistryCredentials, SandboxStats,
 };
 use crate::logs::{LogWriter, OutputChunk, Stream};
 use crate::model::SandboxId;
@@ -64,6 +64,8 @@ struct FakeSandbox {
     exit: watch::Sender<Option<MainExit>>,
     destroyed: bool,
     signals: Vec<i32>,
+    /// What [`Engine::stats`] reports; set by [`FakeEngine::set_stats`].
+    stats: Option<SandboxStats>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +99,13 @@ impl FakeEngine {
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What [`Engine::stats`] reports for sandbox `id` from now on.
+    pub fn set_stats(&self, id: &SandboxId, stats: SandboxStats) {
+        if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+            sb.stats = Some(stats);
+        }
     }
 
     /// Adds an image (by normalised reference) with this entrypoint and cmd.
@@ -336,6 +345,7 @@ impl Engine for FakeEngine {
                 exit,
                 destroyed: false,
                 signals: vec![],
+                stats: None,
             },
         );
         Ok(())
@@ -436,6 +446,24 @@ impl Engine for FakeEngine {
             .get(id)
             .filter(|s| !s.destroyed)
             .map(|s| AsyncAgentClient::new(FakeConnector::new(s.agent.clone())))
+    }
+
+    async fn stats(&self, id: &SandboxId) -> Result<SandboxStats, EngineError> {
+        let st = self.lock();
+        let sb = st
+            .sandboxes
+            .get(id)
+            .filter(|s| !s.destroyed)
+            .ok_or_else(|| EngineError::Unknown(id.clone()))?;
+        Ok(sb.stats.unwrap_or(SandboxStats {
+            cpu_usage_ns: 0,
+            memory_bytes: 1 << 20,
+            memory_limit_bytes: sb.spec.resources.limits.memory_bytes,
+            memory_peak_bytes: None,
+            pids: 1,
+            net_rx_bytes: None,
+            net_tx_bytes: None,
+        }))
     }
 
     fn capacity(&self) -> HostCapacity {

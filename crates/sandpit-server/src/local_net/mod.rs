@@ -57,6 +57,20 @@ struct Attached {
     host_ports: Vec<(u16, u16)>,
 }
 
+/// `(rx_bytes, tx_bytes)` of host link `name`, from sysfs (blocking; the
+/// figures of whichever network namespace the daemon is in, the host's).
+pub fn link_counters(name: &str) -> (Option<u64>, Option<u64>) {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return (None, None);
+    }
+    let read = |what: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    };
+    (read("rx_bytes"), read("tx_bytes"))
+}
+
 /// Whether a policy names other sandboxes (and must be applied again when
 /// they come and go).
 fn names_tenants(p: &NetworkPolicy) -> bool {
@@ -151,6 +165,11 @@ impl LocalNetwork {
             alloc: a.net.alloc,
             host_ports: a.host_ports.clone(),
         })
+    }
+
+    /// The host end of sandbox `id`'s veth, while it is attached.
+    pub fn host_link(&self, id: &SandboxId) -> Option<String> {
+        self.attached().get(id).map(|a| a.net.host_link.clone())
     }
 
     /// The share token of sandbox `id` (see `Engine::share_token`).

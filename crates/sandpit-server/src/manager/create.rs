@@ -39,7 +39,11 @@ impl<E: Engine> Manager<E> {
         principal: &Principal,
         req: NewSandbox,
     ) -> Result<SandboxRecord, ManagerError> {
-        let record = match self.reserve(principal, &req).await? {
+        let reserved = self.reserve(principal, &req).await;
+        if reserved.is_err() {
+            crate::metrics::create_answered("refused");
+        }
+        let record = match reserved? {
             Reserved::New(record) => *record,
             Reserved::Existing(id, rx) => {
                 tracing::debug!(sandbox_id = %id, "idempotent create");
@@ -49,8 +53,14 @@ impl<E: Engine> Manager<E> {
         tracing::info!(parent: &span(&record.id), principal = %principal, image = %record.image, "create");
         let this = self.clone();
         let id = record.id.clone();
-        self.detached(&record.id, async move { this.launch(&id, req).await })
-            .await
+        let answer = self
+            .detached(&record.id, async move { this.launch(&id, req).await })
+            .await;
+        crate::metrics::create_answered(match &answer {
+            Ok(r) => r.state.as_str(),
+            Err(_) => "failed",
+        });
+        answer
     }
 
     /// The sandbox of an earlier request with the same id, or a new PENDING
@@ -179,7 +189,9 @@ impl<E: Engine> Manager<E> {
                 tracing::info!(image = %req.image, "pulling");
                 let started = std::time::Instant::now();
                 let credentials = req.pull_credentials.take();
-                let result = match this.inner.engine.pull(&req.image, credentials).await {
+                let pulled = this.inner.engine.pull(&req.image, credentials).await;
+                crate::metrics::pull_done(pulled.is_ok(), started.elapsed());
+                let result = match pulled {
                     Ok(image) => {
                         tracing::info!(
                             image = %req.image,
@@ -220,6 +232,9 @@ impl<E: Engine> Manager<E> {
                 let at = self.now();
                 match self.commit(id, Transition::Started { at }).await? {
                     Applied::Changed { record, .. } => {
+                        crate::metrics::create_started(
+                            at.duration_since(record.create_time).unwrap_or_default(),
+                        );
                         self.spawn_watcher(id);
                         self.arm_timer(id, at, record.max_lifetime_seconds);
                         Ok(record)

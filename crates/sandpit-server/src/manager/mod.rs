@@ -47,6 +47,7 @@ mod create;
 pub mod lifecycle;
 mod listing;
 mod startup;
+mod stats;
 mod stop;
 mod table;
 mod tasks;

@@ -126,6 +126,11 @@ impl<E: Engine> Manager<E> {
                 };
                 if let Applied::Changed { record, .. } = self.commit(id, t).await? {
                     tracing::info!("startup probe passed");
+                    if let Ready::Started = ready {
+                        crate::metrics::create_started(
+                            at.duration_since(record.create_time).unwrap_or_default(),
+                        );
+                    }
                     self.arm_timer(id, at, record.max_lifetime_seconds);
                     let exit = exit.await;
                     self.on_exit(id, exit).await;

@@ -65,6 +65,7 @@ pub async fn stream_exec<E: Engine>(
         tty: init.tty.then(|| win_size(init.tty_width, init.tty_height)),
     };
     let (tx, rx) = mpsc::channel(CHANNEL);
+    let mut timer = crate::metrics::ExecTimer::begin();
     let session = match start(manager, &principal, &sandbox_id, req).await? {
         Started::Running(s) => s,
         Started::Failed { message, code } => {
@@ -74,6 +75,7 @@ pub async fn stream_exec<E: Engine>(
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
     };
+    timer.started();
     let (events, control) = session.into_split();
     let ready = pb::ExecStreamResponse {
         message: Some(Out::Ready(pb::ExecStreamReady {
@@ -96,6 +98,7 @@ pub async fn stream_exec<E: Engine>(
                 let _ = tx.send(Err(status)).await;
             }
         }
+        drop(timer);
         tracing::debug!(%sandbox_id, "exec stream ended");
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

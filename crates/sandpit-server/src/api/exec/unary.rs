@@ -90,6 +90,7 @@ pub async fn exec<E: Engine>(
         cwd: None,
         tty: None,
     };
+    let mut timer = crate::metrics::ExecTimer::begin();
     let session = match start(manager, &principal, &sandbox_id, exec_req).await? {
         Started::Running(s) => s,
         Started::Failed { message, code } => {
@@ -104,6 +105,7 @@ pub async fn exec<E: Engine>(
             }));
         }
     };
+    timer.started();
     // A call that is cancelled or times out drops this future, and with it
     // the connection: the agent then kills the command.
     let collect = async move {
