@@ -2,6 +2,7 @@
 //! sandboxes straight on the engine (no daemon needed), and lists or stops
 //! the sandboxes of a running `sandpitd`.
 
+mod commands;
 mod pull;
 mod remote;
 mod run;
@@ -41,6 +42,8 @@ enum Command {
     Run(run::RunArgs),
     /// Manage the secrets of sandpitd's managed secret stores.
     Secret(secret::SecretArgs),
+    /// Show a sandbox's commands: CPU time, peak memory and how each ended.
+    Commands(commands::CommandsArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -100,6 +103,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image { command } => image(&cli.data_dir, command).map(|()| 0),
         Command::Run(args) => run::run(&cli.data_dir, args),
         Command::Secret(args) => secret::run(args).map(|()| 0),
+        Command::Commands(args) => commands::run(&cli.server, &cli.data_dir, args).map(|()| 0),
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }

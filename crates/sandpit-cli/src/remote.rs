@@ -34,7 +34,7 @@ async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client
 }
 
 /// The channel to the daemon and the interceptor that authenticates on it.
-async fn connect_channel(args: &ServerArgs, data_dir: &std::path::Path) -> Result<(Channel, Auth)> {
+pub(crate) async fn connect_channel(args: &ServerArgs, data_dir: &std::path::Path) -> Result<(Channel, Auth)> {
     let key = match &args.api_key {
         Some(k) => k.clone(),
         None => {
@@ -272,7 +272,7 @@ async fn delete(client: &mut Client, id: String, grace: i32) -> Result<pb::Sandb
     }))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 

@@ -49,7 +49,8 @@ pub use coreweave::sandbox;
 /// Sandpit's own extensions, next to `coreweave.sandbox.v1` (not part of the
 /// client's protocol; see `proto/sandpit/`).
 pub mod sandpit {
-    /// `sandpit.v1`: CheckpointService (commit a sandbox into an image).
+    /// `sandpit.v1`: CheckpointService (commit a sandbox into an image) and
+    /// Accounting (per-command records).
     #[allow(
         clippy::all,
         clippy::pedantic,

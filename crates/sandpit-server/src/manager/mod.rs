@@ -43,6 +43,7 @@ use crate::model::{Principal, ResourceSpec, SandboxId, SandboxRecord, State};
 
 pub mod admission;
 mod adoption;
+mod commands;
 mod create;
 pub mod lifecycle;
 mod listing;
@@ -53,6 +54,7 @@ mod tasks;
 
 pub use lifecycle::{outcome, ExitOutcome, Refused, Transition};
 pub use listing::{ListPage, ListQuery, StateFilter};
+pub use commands::ExecAccount;
 pub use stop::PurgeOutcome;
 
 use table::Table;
@@ -184,6 +186,7 @@ struct Inner<E> {
     config: ManagerConfig,
     clock: Arc<dyn Clock>,
     logs: LogWriter,
+    accounting: crate::accounting::Accounting,
 }
 
 /// The sandbox manager; cheap to clone (all clones share the state).
@@ -253,6 +256,7 @@ impl<E: Engine> Manager<E> {
         sink: Arc<dyn LogSink>,
     ) -> Result<Self, ManagerError> {
         let records = db.load_all()?;
+        let accounting = crate::accounting::Accounting::load(db.load_commands()?);
         let mut table = Table::default();
         for r in &records {
             table.insert_stored(r.clone());
@@ -265,6 +269,7 @@ impl<E: Engine> Manager<E> {
                 config,
                 clock,
                 logs: LogWriter::new(sink),
+                accounting,
             }),
         };
         let mut keep = HashSet::new();

@@ -33,7 +33,8 @@ use tonic::{Code, Status};
 use super::convert;
 use super::errors::{self, invalid_request, reason, Violation};
 use crate::engine::Engine;
-use crate::manager::{Manager, ManagerError};
+use crate::accounting::Ending;
+use crate::manager::{ExecAccount, Manager, ManagerError};
 use crate::model::{Principal, SandboxId, State};
 
 mod stream;
@@ -161,34 +162,58 @@ enum Started<C: Connector> {
     },
 }
 
-/// Starts `req` in the caller's sandbox `id` (waiting while it is created).
+/// Starts `req` in the caller's sandbox `id` (waiting while it is created),
+/// with its account (see [`crate::accounting`]): `None` when the command
+/// never reached the sandbox (not the caller's, not running, refused), so
+/// there is nothing to account for.
 async fn start<E: Engine>(
     manager: &Manager<E>,
     principal: &Principal,
     id: &SandboxId,
     req: ExecRequest,
-) -> Result<Started<E::Connector>, Status> {
+) -> Result<(Started<E::Connector>, Option<ExecAccount>), Status> {
     let agent: AsyncAgentClient<E::Connector> = manager
         .agent_for(principal, id)
         .await
         .map_err(errors::from_manager)?;
+    let mut account = manager.exec_begin(id, &req.argv);
     match agent.exec(req).await {
-        Ok(session) => Ok(Started::Running(session)),
+        Ok(session) => Ok((Started::Running(session), Some(account))),
         // The agent says why, by kind: the shell's 127 for a command not
         // found, 126 for one that cannot run.
         Err(ClientError::Agent {
             kind:
                 kind @ (ErrorKind::SpawnFailed | ErrorKind::NotFound | ErrorKind::PermissionDenied),
             message,
-        }) => Ok(Started::Failed {
-            code: kind.spawn_exit_code(),
-            message,
-        }),
+        }) => {
+            let code = kind.spawn_exit_code();
+            manager.exec_end(
+                &mut account,
+                Ending::SpawnFailed,
+                None,
+                Some(code),
+                message.clone(),
+            );
+            Ok((Started::Failed { code, message }, None))
+        }
         Err(ClientError::Agent {
             kind: ErrorKind::InvalidArgument,
             message,
-        }) => Err(invalid_request(&[Violation::new("command", message)])),
-        Err(e) => Err(agent_failure(manager, principal, id, &e)),
+        }) => {
+            // Refused, never run: no record.
+            account.discard();
+            Err(invalid_request(&[Violation::new("command", message)]))
+        }
+        Err(e) => {
+            manager.exec_end(
+                &mut account,
+                Ending::AgentLost,
+                None,
+                None,
+                crate::chain(&e),
+            );
+            Err(agent_failure(manager, principal, id, &e))
+        }
     }
 }
 
@@ -218,6 +243,20 @@ fn agent_failure<E: Engine>(
             )
         }
     }
+}
+
+/// How long the usage may take after the exit (the agent sends both at
+/// once; a silent one costs no more than this).
+const USAGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The command's usage, read after its exit.
+async fn usage_after_exit<R: tokio::io::AsyncRead + Unpin>(
+    events: &mut sandpit_wire::async_client::ExecEvents<R>,
+) -> Option<sandpit_wire::Usage> {
+    tokio::time::timeout(USAGE_TIMEOUT, events.usage())
+        .await
+        .ok()
+        .flatten()
 }
 
 fn win_size(width: u32, height: u32) -> WinSize {
