@@ -18,6 +18,11 @@ use crate::model::{Principal, SandboxId, State};
 /// How long the main process's usage may take to come from the agent.
 const MAIN_USAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A caller that goes away this close to its deadline (or later) left
+/// because of it: its clock fires about when ours does, and its
+/// cancellation often arrives first.
+const DEADLINE_SLACK: Duration = Duration::from_millis(500);
+
 /// Where records go: memory, metrics, and the database.
 #[derive(Debug, Clone)]
 struct Recorder {
@@ -45,10 +50,30 @@ pub struct ExecAccount {
     start_time: SystemTime,
     started: Instant,
     oom_before: Option<u64>,
+    deadline: Option<Instant>,
     done: bool,
 }
 
 impl ExecAccount {
+    /// The call's deadline: a caller gone near it timed out.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// A caller gone near its deadline timed out.
+    fn deadline_or(&self, ending: Ending) -> Ending {
+        match ending {
+            Ending::CallerGone
+                if self
+                    .deadline
+                    .is_some_and(|d| Instant::now() + DEADLINE_SLACK >= d) =>
+            {
+                Ending::DeadlinePassed
+            }
+            other => other,
+        }
+    }
+
     /// Drops the account without a record (the command never ran).
     pub fn discard(mut self) {
         self.done = true;
@@ -81,7 +106,8 @@ impl ExecAccount {
 
 impl Drop for ExecAccount {
     fn drop(&mut self) {
-        self.finish(Outcome::Cancelled, None, None, "the call was dropped".into());
+        let outcome = attribute(&self.deadline_or(Ending::CallerGone), false, false);
+        self.finish(outcome, None, None, "the call was dropped".into());
     }
 }
 
@@ -108,6 +134,7 @@ impl<E: Engine> Manager<E> {
             start_time: SystemTime::now(),
             started: Instant::now(),
             oom_before: self.inner.engine.oom_kills(id),
+            deadline: None,
             done: false,
         }
     }
@@ -123,6 +150,7 @@ impl<E: Engine> Manager<E> {
         detail: String,
     ) {
         let id = account.sandbox.clone();
+        let ending = account.deadline_or(ending);
         let oom_rose = match (account.oom_before, self.inner.engine.oom_kills(&id)) {
             (Some(before), Some(after)) => after > before,
             _ => false,

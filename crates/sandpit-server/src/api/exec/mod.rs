@@ -154,7 +154,8 @@ async fn deadline_passed(deadline: Option<Instant>) {
 
 /// How starting a command went.
 enum Started<C: Connector> {
-    Running(AsyncExec<C>),
+    /// It runs; its account records how it ends.
+    Running(AsyncExec<C>, ExecAccount),
     /// It did not start, as a shell reports it: a message and a code.
     Failed {
         message: String,
@@ -163,22 +164,22 @@ enum Started<C: Connector> {
 }
 
 /// Starts `req` in the caller's sandbox `id` (waiting while it is created),
-/// with its account (see [`crate::accounting`]): `None` when the command
-/// never reached the sandbox (not the caller's, not running, refused), so
-/// there is nothing to account for.
+/// with its account (see [`crate::accounting`]; a command that never
+/// reached the sandbox, not the caller's, not running or refused, has
+/// none).
 async fn start<E: Engine>(
     manager: &Manager<E>,
     principal: &Principal,
     id: &SandboxId,
     req: ExecRequest,
-) -> Result<(Started<E::Connector>, Option<ExecAccount>), Status> {
+) -> Result<Started<E::Connector>, Status> {
     let agent: AsyncAgentClient<E::Connector> = manager
         .agent_for(principal, id)
         .await
         .map_err(errors::from_manager)?;
     let mut account = manager.exec_begin(id, &req.argv);
     match agent.exec(req).await {
-        Ok(session) => Ok((Started::Running(session), Some(account))),
+        Ok(session) => Ok(Started::Running(session, account)),
         // The agent says why, by kind: the shell's 127 for a command not
         // found, 126 for one that cannot run.
         Err(ClientError::Agent {
@@ -194,7 +195,7 @@ async fn start<E: Engine>(
                 Some(code),
                 message.clone(),
             );
-            Ok((Started::Failed { code, message }, None))
+            Ok(Started::Failed { code, message })
         }
         Err(ClientError::Agent {
             kind: ErrorKind::InvalidArgument,

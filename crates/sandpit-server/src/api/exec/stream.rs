@@ -68,9 +68,8 @@ pub async fn stream_exec<E: Engine>(
     };
     let (tx, rx) = mpsc::channel(CHANNEL);
     let (session, account) = match start(manager, &principal, &sandbox_id, req).await? {
-        (Started::Running(s), Some(account)) => (s, account),
-        (Started::Running(_), None) => unreachable!("a running command has its account"),
-        (Started::Failed { message, code }, _) => {
+        Started::Running(s, account) => (s, account),
+        Started::Failed { message, code } => {
             // Reported like a shell would; the channel holds both frames.
             let _ = tx.try_send(Ok(output(PbStream::Stderr, format!("{message}\n").into())));
             let _ = tx.try_send(Ok(exit(code)));
@@ -88,6 +87,7 @@ pub async fn stream_exec<E: Engine>(
     tokio::spawn(async move {
         let mut events = events;
         let mut account = account;
+        account.set_deadline(deadline.map(Instant::into_std));
         // Polled by the same task as the output, not spawned: one task per
         // exec, so no wake-up crosses tasks (or worker threads) on its way.
         let inbound = forward_stdin(inbound, control);

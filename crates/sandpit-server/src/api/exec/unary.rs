@@ -88,9 +88,8 @@ pub async fn exec<E: Engine>(
         tty: None,
     };
     let (session, account) = match start(manager, &principal, &sandbox_id, exec_req).await? {
-        (Started::Running(s), Some(account)) => (s, account),
-        (Started::Running(_), None) => unreachable!("a running command has its account"),
-        (Started::Failed { message, code }, _) => {
+        Started::Running(s, account) => (s, account),
+        Started::Failed { message, code } => {
             let mut stderr = Capped::default();
             stderr.push(format!("{message}\n").as_bytes(), cap);
             return Ok(Response::new(pb::ExecResponse {
@@ -125,6 +124,7 @@ pub async fn exec<E: Engine>(
     };
     // Dropped with this future (the call cancelled), it records that.
     let mut account = account;
+    account.set_deadline(deadline.map(Instant::into_std));
     let stopped = |account: &mut _, ending| {
         manager.exec_end(account, ending, None, None, String::new());
     };
