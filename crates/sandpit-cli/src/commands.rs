@@ -19,7 +19,11 @@ pub(crate) struct CommandsArgs {
 }
 
 /// Prints the sandbox's command records, oldest first.
-pub(crate) fn run(server: &ServerArgs, data_dir: &std::path::Path, args: CommandsArgs) -> Result<()> {
+pub(crate) fn run(
+    server: &ServerArgs,
+    data_dir: &std::path::Path,
+    args: CommandsArgs,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -129,7 +133,10 @@ mod tests {
         };
         let r = row(&c);
         assert!(r.starts_with("exec-2"), "{r}");
-        assert!(r.contains("exited") && r.contains("0.750") && r.ends_with("sh -c exit 3"), "{r}");
+        assert!(
+            r.contains("exited") && r.contains("0.750") && r.ends_with("sh -c exit 3"),
+            "{r}"
+        );
         let j = json(&c);
         assert_eq!(j["outcome"], "exited");
         assert_eq!(j["exit_code"], 3);

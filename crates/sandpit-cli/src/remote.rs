@@ -34,7 +34,10 @@ async fn connect(args: &ServerArgs, data_dir: &std::path::Path) -> Result<Client
 }
 
 /// The channel to the daemon and the interceptor that authenticates on it.
-pub(crate) async fn connect_channel(args: &ServerArgs, data_dir: &std::path::Path) -> Result<(Channel, Auth)> {
+pub(crate) async fn connect_channel(
+    args: &ServerArgs,
+    data_dir: &std::path::Path,
+) -> Result<(Channel, Auth)> {
     let key = match &args.api_key {
         Some(k) => k.clone(),
         None => {

@@ -16,7 +16,8 @@ use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::api::{
-    AccountingApi, CheckpointApi, DataPlaneOptions, DiscoveryApi, SandboxApi, SettingsApi, VolumeApi,
+    AccountingApi, CheckpointApi, DataPlaneOptions, DiscoveryApi, SandboxApi, SettingsApi,
+    VolumeApi,
 };
 use crate::auth::Auth;
 use crate::engine::Engine;

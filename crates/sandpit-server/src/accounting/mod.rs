@@ -299,7 +299,10 @@ impl Accounting {
 
     /// Keeps the main command line of sandbox `id` for its record.
     pub fn set_main_argv(&self, id: &SandboxId, argv: &[String]) {
-        lock(&self.sandboxes).entry(id.clone()).or_default().main_argv = Some(truncate_argv(argv));
+        lock(&self.sandboxes)
+            .entry(id.clone())
+            .or_default()
+            .main_argv = Some(truncate_argv(argv));
     }
 
     /// The main command line, when this daemon launched it (`None` after

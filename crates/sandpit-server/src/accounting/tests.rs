@@ -45,14 +45,28 @@ fn every_ending_is_attributed_precisely() {
         Outcome::Exited { code: 1 }
     );
     // What the daemon knows.
-    assert_eq!(attribute(&Ending::DeadlinePassed, false, false), Outcome::TimedOut);
-    assert_eq!(attribute(&Ending::CallerGone, false, false), Outcome::Cancelled);
+    assert_eq!(
+        attribute(&Ending::DeadlinePassed, false, false),
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        attribute(&Ending::CallerGone, false, false),
+        Outcome::Cancelled
+    );
     assert_eq!(
         attribute(&Ending::AgentLost, false, true),
         Outcome::SandboxStopped
     );
-    for e in [Ending::AgentLost, Ending::DaemonShutdown, Ending::SpawnFailed] {
-        assert_eq!(attribute(&e, false, false), Outcome::InfrastructureError, "{e:?}");
+    for e in [
+        Ending::AgentLost,
+        Ending::DaemonShutdown,
+        Ending::SpawnFailed,
+    ] {
+        assert_eq!(
+            attribute(&e, false, false),
+            Outcome::InfrastructureError,
+            "{e:?}"
+        );
     }
     // A stop does not turn a reported exit into something else.
     assert_eq!(
@@ -82,7 +96,9 @@ fn command_lines_are_cut_at_character_boundaries() {
     let argv: Vec<String> = std::iter::repeat_n(long, MAX_ARGS + 3).collect();
     let cut = truncate_argv(&argv);
     assert_eq!(cut.len(), MAX_ARGS);
-    assert!(cut.iter().all(|a| a.len() == MAX_ARG_BYTES && a.chars().all(|c| c == 'é')));
+    assert!(cut
+        .iter()
+        .all(|a| a.len() == MAX_ARG_BYTES && a.chars().all(|c| c == 'é')));
     let odd = "a".to_string() + &"é".repeat(MAX_ARG_BYTES);
     assert_eq!(truncate_argv(&[odd])[0].len(), MAX_ARG_BYTES - 1);
 }

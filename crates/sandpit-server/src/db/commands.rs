@@ -87,7 +87,10 @@ mod tests {
     #[test]
     fn command_records_are_bounded_and_go_with_their_sandbox() {
         let db = Db::in_memory().unwrap();
-        let (a, b) = (SandboxId::parse("a").unwrap(), SandboxId::parse("b").unwrap());
+        let (a, b) = (
+            SandboxId::parse("a").unwrap(),
+            SandboxId::parse("b").unwrap(),
+        );
         db.put(&super::super::tests::record("a")).unwrap();
         for n in 1..=MAX_RECORDS + 5 {
             let json = serde_json::to_string(&command(n)).unwrap();

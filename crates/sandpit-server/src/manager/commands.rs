@@ -207,20 +207,18 @@ impl<E: Engine> Manager<E> {
             }
         };
         let (ending, detail, exit_code) = match exit {
-            MainExit::Exited { status, .. } => {
-                (Ending::Exited(*status), String::new(), Some(status.shell_code()))
-            }
-            MainExit::StartFailed(msg) => (Ending::SpawnFailed, msg.clone(), None),
-            MainExit::InitDied { .. } => (
-                Ending::AgentLost,
-                "sandbox init process died".into(),
-                None,
+            MainExit::Exited { status, .. } => (
+                Ending::Exited(*status),
+                String::new(),
+                Some(status.shell_code()),
             ),
+            MainExit::StartFailed(msg) => (Ending::SpawnFailed, msg.clone(), None),
+            MainExit::InitDied { .. } => {
+                (Ending::AgentLost, "sandbox init process died".into(), None)
+            }
         };
         let oom_rose = match exit {
-            MainExit::Exited { oom_kills, .. } | MainExit::InitDied { oom_kills } => {
-                *oom_kills > 0
-            }
+            MainExit::Exited { oom_kills, .. } | MainExit::InitDied { oom_kills } => *oom_kills > 0,
             MainExit::StartFailed(_) => false,
         };
         let (outcome, detail) = match stop {

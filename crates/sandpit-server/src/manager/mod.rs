@@ -52,9 +52,9 @@ mod stop;
 mod table;
 mod tasks;
 
+pub use commands::ExecAccount;
 pub use lifecycle::{outcome, ExitOutcome, Refused, Transition};
 pub use listing::{ListPage, ListQuery, StateFilter};
-pub use commands::ExecAccount;
 pub use stop::PurgeOutcome;
 
 use table::Table;

@@ -32,8 +32,8 @@ use tonic::{Code, Status};
 
 use super::convert;
 use super::errors::{self, invalid_request, reason, Violation};
-use crate::engine::Engine;
 use crate::accounting::Ending;
+use crate::engine::Engine;
 use crate::manager::{ExecAccount, Manager, ManagerError};
 use crate::model::{Principal, SandboxId, State};
 
@@ -157,10 +157,7 @@ enum Started<C: Connector> {
     /// It runs; its account records how it ends.
     Running(AsyncExec<C>, ExecAccount),
     /// It did not start, as a shell reports it: a message and a code.
-    Failed {
-        message: String,
-        code: i32,
-    },
+    Failed { message: String, code: i32 },
 }
 
 /// Starts `req` in the caller's sandbox `id` (waiting while it is created),

@@ -147,7 +147,13 @@ pub async fn exec<E: Engine>(
             return Err(agent_failure(manager, &principal, &sandbox_id, &e));
         }
     };
-    manager.exec_end(&mut account, Ending::Exited(status), usage, None, String::new());
+    manager.exec_end(
+        &mut account,
+        Ending::Exited(status),
+        usage,
+        None,
+        String::new(),
+    );
     let code = status.shell_code();
     Ok(Response::new(pb::ExecResponse {
         stdout: out.data,
