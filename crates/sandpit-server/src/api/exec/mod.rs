@@ -153,6 +153,8 @@ async fn deadline_passed(deadline: Option<Instant>) {
 }
 
 /// How starting a command went.
+// Returned once per exec and matched at once, never stored.
+#[allow(clippy::large_enum_variant)]
 enum Started<C: Connector> {
     /// It runs; its account records how it ends.
     Running(AsyncExec<C>, ExecAccount),
