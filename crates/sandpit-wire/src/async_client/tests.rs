@@ -141,6 +141,7 @@ macro_rules! on_both_transports {
 // After the macro: they use it.
 mod files;
 mod frames;
+mod usage;
 
 on_both_transports!(
     ping_and_signal_main,
@@ -153,7 +154,6 @@ on_both_transports!(
     close_before_exit_is_an_error,
     frames_other_than_output_are_refused_during_exec,
     dropping_both_halves_closes_the_connection,
-    usage_follows_the_exit_or_is_absent,
 );
 
 #[tokio::test]
@@ -356,45 +356,6 @@ async fn session_events_control_frames_and_end<C: Connector>(make: Make<C>) {
         Some(ExecEvent::Exited(ExitStatus::Signal(Signal::KILL)))
     );
     assert_eq!(events.next_event().await.unwrap(), None);
-    f.done().await;
-}
-
-async fn usage_follows_the_exit_or_is_absent<C: Connector>(make: Make<C>) {
-    const USED: Usage = Usage {
-        user_us: 7,
-        sys_us: 8,
-        max_rss_bytes: 9,
-    };
-    let f = make(
-        3,
-        handler(|mut s, first| async move {
-            match first {
-                Frame::MainUsage => s.put(Frame::Usage(USED)).await,
-                Frame::Exec(req) => {
-                    s.put(Frame::Started { pid: 1 }).await;
-                    s.put(Frame::Exited(ExitStatus::Code(0))).await;
-                    // An older agent closes the connection after the exit.
-                    if req.argv[0] == "new" {
-                        s.put(Frame::Usage(USED)).await;
-                    }
-                }
-                other => panic!("{other:?}"),
-            }
-        }),
-    );
-    assert_eq!(f.client.main_usage().await.unwrap(), USED);
-    for (argv0, want) in [("new", Some(USED)), ("old", None)] {
-        let (mut events, _control) = f.client.exec(cmd(&[argv0])).await.unwrap().into_split();
-        // Before the exit there is none, and nothing is read for it.
-        assert_eq!(events.usage().await, None);
-        assert_eq!(
-            events.next_event().await.unwrap(),
-            Some(ExecEvent::Exited(ExitStatus::Code(0)))
-        );
-        assert_eq!(events.usage().await, want, "{argv0}");
-        // Taken once.
-        assert_eq!(events.usage().await, None);
-    }
     f.done().await;
 }
 
