@@ -185,7 +185,13 @@ fn run(
             .and_then(|()| w.write_all(&session.out[session.out_pos..]));
         // The output loop ends normally only after the exit was seen.
         if let (Ok(()), Some(status)) = (flushed, proc.exit.status()) {
-            let _ = write_frame(&mut w, &Frame::Exited(status));
+            // Usage after the exit, never before: a host that stops reading
+            // at `Exited` still gets what it expects.
+            if write_frame(&mut w, &Frame::Exited(status)).is_ok() {
+                if let Some(usage) = proc.exit.usage() {
+                    let _ = write_frame(&mut w, &Frame::Usage(usage));
+                }
+            }
         }
     }
     let _ = stream.shutdown(Shutdown::Both);

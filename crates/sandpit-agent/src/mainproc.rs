@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, Signal, CHUNK_LEN};
+use sandpit_wire::{encode, ErrorKind, Frame, MainStatus, Signal, Usage, CHUNK_LEN};
 
 use crate::creds::Creds;
 use crate::reaper::{lock, ExitCell, Reaper};
@@ -294,6 +294,16 @@ impl Main {
     /// The status for `Pong`.
     pub(crate) fn status(&self) -> MainStatus {
         lock(&self.state).status.clone()
+    }
+
+    /// What the main process used, once its exit was published (the same
+    /// moment `Pong` reports it).
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        let st = lock(&self.state);
+        match st.status {
+            MainStatus::Exited(_) => st.exit.as_ref().and_then(|e| e.usage()),
+            _ => None,
+        }
     }
 
     /// Waits until `deadline` unless the main command ended (exited, or

@@ -6,18 +6,23 @@
 //! registration, and the reaper only reaps while holding it. And a pid must not
 //! be recycled between "reaped" and "routed": the reaper first peeks with
 //! `WNOWAIT` (the zombie keeps its pid), then reaps and routes under the lock.
+//!
+//! Reaping is `wait4`, so each status comes with the child's resource usage
+//! (CPU times and the largest resident set among it and the descendants it
+//! waited for), which the agent reports after an exec's exit and for the
+//! main process.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sandpit_wire::{ExitStatus, Signal};
+use sandpit_wire::{ExitStatus, Signal, Usage};
 
 /// Where the exit status of one child lands.
 #[derive(Debug)]
 pub(crate) struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
+    status: Mutex<Option<(ExitStatus, Usage)>>,
     /// Write end of a pipe, dropped at exit: the read end then polls as hung up,
     /// so threads can wait for the exit and for output in one `poll`.
     notify_w: Mutex<Option<OwnedFd>>,
@@ -35,14 +40,19 @@ impl ExitCell {
         })
     }
 
-    fn set(&self, status: ExitStatus) {
-        *lock(&self.status) = Some(status);
+    fn set(&self, status: ExitStatus, usage: Usage) {
+        *lock(&self.status) = Some((status, usage));
         lock(&self.notify_w).take();
     }
 
     /// The exit status, once the child was reaped.
     pub(crate) fn status(&self) -> Option<ExitStatus> {
-        *lock(&self.status)
+        lock(&self.status).map(|(s, _)| s)
+    }
+
+    /// What the child used, once it was reaped.
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        lock(&self.status).map(|(_, u)| u)
     }
 
     /// Polls readable (hung up) once the child was reaped.
@@ -138,8 +148,12 @@ impl Reaper {
             }
             let mut registry = lock(&self.registry);
             let mut raw = 0;
-            // SAFETY: waitpid writes into `raw`; `pid` is a zombie child of ours.
-            let reaped = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG | libc::__WALL) };
+            // SAFETY: rusage is plain data; all-zero is a valid value.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 writes into `raw` and `ru`, which outlive the
+            // call; `pid` is a zombie child of ours.
+            let reaped =
+                unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG | libc::__WALL, &mut ru) };
             if reaped != pid {
                 continue;
             }
@@ -147,7 +161,7 @@ impl Reaper {
             drop(registry);
             // Orphans re-parented to us have no cell: reaping them is all.
             if let Some(cell) = cell {
-                cell.set(decode(raw));
+                cell.set(decode(raw), usage(&ru));
             }
         }
     }
@@ -166,6 +180,24 @@ impl Reaper {
                 break;
             }
         }
+    }
+}
+
+/// The usage `wait4` reported: times to microseconds, `ru_maxrss` (KiB on
+/// Linux) to bytes. Negative fields (never from the kernel) count as 0.
+pub(crate) fn usage(ru: &libc::rusage) -> Usage {
+    let us = |t: libc::timeval| {
+        u64::try_from(t.tv_sec)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    Usage {
+        user_us: us(ru.ru_utime),
+        sys_us: us(ru.ru_stime),
+        max_rss_bytes: u64::try_from(ru.ru_maxrss)
+            .unwrap_or(0)
+            .saturating_mul(1024),
     }
 }
 
@@ -197,5 +229,30 @@ mod tests {
             ExitStatus::Signal(Signal::new(libc::SIGSEGV).unwrap())
         );
         assert_eq!(decode(64), ExitStatus::Signal(Signal::new(64).unwrap()));
+    }
+
+    #[test]
+    fn rusage_converts_to_microseconds_and_bytes() {
+        // SAFETY: rusage is plain data; all-zero is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        ru.ru_utime = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 500_000,
+        };
+        ru.ru_stime = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 7,
+        };
+        ru.ru_maxrss = 1024;
+        assert_eq!(
+            usage(&ru),
+            Usage {
+                user_us: 2_500_000,
+                sys_us: 7,
+                max_rss_bytes: 1 << 20,
+            }
+        );
+        ru.ru_maxrss = -1;
+        assert_eq!(usage(&ru).max_rss_bytes, 0);
     }
 }

@@ -274,6 +274,16 @@ fn handle(ctx: &Ctx, stream: UnixStream) -> io::Result<()> {
             Ok(()) => write_frame(&mut w, &Frame::Ok),
             Err((kind, message)) => write_frame(&mut w, &Frame::Error { kind, message }),
         },
+        Frame::MainUsage => match ctx.main.usage() {
+            Some(usage) => write_frame(&mut w, &Frame::Usage(usage)),
+            None => write_frame(
+                &mut w,
+                &Frame::Error {
+                    kind: ErrorKind::NotRunning,
+                    message: "main process has not ended".into(),
+                },
+            ),
+        },
         _ => write_frame(
             &mut w,
             &Frame::Error {

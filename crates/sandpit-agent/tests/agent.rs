@@ -995,3 +995,75 @@ fn static_agent_is_pid1_in_a_busybox_root() {
     assert_eq!(wait_main_exit(c), ExitStatus::Signal(Signal::TERM));
     assert!(c.ping().is_ok());
 }
+
+// ------------------------------------------------------------- accounting
+
+/// Runs `argv` over a raw connection; returns its exit and the frame after it.
+fn exec_raw(a: &Agent, argv: &[&str]) -> (ExitStatus, Option<Frame>) {
+    let mut s = UnixStream::connect(a.socket()).unwrap();
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    write_frame(&mut s, &Frame::Exec(req)).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    loop {
+        match read_frame(&mut s).unwrap() {
+            Some(Frame::Exited(status)) => return (status, read_frame(&mut s).unwrap()),
+            Some(Frame::Started { .. } | Frame::Stdout(_) | Frame::Stderr(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_exec_reports_its_cpu_and_peak_memory_after_its_exit() {
+    let a = start(&[]);
+    // 64 MiB touched by one process: its resident peak is at least that.
+    let (status, usage) = exec_raw(
+        &a,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=2"],
+    );
+    assert_eq!(status, ExitStatus::Code(0));
+    let Some(Frame::Usage(u)) = usage else {
+        panic!("no usage: {usage:?}")
+    };
+    assert!(u.max_rss_bytes >= 64 << 20, "{u:?}");
+    // CPU burnt by a child the command waited for counts too.
+    let (status, usage) = exec_raw(
+        &a,
+        &[
+            "sh",
+            "-c",
+            "sh -c 'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done'; exit 3",
+        ],
+    );
+    assert_eq!(status, ExitStatus::Code(3));
+    let Some(Frame::Usage(u)) = usage else {
+        panic!("no usage: {usage:?}")
+    };
+    assert!(u.user_us + u.sys_us >= 50_000, "{u:?}");
+}
+
+#[test]
+fn the_main_process_usage_is_there_once_it_ended() {
+    let ask = |a: &Agent| {
+        let mut s = UnixStream::connect(a.socket()).unwrap();
+        write_frame(&mut s, &Frame::MainUsage).unwrap();
+        read_frame(&mut s).unwrap()
+    };
+    let idle = start(&[]);
+    assert!(matches!(
+        ask(&idle),
+        Some(Frame::Error {
+            kind: ErrorKind::NotRunning,
+            ..
+        })
+    ));
+    let a = start(&["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"]);
+    assert_eq!(wait_main_exit(&a.client), ExitStatus::Code(0));
+    let Some(Frame::Usage(u)) = ask(&a) else {
+        panic!("no usage")
+    };
+    assert!(u.max_rss_bytes >= 32 << 20, "{u:?}");
+}

@@ -2,6 +2,7 @@
 //! sandboxes straight on the engine (no daemon needed), and lists or stops
 //! the sandboxes of a running `sandpitd`.
 
+mod commands;
 mod completions;
 mod cp;
 mod create;
@@ -57,6 +58,8 @@ enum Command {
     Completions(completions::CompletionsArgs),
     /// Live CPU, memory, network and tasks of running sandboxes.
     Stats(stats::StatsArgs),
+    /// Show a sandbox's commands: CPU time, peak memory and how each ended.
+    Commands(commands::CommandsArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -128,6 +131,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Stats(args) => stats::run(&cli.server, &cli.data_dir, args).map(|()| 0),
+        Command::Commands(args) => commands::run(&cli.server, &cli.data_dir, args).map(|()| 0),
         Command::Remote(command) => remote::run(&cli.server, &cli.data_dir, command).map(|()| 0),
     }
 }

@@ -50,7 +50,7 @@ pub use coreweave::sandbox;
 /// client's protocol; see `proto/sandpit/`).
 pub mod sandpit {
     /// `sandpit.v1`: CheckpointService (commit a sandbox into an image) and
-    /// Operations (live sandbox stats).
+    /// Operations (live sandbox stats) and Accounting (per-command records).
     #[allow(
         clippy::all,
         clippy::pedantic,

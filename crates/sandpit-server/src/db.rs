@@ -14,6 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::model::{Principal, ResourceSpec, Resources, SandboxId, SandboxRecord, State};
 use crate::offload::{Batch, Offload};
 
+mod commands;
+
 /// Errors of the database. Cloneable: one failed commit answers every
 /// change of its batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -108,6 +110,7 @@ impl Db {
             )?;
         }
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(commands::SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         Ok(Self { conn })
     }
@@ -156,11 +159,13 @@ impl Db {
         Ok(())
     }
 
-    /// Deletes a record; deleting a missing one is not an error.
+    /// Deletes a record (and its command records); deleting a missing one
+    /// is not an error.
     pub fn delete(&self, id: &SandboxId) -> Result<(), DbError> {
         self.conn
             .prepare_cached("DELETE FROM sandboxes WHERE id = ?1")?
             .execute([id.as_str()])?;
+        self.delete_commands(id)?;
         Ok(())
     }
 
@@ -211,6 +216,8 @@ pub(crate) struct DbJob {
 enum Change {
     Put(Box<SandboxRecord>),
     Delete(SandboxId),
+    /// A command record (JSON) of a sandbox.
+    Command(SandboxId, String),
 }
 
 impl Batch<Db> for DbJob {
@@ -238,6 +245,7 @@ impl Db {
             .map(|c| match c {
                 Change::Put(r) => self.put(r),
                 Change::Delete(id) => self.delete(id),
+                Change::Command(id, json) => self.put_command(id, json),
             })
             .collect();
         if let Err(e) = tx.commit() {
@@ -269,6 +277,20 @@ impl RecordWriter {
         self.offload.push(DbJob {
             change: Change::Put(Box::new(r)),
             then: Box::new(then),
+        });
+    }
+
+    /// Queues a command record of sandbox `id` (see
+    /// [`crate::accounting`]); failures are logged, not reported.
+    pub(crate) fn put_command(&self, id: SandboxId, record: &crate::accounting::CommandRecord) {
+        let json = serde_json::to_string(record).expect("command records serialise");
+        self.offload.push(DbJob {
+            change: Change::Command(id, json),
+            then: Box::new(|r| {
+                if let Err(e) = r {
+                    tracing::warn!(error = %crate::chain(&e), "store command record");
+                }
+            }),
         });
     }
 

@@ -442,6 +442,12 @@ pub trait Engine: Send + Sync + 'static {
         async { Err(EngineError::Unsupported("sandbox stats")) }
     }
 
+    /// How many processes the kernel's OOM killer killed in sandbox `id`
+    /// so far (its memory cgroup's count); `None` when unknown.
+    fn oom_kills(&self, _id: &SandboxId) -> Option<u64> {
+        None
+    }
+
     /// Free bytes in the file system of the data dir (for its reserve);
     /// `None` when unknown or not applicable.
     fn data_free_bytes(&self) -> Option<u64> {

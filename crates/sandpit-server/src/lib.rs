@@ -19,6 +19,7 @@
 //! [`config`] merges the TOML file and flags; the binary (`src/main.rs`)
 //! wires everything up.
 
+pub mod accounting;
 pub mod api;
 pub mod auth;
 pub mod clock;

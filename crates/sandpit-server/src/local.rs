@@ -619,6 +619,11 @@ impl Engine for LocalEngine {
         .await?
     }
 
+    fn oom_kills(&self, id: &SandboxId) -> Option<u64> {
+        // One small cgroup file read: cheap enough for an async worker.
+        self.sandbox(id).map(|sb| sb.oom_kills())
+    }
+
     fn data_free_bytes(&self) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(&self.state_dir).ok()?;
         Some(st.blocks_available().saturating_mul(st.fragment_size()))

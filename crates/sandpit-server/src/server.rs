@@ -16,8 +16,8 @@ use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::api::{
-    CheckpointApi, DataPlaneOptions, DiscoveryApi, OperationsApi, SandboxApi, SettingsApi,
-    VolumeApi,
+    AccountingApi, CheckpointApi, DataPlaneOptions, DiscoveryApi, OperationsApi, SandboxApi,
+    SettingsApi, VolumeApi,
 };
 use crate::auth::Auth;
 use crate::engine::Engine;
@@ -27,6 +27,7 @@ use crate::secrets::SecretStores;
 use crate::storage::Storage;
 use sandpit_proto::sandbox::v1::settings_service_server::SettingsServiceServer;
 use sandpit_proto::sandbox::v1::volume_service_server::VolumeServiceServer;
+use sandpit_proto::sandpit::v1::accounting_server::AccountingServer;
 use sandpit_proto::sandpit::v1::checkpoint_service_server::CheckpointServiceServer;
 use sandpit_proto::sandpit::v1::operations_server::OperationsServer;
 
@@ -107,6 +108,7 @@ pub async fn serve_with_storage<E: Engine>(
         .max_encoding_message_size(max);
     let checkpoint = CheckpointServiceServer::new(CheckpointApi::new(manager.clone()));
     let operations = OperationsServer::new(OperationsApi::new(manager.clone()));
+    let accounting = AccountingServer::new(AccountingApi::new(manager.clone()));
     let discovery = DiscoveryServiceServer::new(DiscoveryApi::new(
         manager,
         options.runner_id.clone(),
@@ -149,7 +151,8 @@ pub async fn serve_with_storage<E: Engine>(
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
         .add_service(InterceptedService::new(discovery, auth.interceptor()))
         .add_service(InterceptedService::new(checkpoint, auth.interceptor()))
-        .add_service(InterceptedService::new(operations, auth.interceptor()));
+        .add_service(InterceptedService::new(operations, auth.interceptor()))
+        .add_service(InterceptedService::new(accounting, auth.interceptor()));
     if let Some(storage) = storage.filter(|s| s.offered()) {
         routes = routes
             .add_service(InterceptedService::new(

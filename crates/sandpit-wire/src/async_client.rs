@@ -30,7 +30,7 @@ use tokio::net::UnixStream;
 
 use crate::client::{is_disconnect, unexpected, AgentClient};
 use crate::codec::tag;
-use crate::{ExecRequest, Frame, MainStatus, Signal, StartupState, WireError, CHUNK_LEN};
+use crate::{ExecRequest, Frame, MainStatus, Signal, StartupState, Usage, WireError, CHUNK_LEN};
 
 mod exec;
 mod frames;
@@ -218,6 +218,17 @@ impl<C: Connector> AsyncAgentClient<C> {
         match c.expect().await? {
             Frame::Ok => Ok(()),
             other => Err(unexpected(other, "signal")),
+        }
+    }
+
+    /// What the main process used, once it was reaped. An error while it
+    /// runs or when it never started; an older agent closes the connection
+    /// ([`ClientError::Closed`]).
+    pub async fn main_usage(&self) -> Result<Usage, ClientError> {
+        let mut c = self.start(&Frame::MainUsage).await?;
+        match c.expect().await? {
+            Frame::Usage(u) => Ok(u),
+            other => Err(unexpected(other, "main usage")),
         }
     }
 

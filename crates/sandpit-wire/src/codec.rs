@@ -3,8 +3,8 @@
 //! bytes (output, stdin, file data) so that those bytes need no copy.
 
 use crate::{
-    ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec, MainStatus, Signal, WinSize,
-    WireError, OUTPUT_HEADER_LEN,
+    ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec, MainStatus, Signal, Usage,
+    WinSize, WireError, OUTPUT_HEADER_LEN,
 };
 
 pub(crate) mod tag {
@@ -33,6 +33,8 @@ pub(crate) mod tag {
     pub(crate) const INIT: u8 = 23;
     pub(crate) const AWAIT_STARTUP: u8 = 24;
     pub(crate) const STARTUP: u8 = 25;
+    pub(crate) const USAGE: u8 = 26;
+    pub(crate) const MAIN_USAGE: u8 = 27;
 }
 
 mod startup;
@@ -320,6 +322,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             e.u8(tag::STARTUP);
             e.startup(state);
         }
+        Frame::Usage(u) => {
+            e.u8(tag::USAGE);
+            e.u64(u.user_us);
+            e.u64(u.sys_us);
+            e.u64(u.max_rss_bytes);
+        }
+        Frame::MainUsage => e.u8(tag::MAIN_USAGE),
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -461,6 +470,12 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
         }
         tag::AWAIT_STARTUP => Frame::AwaitStartup,
         tag::STARTUP => Frame::Startup(d.startup()?),
+        tag::USAGE => Frame::Usage(Usage {
+            user_us: d.u64()?,
+            sys_us: d.u64()?,
+            max_rss_bytes: d.u64()?,
+        }),
+        tag::MAIN_USAGE => Frame::MainUsage,
         other => return Err(WireError::UnknownTag(other)),
     };
     d.finish()?;

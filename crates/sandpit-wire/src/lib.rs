@@ -26,6 +26,14 @@
 //! - [`Frame::SignalMain`] -> [`Frame::Ok`] or [`Frame::Error`].
 //! - [`Frame::AwaitStartup`] -> [`Frame::Startup`], once the startup probe
 //!   passed or failed (at once without a probe).
+//! - [`Frame::MainUsage`] -> [`Frame::Usage`] once the main process was
+//!   reaped, or [`Frame::Error`] (not ended yet, or never started).
+//!
+//! An exec's `Exited` is followed by one [`Frame::Usage`], the command's
+//! resource usage, before the agent closes the connection. It comes after
+//! the exit, not in it, so that a host that stops reading at `Exited` (an
+//! older one) is not disturbed, and a host that reads on finds the
+//! connection closed by an older agent: both directions tolerate the other.
 //!
 //! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
 //!
@@ -50,11 +58,13 @@ mod codec;
 pub mod process;
 mod signal;
 mod startup;
+mod usage;
 
 pub use codec::{decode, encode};
 use codec::{tail_prefix, with_tail, MAX_TAIL_PREFIX};
 pub use signal::{InvalidSignal, Signal};
 pub use startup::{Probe, ProbeCheck, RunAs, StartupState, MAX_PROBE_OUTPUT};
+pub use usage::Usage;
 
 /// Largest frame accepted from the peer (header excluded).
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
@@ -327,6 +337,11 @@ pub enum Frame {
     AwaitStartup,
     /// Agent: how the start ended.
     Startup(StartupState),
+    /// Agent: what a reaped process used (after an exec's `Exited`; the
+    /// answer to [`Frame::MainUsage`]).
+    Usage(Usage),
+    /// Host: what did the main process use? (once it ended)
+    MainUsage,
 }
 
 /// Length of the header [`output_header`] makes.

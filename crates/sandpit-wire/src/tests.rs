@@ -157,6 +157,30 @@ fn every_frame_roundtrips() {
     roundtrip(Frame::Startup(StartupState::Failed(
         "startup probe failed 3 times: exit 1".into(),
     )));
+    roundtrip(Frame::MainUsage);
+    roundtrip(Frame::Usage(Usage::default()));
+    roundtrip(Frame::Usage(Usage {
+        user_us: u64::MAX,
+        sys_us: 1,
+        max_rss_bytes: 1 << 40,
+    }));
+}
+
+#[test]
+fn usage_frames_have_exactly_three_counters() {
+    let mut body = vec![tag::USAGE];
+    body.extend_from_slice(&[0; 23]);
+    assert!(matches!(
+        decode(&body),
+        Err(WireError::Malformed("short payload"))
+    ));
+    body.extend_from_slice(&[0; 2]);
+    assert!(matches!(
+        decode(&body),
+        Err(WireError::Malformed("trailing bytes"))
+    ));
+    body.pop();
+    assert_eq!(decode(&body).unwrap(), Frame::Usage(Usage::default()));
 }
 
 #[test]

@@ -383,7 +383,7 @@ proptest! {
 
     #[test]
     fn fuzz_arbitrary_bodies_behind_a_valid_header(
-        tag in prop_oneof![1u8..=25, any::<u8>()],
+        tag in prop_oneof![1u8..=27, any::<u8>()],
         payload in proptest::collection::vec(any::<u8>(), 0..128),
     ) {
         let mut data = ((payload.len() + 1) as u32).to_le_bytes().to_vec();

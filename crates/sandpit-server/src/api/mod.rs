@@ -7,6 +7,7 @@
 //! waits while a sandbox is being created and refuses one that is not
 //! running; [`logs`] (StreamLogs) reads what the log sink kept.
 
+pub mod accounting;
 pub mod checkpoint;
 pub mod convert;
 pub mod discovery;
@@ -28,6 +29,7 @@ use tonic::{Code, Request, Status};
 use crate::manager::ManagerError;
 use crate::model::{Principal, SandboxId};
 
+pub use accounting::AccountingApi;
 pub use checkpoint::CheckpointApi;
 pub use discovery::DiscoveryApi;
 pub use operations::OperationsApi;

@@ -24,7 +24,8 @@ use serde::Deserialize;
 use tonic::{Code, Request, Status};
 
 use super::{key_caller, refusal, Console, Shared};
-use crate::api::exec::{start, win_size, Started};
+use crate::accounting::Ending;
+use crate::api::exec::{start, usage_after_exit, win_size, Started};
 use crate::engine::Engine;
 use crate::model::{Principal, SandboxId};
 
@@ -240,8 +241,9 @@ async fn terminal_session<E: Engine>(c: Shared<E>, mut socket: WebSocket) {
         cwd: None,
         tty: Some(win_size(hello.cols, hello.rows)),
     };
-    let session = match start(&c.manager, &principal, &id, req).await {
-        Ok(Started::Running(s)) => s,
+    // The terminal's shell is a command like any exec: it gets its record.
+    let (session, mut account) = match start(&c.manager, &principal, &id, req).await {
+        Ok(Started::Running(s, account)) => (s, account),
         Ok(Started::Failed { message, code }) => {
             let _ = socket
                 .send(Message::Binary(
@@ -290,27 +292,30 @@ async fn terminal_session<E: Engine>(c: Shared<E>, mut socket: WebSocket) {
                     let exit = serde_json::json!({ "type": "exit", "code": status.shell_code() });
                     let _ = to_page.send(Message::Text(exit.to_string().into())).await;
                     let _ = to_page.send(Message::Close(None)).await;
-                    return;
+                    let usage = usage_after_exit(&mut events).await;
+                    return (Ending::Exited(status), usage);
                 }
-                Ok(None) => return,
+                Ok(None) => return (Ending::AgentLost, None),
                 Err(e) => {
                     let text = format!("terminal interrupted: {}", crate::chain(&e));
                     let _ = to_page.send(error_message(500, &text)).await;
-                    return;
+                    return (Ending::AgentLost, None);
                 }
             };
             if to_page.send(msg).await.is_err() {
-                return;
+                return (Ending::CallerGone, None);
             }
         }
     };
     let shutdown = crate::api::exec::shutdown_signal(c.shutdown.clone());
     // Whichever ends first ends the session; dropping the agent connection
     // kills the command.
-    tokio::select! {
-        () = input => {}
-        () = output => {}
-        () = shutdown => {}
-    }
+    let (ending, usage) = tokio::select! {
+        () = input => (Ending::CallerGone, None),
+        ended = output => ended,
+        () = shutdown => (Ending::DaemonShutdown, None),
+    };
+    c.manager
+        .exec_end(&mut account, ending, usage, None, String::new());
     tracing::info!(sandbox_id = %id, "console terminal closed");
 }

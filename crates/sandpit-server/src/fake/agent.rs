@@ -328,9 +328,18 @@ impl FakeAgent {
                 }
             },
         };
-        send(w, &Frame::Exited(status)).await
+        send(w, &Frame::Exited(status)).await?;
+        // What the real agent sends next: the command's usage.
+        send(w, &Frame::Usage(FAKE_USAGE)).await
     }
 }
+
+/// The usage the fake agent reports for every exec.
+pub const FAKE_USAGE: sandpit_wire::Usage = sandpit_wire::Usage {
+    user_us: 1_500,
+    sys_us: 500,
+    max_rss_bytes: 1 << 20,
+};
 
 impl AgentState {
     fn mkdir_p(&mut self, dir: &str) {

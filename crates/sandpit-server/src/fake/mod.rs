@@ -24,7 +24,7 @@ use crate::model::SandboxId;
 
 mod agent;
 
-pub use agent::FakeAgent;
+pub use agent::{FakeAgent, FAKE_USAGE};
 
 /// Connects to a [`FakeAgent`]: every connection is an in-memory pipe whose
 /// far end the agent serves on a task of its own.

@@ -217,6 +217,9 @@ impl<E: Engine> Manager<E> {
         image: &ImageInfo,
     ) -> Result<SandboxRecord, ManagerError> {
         let spec = launch_spec(image, req);
+        if !spec.argv.is_empty() {
+            self.inner.accounting.set_main_argv(id, &spec.argv);
+        }
         let gated = spec.startup_probe.is_some();
         if let Applied::Refused(_) = self.commit(id, Transition::BeginCreate).await? {
             // Stopped while PENDING.

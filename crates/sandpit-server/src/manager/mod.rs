@@ -43,6 +43,7 @@ use crate::model::{Principal, ResourceSpec, SandboxId, SandboxRecord, State};
 
 pub mod admission;
 mod adoption;
+mod commands;
 mod create;
 pub mod lifecycle;
 mod listing;
@@ -52,6 +53,7 @@ mod stop;
 mod table;
 mod tasks;
 
+pub use commands::ExecAccount;
 pub use lifecycle::{outcome, ExitOutcome, Refused, Transition};
 pub use listing::{ListPage, ListQuery, StateFilter};
 pub use stop::PurgeOutcome;
@@ -185,6 +187,7 @@ struct Inner<E> {
     config: ManagerConfig,
     clock: Arc<dyn Clock>,
     logs: LogWriter,
+    accounting: crate::accounting::Accounting,
 }
 
 /// The sandbox manager; cheap to clone (all clones share the state).
@@ -254,6 +257,7 @@ impl<E: Engine> Manager<E> {
         sink: Arc<dyn LogSink>,
     ) -> Result<Self, ManagerError> {
         let records = db.load_all()?;
+        let accounting = crate::accounting::Accounting::load(db.load_commands()?);
         let mut table = Table::default();
         for r in &records {
             table.insert_stored(r.clone());
@@ -266,6 +270,7 @@ impl<E: Engine> Manager<E> {
                 config,
                 clock,
                 logs: LogWriter::new(sink),
+                accounting,
             }),
         };
         let mut keep = HashSet::new();

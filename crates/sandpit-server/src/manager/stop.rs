@@ -57,6 +57,8 @@ impl<E: Engine> Manager<E> {
         grace: Duration,
         reason: String,
     ) -> Result<SandboxRecord, ManagerError> {
+        // Execs that lose the agent from now on went with the sandbox.
+        self.inner.accounting.mark_ending(id);
         match self.commit(id, Transition::Stop { reason }).await? {
             // Ended already.
             Applied::Refused(r) if r.state.is_terminal() => self.after_refusal(id, r).await,

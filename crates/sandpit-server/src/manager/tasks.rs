@@ -36,6 +36,10 @@ impl<E: Engine> Manager<E> {
     pub(super) async fn on_exit(&self, id: &SandboxId, exit: MainExit) {
         let outcome = lifecycle::outcome(&exit);
         tracing::debug!(?exit, "main process ended");
+        // Execs that lose the agent from now on went with the sandbox.
+        self.inner.accounting.mark_ending(id);
+        let usage = self.main_usage(id).await;
+        self.record_main(id, &exit, usage);
         // Everything it printed is stored before its end is: a follower that
         // sees the end has seen all of it.
         self.inner.logs.finish(id).await;
@@ -61,6 +65,7 @@ impl<E: Engine> Manager<E> {
             async move {
                 tokio::time::sleep(wait).await;
                 let reason = format!("max lifetime of {lifetime_seconds} s exceeded");
+                this.inner.accounting.mark_lifetime_expired(&task_id);
                 let grace = this.inner.config.lifetime_grace;
                 // A task of its own: reaching TERMINATED aborts this timer.
                 tokio::spawn(
@@ -106,6 +111,7 @@ impl<E: Engine> Manager<E> {
             self.inner.records.delete(id.clone(), move |result| {
                 if result.is_ok() {
                     lock(&inner.table).remove(&gone);
+                    inner.accounting.remove(&gone);
                 }
                 let _ = tx.send(result);
             });

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::frames::{FrameReader, FrameWriter};
 use super::{ClientError, Connector, ExecEvent, Output};
 use crate::codec::tag;
-use crate::{Frame, Signal, WinSize, CHUNK_LEN};
+use crate::{Frame, Signal, Usage, WinSize, CHUNK_LEN};
 
 /// A command started by [`AsyncAgentClient::exec`](super::AsyncAgentClient::exec).
 ///
@@ -42,6 +42,7 @@ impl<C: Connector> AsyncExec<C> {
             events: ExecEvents {
                 reader,
                 done: false,
+                exited: false,
             },
             control: ExecControl { writer },
         }
@@ -63,6 +64,8 @@ impl<C: Connector> AsyncExec<C> {
 pub struct ExecEvents<R> {
     reader: FrameReader<R>,
     done: bool,
+    /// `Exited` was read: a `Usage` frame may follow.
+    exited: bool,
 }
 
 impl<R> fmt::Debug for ExecEvents<R> {
@@ -86,7 +89,24 @@ impl<R: AsyncRead + Unpin> ExecEvents<R> {
         if self.done {
             return Ok(None);
         }
-        crate::client::exec_event(self.reader.next().await, &mut self.done)
+        let ev = crate::client::exec_event(self.reader.next().await, &mut self.done);
+        if let Ok(Some(ExecEvent::Exited(_))) = &ev {
+            self.exited = true;
+        }
+        ev
+    }
+
+    /// What the command used, read after [`ExecEvent::Exited`] (the agent
+    /// sends it next). `None` before the exit, once taken, or from an agent
+    /// that sends none (an older one closes the connection instead).
+    pub async fn usage(&mut self) -> Option<Usage> {
+        if !std::mem::take(&mut self.exited) {
+            return None;
+        }
+        match self.reader.next().await {
+            Ok(Some(Frame::Usage(u))) => Some(u),
+            _ => None,
+        }
     }
 
     /// Reads events up to the exit, keeping all output.

@@ -141,6 +141,7 @@ macro_rules! on_both_transports {
 // After the macro: they use it.
 mod files;
 mod frames;
+mod usage;
 
 on_both_transports!(
     ping_and_signal_main,

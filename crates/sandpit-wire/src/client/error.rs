@@ -86,6 +86,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Init(_) => "init",
         Frame::AwaitStartup => "await-startup",
         Frame::Startup(_) => "startup",
+        Frame::Usage(_) => "usage",
+        Frame::MainUsage => "main-usage",
     }
 }
 

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use proptest::strategy::{BoxedStrategy, Union};
 use sandpit_wire::{
     ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec, MainStatus, Probe, ProbeCheck,
-    RunAs, Signal, StartupState, WinSize,
+    RunAs, Signal, StartupState, Usage, WinSize,
 };
 
 fn text() -> BoxedStrategy<String> {
@@ -184,6 +184,16 @@ pub(crate) fn arb_frame() -> BoxedStrategy<Frame> {
         ]
         .prop_map(Frame::Startup)
         .boxed(),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(user_us, sys_us, max_rss_bytes)| {
+                Frame::Usage(Usage {
+                    user_us,
+                    sys_us,
+                    max_rss_bytes,
+                })
+            })
+            .boxed(),
+        Just(Frame::MainUsage).boxed(),
     ];
     Union::new(variants).boxed()
 }

@@ -32,8 +32,9 @@ use tonic::{Code, Status};
 
 use super::convert;
 use super::errors::{self, invalid_request, reason, Violation};
+use crate::accounting::Ending;
 use crate::engine::Engine;
-use crate::manager::{Manager, ManagerError};
+use crate::manager::{ExecAccount, Manager, ManagerError};
 use crate::model::{Principal, SandboxId, State};
 
 mod stream;
@@ -153,16 +154,19 @@ async fn deadline_passed(deadline: Option<Instant>) {
 
 /// How starting a command went (the console's terminal starts its
 /// commands here too).
+// Returned once per exec and matched at once, never stored.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Started<C: Connector> {
-    Running(AsyncExec<C>),
+    /// It runs; its account records how it ends.
+    Running(AsyncExec<C>, ExecAccount),
     /// It did not start, as a shell reports it: a message and a code.
-    Failed {
-        message: String,
-        code: i32,
-    },
+    Failed { message: String, code: i32 },
 }
 
-/// Starts `req` in the caller's sandbox `id` (waiting while it is created).
+/// Starts `req` in the caller's sandbox `id` (waiting while it is created),
+/// with its account (see [`crate::accounting`]; a command that never
+/// reached the sandbox, not the caller's, not running or refused, has
+/// none).
 pub(crate) async fn start<E: Engine>(
     manager: &Manager<E>,
     principal: &Principal,
@@ -173,23 +177,44 @@ pub(crate) async fn start<E: Engine>(
         .agent_for(principal, id)
         .await
         .map_err(errors::from_manager)?;
+    let mut account = manager.exec_begin(id, &req.argv);
     match agent.exec(req).await {
-        Ok(session) => Ok(Started::Running(session)),
+        Ok(session) => Ok(Started::Running(session, account)),
         // The agent says why, by kind: the shell's 127 for a command not
         // found, 126 for one that cannot run.
         Err(ClientError::Agent {
             kind:
                 kind @ (ErrorKind::SpawnFailed | ErrorKind::NotFound | ErrorKind::PermissionDenied),
             message,
-        }) => Ok(Started::Failed {
-            code: kind.spawn_exit_code(),
-            message,
-        }),
+        }) => {
+            let code = kind.spawn_exit_code();
+            manager.exec_end(
+                &mut account,
+                Ending::SpawnFailed,
+                None,
+                Some(code),
+                message.clone(),
+            );
+            Ok(Started::Failed { code, message })
+        }
         Err(ClientError::Agent {
             kind: ErrorKind::InvalidArgument,
             message,
-        }) => Err(invalid_request(&[Violation::new("command", message)])),
-        Err(e) => Err(agent_failure(manager, principal, id, &e)),
+        }) => {
+            // Refused, never run: no record.
+            account.discard();
+            Err(invalid_request(&[Violation::new("command", message)]))
+        }
+        Err(e) => {
+            manager.exec_end(
+                &mut account,
+                Ending::AgentLost,
+                None,
+                None,
+                crate::chain(&e),
+            );
+            Err(agent_failure(manager, principal, id, &e))
+        }
     }
 }
 
@@ -219,6 +244,20 @@ fn agent_failure<E: Engine>(
             )
         }
     }
+}
+
+/// How long the usage may take after the exit (the agent sends both at
+/// once; a silent one costs no more than this).
+const USAGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The command's usage, read after its exit.
+pub(crate) async fn usage_after_exit<R: tokio::io::AsyncRead + Unpin>(
+    events: &mut sandpit_wire::async_client::ExecEvents<R>,
+) -> Option<sandpit_wire::Usage> {
+    tokio::time::timeout(USAGE_TIMEOUT, events.usage())
+        .await
+        .ok()
+        .flatten()
 }
 
 pub(crate) fn win_size(width: u32, height: u32) -> WinSize {

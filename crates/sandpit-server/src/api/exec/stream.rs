@@ -20,8 +20,10 @@ use super::super::errors::{invalid_request, Violation};
 use super::super::{convert, known_id, principal};
 use super::{
     check_container, command_timeout, deadline_passed, event_frame, exit, grpc_timeout, output,
-    shutdown_signal, shutting_down, start, stream_error, win_size, Started, CHANNEL,
+    shutdown_signal, shutting_down, start, stream_error, usage_after_exit, win_size, Started,
+    CHANNEL,
 };
+use crate::accounting::Ending;
 use crate::engine::Engine;
 use crate::manager::Manager;
 
@@ -66,8 +68,8 @@ pub async fn stream_exec<E: Engine>(
     };
     let (tx, rx) = mpsc::channel(CHANNEL);
     let mut timer = crate::metrics::ExecTimer::begin();
-    let session = match start(manager, &principal, &sandbox_id, req).await? {
-        Started::Running(s) => s,
+    let (session, account) = match start(manager, &principal, &sandbox_id, req).await? {
+        Started::Running(s, account) => (s, account),
         Started::Failed { message, code } => {
             // Reported like a shell would; the channel holds both frames.
             let _ = tx.try_send(Ok(output(PbStream::Stderr, format!("{message}\n").into())));
@@ -83,19 +85,33 @@ pub async fn stream_exec<E: Engine>(
         })),
     };
     let _ = tx.try_send(Ok(ready));
+    let manager = manager.clone();
     tokio::spawn(async move {
         let mut events = events;
+        let mut account = account;
+        account.set_deadline(deadline.map(Instant::into_std));
         // Polled by the same task as the output, not spawned: one task per
         // exec, so no wake-up crosses tasks (or worker threads) on its way.
         let inbound = forward_stdin(inbound, control);
         let outcome = pump(&mut events, &tx, inbound, deadline, shutdown).await;
-        if let Pumped::Stopped(status) = outcome {
-            // Both halves gone (the control went with `inbound`): the agent
-            // sees the connection end and kills the command, before a slow
-            // client takes the status.
-            drop(events);
-            if let Some(status) = status {
-                let _ = tx.send(Err(status)).await;
+        match outcome {
+            Pumped::Exited(ending, detail) => {
+                // The client has its exit already; the usage follows it.
+                let usage = match ending {
+                    Ending::Exited(_) => usage_after_exit(&mut events).await,
+                    _ => None,
+                };
+                manager.exec_end(&mut account, ending, usage, None, detail);
+            }
+            Pumped::Stopped(status, ending) => {
+                // Both halves gone (the control went with `inbound`): the
+                // agent sees the connection end and kills the command,
+                // before a slow client takes the status.
+                drop(events);
+                manager.exec_end(&mut account, ending, None, None, String::new());
+                if let Some(status) = status {
+                    let _ = tx.send(Err(status)).await;
+                }
             }
         }
         drop(timer);
@@ -147,10 +163,11 @@ async fn forward_stdin<W: AsyncWrite + Unpin>(
 
 pub(super) enum Pumped {
     /// The command exited and its exit frame was sent (or the client left
-    /// after it).
-    Exited,
+    /// after it), or the agent's connection broke (and the client was told):
+    /// how it ended, and why when it broke.
+    Exited(Ending, String),
     /// The session must be killed; the status (if any) goes to the client.
-    Stopped(Option<Status>),
+    Stopped(Option<Status>, Ending),
 }
 
 pub(super) async fn pump<R: AsyncRead + Unpin>(
@@ -170,11 +187,15 @@ pub(super) async fn pump<R: AsyncRead + Unpin>(
         let mut forwarding = true;
         loop {
             tokio::select! {
-                () = &mut deadline => return Pumped::Stopped(Some(command_timeout())),
-                () = &mut shutdown => return Pumped::Stopped(Some(shutting_down())),
+                () = &mut deadline => {
+                    return Pumped::Stopped(Some(command_timeout()), Ending::DeadlinePassed)
+                }
+                () = &mut shutdown => {
+                    return Pumped::Stopped(Some(shutting_down()), Ending::DaemonShutdown)
+                }
                 gone = &mut inbound, if forwarding => {
                     if gone {
-                        return Pumped::Stopped(None);
+                        return Pumped::Stopped(None, Ending::CallerGone);
                     }
                     forwarding = false;
                 }
@@ -185,31 +206,44 @@ pub(super) async fn pump<R: AsyncRead + Unpin>(
     loop {
         let ev = tokio::select! {
             s = &mut stop => return s,
-            () = tx.closed() => return Pumped::Stopped(None),
+            () = tx.closed() => return Pumped::Stopped(None, Ending::CallerGone),
             ev = events.next_event() => ev,
         };
         let (frame, last) = match ev {
             Ok(Some(ev)) => {
-                let last = matches!(ev, ExecEvent::Exited(_));
+                let last = match &ev {
+                    ExecEvent::Exited(status) => Some((Ending::Exited(*status), String::new())),
+                    _ => None,
+                };
                 (event_frame(ev), last)
             }
             // After the exit frame; not reached, since the loop ends there.
-            Ok(None) => return Pumped::Exited,
-            Err(e) => (
-                stream_error(format!("exec interrupted: {}", crate::chain(&e))),
-                true,
-            ),
+            Ok(None) => return Pumped::Exited(Ending::AgentLost, "no exit".into()),
+            Err(e) => {
+                let why = crate::chain(&e);
+                (
+                    stream_error(format!("exec interrupted: {why}")),
+                    Some((Ending::AgentLost, why)),
+                )
+            }
         };
         tokio::select! {
             s = &mut stop => return s,
             sent = tx.send(Ok(frame)) => {
                 if sent.is_err() {
-                    return Pumped::Stopped(None);
+                    // The exit was read: the client leaving after it
+                    // changes nothing.
+                    return match last {
+                        Some((ending @ Ending::Exited(_), detail)) => {
+                            Pumped::Exited(ending, detail)
+                        }
+                        _ => Pumped::Stopped(None, Ending::CallerGone),
+                    };
                 }
             }
         }
-        if last {
-            return Pumped::Exited;
+        if let Some((ending, detail)) = last {
+            return Pumped::Exited(ending, detail);
         }
     }
 }

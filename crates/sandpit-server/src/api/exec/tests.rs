@@ -36,7 +36,10 @@ async fn the_deadline_counts_after_the_half_close() {
     .await
     .expect("the deadline was ignored");
     match outcome {
-        Pumped::Stopped(Some(s)) => assert_eq!(s.code(), Code::DeadlineExceeded),
+        Pumped::Stopped(Some(s), ending) => {
+            assert_eq!(s.code(), Code::DeadlineExceeded);
+            assert_eq!(ending, crate::accounting::Ending::DeadlinePassed);
+        }
         _ => panic!("not stopped by the deadline"),
     }
 }

@@ -14,8 +14,9 @@ use super::super::errors::{invalid_request, Violation};
 use super::super::{known_id, principal};
 use super::{
     agent_failure, check_container, command_timeout, deadline_passed, grpc_timeout,
-    shutdown_signal, shutting_down, start, Started, MAX_UNARY_OUTPUT,
+    shutdown_signal, shutting_down, start, usage_after_exit, Started, MAX_UNARY_OUTPUT,
 };
+use crate::accounting::Ending;
 use crate::engine::Engine;
 use crate::manager::Manager;
 
@@ -91,8 +92,8 @@ pub async fn exec<E: Engine>(
         tty: None,
     };
     let mut timer = crate::metrics::ExecTimer::begin();
-    let session = match start(manager, &principal, &sandbox_id, exec_req).await? {
-        Started::Running(s) => s,
+    let (session, account) = match start(manager, &principal, &sandbox_id, exec_req).await? {
+        Started::Running(s, account) => (s, account),
         Started::Failed { message, code } => {
             let mut stderr = Capped::default();
             stderr.push(format!("{message}\n").as_bytes(), cap);
@@ -119,19 +120,47 @@ pub async fn exec<E: Engine>(
                 Some(ExecEvent::Stdout(d)) => out.push(&d, cap),
                 Some(ExecEvent::Stderr(d)) => err.push(&d, cap),
                 Some(ExecEvent::Exited(s)) => {
-                    return Ok::<_, ClientError>((out, err, s.shell_code()))
+                    // Sent with the exit: no wait worth speaking of.
+                    let usage = usage_after_exit(&mut events).await;
+                    return Ok::<_, ClientError>((out, err, s, usage));
                 }
                 None => return Err(ClientError::Closed),
             }
         }
     };
+    // Dropped with this future (the call cancelled), it records that.
+    let mut account = account;
+    account.set_deadline(deadline.map(Instant::into_std));
+    let stopped = |account: &mut _, ending| {
+        manager.exec_end(account, ending, None, None, String::new());
+    };
     let result = tokio::select! {
         r = collect => r,
-        () = deadline_passed(deadline) => return Err(command_timeout()),
-        () = shutdown_signal(shutdown) => return Err(shutting_down()),
+        () = deadline_passed(deadline) => {
+            stopped(&mut account, Ending::DeadlinePassed);
+            return Err(command_timeout());
+        }
+        () = shutdown_signal(shutdown) => {
+            stopped(&mut account, Ending::DaemonShutdown);
+            return Err(shutting_down());
+        }
     };
-    let (out, err, code) =
-        result.map_err(|e| agent_failure(manager, &principal, &sandbox_id, &e))?;
+    let (out, err, status, usage) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let why = crate::chain(&e);
+            manager.exec_end(&mut account, Ending::AgentLost, None, None, why);
+            return Err(agent_failure(manager, &principal, &sandbox_id, &e));
+        }
+    };
+    manager.exec_end(
+        &mut account,
+        Ending::Exited(status),
+        usage,
+        None,
+        String::new(),
+    );
+    let code = status.shell_code();
     Ok(Response::new(pb::ExecResponse {
         stdout: out.data,
         stderr: err.data,
