@@ -458,6 +458,7 @@ def server(
     baseline_procs = set(sandpit_cgroup_procs())
     baseline_mounts = set(mounts_under(e2e_dirs.root))
     config = e2e_dirs.root / "sandpitd.toml"
+    metrics_port = free_port()
     config.write_text(
         f"max_file_bytes = {MAX_FILE_BYTES}\n"
         + secret_stores.config_toml(e2e_dirs.root, data_dir)
@@ -465,6 +466,8 @@ def server(
         # them, so nothing is ever asked of the host's resolvers. The networking tests
         # run a daemon of their own (test_network.py).
         + "[network]\nupstream_dns = []\n"
+        # Not the default port: a developer's daemon on this host may hold it.
+        + f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
     )
     srv = Server(
         binary=binaries.sandpitd,
@@ -474,6 +477,7 @@ def server(
         config=config,
         stores=secret_stores.fill(binaries.sandpit, config, e2e_dirs.root, data_dir),
     )
+    srv.metrics_port = metrics_port  # type: ignore[attr-defined]
     srv.start()
     _SERVER = srv
     yield srv

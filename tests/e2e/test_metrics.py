@@ -258,3 +258,37 @@ def test_every_dashboard_expression_names_scraped_metrics(env):
             if word in functions:
                 continue
             assert word in names, f"{word!r} of {expr!r} is not in a scrape"
+
+
+def test_a_networked_sandbox_s_traffic_is_counted(server: Server, client_env):
+    """On the session daemon (networked): bytes a sandbox sends cross its veth and are
+    counted as its transmit series, its resolver's answers as receive. The traffic goes
+    only to the daemon's own resolver at the sandbox's gateway (junk datagrams, then one
+    lookup it answers NXDOMAIN: no name is allowed, no upstream is asked)."""
+    import cwsandbox
+
+    sb = cwsandbox.Sandbox.run(tags=["metrics-net"])
+    try:
+        before = scrape(server)
+        assert get(before, "sandpit_sandbox_network_transmit_bytes_total", sandbox_id=sb.sandbox_id) is not None
+        script = (
+            "import socket\n"
+            "ns = [l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]\n"
+            "s = socket.socket(socket.AF_INET6 if ':' in ns else socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for _ in range(1000):\n"
+            "    s.sendto(b'x' * 1000, (ns, 53))\n"
+            "try:\n"
+            "    socket.getaddrinfo('example.com', 80)\n"
+            "except OSError as e:\n"
+            "    print('lookup refused', e)\n"
+        )
+        r = sb.exec(["python3", "-c", script], check=False).result(timeout=RPC)
+        assert r.returncode == 0, r.stderr
+        after = scrape(server)
+        tx = [get(s, "sandpit_sandbox_network_transmit_bytes_total", sandbox_id=sb.sandbox_id) for s in (before, after)]
+        rx = [get(s, "sandpit_sandbox_network_receive_bytes_total", sandbox_id=sb.sandbox_id) for s in (before, after)]
+        assert tx[1] - tx[0] >= 1000 * 1000, tx
+        assert rx[1] > rx[0], rx
+    finally:
+        sb.stop(missing_ok=True).result(timeout=RPC)
+    assert get(scrape(server), "sandpit_sandbox_network_transmit_bytes_total", sandbox_id=sb.sandbox_id) is None
