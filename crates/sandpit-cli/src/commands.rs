@@ -2,7 +2,7 @@
 //! peak memory, how each exec and the main process ended) from the
 //! daemon's `sandpit.v1.Accounting` service.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use sandpit_proto::sandpit::v1 as spb;
 
@@ -24,10 +24,7 @@ pub(crate) fn run(
     data_dir: &std::path::Path,
     args: CommandsArgs,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = crate::remote::runtime()?;
     rt.block_on(async {
         let (channel, auth) = connect_channel(server, data_dir).await?;
         let mut client = spb::accounting_client::AccountingClient::with_interceptor(channel, auth);

@@ -91,10 +91,7 @@ fn split_parent(path: &str) -> (String, String) {
 pub(crate) fn run(server: &ServerArgs, data_dir: &Path, args: CpArgs) -> Result<()> {
     let src = parse_location(&args.src)?;
     let dst = parse_location(&args.dst)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = crate::remote::runtime()?;
     rt.block_on(async {
         match (src, dst) {
             (Location::Sandbox { .. }, Location::Sandbox { .. }) => {

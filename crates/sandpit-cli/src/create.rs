@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use sandpit_proto::sandbox::v1 as pb;
 
@@ -194,10 +194,7 @@ fn state(sb: &pb::Sandbox) -> pb::State {
 
 /// Creates the sandbox; prints its id (or record).
 pub(crate) fn run(server: &ServerArgs, data_dir: &std::path::Path, args: CreateArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = crate::remote::runtime()?;
     rt.block_on(async {
         let mut client = remote::connect(server, data_dir).await?;
         let mut sb = client

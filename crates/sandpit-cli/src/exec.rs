@@ -9,11 +9,9 @@
 //! and the exit code is 128 + N.
 
 use std::io::{IsTerminal, Read, Write};
-use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use nix::sys::termios;
 use sandpit_proto::sandbox::v1 as pb;
 use sandpit_proto::sandbox::v1::exec_stream_output::Stream as PbStream;
 use sandpit_proto::sandbox::v1::exec_stream_request::Message as In;
@@ -22,6 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::remote::{self, ServerArgs};
+use crate::term::RawMode;
 
 #[derive(Args, Debug)]
 pub(crate) struct ExecArgs {
@@ -68,10 +67,7 @@ fn argv(command: &[String], workdir: Option<&str>) -> Vec<String> {
 
 /// Runs the command; returns its exit code.
 pub(crate) fn run(server: &ServerArgs, data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = crate::remote::runtime()?;
     rt.block_on(exec(server, data_dir, args))
 }
 
@@ -184,34 +180,6 @@ pub(crate) fn forward_input(
             }
         }
     });
-}
-
-/// The terminal in raw mode (keys go to the sandbox's PTY as typed) until
-/// dropped.
-struct RawMode {
-    saved: termios::Termios,
-}
-
-impl RawMode {
-    fn enter() -> Result<Self> {
-        let stdin = std::io::stdin();
-        let saved = termios::tcgetattr(stdin.as_fd()).context("read terminal settings")?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw)
-            .context("set raw mode")?;
-        Ok(Self { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(
-            std::io::stdin().as_fd(),
-            termios::SetArg::TCSADRAIN,
-            &self.saved,
-        );
-    }
 }
 
 /// This terminal's size (columns, rows), from stdout or else stdin.

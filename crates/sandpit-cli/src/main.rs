@@ -13,6 +13,7 @@ mod remote;
 mod run;
 mod secret;
 mod stats;
+mod term;
 
 use std::path::PathBuf;
 

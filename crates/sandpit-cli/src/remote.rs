@@ -133,16 +133,21 @@ pub(crate) enum RemoteCommand {
     },
 }
 
+/// The single-threaded runtime a CLI verb drives its gRPC calls on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")
+}
+
 /// Runs one remote command.
 pub(crate) fn run(
     server: &ServerArgs,
     data_dir: &std::path::Path,
     command: RemoteCommand,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = runtime()?;
     rt.block_on(async {
         if let RemoteCommand::Commit { id, image, json } = command {
             return commit(server, data_dir, id, image, json).await;

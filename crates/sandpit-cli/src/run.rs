@@ -4,13 +4,11 @@
 //! and SIGINT/SIGTERM/SIGHUP are forwarded to the command.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::termios;
 use sandpit_image::{ImageConfig, Reference};
 use sandpit_runtime::quantity::{parse_cpu_millis, parse_memory};
 use sandpit_runtime::{
@@ -20,6 +18,8 @@ use sandpit_runtime::{
 use sandpit_wire::client::ExecEvent;
 use sandpit_wire::process::{self, ImageProcess, Process, ProcessOverrides};
 use sandpit_wire::{ExecRequest, InitSpec, WinSize};
+
+use crate::term::RawMode;
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
@@ -222,7 +222,7 @@ fn attach(
     let control = session.stdin_writer().context("attach")?;
 
     // Raw mode for the lifetime of the session; restored on every path out.
-    let _raw = if tty { RawMode::enter()? } else { None };
+    let _raw = if tty { Some(RawMode::enter()?) } else { None };
 
     let mut stdin_control = control.clone();
     std::thread::spawn(move || {
@@ -287,39 +287,6 @@ fn attach(
             Some(ExecEvent::Exited(status)) => return Ok(status.shell_code()),
             None => anyhow::bail!("the sandbox ended the session without an exit status"),
         }
-    }
-}
-
-/// Restores the terminal's settings when dropped.
-struct RawMode {
-    saved: termios::Termios,
-}
-
-impl std::fmt::Debug for RawMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RawMode")
-    }
-}
-
-impl RawMode {
-    fn enter() -> Result<Option<Self>> {
-        let stdin = std::io::stdin();
-        let saved = termios::tcgetattr(stdin.as_fd()).context("read terminal settings")?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw)
-            .context("set raw mode")?;
-        Ok(Some(Self { saved }))
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(
-            std::io::stdin().as_fd(),
-            termios::SetArg::TCSANOW,
-            &self.saved,
-        );
     }
 }
 

@@ -179,10 +179,7 @@ pub(crate) fn run(server: &ServerArgs, data_dir: &std::path::Path, args: StatsAr
         anyhow::bail!("--interval must be above 0 and at most 3600 seconds");
     }
     let interval = Duration::from_secs_f64(args.interval);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start async runtime")?;
+    let rt = crate::remote::runtime()?;
     rt.block_on(async {
         let (channel, auth) = connect_channel(server, data_dir).await?;
         let mut client = OperationsClient::with_interceptor(channel, auth);
