@@ -129,6 +129,11 @@ fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Whether a cpuset cgroup has no CPUs yet (just made, not yet inherited).
+fn cpuset_empty(dir: &Path) -> bool {
+    read(&dir.join("cpuset.cpus")).is_ok_and(|v| v.trim().is_empty())
+}
+
 impl TreeOps for Tree {
     fn version(&self) -> CgroupVersion {
         CgroupVersion::V1
@@ -166,7 +171,11 @@ impl TreeOps for Tree {
             let mut dir = h.mount.clone();
             for part in parent.iter() {
                 dir.push(part);
-                if ensure_dir(&dir)? && cpuset {
+                let created = ensure_dir(&dir)?;
+                // Not only when this call made it: a concurrent create that
+                // finds the directory just made by another must not go on
+                // before it has CPUs (a child's write is refused, EACCES).
+                if cpuset && (created || cpuset_empty(&dir)) {
                     inherit_cpuset(&dir)?;
                 }
             }
