@@ -408,11 +408,11 @@ def drop_connections(port: int) -> int:
 # disconnects fall inside a line and the resume has to continue it.
 HALVES = (
     "import sys, time\n"
-    "for i in range(50):\n"
+    "for i in range(80):\n"
     "    sys.stdout.write('line '); sys.stdout.flush(); time.sleep(0.05)\n"
     "    sys.stdout.write(f'{i}\\n'); sys.stdout.flush(); time.sleep(0.05)\n"
 )
-HALVES_LINES = [f"line {i}\n" for i in range(50)]
+HALVES_LINES = [f"line {i}\n" for i in range(80)]
 
 
 @pytest.mark.parametrize("timestamps", [False, True], ids=["raw", "timestamps"])
@@ -424,9 +424,17 @@ def test_stream_logs_follow_resumes_after_a_disconnect(sdk, tag, server: Server,
     done = threading.Event()
 
     def disconnect():
-        # Five drops 0.53 s apart: mid-stream, at varying points of a line.
-        for _ in range(5):
-            if done.wait(0.53):
+        # Five drops, each once the stream has resumed from the one before
+        # (a line arrived since), then 0-90 ms on so they fall at varying
+        # points of a line. A fixed period raced the client's resume backoff
+        # (0.5 s, doubling while no data arrives, three tries): a drop in the
+        # backoff found no connection, two in one resume gave up the stream.
+        for i in range(5):
+            seen = len(got)
+            while len(got) <= seen:
+                if done.wait(0.01):
+                    return
+            if done.wait(0.023 * i):
                 return
             drops.append(drop_connections(server.port))
 
