@@ -487,6 +487,50 @@ def run_faults(args, server: Server, probe: Probe, baseline: dict, registry_host
 # --------------------------------------------------------------------------- main
 
 
+def sweep(server: Server, parent: str) -> list[str]:
+    """Removes by force what a failed run left of its daemon: the processes in its
+    cgroup parent, the mounts under its data dir, loop devices backed by its files.
+    A failing soak must not leave debris that fails the next test (or the host's)."""
+    swept: list[str] = []
+    data = str(server.data_dir)
+    if server.alive():
+        server.kill9()
+    for root in Probe(server, parent, False).cgroup_roots():
+        for procs in root.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), 9)
+                    swept.append(f"process {pid}")
+                except (OSError, ValueError):
+                    pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            p.read_text().strip() for r in Probe(server, parent, False).cgroup_roots() for p in r.rglob("cgroup.procs")):
+        time.sleep(0.05)
+    # Deepest first, detached (a busy mount point would otherwise stay).
+    points = sorted({line.split()[4] for line in mounts_under(Path(data)) if line.split()[4].startswith(data)},
+                    key=len, reverse=True)
+    for point in points:
+        if subprocess.run(["umount", "-l", point], capture_output=True).returncode == 0:
+            swept.append(f"mount {point}")
+    for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            backing = bf.read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(data):
+            dev = f"/dev/{bf.parent.parent.name}"
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                swept.append(f"loop {dev}")
+    for root in Probe(server, parent, False).cgroup_roots():
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return swept
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cycles", type=int, default=1000)
@@ -590,6 +634,17 @@ def main() -> int:
         traceback.print_exc()
         result.setdefault("failures", []).append(f"harness: {type(e).__name__}: {e}")
     finally:
+        if server is not None and not server.alive() and server.pid:
+            # The harness broke while the daemon was down (a kill -9 fault without its
+            # restart): start it again on the same data dir so that it adopts and stops
+            # what it left, as an operator's restart would.
+            try:
+                server.start()
+                result.setdefault("failures", []).append("sandpitd was down when the harness ended")
+                ok = False
+            except Exception as e:  # noqa: BLE001
+                result.setdefault("failures", []).append(f"restart at the end: {str(e)[:500]}")
+                ok = False
         if server is not None and server.alive():
             try:
                 stop_all()
@@ -606,6 +661,10 @@ def main() -> int:
             subprocess.run(["umount", str(root / "data" / "sandboxes" / "planted")], check=False)
             for d in Path("/sys/fs/cgroup").glob(f"*/{parent}/planted"):
                 d.rmdir()
+        if server is not None and not ok:
+            swept = sweep(server, parent)
+            if swept:
+                result.setdefault("failures", []).append(f"swept after a failed run: {', '.join(swept)}")
         for d in Probe(server, parent, False).cgroup_roots() if server else []:
             try:
                 d.rmdir()  # the parent group is never removed by the daemon; ours is ours

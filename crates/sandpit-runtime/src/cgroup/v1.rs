@@ -321,15 +321,34 @@ impl GroupOps for Group {
 /// The freezer hierarchy's `freezer.state`.
 struct Freezer(PathBuf);
 
+/// Polls of a stuck `FREEZING` between two thaw-and-refreeze rounds (runc
+/// uses 25 of its 10 µs polls; these back off to 10 ms).
+const REFREEZE_EVERY: u32 = 8;
+
 impl Freeze for Freezer {
+    /// The v1 freezer can stay `FREEZING` for good when tasks fork or sit
+    /// in I/O while it sweeps them (seen under CI load during a snapshot):
+    /// like runc, `FROZEN` is written again on every poll, and every
+    /// [`REFREEZE_EVERY`] polls the group is thawed and frozen afresh.
     fn freeze(&self) -> bool {
         let state = self.0.join("freezer.state");
-        // A read error means the cgroup is gone (a concurrent teardown
-        // won): nothing left to wait for.
-        write(&state, "FROZEN").is_ok()
-            && wait_until(super::fs::FREEZE_TIMEOUT, || {
-                read(&state).map_or(true, |s| s.trim() == "FROZEN")
-            })
+        if write(&state, "FROZEN").is_err() {
+            return false;
+        }
+        let mut polls = 0u32;
+        wait_until(super::fs::FREEZE_TIMEOUT, || {
+            // A read error means the cgroup is gone (a concurrent teardown
+            // won): nothing left to wait for.
+            if read(&state).map_or(true, |s| s.trim() == "FROZEN") {
+                return true;
+            }
+            polls += 1;
+            if polls % REFREEZE_EVERY == 0 {
+                let _ = write(&state, "THAWED");
+            }
+            let _ = write(&state, "FROZEN");
+            false
+        })
     }
 
     fn thaw(&self) -> Result<(), CgroupError> {
