@@ -28,7 +28,21 @@ impl Registry {
         Self::start_with(RegistryOptions::default())
     }
 
+    /// A registry on a free port. The port is picked, released, then bound
+    /// by `docker-registry`: another test's listener can take it in between
+    /// (and answer the readiness check in its place), so the start counts
+    /// only once the registry itself says it listens, and is retried on a
+    /// new port if it exited.
     pub(crate) fn start_with(options: RegistryOptions) -> Self {
+        for _ in 0..5 {
+            if let Some(registry) = Self::try_start(&options) {
+                return registry;
+            }
+        }
+        panic!("docker-registry did not start on any of 5 ports");
+    }
+
+    fn try_start(options: &RegistryOptions) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -74,13 +88,25 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("docker-registry is installed");
-        wait_for_port(&addr);
-        Self {
+        let mut registry = Self {
             child,
             addr,
             dir,
-            user: options.htpasswd,
+            user: options.htpasswd.clone(),
             cert: cert_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if registry.child.try_wait().unwrap().is_some() {
+                eprintln!("docker-registry exited: {}", registry.log());
+                return None;
+            }
+            if registry.log().contains("listening on") {
+                wait_for_port(&registry.addr);
+                return Some(registry);
+            }
+            assert!(Instant::now() < deadline, "{} did not start", registry.addr);
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
