@@ -343,7 +343,7 @@ impl Freeze for Freezer {
                 return true;
             }
             polls += 1;
-            if polls % REFREEZE_EVERY == 0 {
+            if polls.is_multiple_of(REFREEZE_EVERY) {
                 let _ = write(&state, "THAWED");
             }
             let _ = write(&state, "FROZEN");
