@@ -51,8 +51,19 @@ pub(crate) struct Ctx {
 /// only keeps a corrupt descriptor from exhausting memory.
 const MAX_INIT: u64 = 1 << 30;
 
-/// Reads the single `Init` frame at the start of `fd` (a memfd or file).
-pub(crate) fn read_init(fd: OwnedFd) -> Result<InitSpec, ServeError> {
+/// What the init descriptor says to do.
+#[derive(Debug)]
+pub(crate) enum Start {
+    /// Apply this init and start the main command now.
+    Now(Box<InitSpec>),
+    /// Serve, and wait for a host's `Claim` to bring the init (a warm
+    /// pool's sandbox).
+    OnClaim,
+}
+
+/// Reads the single `Init` (or `Idle`) frame at the start of `fd` (a memfd
+/// or file).
+pub(crate) fn read_init(fd: OwnedFd) -> Result<Start, ServeError> {
     let file = std::fs::File::from(fd);
     let mut len = [0u8; 4];
     file.read_exact_at(&mut len, 0)
@@ -67,7 +78,8 @@ pub(crate) fn read_init(fd: OwnedFd) -> Result<InitSpec, ServeError> {
     // Not `read_frame`: its size limit is for the hostile direction, and Init
     // carries whole files.
     match decode(&body) {
-        Ok(Frame::Init(spec)) => Ok(spec),
+        Ok(Frame::Init(spec)) => Ok(Start::Now(Box::new(spec))),
+        Ok(Frame::Idle) => Ok(Start::OnClaim),
         Ok(_) => Err(ServeError::Init("not an init frame".into())),
         Err(e) => Err(ServeError::Init(e.to_string())),
     }
@@ -134,10 +146,53 @@ pub(crate) fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
             OwnedFd::from_raw_fd(init_fd),
         )
     };
-    let init = read_init(init)?;
+    let start = read_init(init)?;
     let listener = UnixListener::from(listen);
     let reaper = Reaper::start().map_err(|e| ServeError::Os("reaper thread", e))?;
+    let ctx = match start {
+        Start::Now(init) => setup(*init, reaper)?,
+        Start::OnClaim => await_claim(&listener, reaper)?,
+    };
+    accept_loop(&listener, &ctx)
+}
 
+/// An idle agent's life until its claim: pings are answered (the sandbox
+/// is alive, nothing runs), every other operation is refused, and the first
+/// `Claim` sets the sandbox up as an `Init` would have. One connection at a
+/// time: only the host reaches this socket, and nothing else runs yet.
+fn await_claim(listener: &UnixListener, reaper: Arc<Reaper>) -> Result<Arc<Ctx>, ServeError> {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ENOTSOCK | libc::EBADF | libc::EINVAL) => {
+                    return Err(ServeError::Os("accept", e))
+                }
+                _ => continue,
+            },
+        };
+        let _ = stream.set_read_timeout(Some(FIRST_FRAME_TIMEOUT));
+        let mut w = &stream;
+        let answer = match read_frame(&mut &stream) {
+            Ok(Some(Frame::Claim(init))) => {
+                let ctx = setup(init, reaper)?;
+                let _ = write_frame(&mut w, &Frame::Pong(ctx.main.status()));
+                return Ok(ctx);
+            }
+            Ok(Some(Frame::Ping)) => Frame::Pong(sandpit_wire::MainStatus::Idle),
+            Ok(Some(_)) => Frame::Error {
+                kind: ErrorKind::NotRunning,
+                message: "sandbox not claimed yet".into(),
+            },
+            Ok(None) | Err(_) => continue,
+        };
+        let _ = write_frame(&mut w, &answer);
+    }
+}
+
+/// Applies an init: the user, the files, the working dir, the main command
+/// and the startup probe; returns what every connection needs.
+fn setup(init: InitSpec, reaper: Arc<Reaper>) -> Result<Arc<Ctx>, ServeError> {
     let cwd = if init.cwd.is_empty() {
         "/".to_string()
     } else {
@@ -199,7 +254,7 @@ pub(crate) fn run(listen_fd: RawFd, init_fd: RawFd) -> Result<(), ServeError> {
     if let Some(probe) = init.startup_probe {
         Startup::run(Arc::clone(&ctx), probe).map_err(|e| ServeError::Os("probe thread", e))?;
     }
-    accept_loop(&listener, &ctx)
+    Ok(ctx)
 }
 
 /// The user to run as: `None` for the agent's own (root, unless the host

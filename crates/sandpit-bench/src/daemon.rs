@@ -58,6 +58,9 @@ pub(crate) struct Counts {
     pub network: bool,
     /// Writable layers get the default size limit (off: unbounded).
     pub disk_limit: bool,
+    /// Creates from a warm pool (0: no pool; see `pool.rs`). With a pool,
+    /// the Python block waits for it to be full before each iteration.
+    pub pool: usize,
 }
 
 /// The Python client block's settings.
@@ -126,6 +129,13 @@ pub(crate) fn run(
         limits.push_str(&extra.replace("\\n", "\n"));
         limits.push('\n');
     }
+    let metrics_port = if n.pool > 0 {
+        let port = crate::pool::free_port()?;
+        limits.push_str(&crate::pool::config(IMAGE, port));
+        Some(port)
+    } else {
+        None
+    };
     std::fs::write(
         &config,
         format!(
@@ -141,8 +151,14 @@ pub(crate) fn run(
     let mut live = Vec::new();
     let mut figures = Vec::new();
     let mut result = rt.block_on(measure(daemon.port, &n, &mut live, &mut figures));
+    if let (Ok(stats), Some(mport)) = (&mut result, metrics_port) {
+        match rt.block_on(crate::pool::measure(daemon.port, mport, n.pool, &mut live)) {
+            Ok(s) => stats.extend(s),
+            Err(e) => result = Err(e),
+        }
+    }
     if let (Ok(stats), Some(py)) = (&mut result, &n.python) {
-        match python_block(py, daemon.port, &data_dir) {
+        match python_block(py, daemon.port, &data_dir, metrics_port) {
             Ok((s, f)) => {
                 stats.extend(s);
                 figures.extend(f);
@@ -291,7 +307,7 @@ impl Daemon {
 
 type Client = SandboxServiceClient<Channel>;
 
-async fn connect(port: u16) -> Result<Client> {
+pub(crate) async fn connect(port: u16) -> Result<Client> {
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))?
         .connect()
         .await
@@ -310,7 +326,7 @@ fn req<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-async fn create(c: &mut Client, i: usize) -> Result<String> {
+pub(crate) async fn create(c: &mut Client, i: usize) -> Result<String> {
     let spec = pb::SandboxSpec {
         containers: vec![pb::Container {
             name: "main".into(),
@@ -336,7 +352,7 @@ async fn create(c: &mut Client, i: usize) -> Result<String> {
     Ok(sb.sandbox_id)
 }
 
-async fn delete(c: &mut Client, id: &str) -> Result<()> {
+pub(crate) async fn delete(c: &mut Client, id: &str) -> Result<()> {
     c.delete_sandbox(req(pb::DeleteSandboxRequest {
         sandbox_id: id.into(),
         grace_period_seconds: 0,
@@ -348,7 +364,7 @@ async fn delete(c: &mut Client, id: &str) -> Result<()> {
 }
 
 /// StreamExec `argv`: init, half-close, read until the exit frame.
-async fn exec(c: &mut Client, id: &str, argv: &[&str]) -> Result<i32> {
+pub(crate) async fn exec(c: &mut Client, id: &str, argv: &[&str]) -> Result<i32> {
     use pb::exec_stream_request::Message as In;
     use pb::exec_stream_response::Message as Out;
     let init = pb::ExecStreamRequest {
@@ -706,12 +722,29 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs in one interpreter, so start-up and imports are outside the timings;
 /// the first iteration (channel set-up) is a warm-up, not a sample.
+/// With a warm pool (argv 2: its `/metrics` URL, argv 3: its size), each
+/// iteration starts once the pool is full again (not timed). The client's
+/// own floor is timed too: a bare unary RPC (`Sandbox.list` of a tag no
+/// sandbox has) from the same client.
 const PY_SCRIPT: &str = r#"
-import json, sys, time
+import json, sys, time, urllib.request
 from cwsandbox import Sandbox
 n = int(sys.argv[1])
+metrics, size = sys.argv[2], int(sys.argv[3])
+def pool_full():
+    if not metrics:
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+        ready = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("sandpit_pool_ready{"))
+        if ready >= size:
+            return
+        time.sleep(0.005)
+    raise SystemExit("the warm pool did not fill")
 samples = []
 for i in range(n + 1):
+    pool_full()
     t = time.perf_counter()
     with Sandbox.run() as sb:
         sb.exec(["true"]).result()
@@ -719,18 +752,31 @@ for i in range(n + 1):
         samples.append(time.perf_counter() - t)
     else:
         first = time.perf_counter() - t
-print(json.dumps({"first": first, "samples": samples}))
+floor = []
+for i in range(n + 1):
+    t = time.perf_counter()
+    Sandbox.list(tags=["sandpit-bench-floor"]).result()
+    if i:
+        floor.append(time.perf_counter() - t)
+print(json.dumps({"first": first, "samples": samples, "floor": floor}))
 "#;
 
 /// The Python client end to end: `with Sandbox.run() as sb:
 /// sb.exec(["true"]).result()` through `cwsandbox`, timed inside Python.
-fn python_block(py: &PythonRun, port: u16, data_dir: &Path) -> Result<(Vec<Stats>, Vec<Figure>)> {
+fn python_block(
+    py: &PythonRun,
+    port: u16,
+    data_dir: &Path,
+    pool_metrics: Option<u16>,
+) -> Result<(Vec<Stats>, Vec<Figure>)> {
     let out_path = data_dir.join("python-bench.out");
     let err_path = data_dir.join("python-bench.err");
     let mut child = Command::new(&py.interpreter)
         .arg("-c")
         .arg(PY_SCRIPT)
         .arg(py.iterations.to_string())
+        .arg(pool_metrics.map_or(String::new(), |p| format!("http://127.0.0.1:{p}/metrics")))
+        .arg(crate::pool::POOL_SIZE.to_string())
         .env("CWSANDBOX_BASE_URL", format!("http://127.0.0.1:{port}"))
         .env("CWSANDBOX_API_KEY", API_KEY)
         .stdin(Stdio::null())
@@ -772,11 +818,24 @@ fn python_block(py: &PythonRun, port: u16, data_dir: &Path) -> Result<(Vec<Stats
         bail!("the Python client block gave no samples");
     }
     let first = v["first"].as_f64().unwrap_or(0.0);
+    let floor: Vec<Duration> = v["floor"]
+        .as_array()
+        .context("floor")?
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .map(Duration::from_secs_f64)
+        .collect();
     Ok((
-        vec![Stats::new(
-            "python cwsandbox: with Sandbox.run() as sb: sb.exec([\"true\"]).result()",
-            samples,
-        )],
+        vec![
+            Stats::new(
+                "python cwsandbox: with Sandbox.run() as sb: sb.exec([\"true\"]).result()",
+                samples,
+            ),
+            Stats::new(
+                "python cwsandbox: bare RPC round trip (Sandbox.list)",
+                floor,
+            ),
+        ],
         vec![fig(
             "python cwsandbox: first iteration (warm-up, channel set-up)",
             first * 1000.0,

@@ -37,6 +37,7 @@
 
 mod daemon;
 mod net;
+mod pool;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -133,6 +134,8 @@ enum Section {
     Python,
     Net,
     Snapshot,
+    /// With `--daemon`: creates from a warm pool (a daemon of its own).
+    Pool,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +213,7 @@ fn main() -> Result<()> {
                 python: None,
                 network: !args.daemon_no_network,
                 disk_limit: !args.daemon_no_disk_limit,
+                pool: 0,
             }
         } else {
             let python = match &args.python {
@@ -236,6 +240,7 @@ fn main() -> Result<()> {
                 }),
                 network: !args.daemon_no_network,
                 disk_limit: !args.daemon_no_disk_limit,
+                pool: 0,
             }
         };
         let mut counts = counts;
@@ -262,9 +267,44 @@ fn main() -> Result<()> {
             .parent()
             .context("exe dir")?
             .to_path_buf();
-        let (stats, figs) = daemon::run(&bin_dir, &args.image, &args.data_dir, counts)?;
-        results.extend(stats);
-        figures = figs;
+        let pool_python = counts.python.clone();
+        let network = counts.network;
+        let disk_limit = counts.disk_limit;
+        let any = counts.cold + counts.exec + counts.small_files + counts.density > 0
+            || !counts.cycles.is_empty()
+            || counts.python.is_some();
+        if any {
+            let (stats, figs) = daemon::run(&bin_dir, &args.image, &args.data_dir, counts)?;
+            results.extend(stats);
+            figures = figs;
+        }
+        if want(Section::Pool) {
+            // A daemon of its own: with a pool, every create of the default
+            // shape above would be served from it.
+            let pooled = daemon::Counts {
+                cold: 0,
+                exec: 0,
+                small_files: 0,
+                large_files: 0,
+                cycles: Vec::new(),
+                density: 0,
+                python: pool_python,
+                network,
+                disk_limit,
+                pool: if args.quick { 5 } else { iterations },
+            };
+            let (stats, figs) = daemon::run(&bin_dir, &args.image, &args.data_dir, pooled)?;
+            results.extend(stats.into_iter().map(|mut s| {
+                if s.name.starts_with("python") {
+                    s.name = format!("warm pool: {}", s.name);
+                }
+                s
+            }));
+            figures.extend(figs.into_iter().map(|mut f| {
+                f.name = format!("warm pool: {}", f.name);
+                f
+            }));
+        }
     }
     if args.net && want(Section::Net) {
         let (stats, figs) = net::run(&args.image, args.quick)?;
@@ -314,6 +354,33 @@ fn main() -> Result<()> {
             "cold start: podman / sandpit = {:.1}x",
             theirs.as_secs_f64() / ours.as_secs_f64()
         );
+    }
+    // The daemon's cost over the engine's, same run.
+    for (what, engine, daemon) in [
+        (
+            "create until first `true`",
+            "create until first `true` returned",
+            "daemon: create until first `true` exit",
+        ),
+        (
+            "exec `true` round trip",
+            "exec `true` round trip",
+            "daemon: StreamExec `true` round trip",
+        ),
+        (
+            "create until first `true`, warm pool",
+            "create until first `true` returned",
+            "daemon, warm pool: create until first `true` exit",
+        ),
+    ] {
+        if let (Some(e), Some(d)) = (find(engine), find(daemon)) {
+            println!(
+                "{what}: daemon / engine = {:.2}x ({:.2} / {:.2} ms p50)",
+                d.as_secs_f64() / e.as_secs_f64(),
+                ms(d),
+                ms(e)
+            );
+        }
     }
     if let (Some(ours), Some(theirs)) = (find("exec `true` round trip"), find("podman exec true")) {
         println!(

@@ -367,6 +367,20 @@ impl Runtime {
 
     /// Creates a sandbox and returns once its agent is listening.
     pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox, RuntimeError> {
+        self.create_as(spec, false)
+    }
+
+    /// Creates a sandbox whose agent listens but starts nothing: `spec.init`
+    /// is ignored, and the user, files, working dir and main command come
+    /// with the agent's claim ([`AgentClient::claim`]). Everything else
+    /// (root file system, writable layer, cgroup and its limits, namespaces,
+    /// network) is set up as [`create`](Runtime::create) does. A warm
+    /// pool's sandbox.
+    pub fn create_idle(&self, spec: &SandboxSpec) -> Result<Sandbox, RuntimeError> {
+        self.create_as(spec, true)
+    }
+
+    fn create_as(&self, spec: &SandboxSpec, idle: bool) -> Result<Sandbox, RuntimeError> {
         if spec.lower_dirs.is_empty() {
             return Err(RuntimeError::InvalidSpec {
                 field: "image",
@@ -395,7 +409,7 @@ impl Runtime {
             }
             Err(e) => return Err(io("create sandbox dir")(e)),
         }
-        let result = self.create_in(spec, &dir, hostname);
+        let result = self.create_in(spec, &dir, hostname, idle);
         if result.is_err() {
             let _ = self.cgroups.open(spec.id.as_str()).destroy();
             let _ = remove_state_dir(&dir);
@@ -408,6 +422,7 @@ impl Runtime {
         spec: &SandboxSpec,
         dir: &Path,
         hostname: String,
+        idle: bool,
     ) -> Result<Sandbox, RuntimeError> {
         let base = self.config.id_map.host_base;
         std::fs::create_dir(dir.join("rootfs")).map_err(io("create sandbox dir"))?;
@@ -480,7 +495,12 @@ impl Runtime {
         };
         let mut input = serde_json::to_vec(&config).expect("serializable");
         input.push(b'\n');
-        sandpit_wire::encode(&sandpit_wire::Frame::Init(spec.init.clone()), &mut input);
+        let init = if idle {
+            sandpit_wire::Frame::Idle
+        } else {
+            sandpit_wire::Frame::Init(spec.init.clone())
+        };
+        sandpit_wire::encode(&init, &mut input);
 
         let mut child = Command::new(&self.config.spawner_binary)
             .stdin(Stdio::piped())

@@ -153,6 +153,7 @@ pub struct FileConfig {
     limits: Option<crate::limitsconfig::FileLimits>,
     console: Option<crate::consoleconfig::FileConsole>,
     metrics: Option<crate::metricsconfig::FileMetrics>,
+    pool: Option<Vec<crate::poolconfig::FilePool>>,
 }
 
 /// What a sandbox that asks for nothing gets when `[resources]` does not
@@ -323,6 +324,8 @@ pub struct Config {
     pub console: crate::consoleconfig::ConsoleSettings,
     /// Where Prometheus scrapes (`[metrics]`).
     pub metrics: crate::metricsconfig::MetricsSettings,
+    /// Warm pools (`[[pool]]`); empty: none.
+    pub pools: Vec<crate::poolconfig::PoolSettings>,
 }
 
 impl Config {
@@ -488,6 +491,7 @@ impl Config {
         let default_resources = file.resources.unwrap_or_default().resolve()?;
         let limits = file.limits.unwrap_or_default().resolve()?;
         let metrics = file.metrics.unwrap_or_default().resolve(o.metrics_listen)?;
+        let pools = crate::poolconfig::resolve(file.pool.unwrap_or_default())?;
         let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
         if organization_id.is_empty() {
             return Err(invalid("organization_id", "must not be empty"));
@@ -619,6 +623,7 @@ impl Config {
             limits,
             console,
             metrics,
+            pools,
         })
     }
 }

@@ -401,6 +401,32 @@ pub trait Engine: Send + Sync + 'static {
         spec: LaunchSpec,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
 
+    /// Creates a sandbox for a warm pool: everything of `spec`'s shape
+    /// (image, limits, writable layer, network) is set up and its agent
+    /// listens, but nothing in it runs; its command, environment, files and
+    /// user come with [`claim`](Engine::claim). On error nothing of it is
+    /// left. An engine without pools answers [`EngineError::Unsupported`].
+    fn create_idle(
+        &self,
+        _id: &SandboxId,
+        _spec: LaunchSpec,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send {
+        async { Err(EngineError::Unsupported("warm pools")) }
+    }
+
+    /// Hands idle sandbox `id` (from [`create_idle`](Engine::create_idle))
+    /// its request: `spec`'s command, environment, working dir, files,
+    /// user, capabilities, startup probe and network owner, applied as
+    /// [`create`](Engine::create) would have; its shape must be the one it
+    /// was created with. Returns like `create`; a sandbox is claimed once.
+    fn claim(
+        &self,
+        _id: &SandboxId,
+        _spec: LaunchSpec,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send {
+        async { Err(EngineError::Unsupported("warm pools")) }
+    }
+
     /// Waits, without polling, until the sandbox's main process ended,
     /// storing its output through `logs` on the way. A sandbox without a
     /// main command resolves only when its init dies.

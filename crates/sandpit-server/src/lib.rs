@@ -42,6 +42,7 @@ pub mod metricsconfig;
 pub mod model;
 pub mod netconfig;
 mod offload;
+pub mod poolconfig;
 pub mod sd_notify;
 pub mod secrets;
 pub mod server;

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use sandpit_image::{IdShift, Image, ImageError, ImageStore, Reference};
 use sandpit_registry::{Progress, Puller, RegistryConfig};
-use sandpit_runtime::{IdMap, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+use sandpit_runtime::{IdMap, Runtime, RuntimeConfig, Sandbox};
 use sandpit_wire::async_client::{
     AsyncAgentClient, ClientError, MainOutputEvent, OutputStream, UnixConnector,
 };
-use sandpit_wire::{InitFile, InitSpec, MainStatus, Signal};
+use sandpit_wire::{MainStatus, Signal};
 
 use crate::chain as describe;
 use crate::engine::{
@@ -33,6 +33,8 @@ use crate::model::SandboxId;
 use crate::netconfig::NetworkSettings;
 
 /// Bound on request-response agent calls (ping, signal).
+mod start;
+
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the engine keeps its state and finds its helpers.
@@ -302,138 +304,15 @@ impl Engine for LocalEngine {
     }
 
     async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
-        let runtime = Arc::clone(&self.runtime);
-        let network = match (&spec.network, &self.network) {
-            (None, _) => None,
-            (Some(n), Some(net)) => Some((n.clone(), Arc::clone(net))),
-            (Some(_), None) => {
-                return Err(EngineError::Start(
-                    "this engine gives sandboxes no network".into(),
-                ))
-            }
-        };
-        // Secrets join the environment only here, on the way to the
-        // spawner's stdin. The runner's network environment (proxies,
-        // mirrors) goes under the sandbox's own.
-        let mut env = spec.environment();
-        if let Some((_, net)) = &network {
-            env = sandpit_wire::process::merge_env(&net.settings().sandbox_env(), &env);
-        }
-        let spec_layers = spec.layers;
-        let spec_volumes = spec.volumes;
-        let spec = SandboxSpec {
-            id: id.clone(),
-            hostname: None,
-            lower_dirs: spec.lower_dirs,
-            init: InitSpec {
-                argv: spec.argv,
-                env,
-                cwd: spec.cwd,
-                files: spec
-                    .files
-                    .into_iter()
-                    .map(|f| InitFile {
-                        path: f.path,
-                        mode: 0o644,
-                        content: f.content,
-                    })
-                    .collect(),
-                run_as: spec.run_as,
-                capabilities: spec.capabilities,
-                startup_probe: spec.startup_probe,
-            },
-            limits: Limits {
-                cpu_millis: spec.resources.limits.cpu_millis,
-                memory_bytes: spec.resources.limits.memory_bytes,
-                pids_max: self.pids_max,
-                cpu_request_millis: spec.resources.requests.cpu_millis,
-                memory_request_bytes: spec.resources.requests.memory_bytes,
-                cpus: None,
-            },
-            read_only_root: spec.read_only_root,
-            network_namespace: None,
-            mounts: Vec::new(),
-            disk_bytes: spec.disk_bytes,
-        };
-        let volumes = spec_volumes;
-        let storage = match (volumes.is_empty(), &self.storage) {
-            (true, _) => None,
-            (false, Some(s)) => Some(Arc::clone(s)),
-            (false, None) => {
-                return Err(EngineError::Start("this engine offers no volumes".into()))
-            }
-        };
-        let store = Arc::clone(&self.store);
-        let layers = spec_layers;
-        let sandbox = blocking(move || {
-            // Leased before mounting: `sandpit image rm` or a gc in another
-            // process must not collect a layer under a running sandbox. The
-            // guard releases it on every way out but the ones that keep it.
-            let lease = store
-                .lease_guard_owned(spec.id.as_str(), &layers)
-                .map_err(|e| EngineError::Start(Box::new(EngineError::Image(e.into()))))?;
-            let mut spec = spec;
-            // Volumes first (a restore can fail on its content): nothing of
-            // the network is made for a sandbox that cannot start.
-            if let Some(storage) = &storage {
-                spec.mounts = storage
-                    .prepare(&spec.id, &volumes)
-                    .map_err(|e| EngineError::Start(e.into()))?;
-            }
-            if let Some((launch, net)) = &network {
-                match net.attach(&spec.id, launch) {
-                    Ok(ns) => spec.network_namespace = Some(ns),
-                    Err(e) => {
-                        if let Some(storage) = &storage {
-                            storage.release(&spec.id);
-                        }
-                        return Err(EngineError::Start(e.into()));
-                    }
-                }
-            }
-            let detach = || {
-                if let Some((_, net)) = &network {
-                    net.detach(&spec.id);
-                }
-                if let Some(storage) = &storage {
-                    storage.release(&spec.id);
-                }
-            };
-            let sandbox = match runtime.create(&spec) {
-                Ok(sb) => sb,
-                Err(e) => {
-                    detach();
-                    return Err(EngineError::Start(e.into()));
-                }
-            };
-            // The agent starts the main command before it serves its first
-            // connection, so one ping tells whether it started: a client
-            // then sees FAILED from CreateSandbox itself, never a RUNNING
-            // that turns FAILED a few milliseconds later.
-            let verdict = match sandbox.agent().with_timeout(AGENT_TIMEOUT).ping() {
-                Ok(MainStatus::StartFailed(msg)) => Err(EngineError::StartFailed(msg)),
-                Ok(_) => Ok(()),
-                Err(e) => Err(EngineError::Start(Box::new(EngineError::Agent(e)))),
-            };
-            match verdict {
-                Ok(()) => {
-                    lease.keep();
-                    Ok(sandbox)
-                }
-                Err(e) => {
-                    if let Err(d) = runtime.destroy(sandbox.id()) {
-                        // Still mounted: the layers stay leased.
-                        tracing::warn!(error = %describe(&d), "destroy after failed start");
-                        lease.keep();
-                    }
-                    detach();
-                    Err(e)
-                }
-            }
-        })
-        .await??;
-        self.table().insert(id.clone(), Arc::new(sandbox));
-        Ok(())
+        self.start(id, spec, false).await
+    }
+
+    async fn create_idle(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
+        self.start(id, spec, true).await
+    }
+
+    async fn claim(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
+        self.claim_idle(id, spec).await
     }
 
     async fn wait_exit(&self, id: &SandboxId, logs: LogWriter) -> MainExit {

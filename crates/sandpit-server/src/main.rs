@@ -246,6 +246,14 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     .await
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
     .context("start the sandbox manager")?;
+    // After the start's sweep: pooled sandboxes of an earlier run were
+    // debris to it, and the pools are filled afresh.
+    let templates =
+        sandpit_server::api::pool::templates(&manager, &config.runner_id, &config.pools)
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("warm pools")?;
+    manager.start_pool(templates);
+    let pools = manager.clone();
 
     let catalog_path = config.data_dir.join("storage.db");
     let catalog = sandpit_server::storage::catalog::Catalog::open(&catalog_path)
@@ -322,6 +330,8 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     if let Some(c) = console {
         c.shutdown().await;
     }
+    // Pooled sandboxes have no record to be adopted by: they go.
+    pools.drain_pool().await;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{
-    encode, read_frame, ExecRequest, ExitStatus, Frame, MainStatus, Signal, StartupState, WinSize,
-    WireError, CHUNK_LEN,
+    encode, read_frame, ExecRequest, ExitStatus, Frame, InitSpec, MainStatus, Signal, StartupState,
+    WinSize, WireError, CHUNK_LEN,
 };
 
 mod error;
@@ -99,6 +99,17 @@ impl AgentClient {
         match expect_frame(&mut s)? {
             Frame::Pong(status) => Ok(status),
             other => Err(unexpected(other, "ping")),
+        }
+    }
+
+    /// Claims an idle agent (one started with [`Frame::Idle`]): it applies
+    /// `init` (user, files, working dir, main command, startup probe) as it
+    /// would have at start-up, and answers with the main process's status.
+    pub fn claim(&self, init: &InitSpec) -> Result<MainStatus, ClientError> {
+        let mut s = self.start(&Frame::Claim(init.clone()), true)?;
+        match expect_frame(&mut s)? {
+            Frame::Pong(status) => Ok(status),
+            other => Err(unexpected(other, "claim")),
         }
     }
 

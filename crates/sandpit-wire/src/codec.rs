@@ -3,8 +3,8 @@
 //! bytes (output, stdin, file data) so that those bytes need no copy.
 
 use crate::{
-    ErrorKind, ExecRequest, ExitStatus, Frame, InitFile, InitSpec, MainStatus, Signal, Usage,
-    WinSize, WireError, OUTPUT_HEADER_LEN,
+    ErrorKind, ExecRequest, ExitStatus, Frame, MainStatus, Signal, Usage, WinSize, WireError,
+    OUTPUT_HEADER_LEN,
 };
 
 pub(crate) mod tag {
@@ -35,6 +35,8 @@ pub(crate) mod tag {
     pub(crate) const STARTUP: u8 = 25;
     pub(crate) const USAGE: u8 = 26;
     pub(crate) const MAIN_USAGE: u8 = 27;
+    pub(crate) const IDLE: u8 = 28;
+    pub(crate) const CLAIM: u8 = 29;
 }
 
 mod startup;
@@ -304,18 +306,12 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         }
         Frame::Init(spec) => {
             e.u8(tag::INIT);
-            e.strs(&spec.argv);
-            e.env(&spec.env);
-            e.str(&spec.cwd);
-            e.u32(spec.files.len() as u32);
-            for f in &spec.files {
-                e.str(&f.path);
-                e.u32(f.mode);
-                e.bytes(&f.content);
-            }
-            e.run_as(&spec.run_as);
-            e.opt_u64(spec.capabilities);
-            e.probe(spec.startup_probe.as_ref());
+            e.init(spec);
+        }
+        Frame::Idle => e.u8(tag::IDLE),
+        Frame::Claim(spec) => {
+            e.u8(tag::CLAIM);
+            e.init(spec);
         }
         Frame::AwaitStartup => e.u8(tag::AWAIT_STARTUP),
         Frame::Startup(state) => {
@@ -445,29 +441,9 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
             to: d.u64()?,
         },
         tag::SIGNAL_MAIN => Frame::SignalMain(d.signal()?),
-        tag::INIT => {
-            let argv = d.strs()?;
-            let env = d.env()?;
-            let cwd = d.str()?;
-            let n = d.count()?;
-            let mut files = Vec::with_capacity(n);
-            for _ in 0..n {
-                files.push(InitFile {
-                    path: d.str()?,
-                    mode: d.u32()?,
-                    content: d.bytes()?,
-                });
-            }
-            Frame::Init(InitSpec {
-                argv,
-                env,
-                cwd,
-                files,
-                run_as: d.run_as()?,
-                capabilities: d.opt_u64()?,
-                startup_probe: d.probe()?,
-            })
-        }
+        tag::INIT => Frame::Init(d.init()?),
+        tag::IDLE => Frame::Idle,
+        tag::CLAIM => Frame::Claim(d.init()?),
         tag::AWAIT_STARTUP => Frame::AwaitStartup,
         tag::STARTUP => Frame::Startup(d.startup()?),
         tag::USAGE => Frame::Usage(Usage {

@@ -35,7 +35,10 @@
 //! older one) is not disturbed, and a host that reads on finds the
 //! connection closed by an older agent: both directions tolerate the other.
 //!
-//! At start-up the agent reads one [`Frame::Init`] from its init descriptor.
+//! At start-up the agent reads one [`Frame::Init`] from its init descriptor,
+//! or [`Frame::Idle`]: then, until one [`Frame::Claim`] -> [`Frame::Pong`]
+//! brings the init, it answers [`Frame::Ping`] with [`MainStatus::Idle`] and
+//! refuses every other operation.
 //!
 //! Host-side clients: [`client::AgentClient`] (blocking, threads) and, with
 //! the `tokio` feature, `async_client::AsyncAgentClient` (any transport
@@ -333,6 +336,14 @@ pub enum Frame {
     SignalMain(Signal),
     /// Spawner -> agent at start-up.
     Init(InitSpec),
+    /// Spawner -> agent at start-up, instead of [`Frame::Init`]: serve, but
+    /// start nothing until a host sends [`Frame::Claim`] (a warm pool's
+    /// sandbox: its user, files and main command are not known yet).
+    Idle,
+    /// Host -> an [`Frame::Idle`] agent: the sandbox's init, applied as an
+    /// `Init` would have been; answered [`Frame::Pong`] with the main
+    /// process's status (or [`Frame::Error`] when already claimed).
+    Claim(InitSpec),
     /// Host: answer once the sandbox's start is decided.
     AwaitStartup,
     /// Agent: how the start ended.

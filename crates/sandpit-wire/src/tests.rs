@@ -152,6 +152,24 @@ fn every_frame_roundtrips() {
             ..Default::default()
         }));
     }
+    roundtrip(Frame::Idle);
+    roundtrip(Frame::Claim(InitSpec::default()));
+    roundtrip(Frame::Claim(InitSpec {
+        argv: vec!["python".into(), "-c".into(), "pass".into()],
+        env: vec![("A".into(), "1".into())],
+        cwd: "/work".into(),
+        files: vec![InitFile {
+            path: "a/b".into(),
+            mode: 0o600,
+            content: vec![0, 1, 2],
+        }],
+        run_as: RunAs {
+            user: "1000".into(),
+            group: String::new(),
+        },
+        capabilities: Some(1),
+        startup_probe: None,
+    }));
     roundtrip(Frame::AwaitStartup);
     roundtrip(Frame::Startup(StartupState::Ready));
     roundtrip(Frame::Startup(StartupState::Failed(

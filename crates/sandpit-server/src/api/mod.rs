@@ -17,6 +17,7 @@ pub mod files;
 pub mod logs;
 pub(crate) mod network;
 pub mod operations;
+pub mod pool;
 pub mod sandbox;
 pub mod secrets;
 pub(crate) mod services;

@@ -51,14 +51,7 @@ pub struct SandboxApi<E: Engine> {
 impl<E: Engine> SandboxApi<E> {
     /// Handlers over `manager`, for runner `runner_id`.
     pub fn new(manager: Manager<E>, runner_id: String, data: DataPlaneOptions) -> Self {
-        let policy = CreatePolicy {
-            runner_id,
-            default_resources: manager.config().default_resources,
-            max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
-            network: manager.engine().network(),
-            storage: None,
-            disk: manager.config().disk,
-        };
+        let policy = CreatePolicy::of(&manager, runner_id);
         Self {
             manager,
             policy,

@@ -64,6 +64,22 @@ pub struct CreatePolicy {
 }
 
 impl CreatePolicy {
+    /// The policy of `manager`'s runner `runner_id` (volumes off: see
+    /// `SandboxApi::with_storage`).
+    pub fn of<E: crate::engine::Engine>(
+        manager: &crate::manager::Manager<E>,
+        runner_id: String,
+    ) -> Self {
+        Self {
+            runner_id,
+            default_resources: manager.config().default_resources,
+            max_lifetime_seconds: manager.config().max_max_lifetime_seconds,
+            network: manager.engine().network(),
+            storage: None,
+            disk: manager.config().disk,
+        }
+    }
+
     /// The runtime classes this runner offers, by name (what a sandbox's
     /// status reports as its `effective_runtime_class`).
     pub const RUNTIME_CLASSES: &'static [&'static str] = &[super::convert::RUNTIME_CLASS];

@@ -66,6 +66,29 @@ struct FakeSandbox {
     signals: Vec<i32>,
     /// What [`Engine::stats`] reports; set by [`FakeEngine::set_stats`].
     stats: Option<SandboxStats>,
+    /// Created for a pool and not claimed yet.
+    idle: bool,
+    /// Claims it got.
+    claims: u32,
+}
+
+/// The agent of a sandbox started from `spec`.
+fn agent_for(spec: &LaunchSpec) -> FakeAgent {
+    let agent = FakeAgent::new(spec.environment(), spec.cwd.clone());
+    for f in &spec.files {
+        agent.put_file(&f.path, 0o644, f.content.clone());
+    }
+    // A probe decides when the test says so (`finish_startup`).
+    if spec.startup_probe.is_some() {
+        agent.set_startup(None);
+    }
+    // Without a main command the sandbox idles until destroyed.
+    agent.set_main(if spec.argv.is_empty() {
+        MainStatus::Idle
+    } else {
+        MainStatus::Running { pid: 1 }
+    });
+    agent
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +96,7 @@ struct FakeState {
     images: HashMap<String, ImageInfo>,
     sandboxes: HashMap<SandboxId, FakeSandbox>,
     fail_create: Option<String>,
+    fail_claim: Option<String>,
     create_delay: Duration,
     sigterm_exits: bool,
     output: Vec<u8>,
@@ -256,6 +280,76 @@ impl FakeEngine {
             .is_some_and(|s| s.destroyed)
     }
 
+    async fn insert(
+        &self,
+        id: &SandboxId,
+        spec: LaunchSpec,
+        idle: bool,
+    ) -> Result<(), EngineError> {
+        let delay = self.lock().create_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut st = self.lock();
+        if let Some(msg) = &st.fail_create {
+            return Err(EngineError::Start(msg.clone().into()));
+        }
+        if st.sandboxes.get(id).is_some_and(|s| !s.destroyed) {
+            return Err(EngineError::Start(
+                format!("sandbox {id} already exists").into(),
+            ));
+        }
+        let (exit, _) = watch::channel(None);
+        let agent = if idle {
+            let agent = FakeAgent::new(Vec::new(), String::new());
+            agent.set_main(MainStatus::Idle);
+            agent
+        } else {
+            agent_for(&spec)
+        };
+        st.sandboxes.insert(
+            id.clone(),
+            FakeSandbox {
+                spec,
+                agent,
+                exit,
+                destroyed: false,
+                signals: vec![],
+                stats: None,
+                idle,
+                claims: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ids of idle sandboxes (created for a pool, not claimed, not
+    /// destroyed).
+    pub fn idle(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .sandboxes
+            .iter()
+            .filter(|(_, s)| s.idle && !s.destroyed)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// How many times sandbox `id` was claimed.
+    pub fn claims(&self, id: impl AsRef<str>) -> u32 {
+        self.lock()
+            .sandboxes
+            .get(id.as_ref())
+            .map_or(0, |s| s.claims)
+    }
+
+    /// Makes every claim fail with `message` (`None`: succeed again).
+    pub fn fail_claim(&self, message: Option<&str>) {
+        self.lock().fail_claim = message.map(str::to_owned);
+    }
+
     /// Ids of sandboxes that were created and not destroyed.
     pub fn alive(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -309,45 +403,30 @@ impl Engine for FakeEngine {
     }
 
     async fn create(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
-        let delay = self.lock().create_delay;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        self.insert(id, spec, false).await
+    }
+
+    async fn create_idle(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
+        self.insert(id, spec, true).await
+    }
+
+    async fn claim(&self, id: &SandboxId, spec: LaunchSpec) -> Result<(), EngineError> {
         let mut st = self.lock();
-        if let Some(msg) = &st.fail_create {
+        if let Some(msg) = &st.fail_claim {
             return Err(EngineError::Start(msg.clone().into()));
         }
-        if st.sandboxes.contains_key(id) {
+        let Some(sb) = st.sandboxes.get_mut(id).filter(|s| !s.destroyed) else {
+            return Err(EngineError::Start(format!("no idle sandbox {id}").into()));
+        };
+        if !sb.idle {
             return Err(EngineError::Start(
-                format!("sandbox {id} already exists").into(),
+                format!("sandbox {id} was claimed already").into(),
             ));
         }
-        let (exit, _) = watch::channel(None);
-        let agent = FakeAgent::new(spec.environment(), spec.cwd.clone());
-        for f in &spec.files {
-            agent.put_file(&f.path, 0o644, f.content.clone());
-        }
-        // A probe decides when the test says so (`finish_startup`).
-        if spec.startup_probe.is_some() {
-            agent.set_startup(None);
-        }
-        // Without a main command the sandbox idles until destroyed.
-        agent.set_main(if spec.argv.is_empty() {
-            MainStatus::Idle
-        } else {
-            MainStatus::Running { pid: 1 }
-        });
-        st.sandboxes.insert(
-            id.clone(),
-            FakeSandbox {
-                spec,
-                agent,
-                exit,
-                destroyed: false,
-                signals: vec![],
-                stats: None,
-            },
-        );
+        sb.idle = false;
+        sb.claims += 1;
+        sb.agent = agent_for(&spec);
+        sb.spec = spec;
         Ok(())
     }
 

@@ -284,6 +284,33 @@ impl LocalNetwork {
         s
     }
 
+    /// Gives attached sandbox `id` (a warm pool's, attached before it had
+    /// one) its owner: remembered on disk, and the policies of sandboxes
+    /// that admit their owner's other sandboxes put in force again.
+    pub fn set_owner(&self, id: &SandboxId, owner: &str) {
+        let mut attached = self.attached();
+        let Some(a) = attached.get_mut(id) else {
+            return;
+        };
+        if a.owner == owner {
+            return;
+        }
+        a.owner = owner.to_owned();
+        let persisted = Persisted {
+            alloc: a.net.alloc,
+            policy: a.policy.clone(),
+            owner: a.owner.clone(),
+            services: Vec::new(),
+        };
+        if let Err(e) = write_atomic(
+            &self.file(id),
+            &serde_json::to_vec(&persisted).expect("serializable"),
+        ) {
+            tracing::warn!(sandbox_id = %id, error = %e, "remember the network's owner");
+        }
+        self.refresh_tenants(&attached);
+    }
+
     /// Releases everything of `id`'s network. Idempotent.
     pub fn detach(&self, id: &SandboxId) {
         let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());

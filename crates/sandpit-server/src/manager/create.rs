@@ -8,6 +8,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::admission::{self, Misfit};
+use super::pool::Pooled;
 use super::startup::Ready;
 use super::{lock, span, Applied, Manager, ManagerError, Transition, SETTLE_TIMEOUT};
 use crate::db::DbError;
@@ -16,7 +17,9 @@ use crate::model::{NewSandbox, Principal, SandboxId, SandboxRecord, State};
 
 /// What [`Manager::reserve`] found.
 enum Reserved {
-    New(Box<SandboxRecord>),
+    /// A new record, and the pooled sandbox it takes (its id is the
+    /// record's).
+    New(Box<SandboxRecord>, Option<Pooled>),
     Existing(SandboxId, watch::Receiver<State>),
 }
 
@@ -39,22 +42,29 @@ impl<E: Engine> Manager<E> {
         principal: &Principal,
         req: NewSandbox,
     ) -> Result<SandboxRecord, ManagerError> {
+        // The pools' refiller waits while this runs.
+        let _on_demand = self.inner.pools.on_demand();
+        let arrived = std::time::Instant::now();
         let reserved = self.reserve(principal, &req).await;
+        let reserve_us = arrived.elapsed().as_micros() as u64;
         if reserved.is_err() {
             crate::metrics::create_answered("refused");
         }
-        let record = match reserved? {
-            Reserved::New(record) => *record,
+        let (record, pooled) = match reserved? {
+            Reserved::New(record, pooled) => (*record, pooled),
             Reserved::Existing(id, rx) => {
                 tracing::debug!(sandbox_id = %id, "idempotent create");
                 return self.settled(&id, rx).await;
             }
         };
-        tracing::info!(parent: &span(&record.id), principal = %principal, image = %record.image, "create");
+        tracing::info!(parent: &span(&record.id), principal = %principal, image = %record.image, pooled = pooled.is_some(), reserve_us, "create");
         let this = self.clone();
         let id = record.id.clone();
         let answer = self
-            .detached(&record.id, async move { this.launch(&id, req).await })
+            .detached(
+                &record.id,
+                async move { this.launch(&id, req, pooled).await },
+            )
             .await;
         crate::metrics::create_answered(match &answer {
             Ok(r) => r.state.as_str(),
@@ -81,7 +91,7 @@ impl<E: Engine> Manager<E> {
                 }
             }
         }
-        let (record, stored) = {
+        let reserved = {
             let mut table = lock(&self.inner.table);
             if let Some(rid) = &req.request_id {
                 if let Some(id) = table.by_request(principal, rid).cloned() {
@@ -120,11 +130,17 @@ impl<E: Engine> Manager<E> {
                     },
                 },
             )?;
-            let id = loop {
-                let id = SandboxId::generate();
-                if table.get(&id).is_none() {
-                    break id;
-                }
+            // A pooled sandbox of this shape, if one is ready: its id is
+            // the new sandbox's.
+            let pooled = self.inner.pools.take(req);
+            let id = match &pooled {
+                Some(p) => p.id.clone(),
+                None => loop {
+                    let id = SandboxId::generate();
+                    if table.get(&id).is_none() && !self.inner.pools.holds(&id) {
+                        break id;
+                    }
+                },
             };
             let record = SandboxRecord {
                 id,
@@ -158,26 +174,46 @@ impl<E: Engine> Manager<E> {
                 }
                 let _ = tx.send(result);
             });
-            (record, rx)
+            (record, rx, pooled)
         };
-        stored.await.unwrap_or(Err(DbError::Stopped))?;
-        Ok(Reserved::New(Box::new(record)))
+        let (record, stored, pooled) = reserved;
+        if let Err(e) = stored.await.unwrap_or(Err(DbError::Stopped)) {
+            if let Some(p) = pooled {
+                self.discard(&p.id).await;
+            }
+            return Err(e.into());
+        }
+        Ok(Reserved::New(Box::new(record), pooled))
     }
 
     /// PENDING -> CREATING -> RUNNING, or FAILED with what broke. An image
     /// missing from the local store is pulled in the background: the caller
     /// gets the PENDING record at once and the sandbox starts (or fails with
     /// the pull's reason) when the pull ends.
-    async fn launch(&self, id: &SandboxId, req: NewSandbox) -> Result<SandboxRecord, ManagerError> {
+    async fn launch(
+        &self,
+        id: &SandboxId,
+        req: NewSandbox,
+        pooled: Option<Pooled>,
+    ) -> Result<SandboxRecord, ManagerError> {
         let image = match self.inner.engine.image(&req.image).await {
             Ok(Some(image)) => image,
-            Ok(None) => {
-                self.spawn_pull(id, req);
-                return self.current(id);
+            found => {
+                // The pool's image is gone from the store: so is the point
+                // of its sandbox.
+                if pooled.is_some() {
+                    self.discard(id).await;
+                }
+                return match found {
+                    Ok(_) => {
+                        self.spawn_pull(id, req);
+                        self.current(id)
+                    }
+                    Err(e) => self.fail_start(id, crate::chain(&e)).await,
+                };
             }
-            Err(e) => return self.fail_start(id, crate::chain(&e)).await,
         };
-        self.start_from(id, &req, &image).await
+        self.start_from(id, &req, &image, pooled).await
     }
 
     fn spawn_pull(&self, id: &SandboxId, mut req: NewSandbox) {
@@ -198,7 +234,7 @@ impl<E: Engine> Manager<E> {
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "pulled"
                         );
-                        this.start_from(&id, &req, &image).await
+                        this.start_from(&id, &req, &image, None).await
                     }
                     Err(failure) => this.fail_start(&id, failure.message).await,
                 };
@@ -215,17 +251,40 @@ impl<E: Engine> Manager<E> {
         id: &SandboxId,
         req: &NewSandbox,
         image: &ImageInfo,
+        mut pooled: Option<Pooled>,
     ) -> Result<SandboxRecord, ManagerError> {
         let spec = launch_spec(image, req);
+        if pooled.as_ref().is_some_and(|p| p.layers != spec.layers) {
+            // The tag moved since the sandbox was pooled.
+            self.discard(id).await;
+            pooled = None;
+        }
         if !spec.argv.is_empty() {
             self.inner.accounting.set_main_argv(id, &spec.argv);
         }
         let gated = spec.startup_probe.is_some();
+        let t0 = std::time::Instant::now();
         if let Applied::Refused(_) = self.commit(id, Transition::BeginCreate).await? {
             // Stopped while PENDING.
+            if pooled.is_some() {
+                self.discard(id).await;
+            }
             return self.end_stopped(id).await;
         }
-        match self.inner.engine.create(id, spec).await {
+        let begin_us = t0.elapsed().as_micros() as u64;
+        let claimed = pooled.is_some();
+        let created = match pooled {
+            Some(_) => self.claim(id, spec, image, req).await,
+            None => self.inner.engine.create(id, spec).await,
+        };
+        // Where a create's time goes (`RUST_LOG=sandpit_server=debug`).
+        tracing::debug!(
+            begin_us,
+            engine_us = t0.elapsed().as_micros() as u64 - begin_us,
+            claimed,
+            "create phases"
+        );
+        match created {
             // CREATING until the probe decides (see `startup`).
             Ok(()) if gated => {
                 self.spawn_startup(id, Ready::Started);
@@ -259,6 +318,31 @@ impl<E: Engine> Manager<E> {
             Err(e) => {
                 self.fail_start(id, format!("start sandbox: {}", crate::chain(&e)))
                     .await
+            }
+        }
+    }
+
+    /// Hands pooled sandbox `id` its request. A claim that fails for the
+    /// engine's reasons (its agent died, say) costs the caller nothing: the
+    /// sandbox is made cold under the same id. One whose command cannot
+    /// start fails the create as a cold start would (and the sandbox goes).
+    async fn claim(
+        &self,
+        id: &SandboxId,
+        spec: crate::engine::LaunchSpec,
+        image: &ImageInfo,
+        req: &NewSandbox,
+    ) -> Result<(), EngineError> {
+        match self.inner.engine.claim(id, spec).await {
+            Ok(()) => Ok(()),
+            Err(e @ EngineError::StartFailed(_)) => {
+                self.discard(id).await;
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::chain(&e), "claim a pooled sandbox; creating it cold");
+                self.discard(id).await;
+                self.inner.engine.create(id, launch_spec(image, req)).await
             }
         }
     }

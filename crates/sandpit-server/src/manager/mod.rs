@@ -47,6 +47,9 @@ mod commands;
 mod create;
 pub mod lifecycle;
 mod listing;
+mod pool;
+#[cfg(test)]
+mod pool_tests;
 mod startup;
 mod stats;
 mod stop;
@@ -56,6 +59,7 @@ mod tasks;
 pub use commands::ExecAccount;
 pub use lifecycle::{outcome, ExitOutcome, Refused, Transition};
 pub use listing::{ListPage, ListQuery, StateFilter};
+pub use pool::{fits as pool_fits, PoolStatus, PoolTemplate, Pooled, MAX_CLAIM_FILE_BYTES};
 pub use stop::PurgeOutcome;
 
 use table::Table;
@@ -188,6 +192,7 @@ struct Inner<E> {
     clock: Arc<dyn Clock>,
     logs: LogWriter,
     accounting: crate::accounting::Accounting,
+    pools: pool::Pools,
 }
 
 /// The sandbox manager; cheap to clone (all clones share the state).
@@ -271,6 +276,7 @@ impl<E: Engine> Manager<E> {
                 clock,
                 logs: LogWriter::new(sink),
                 accounting,
+                pools: pool::Pools::default(),
             }),
         };
         let mut keep = HashSet::new();

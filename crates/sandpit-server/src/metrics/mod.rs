@@ -118,6 +118,16 @@ pub static API_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("registered once")
 });
 
+/// Creates that fit a warm pool, by pool and whether one was ready.
+pub static POOL_CLAIMS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sandpit_pool_claims_total",
+        "Creates that fit a warm pool, by pool (its image) and outcome: hit (a pooled sandbox was taken) or miss (the pool was empty: created cold)",
+        &["pool", "outcome"]
+    )
+    .expect("registered once")
+});
+
 /// Registers every metric of this module, the process collector and the
 /// build info, so that a scrape shows them (at zero) before anything
 /// happened. Idempotent.
@@ -139,6 +149,7 @@ pub fn init() {
         }
         LazyLock::force(&PULLED_BYTES);
         LazyLock::force(&API_ERRORS);
+        LazyLock::force(&POOL_CLAIMS);
         let info = register_int_gauge_vec!(
             "sandpit_build_info",
             "Always 1; the daemon's version",
@@ -164,6 +175,13 @@ pub fn create_answered(outcome: &str) {
 /// A sandbox reached RUNNING `elapsed` after its create call.
 pub fn create_started(elapsed: Duration) {
     CREATE_SECONDS.observe(elapsed.as_secs_f64());
+}
+
+/// A create fitted pool `pool`; `hit`: a pooled sandbox was taken.
+pub fn pool_claim(pool: &str, hit: bool) {
+    POOL_CLAIMS
+        .with_label_values(&[pool, if hit { "hit" } else { "miss" }])
+        .inc();
 }
 
 /// A pull ended.

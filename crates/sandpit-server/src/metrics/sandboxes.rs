@@ -1,6 +1,7 @@
 //! The families read at scrape time: sandboxes by state (from the
 //! manager's table) and each RUNNING sandbox's CPU, memory, tasks and
-//! network (from the engine, i.e. its cgroup and host link). Built into a
+//! network (from the engine, i.e. its cgroup and host link), and the warm
+//! pools' sizes, levels and memory. Built into a
 //! registry of that scrape only: a sandbox that stopped has no series in
 //! the next scrape, so labels never pile up.
 
@@ -93,7 +94,39 @@ pub async fn families<E: Engine>(manager: &Manager<E>) -> Vec<MetricFamily> {
             tx.with_label_values(&id).inc_by(b);
         }
     }
+    let pool_size = gauge(
+        "sandpit_pool_size",
+        "Sandboxes a warm pool keeps ready, by pool (its image)",
+        &["pool"],
+    );
+    let pool_ready = gauge(
+        "sandpit_pool_ready",
+        "Idle sandboxes ready in a warm pool now",
+        &["pool"],
+    );
+    let pool_memory = gauge(
+        "sandpit_pool_memory_bytes",
+        "Memory charged to a warm pool's idle sandboxes (what holding them costs)",
+        &["pool"],
+    );
+    for pool in manager.pool_status() {
+        let name = [pool.name.as_str()];
+        pool_size.with_label_values(&name).set(pool.size as i64);
+        pool_ready
+            .with_label_values(&name)
+            .set(pool.ready.len() as i64);
+        let mut bytes = 0u64;
+        for id in &pool.ready {
+            if let Ok(s) = manager.engine().stats(id).await {
+                bytes = bytes.saturating_add(s.memory_bytes);
+            }
+        }
+        pool_memory.with_label_values(&name).set(clamp(bytes));
+    }
     let mut out = states.collect();
+    for c in [&pool_size, &pool_ready, &pool_memory] {
+        out.extend(c.collect());
+    }
     for c in [&memory, &limit, &peak, &pids] {
         out.extend(c.collect());
     }

@@ -84,6 +84,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::MainChunk { .. } => "main-chunk",
         Frame::SignalMain(_) => "signal-main",
         Frame::Init(_) => "init",
+        Frame::Idle => "idle",
+        Frame::Claim(_) => "claim",
         Frame::AwaitStartup => "await-startup",
         Frame::Startup(_) => "startup",
         Frame::Usage(_) => "usage",

@@ -1,10 +1,25 @@
-//! Encoding of the security and startup parts of `Init`, and of the
-//! startup frames.
+//! Encoding of an `Init` (or `Claim`) spec, its security and startup
+//! parts, and of the startup frames.
 
 use super::{Dec, Enc};
-use crate::{Probe, ProbeCheck, RunAs, StartupState, WireError};
+use crate::{InitFile, InitSpec, Probe, ProbeCheck, RunAs, StartupState, WireError};
 
 impl Enc<'_> {
+    pub(super) fn init(&mut self, spec: &InitSpec) {
+        self.strs(&spec.argv);
+        self.env(&spec.env);
+        self.str(&spec.cwd);
+        self.u32(spec.files.len() as u32);
+        for f in &spec.files {
+            self.str(&f.path);
+            self.u32(f.mode);
+            self.bytes(&f.content);
+        }
+        self.run_as(&spec.run_as);
+        self.opt_u64(spec.capabilities);
+        self.probe(spec.startup_probe.as_ref());
+    }
+
     pub(super) fn run_as(&mut self, v: &RunAs) {
         self.str(&v.user);
         self.str(&v.group);
@@ -58,6 +73,30 @@ impl Enc<'_> {
 }
 
 impl Dec<'_> {
+    pub(super) fn init(&mut self) -> Result<InitSpec, WireError> {
+        let argv = self.strs()?;
+        let env = self.env()?;
+        let cwd = self.str()?;
+        let n = self.count()?;
+        let mut files = Vec::with_capacity(n);
+        for _ in 0..n {
+            files.push(InitFile {
+                path: self.str()?,
+                mode: self.u32()?,
+                content: self.bytes()?,
+            });
+        }
+        Ok(InitSpec {
+            argv,
+            env,
+            cwd,
+            files,
+            run_as: self.run_as()?,
+            capabilities: self.opt_u64()?,
+            startup_probe: self.probe()?,
+        })
+    }
+
     pub(super) fn run_as(&mut self) -> Result<RunAs, WireError> {
         Ok(RunAs {
             user: self.str()?,
