@@ -182,7 +182,8 @@ pub(crate) fn run(
     }
     drop(rt);
     let stopped = daemon.stop();
-    if stopped.is_ok() && result.is_ok() {
+    // `SANDPIT_BENCH_KEEP=1`: keep the data dir (the daemon's log) for a look.
+    if stopped.is_ok() && result.is_ok() && std::env::var_os("SANDPIT_BENCH_KEEP").is_none() {
         if let Err(e) = std::fs::remove_dir_all(&data_dir) {
             eprintln!("daemon: could not remove {}: {e}", data_dir.display());
         }
