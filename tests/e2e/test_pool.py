@@ -28,6 +28,8 @@ PREFIX = "spp-"
 
 
 def config_text(metrics_port: int) -> str:
+    # Every listener on a port of its own: the session daemon holds the defaults.
+    http_port, tls_port = free_port(), free_port()
     return f"""
 [[pool]]
 image = "python:3.11"
@@ -46,6 +48,8 @@ dns_port = 5356
 proxy_port = 3140
 http_proxy_port = 3141
 public_tcp_ports = "31200-31299"
+public_http_listen = "127.0.0.1:{http_port}"
+public_tls_listen = "127.0.0.1:{tls_port}"
 upstream_dns = []
 """
 
