@@ -71,6 +71,10 @@ struct Inner {
     /// rule lives there.
     host_ns: OwnedFd,
     rt: Mutex<Socket>,
+    /// Link deletes only: one waits for the kernel to drop every reference
+    /// to the device (RCU grace periods: 20-50 ms on a small VM), which a
+    /// create's request on `rt` must not queue behind.
+    rt_delete: Mutex<Socket>,
     nft: Kernel,
     ct: Conntrack,
     alloc: Mutex<Allocator>,
@@ -113,16 +117,22 @@ impl Inner {
     /// Removes everything of offset `n` (its link only if `link` says so).
     fn remove_slot(&self, n: u32, link_index: Option<u32>) -> Result<(), NetError> {
         let slot = Slot::new(&self.config, n);
+        let mut phases = sandpit_runtime::phases::Phases::start("network release");
         if let Some(i) = link_index {
-            link::delete(&lock(&self.rt), i).map_err(nl_err(format!("delete {}", slot.link)))?;
+            link::delete(&lock(&self.rt_delete), i)
+                .map_err(nl_err(format!("delete {}", slot.link)))?;
         }
+        phases.mark("link");
         self.nft
             .commit(&self.config.table, &ruleset::remove_sandbox(&slot))
             .map_err(nl_err(format!("remove the rules of {}", slot.link)))?;
+        phases.mark("nft");
         let alloc = lock(&self.alloc).at(n);
         self.ct
             .flush(&Self::addrs(&alloc))
             .map_err(nl_err(format!("flush the connections of {}", slot.link)))?;
+        phases.mark("conntrack");
+        phases.log(&slot.link);
         Ok(())
     }
 
@@ -147,7 +157,11 @@ impl Inner {
                 Err(_) => return,
             };
             let alloc = lock(&self.alloc).at(n);
-            match self.make(n, alloc, None) {
+            let mut phases = sandpit_runtime::phases::Phases::start("netns pool fill");
+            let made = self.make(n, alloc, None);
+            phases.mark("make");
+            phases.log(&n);
+            match made {
                 Ok(made) => lock(&self.pool).push(made),
                 Err(e) => {
                     lock(&self.alloc).free(n);
@@ -179,6 +193,7 @@ impl Network {
         config.validate()?;
         let host_ns = netns::current().map_err(io_err("open the host network namespace"))?;
         let rt = Socket::open(nl::ROUTE).map_err(io_err("open netlink socket"))?;
+        let rt_delete = Socket::open(nl::ROUTE).map_err(io_err("open netlink socket"))?;
         let nft = Kernel::open().map_err(io_err("open netlink socket"))?;
         let ct = Conntrack::open().map_err(io_err("open netlink socket"))?;
         let mut keys = vec!["/proc/sys/net/ipv4/ip_forward"];
@@ -212,6 +227,7 @@ impl Network {
         let inner = Inner {
             host_ns,
             rt: Mutex::new(rt),
+            rt_delete: Mutex::new(rt_delete),
             nft,
             ct,
             alloc: Mutex::new(alloc),

@@ -411,11 +411,6 @@ impl Writer {
         self.attr(ty, &value.to_be_bytes());
     }
 
-    /// A host-order u32.
-    pub(crate) fn u32(&mut self, ty: u16, value: u32) {
-        self.attr(ty, &value.to_ne_bytes());
-    }
-
     pub(crate) fn nest(&mut self, ty: u16) {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());

@@ -25,6 +25,7 @@ mod chain;
 mod id;
 pub mod layered;
 mod mounts;
+pub mod phases;
 mod process;
 pub mod quantity;
 mod rootfs;

@@ -425,12 +425,14 @@ impl Runtime {
         idle: bool,
     ) -> Result<Sandbox, RuntimeError> {
         let base = self.config.id_map.host_base;
+        let mut phases = crate::phases::Phases::start("runtime create");
         std::fs::create_dir(dir.join("rootfs")).map_err(io("create sandbox dir"))?;
         // The writable layer: on a file system of its own when sized.
         let layer = match spec.disk_bytes {
             Some(size) => self.attach_disk(dir, size)?,
             None => dir.to_path_buf(),
         };
+        phases.mark("disk");
         let (upper, work) = (layer.join("upper"), layer.join("work"));
         for d in [&upper, &work] {
             std::fs::create_dir(d).map_err(io("create sandbox dir"))?;
@@ -474,7 +476,9 @@ impl Runtime {
             cpus: (!cpus.is_empty()).then(|| crate::cgroup::CpuMask::of(&cpus)),
             ..spec.limits
         };
+        phases.mark("files");
         let cgroup = self.cgroups.create(spec.id.as_str(), &limits)?;
+        phases.mark("cgroup");
         let config = SpawnConfig {
             id: spec.id.clone(),
             hostname,
@@ -521,9 +525,13 @@ impl Runtime {
             ))
         })?;
         let pid = match outcome {
-            SpawnOutcome::Started { pid } => pid,
+            SpawnOutcome::Started { pid, steps } => {
+                tracing::debug!(sandbox_id = %spec.id, ?steps, "spawn phases");
+                pid
+            }
             SpawnOutcome::Failed { message } => return Err(RuntimeError::Spawn(message)),
         };
+        phases.mark("spawn");
         let start_time = process_start_time(pid)
             .ok_or_else(|| RuntimeError::Spawn("sandbox init exited right after start".into()))?;
         let record = SandboxRecord {
@@ -536,6 +544,8 @@ impl Runtime {
             &serde_json::to_vec(&record).expect("serializable"),
         )
         .map_err(io("write sandbox state"))?;
+        phases.mark("record");
+        phases.log(&spec.id);
         tracing::debug!(sandbox_id = %spec.id, pid, "sandbox started");
         Ok(Sandbox {
             id: spec.id.clone(),
@@ -641,6 +651,7 @@ impl Runtime {
 
     fn destroy_locked(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let dir = self.dir_of(id);
+        let mut phases = crate::phases::Phases::start("runtime destroy");
         if let Some(record) = read_record(&dir) {
             // PID 1 dying takes the whole PID namespace with it.
             if process_start_time(record.pid) == Some(record.start_time) {
@@ -652,9 +663,13 @@ impl Runtime {
             reap(record.pid);
             wait_gone(record.pid, record.start_time);
         }
+        phases.mark("kill");
         // Catches anything that was mid-fork or otherwise outlived PID 1.
         self.cgroups.open(id.as_str()).destroy()?;
+        phases.mark("cgroup");
         remove_state_dir(&dir)?;
+        phases.mark("state_dir");
+        phases.log(id);
         tracing::debug!(sandbox_id = %id, "sandbox destroyed");
         Ok(())
     }

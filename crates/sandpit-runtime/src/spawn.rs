@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::chain::chain;
 use crate::id::SandboxId;
 use crate::mounts::BindMount;
+use crate::phases::Phases;
 use crate::rootfs::{self, RootfsPlan, AGENT_PATH_IN_SANDBOX};
 use crate::syscalls::{LinuxSyscalls, SysError};
 use crate::{caps, seccomp};
@@ -93,6 +94,10 @@ pub(crate) enum SpawnOutcome {
     Started {
         /// Host pid of the sandbox's PID 1.
         pid: i32,
+        /// Where the spawn's time went: `(step, microseconds)` in order
+        /// (the runtime logs them at debug level).
+        #[serde(default)]
+        steps: Vec<(String, u64)>,
     },
     /// Nothing runs; the message says which step failed.
     Failed {
@@ -152,7 +157,14 @@ fn step_failed(step: &str, e: &dyn std::error::Error) -> String {
 /// Entry point of the `sandpit-spawn` binary. Returns the process exit code.
 pub(crate) fn spawner_main() -> i32 {
     let outcome = match spawn_from_stdin() {
-        Ok(pid) => SpawnOutcome::Started { pid },
+        Ok((pid, phases)) => SpawnOutcome::Started {
+            pid,
+            steps: phases
+                .steps()
+                .iter()
+                .map(|(n, us)| (n.to_string(), *us))
+                .collect(),
+        },
         Err(e) => SpawnOutcome::Failed { message: chain(&e) },
     };
     let ok = matches!(outcome, SpawnOutcome::Started { .. });
@@ -167,7 +179,7 @@ pub(crate) fn spawner_main() -> i32 {
     }
 }
 
-fn spawn_from_stdin() -> Result<i32, SpawnError> {
+fn spawn_from_stdin() -> Result<(i32, Phases), SpawnError> {
     let mut input = Vec::new();
     std::io::stdin()
         .read_to_end(&mut input)
@@ -182,7 +194,8 @@ fn spawn_from_stdin() -> Result<i32, SpawnError> {
 }
 
 /// Creates the sandbox described by `config`; `init_frame` is handed to the agent.
-pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, SpawnError> {
+pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<(i32, Phases), SpawnError> {
+    let mut phases = Phases::start("spawn");
     // 1. Everything that allocates or touches host paths happens up front.
     let listener = UnixListener::bind(&config.agent_socket).map_err(host("bind agent socket"))?;
     std::fs::set_permissions(&config.agent_socket, std::fs::Permissions::from_mode(0o600))
@@ -241,6 +254,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host_nix("pipe"))?;
     let (to_child_r, to_child_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host_nix("pipe"))?;
+    phases.mark("prepare");
 
     // 2. Namespaces that need real root to create and that the sandbox's
     // root must not own: it gets capabilities only over its user namespace.
@@ -258,6 +272,7 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
     drop(netns);
     nix::sched::unshare(flags).map_err(host_nix("unshare"))?;
     nix::unistd::sethostname(&config.hostname).map_err(host_nix("sethostname"))?;
+    phases.mark("namespaces");
 
     // 3. Fork PID 1. This process is single-threaded, so the child may allocate.
     // SAFETY: the spawner is single-threaded (a fresh process reading stdin), so
@@ -295,12 +310,13 @@ pub(crate) fn spawn(config: &SpawnConfig, init_frame: &[u8]) -> Result<i32, Spaw
                 procs,
                 File::from(to_parent_r),
                 File::from(to_child_w),
+                &mut phases,
             );
             if result.is_err() {
                 let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(child, None);
             }
-            result.map(|()| child.as_raw())
+            result.map(|()| (child.as_raw(), phases))
         }
     }
 }
@@ -311,11 +327,16 @@ fn parent(
     procs: Vec<File>,
     mut from_child: File,
     mut to_child: File,
+    phases: &mut Phases,
 ) -> Result<(), SpawnError> {
     let pid = child.as_raw().to_string();
+    // Each first write after a quiet moment waits for an RCU grace period
+    // (the kernel's cgroup_threadgroup_rwsem; 7-15 ms on a small VM) unless
+    // the hierarchy is mounted with `favordynmods`: see docs/performance.md.
     for mut f in procs {
         f.write_all(pid.as_bytes()).map_err(host("join cgroup"))?;
     }
+    phases.mark("cgroup_join");
     let mut tag = [0u8; 1];
     if let Err(e) = to_child.write_all(b"G") {
         // The child died first: its own report says why.
@@ -335,8 +356,11 @@ fn parent(
     std::fs::write(format!("/proc/{pid}/gid_map"), &map).map_err(host("write gid_map"))?;
     to_child.write_all(b"M").map_err(host("signal child"))?;
 
+    phases.mark("id_maps");
     // EOF without a message means the exec succeeded (the pipe is close-on-exec).
-    match from_child.read(&mut tag).map_err(host("read child"))? {
+    let read = from_child.read(&mut tag);
+    phases.mark("child_until_exec");
+    match read.map_err(host("read child"))? {
         0 => Ok(()),
         _ => Err(child_error(tag[0], &mut from_child)),
     }

@@ -102,6 +102,16 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl LocalEngine {
+    /// Waits (up to `timeout`) until the networks of destroyed sandboxes
+    /// are released (they go in the background: see `local_net`); whether
+    /// all are. For a clean shutdown.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        match self.network.clone() {
+            Some(net) => blocking(move || net.settle(timeout)).await.unwrap_or(false),
+            None => true,
+        }
+    }
+
     /// Opens the image store and sets up the runtime (checks the helper
     /// binaries, detects cgroups).
     pub fn new(config: LocalEngineConfig) -> Result<Self, EngineError> {
@@ -129,7 +139,12 @@ impl LocalEngine {
         })
         .map_err(|e| EngineError::runtime("set up the runtime", e))?;
         let network = match config.network {
-            Some((settings, dir)) => Some(Arc::new(LocalNetwork::setup(settings, &dir)?)),
+            Some((settings, dir)) => {
+                let net = Arc::new(LocalNetwork::setup(settings, &dir)?);
+                net.start_releaser()
+                    .map_err(|e| EngineError::runtime("start the network releaser", e))?;
+                Some(net)
+            }
             None => None,
         };
         let storage = match config.storage {
@@ -377,17 +392,22 @@ impl Engine for LocalEngine {
         let network = self.network.clone();
         let storage = self.storage.clone();
         blocking(move || {
+            let mut phases = sandpit_runtime::phases::Phases::start("engine destroy");
             runtime.destroy(&id)?;
+            phases.mark("runtime");
             // Only once nothing of the sandbox mounts them.
             if let Some(storage) = &storage {
                 storage.release(&id);
             }
             // Only once nothing is mounted any more.
             release_lease(&store, id.as_str());
+            phases.mark("volumes_lease");
             // Only once no process of the sandbox is left.
             if let Some(net) = network {
                 net.detach(&id);
             }
+            phases.mark("network");
+            phases.log(&id);
             Ok(())
         })
         .await?

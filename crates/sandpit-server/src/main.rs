@@ -332,6 +332,9 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     }
     // Pooled sandboxes have no record to be adopted by: they go.
     pools.drain_pool().await;
+    if !pools.engine().settle(Duration::from_secs(30)).await {
+        tracing::warn!("sandbox networks still being released; the next start sweeps them");
+    }
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }

@@ -63,12 +63,14 @@ impl LocalEngine {
         let store = Arc::clone(&self.store);
         let layers = spec_layers;
         let sandbox = blocking(move || {
+            let mut phases = sandpit_runtime::phases::Phases::start("engine create");
             // Leased before mounting: `sandpit image rm` or a gc in another
             // process must not collect a layer under a running sandbox. The
             // guard releases it on every way out but the ones that keep it.
             let lease = store
                 .lease_guard_owned(spec.id.as_str(), &layers)
                 .map_err(|e| EngineError::Start(Box::new(EngineError::Image(e.into()))))?;
+            phases.mark("lease");
             let mut spec = spec;
             // Volumes first (a restore can fail on its content): nothing of
             // the network is made for a sandbox that cannot start.
@@ -88,6 +90,7 @@ impl LocalEngine {
                     }
                 }
             }
+            phases.mark("volumes_network");
             let detach = || {
                 if let Some((_, net)) = &network {
                     net.detach(&spec.id);
@@ -108,6 +111,7 @@ impl LocalEngine {
                     return Err(EngineError::Start(e.into()));
                 }
             };
+            phases.mark("runtime");
             // The agent starts the main command before it serves its first
             // connection, so one ping tells whether it started: a client
             // then sees FAILED from CreateSandbox itself, never a RUNNING
@@ -121,6 +125,8 @@ impl LocalEngine {
                 Ok(_) => Ok(()),
                 Err(e) => Err(EngineError::Start(Box::new(EngineError::Agent(e)))),
             };
+            phases.mark("ping");
+            phases.log(&spec.id);
             match verdict {
                 Ok(()) => {
                     lease.keep();

@@ -18,9 +18,11 @@
 //!   publishing of services.
 
 mod host;
+mod release;
 mod serve;
 
 use host::{hmac_sha256, load_token_key, lock_layout, read_all, read_one, write_atomic};
+use release::{Pending, Releaser};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -109,6 +111,8 @@ pub struct LocalNetwork {
     /// a sweep may both release a sandbox, and only the first may (by the
     /// second, its offset may be another sandbox's).
     releasing: Mutex<()>,
+    /// Releases the networks of destroyed sandboxes (see `release`).
+    releaser: Releaser,
     routes: Arc<RouteTable>,
     tcp: Option<TcpPorts>,
     token_key: [u8; 32],
@@ -139,6 +143,7 @@ impl LocalNetwork {
             table: Arc::new(PolicyTable::new()),
             attached: Mutex::new(HashMap::new()),
             releasing: Mutex::new(()),
+            releaser: Releaser::default(),
             routes: Arc::new(RouteTable::new()),
             tcp,
             token_key,
@@ -228,16 +233,19 @@ impl LocalNetwork {
         id: &SandboxId,
         launch: &LaunchNetwork,
     ) -> Result<NetworkNamespace, EngineError> {
+        let mut phases = sandpit_runtime::phases::Phases::start("network attach");
         let net = self
             .network
             .prepare(id, None)
             .map_err(net_err("prepare the sandbox network"))?;
+        phases.mark("prepare");
         let result = (|| {
             let mut attached = self.attached();
             let tenants = Self::tenants(&attached, &launch.owner);
             self.network
                 .apply(&net, &launch.policy, &tenants)
                 .map_err(net_err("apply the network policy"))?;
+            phases.mark("apply");
             let persisted = Persisted {
                 alloc: net.alloc,
                 policy: launch.policy.clone(),
@@ -249,8 +257,11 @@ impl LocalNetwork {
                 &serde_json::to_vec(&persisted).expect("serializable"),
             )
             .map_err(io_err("remember the sandbox network"))?;
+            phases.mark("persist");
             self.serve(&net, &launch.policy);
+            phases.mark("serve");
             let host_ports = self.publish(id, &net.alloc, &launch.services)?;
+            phases.mark("publish");
             attached.insert(
                 id.clone(),
                 Attached {
@@ -261,8 +272,10 @@ impl LocalNetwork {
                 },
             );
             self.refresh_tenants(&attached);
+            phases.mark("tenants");
             Ok(())
         })();
+        phases.log(id);
         if let Err(e) = result {
             let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
             self.forget(id, &net.alloc);
@@ -311,39 +324,95 @@ impl LocalNetwork {
         self.refresh_tenants(&attached);
     }
 
-    /// Releases everything of `id`'s network. Idempotent.
+    /// Starts the thread that releases the networks of destroyed
+    /// sandboxes; without it, [`detach`](Self::detach) releases in place.
+    pub fn start_releaser(self: &Arc<Self>) -> std::io::Result<()> {
+        Releaser::start(self)
+    }
+
+    /// Waits (up to `timeout`) for the releases under way; whether all
+    /// are done. A clean shutdown leaves nothing of the sandbox networks.
+    pub fn settle(&self, timeout: std::time::Duration) -> bool {
+        self.releaser.settle(timeout)
+    }
+
+    /// Takes `id`'s network out of use and releases everything of it (in
+    /// the background once [`start_releaser`](Self::start_releaser) ran).
+    /// Call it only once no process of the sandbox is left. Idempotent.
     pub fn detach(&self, id: &SandboxId) {
         let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.releaser.is_pending(id) && !self.attached().contains_key(id) {
+            return;
+        }
         let alloc = self
             .attached()
             .get(id)
             .map(|a| a.net.alloc)
             .or_else(|| read_one(&self.file(id)).map(|p| p.alloc));
-        if let Some(alloc) = alloc {
-            self.forget(id, &alloc);
+        let Some(alloc) = alloc else { return };
+        let pending = self.retire(id, &alloc);
+        drop(_once);
+        if let Some(p) = self.releaser.push(pending) {
+            self.release(p);
         }
     }
 
-    /// Releases `id`'s network (callers hold `releasing` and know it is
-    /// still `id`'s).
+    /// Releases `id`'s network in place (callers hold `releasing` and know
+    /// it is still `id`'s).
     fn forget(&self, id: &SandboxId, alloc: &Allocation) {
+        let pending = self.retire(id, alloc);
+        self.release_locked(pending);
+    }
+
+    /// What makes `id`'s network unusable at once: its address out of the
+    /// resolver's, proxy's and routes' tables and of the tenants' sets.
+    fn retire(&self, id: &SandboxId, alloc: &Allocation) -> Pending {
         self.unpublish(id);
         self.unserve(alloc);
-        {
+        let held = {
             let mut attached = self.attached();
-            attached.remove(id);
+            let held = attached.remove(id);
             self.refresh_tenants(&attached);
+            held
+        };
+        Pending {
+            id: id.clone(),
+            alloc: *alloc,
+            held,
         }
-        match self.network.release(id, alloc) {
+    }
+
+    /// Releases what `retire` left: link, rules, flows, addresses, file.
+    fn release(&self, p: Pending) {
+        let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+        self.release_locked(p);
+    }
+
+    fn release_locked(&self, p: Pending) {
+        let mut phases = sandpit_runtime::phases::Phases::start("network release");
+        // Its namespace stays open (`held`) until its link is deleted: the
+        // last handle on a namespace going starts the kernel's teardown of
+        // it, which deletes the veth pair too, under the lock (RTNL) our
+        // delete would then wait for.
+        let released = self.network.release(&p.id, &p.alloc);
+        drop(p.held);
+        phases.mark("release");
+        match released {
             // The file goes only once nothing of the network is left: a
-            // failed release is retried by the next sweep with it.
+            // failed release is retried by the next sweep with it. Not when
+            // it names another allocation: the same id attached again (a
+            // pooled sandbox's claim failed and it was created afresh).
             Ok(()) => {
-                let _ = std::fs::remove_file(self.file(id));
+                if read_one(&self.file(&p.id)).is_some_and(|f| f.alloc == p.alloc) {
+                    let _ = std::fs::remove_file(self.file(&p.id));
+                }
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %sandpit_errors::chain(&e), "release the sandbox network")
+                tracing::warn!(sandbox_id = %p.id, error = %sandpit_errors::chain(&e), "release the sandbox network")
             }
         }
+        phases.mark("file");
+        phases.log(&p.id);
     }
 
     /// Takes a running sandbox's network back after a restart.
@@ -382,7 +451,7 @@ impl LocalNetwork {
     pub fn sweep(&self, keep: impl Fn(&SandboxId) -> bool) -> Result<usize, EngineError> {
         let mut cleaned = 0;
         for (id, _) in read_all(&self.dir) {
-            if keep(&id) || self.attached().contains_key(&id) {
+            if keep(&id) || self.attached().contains_key(&id) || self.releaser.is_pending(&id) {
                 continue;
             }
             let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
@@ -395,9 +464,18 @@ impl LocalNetwork {
         let attached: Vec<SandboxId> = self.attached().keys().cloned().collect();
         cleaned += self
             .network
-            .sweep(|id| keep(id) || attached.contains(id))
+            .sweep(|id| keep(id) || attached.contains(id) || self.releaser.is_pending(id))
             .map_err(net_err("sweep the sandbox network"))?;
         Ok(cleaned)
+    }
+}
+
+impl Drop for LocalNetwork {
+    fn drop(&mut self) {
+        // Whatever the thread did not get to.
+        for p in self.releaser.take_all() {
+            self.release(p);
+        }
     }
 }
 

@@ -40,6 +40,11 @@ pub const MAX_CLAIM_FILE_BYTES: usize = 1 << 20;
 /// be pulled must not spin the refiller).
 const FILL_RETRY: Duration = Duration::from_secs(2);
 
+/// How long the refiller waits after the last on-demand create ended: the
+/// sandbox it made usually runs its first exec right then, and a fill (a
+/// whole sandbox start) beside it on a small host doubles that exec's time.
+pub(super) const QUIET: Duration = Duration::from_millis(50);
+
 /// One configured pool: what its sandboxes are made from.
 #[derive(Debug, Clone)]
 pub struct PoolTemplate {
@@ -78,6 +83,8 @@ pub(super) struct Pools {
     closed: AtomicBool,
     /// Creates in flight: the refiller waits while there are any.
     on_demand: AtomicUsize,
+    /// When the last one ended (the refiller waits [`QUIET`] after it).
+    last_end: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Counts an on-demand create while it lives.
@@ -86,6 +93,7 @@ pub(super) struct OnDemand<'a>(&'a Pools);
 impl Drop for OnDemand<'_> {
     fn drop(&mut self) {
         if self.0.on_demand.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.last_end) = Some(tokio::time::Instant::now());
             self.0.wake.notify_one();
         }
     }
@@ -138,6 +146,27 @@ impl Pools {
         self.shapes.get().map_or(&[], Vec::as_slice)
     }
 
+    /// Returns once no on-demand create is in flight and none ended in
+    /// the last [`QUIET`] (or the pools are closed). On-demand creates
+    /// first: the machine's cores are theirs.
+    async fn quiet(&self) {
+        while !self.closed.load(Ordering::Acquire) {
+            if self.on_demand.load(Ordering::Acquire) > 0 {
+                // Woken when the last one ends (a permit is kept if that
+                // happens before this waits); the timeout is a safety net.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+                continue;
+            }
+            let since = *lock(&self.last_end);
+            match since.map(|t| t + QUIET) {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await
+                }
+                _ => return,
+            }
+        }
+    }
+
     pub(super) fn on_demand(&self) -> OnDemand<'_> {
         self.on_demand.fetch_add(1, Ordering::AcqRel);
         OnDemand(self)
@@ -157,7 +186,8 @@ impl Pools {
         let taken = lock(&shape.ready).pop_front();
         crate::metrics::pool_claim(&shape.template.name, taken.is_some());
         self.wake.notify_one();
-        taken.map(|p| Pooled { pool: i, ..p })
+        debug_assert!(taken.as_ref().is_none_or(|p| p.pool == i));
+        taken
     }
 
     /// Whether `id` is a pooled sandbox's (ids must not collide).
@@ -255,22 +285,16 @@ impl<E: Engine> Manager<E> {
                 if have >= s.template.size {
                     continue;
                 }
-                // On-demand creates first: the machine's cores are theirs.
-                while pools.on_demand.load(Ordering::Acquire) > 0
-                    && !pools.closed.load(Ordering::Acquire)
-                {
-                    let _ = tokio::time::timeout(Duration::from_millis(50), pools.wake.notified())
-                        .await;
-                }
+                pools.quiet().await;
                 if pools.closed.load(Ordering::Acquire) {
                     return;
                 }
                 s.filling.fetch_add(1, Ordering::AcqRel);
-                let filled = self.fill(s).await;
+                let filled = self.fill(i, s).await;
                 s.filling.fetch_sub(1, Ordering::AcqRel);
                 match filled {
                     Some(p) if !pools.closed.load(Ordering::Acquire) => {
-                        lock(&s.ready).push_back(Pooled { pool: i, ..p });
+                        lock(&s.ready).push_back(p);
                         made = true;
                     }
                     // Closed meanwhile: what was made goes.
@@ -284,8 +308,9 @@ impl<E: Engine> Manager<E> {
         }
     }
 
-    /// Makes one idle sandbox of pool `s` (pulling its image when missing).
-    async fn fill(&self, s: &Shape) -> Option<Pooled> {
+    /// Makes one idle sandbox of pool `i`, `s` (pulling its image when
+    /// missing).
+    async fn fill(&self, i: usize, s: &Shape) -> Option<Pooled> {
         let t = &s.template.request;
         let engine = &self.inner.engine;
         let image = match engine.image(&t.image).await {
@@ -317,7 +342,7 @@ impl<E: Engine> Manager<E> {
                 Some(Pooled {
                     id,
                     layers,
-                    pool: 0,
+                    pool: i,
                 })
             }
             Err(e) => {

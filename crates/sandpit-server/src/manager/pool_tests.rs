@@ -250,3 +250,18 @@ fn fits_ignores_what_a_claim_applies_and_the_network_owner() {
         "no network where the pool has one"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_refill_waits_a_quiet_moment_after_the_last_create() {
+    let e = engine();
+    let m = pooled_manager(&e, 1).await;
+    let first = ready(&m, 1).await;
+    let claimed = m.create(&alice(), req()).await.unwrap();
+    assert_eq!(claimed.id, first[0]);
+    // The claimed sandbox's first exec runs now: nothing is made beside it.
+    assert!(pool::QUIET > Duration::from_millis(25));
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    assert!(e.idle().is_empty(), "refilled right after a create");
+    let again = ready(&m, 1).await;
+    assert_ne!(again, first);
+}

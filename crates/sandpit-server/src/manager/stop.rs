@@ -84,6 +84,7 @@ impl<E: Engine> Manager<E> {
         id: &SandboxId,
         grace: Duration,
     ) -> Result<SandboxRecord, ManagerError> {
+        let mut phases = sandpit_runtime::phases::Phases::start("stop");
         let mut rx = self.changes(id)?;
         // Without a main process to signal (none, or gone) there is nothing
         // to wait for.
@@ -94,6 +95,7 @@ impl<E: Engine> Manager<E> {
                 false
             }
         };
+        phases.mark("sigterm");
         if signalled && !grace.is_zero() {
             let ended = tokio::time::timeout(grace, rx.wait_for(|s| s.is_terminal())).await;
             if matches!(ended, Ok(Ok(_))) {
@@ -107,10 +109,15 @@ impl<E: Engine> Manager<E> {
             // process reported its own end meanwhile.
             self.commit(id, Transition::KillRecorded).await?;
         }
+        phases.mark("kill_recorded");
         if let Err(e) = self.inner.engine.destroy(id).await {
             tracing::warn!(error = %crate::chain(&e), "destroy");
         }
-        self.end_stopped(id).await
+        phases.mark("destroy");
+        let ended = self.end_stopped(id).await;
+        phases.mark("end_stopped");
+        phases.log(id);
+        ended
     }
 
     /// Stops every live sandbox of the caller that carries all `tags` (any
