@@ -37,7 +37,7 @@ mod ruleset;
 
 pub use alloc::{Allocation, BadAllocation};
 pub use config::NetConfig;
-pub use network::{Network, SandboxNet};
+pub use network::{Network, SandboxNet, RELEASE_PARALLELISM};
 pub use nl::NlError;
 pub use policy::DefaultEgress;
 pub use rules::TenantSets;

@@ -64,6 +64,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many releases ([`Network::release`]) are worth running at once: each
+/// waits out its link's delete on a netlink socket of its own.
+pub const RELEASE_PARALLELISM: usize = 4;
+
 #[derive(Debug)]
 struct Inner {
     config: NetConfig,
@@ -71,10 +75,12 @@ struct Inner {
     /// rule lives there.
     host_ns: OwnedFd,
     rt: Mutex<Socket>,
-    /// Link deletes only: one waits for the kernel to drop every reference
-    /// to the device (RCU grace periods: 20-50 ms on a small VM), which a
-    /// create's request on `rt` must not queue behind.
-    rt_delete: Mutex<Socket>,
+    /// Link deletes only, one socket per concurrent release: a delete
+    /// waits for the kernel to drop every reference to the device (RCU
+    /// grace periods: 20-60 ms on a small VM, with next to no CPU), which a
+    /// create's request on `rt` must not queue behind, and which releases
+    /// on sockets of their own wait out side by side.
+    rt_delete: Vec<Mutex<Socket>>,
     nft: Kernel,
     ct: Conntrack,
     alloc: Mutex<Allocator>,
@@ -119,8 +125,12 @@ impl Inner {
         let slot = Slot::new(&self.config, n);
         let mut phases = sandpit_runtime::phases::Phases::start("network release");
         if let Some(i) = link_index {
-            link::delete(&lock(&self.rt_delete), i)
-                .map_err(nl_err(format!("delete {}", slot.link)))?;
+            let sock = self
+                .rt_delete
+                .iter()
+                .find_map(|m| m.try_lock().ok())
+                .unwrap_or_else(|| lock(&self.rt_delete[n as usize % self.rt_delete.len()]));
+            link::delete(&sock, i).map_err(nl_err(format!("delete {}", slot.link)))?;
         }
         phases.mark("link");
         self.nft
@@ -193,7 +203,10 @@ impl Network {
         config.validate()?;
         let host_ns = netns::current().map_err(io_err("open the host network namespace"))?;
         let rt = Socket::open(nl::ROUTE).map_err(io_err("open netlink socket"))?;
-        let rt_delete = Socket::open(nl::ROUTE).map_err(io_err("open netlink socket"))?;
+        let rt_delete = (0..RELEASE_PARALLELISM)
+            .map(|_| Socket::open(nl::ROUTE).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_err("open netlink socket"))?;
         let nft = Kernel::open().map_err(io_err("open netlink socket"))?;
         let ct = Conntrack::open().map_err(io_err("open netlink socket"))?;
         let mut keys = vec!["/proc/sys/net/ipv4/ip_forward"];
@@ -227,7 +240,7 @@ impl Network {
         let inner = Inner {
             host_ns,
             rt: Mutex::new(rt),
-            rt_delete: Mutex::new(rt_delete),
+            rt_delete,
             nft,
             ct,
             alloc: Mutex::new(alloc),

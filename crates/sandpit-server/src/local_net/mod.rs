@@ -361,7 +361,7 @@ impl LocalNetwork {
     /// it is still `id`'s).
     fn forget(&self, id: &SandboxId, alloc: &Allocation) {
         let pending = self.retire(id, alloc);
-        self.release_locked(pending);
+        self.release(pending);
     }
 
     /// What makes `id`'s network unusable at once: its address out of the
@@ -383,12 +383,10 @@ impl LocalNetwork {
     }
 
     /// Releases what `retire` left: link, rules, flows, addresses, file.
+    /// Without `releasing`: `p` is the releaser's (a sweep skips what is
+    /// pending, a second detach finds it pending), and releases of other
+    /// sandboxes run beside it.
     fn release(&self, p: Pending) {
-        let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
-        self.release_locked(p);
-    }
-
-    fn release_locked(&self, p: Pending) {
         let mut phases = sandpit_runtime::phases::Phases::start("network release");
         // Its namespace stays open (`held`) until its link is deleted: the
         // last handle on a namespace going starts the kernel's teardown of
@@ -403,6 +401,8 @@ impl LocalNetwork {
             // it names another allocation: the same id attached again (a
             // pooled sandbox's claim failed and it was created afresh).
             Ok(()) => {
+                // Under `attached`, which `attach` holds while it writes it.
+                let _attached = self.attached();
                 if read_one(&self.file(&p.id)).is_some_and(|f| f.alloc == p.alloc) {
                     let _ = std::fs::remove_file(self.file(&p.id));
                 }

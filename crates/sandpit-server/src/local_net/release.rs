@@ -13,7 +13,10 @@
 //! never handed out while anything of the old sandbox is left; the
 //! sandbox's `network/<id>.json` stays until then, so a crash before it
 //! leaves what the next start's sweep releases; [`Releaser::settle`] waits
-//! for the queue (a clean shutdown, tests that count debris).
+//! for the queue (a clean shutdown, tests that count debris). Releases of
+//! different sandboxes run side by side (`sandpit_net::RELEASE_PARALLELISM`
+//! threads: their waits overlap), and at most `MAX_QUEUED` wait: beyond
+//! that a delete releases its network itself.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -23,6 +26,9 @@ use sandpit_net::Allocation;
 
 use super::{Attached, LocalNetwork};
 use crate::model::SandboxId;
+
+/// Releases queued at most; past that a delete releases in place.
+const MAX_QUEUED: usize = 64;
 
 /// One network to release.
 pub(super) struct Pending {
@@ -66,8 +72,16 @@ impl Releaser {
         self.0.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the thread; it ends once `net` is dropped.
+    /// Starts the threads (one per release that can wait out its link's
+    /// delete beside the others); they end once `net` is dropped.
     pub(super) fn start(net: &Arc<LocalNetwork>) -> std::io::Result<()> {
+        for _ in 0..sandpit_net::RELEASE_PARALLELISM {
+            Self::start_one(net)?;
+        }
+        Ok(())
+    }
+
+    fn start_one(net: &Arc<LocalNetwork>) -> std::io::Result<()> {
         let weak: Weak<LocalNetwork> = Arc::downgrade(net);
         let this = net.releaser.clone();
         this.lock().running = true;
@@ -99,12 +113,13 @@ impl Releaser {
             .map(drop)
     }
 
-    /// Queues `p`; hands it back when no thread runs (the caller releases
-    /// it itself).
+    /// Queues `p`; hands it back when no thread runs or [`MAX_QUEUED`] wait
+    /// already (the caller releases it itself: deletes that outpace the
+    /// kernel slow down rather than leave debris piling up).
     #[must_use]
     pub(super) fn push(&self, p: Pending) -> Option<Pending> {
         let mut state = self.lock();
-        if !state.running {
+        if !state.running || state.queue.len() >= MAX_QUEUED {
             return Some(p);
         }
         state.busy.insert(p.id.clone());
