@@ -351,7 +351,8 @@ impl LocalNetwork {
             .or_else(|| read_one(&self.file(id)).map(|p| p.alloc));
         let Some(alloc) = alloc else { return };
         let pending = self.retire(id, &alloc);
-        drop(_once);
+        // Queued (pending) before `releasing` goes: a sweep waiting for it
+        // must find it pending, not release it a second time.
         if let Some(p) = self.releaser.push(pending) {
             self.release(p);
         }
@@ -455,7 +456,10 @@ impl LocalNetwork {
                 continue;
             }
             let _once = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
-            // Read again under the lock: a delete may have released it.
+            // Again under the lock: a delete may have queued or released it.
+            if self.releaser.is_pending(&id) {
+                continue;
+            }
             if let Some(p) = read_one(&self.file(&id)) {
                 self.forget(&id, &p.alloc);
                 cleaned += 1;
