@@ -49,6 +49,8 @@ IMAGE_REFERENCES = ["python:3.11", "python:3.15"]
 # The daemon's unary ReadFile/WriteFile limit in these tests (default 32 MiB): lower, so
 # that a 20 MiB file exercises the client's streaming fallback in both directions.
 MAX_FILE_BYTES = 16 << 20
+# The data dir reserve of every test daemon whose config sets none (Server._pin_disk_reserve).
+TEST_DISK_RESERVE = "1Gi"
 
 BUILD_HINT = "run `cargo build --release --bins` first (scripts/test.sh does)"
 
@@ -325,9 +327,31 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _pin_disk_reserve(self) -> None:
+        """Pins the data dir's reserve at TEST_DISK_RESERVE unless the config sets one.
+
+        The default ("auto", 5% of the disk: 12.6 GiB of a 252 GiB disk) would refuse
+        every create on a CI host whose shared disk has less free, failing tests that
+        are about something else. The reserve itself has its own test
+        (test_tenant_limits.py), which sets it."""
+        if self.config is None:
+            return
+        text = self.config.read_text()
+        if re.search(r"^\s*data_dir_reserve\s*=", text, re.M):
+            return
+        line = f'data_dir_reserve = "{TEST_DISK_RESERVE}"\n'
+        header = re.search(r"^\[limits\][ \t]*(\n|\Z)", text, re.M)
+        if header:
+            head = text[: header.end()]
+            text = head + ("" if head.endswith("\n") else "\n") + line + text[header.end() :]
+        else:
+            text = text.rstrip("\n") + "\n[limits]\n" + line
+        self.config.write_text(text)
+
     def start(self) -> None:
         assert not self.alive(), "sandpitd already running"
         self.starts += 1
+        self._pin_disk_reserve()
         with self.log_path.open("ab") as log:
             log.write(f"\n===== e2e harness: start #{self.starts}: {' '.join(self.argv())}\n".encode())
             log.flush()

@@ -122,8 +122,13 @@ pub(crate) fn run(
     } else {
         "ephemeral_storage = \"0\"\n"
     };
-    let mut limits =
-        format!("[limits]\nallocatable_cpu = \"100000\"\nallocatable_memory = \"64Ti\"\n{disk}");
+    // The default data dir reserve (5% of the disk, up to 20 GiB) would
+    // refuse creates on a host whose shared disk has less free: 1 GiB keeps
+    // the bench's throwaway daemon from filling the disk all the same.
+    let mut limits = format!(
+        "[limits]\nallocatable_cpu = \"100000\"\nallocatable_memory = \"64Ti\"\n\
+         data_dir_reserve = \"1Gi\"\n{disk}"
+    );
     if let Ok(extra) = std::env::var("SANDPIT_BENCH_DAEMON_TOML") {
         // Appended as is: tables of its own (`[resources]`, ...) for A/Bs.
         limits.push_str(&extra.replace("\\n", "\n"));
