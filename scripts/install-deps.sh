@@ -13,6 +13,7 @@ packages=(
   nftables iproute2 openssl conntrack  # the networking tests inspect the firewall and conntrack, build the upstream namespace and its CA
   lxcfs                   # sandboxes' /proc/meminfo, cpuinfo, ... show their limits (docs/limits.md)
   chromium chromium-driver  # tests/e2e/test_console.py drives the web console in headless Chromium
+  postgresql              # sandpit-cluster's tests start their own server on loopback (docs/scale-out.md)
   systemd-container logrotate dpkg-dev  # the package test: boots a machine (systemd-nspawn), checks the logrotate file; dpkg-shlibdeps for cargo-deb
 )
 missing=()

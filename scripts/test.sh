@@ -10,6 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 export CARGO_TERM_COLOR=never
+# The store's tests (crates/sandpit-cluster) fail, not skip, without PostgreSQL.
+export SANDPIT_REQUIRE_POSTGRES=1
 
 scripts/install-deps.sh
 scripts/build-test-images.sh
@@ -42,3 +44,6 @@ target/release/sandpit-bench --quick --daemon --data-dir target/bench-quick --js
 
 echo "== network benchmark, quick mode (~11 s; iperf3/podman rows skipped when missing)" >&2
 target/release/sandpit-bench --quick --net --only net --json target/bench-net-quick.json
+
+echo "== placement benchmark, quick mode (1, 10, 100 runners in a real PostgreSQL; ~30 s)" >&2
+cargo bench -q -p sandpit-cluster --bench placement -- --quick
