@@ -60,16 +60,26 @@ pub enum Error {
 
 impl Error {
     /// Worth a retry: the connection, not the request, failed (PostgreSQL
-    /// restarting, a connection the pool handed out already closed).
+    /// restarting, a connection the pool handed out already closed), or
+    /// PostgreSQL asked for one (a serialization failure, a deadlock).
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Pool(_) => true,
             Self::Query { source, .. } => {
-                source.is_closed()
-                    || source.code().is_none_or(|c| {
-                        // admin_shutdown, crash_shutdown, cannot_connect_now
-                        matches!(c.code(), "57P01" | "57P02" | "57P03")
-                    })
+                if source.is_closed() {
+                    return true;
+                }
+                if let Some(code) = source.code() {
+                    let code = code.code();
+                    // 08: connection exception; 57P01-3: admin shutdown, crash
+                    // shutdown, cannot connect now; 40001, 40P01: retry the
+                    // transaction.
+                    return code.starts_with("08")
+                        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01");
+                }
+                // No SQLSTATE: transient if the socket failed, not if a value
+                // did not convert (that is a bug, and a retry repeats it).
+                std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>())
             }
             _ => false,
         }

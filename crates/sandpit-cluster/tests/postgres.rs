@@ -181,7 +181,9 @@ async fn creates_through_two_stores_at_once_never_over_commit_a_runner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_that_stops_heartbeating_loses_its_sandboxes_with_a_reason() {
     let Some(pg) = Pg::start() else { return };
-    let s = Store::connect(&pg.url(), config(Duration::from_secs(1)))
+    // Long enough that a loaded CI host does not end it before the first
+    // check; r2 heartbeats well within it while r1's runs out.
+    let s = Store::connect(&pg.url(), config(Duration::from_secs(3)))
         .await
         .unwrap();
     s.register(&reg("r1", 10, &[])).await.unwrap();
@@ -196,7 +198,7 @@ async fn a_runner_that_stops_heartbeating_loses_its_sandboxes_with_a_reason() {
     // Within the lease nothing expires.
     assert!(s.expire_leases().await.unwrap().is_empty());
     let r2 = s.register(&reg("r2", 10, &[])).await.unwrap();
-    for _ in 0..3 {
+    for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         s.heartbeat(&id("r2"), r2.incarnation, reg("r2", 10, &[]).allocatable)
             .await

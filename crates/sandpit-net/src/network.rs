@@ -95,7 +95,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Network {
     inner: Arc<Inner>,
-    filler: Option<JoinHandle<()>>,
+    /// The pool's filler, taken (and joined) by the first `close_pool`.
+    filler: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -250,14 +251,14 @@ impl Network {
             stop: AtomicBool::new(false),
             config,
         };
-        let mut net = Network {
+        let net = Network {
             inner: Arc::new(inner),
-            filler: None,
+            filler: Mutex::new(None),
         };
         net.refresh_host_addresses_with(true)?;
         if net.inner.config.pool_size > 0 {
             let inner = Arc::clone(&net.inner);
-            net.filler = Some(
+            *lock(&net.filler) = Some(
                 std::thread::Builder::new()
                     .name("sandpit-netns".into())
                     .spawn(move || inner.fill())
@@ -520,14 +521,19 @@ impl Network {
     }
 }
 
-impl Drop for Network {
+impl Network {
     /// Stops the pool and removes its namespaces' links; every sandbox's
     /// link, rules and connections stay (a daemon going away, even on
-    /// purpose, cuts nothing).
-    fn drop(&mut self) {
+    /// purpose, cuts nothing). Idempotent; the drop does it too. A daemon
+    /// calls it on a clean stop, so that the pool is gone before the
+    /// process exits whoever still holds the network (a runtime thread's
+    /// handle would otherwise leave the links to the kernel's teardown of
+    /// the namespaces, which lags the exit).
+    pub fn close_pool(&self) {
         self.inner.stop.store(true, Ordering::Relaxed);
         self.inner.wake.notify_all();
-        if let Some(t) = self.filler.take() {
+        let filler = lock(&self.filler).take();
+        if let Some(t) = filler {
             let _ = t.join();
         }
         let pool = std::mem::take(&mut *lock(&self.inner.pool));
@@ -535,5 +541,11 @@ impl Drop for Network {
             let _ = link::delete(&lock(&self.inner.rt), m.host_index);
             lock(&self.inner.alloc).free(m.slot.n);
         }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.close_pool();
     }
 }

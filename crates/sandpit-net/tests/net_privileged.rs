@@ -420,3 +420,34 @@ fn a_second_release_leaves_the_slot_that_went_back_to_the_pool() {
         net.release(&b.id, &b.alloc).unwrap();
     });
 }
+
+#[test]
+fn closing_the_pool_removes_its_namespaces_while_the_network_is_still_held() {
+    let w = World::new();
+    in_ns(&w.host.try_clone().unwrap(), || {
+        let net = Network::setup(config(3), &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while net.pooled() != 3 {
+            assert!(Instant::now() < deadline, "the pool never filled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ours = || {
+            sh("ip -o link show")
+                .lines()
+                .filter(|l| l.contains(" sp-"))
+                .count()
+        };
+        assert_eq!(ours(), 3);
+        // A daemon's clean stop: its links go now, not when the last handle
+        // to the network does (that may be after the process exits).
+        net.close_pool();
+        assert_eq!(ours(), 0, "{}", sh("ip -o link show"));
+        assert_eq!(net.pooled(), 0);
+        // Nothing refills it, and closing again is harmless.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(ours(), 0);
+        net.close_pool();
+        drop(net);
+        assert_eq!(ours(), 0);
+    });
+}

@@ -112,6 +112,15 @@ impl LocalEngine {
         }
     }
 
+    /// The last step of a clean stop, after [`settle`](Self::settle): the
+    /// network's queue and prepared namespaces go before the process does
+    /// (see `LocalNetwork::close`).
+    pub async fn close_network(&self) {
+        if let Some(net) = self.network.clone() {
+            let _ = blocking(move || net.close()).await;
+        }
+    }
+
     /// Opens the image store and sets up the runtime (checks the helper
     /// binaries, detects cgroups).
     pub fn new(config: LocalEngineConfig) -> Result<Self, EngineError> {

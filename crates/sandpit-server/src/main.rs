@@ -335,6 +335,7 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     if !pools.engine().settle(Duration::from_secs(30)).await {
         tracing::warn!("sandbox networks still being released; the next start sweeps them");
     }
+    pools.engine().close_network().await;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }
