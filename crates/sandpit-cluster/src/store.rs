@@ -289,14 +289,17 @@ impl Store {
 
     /// Takes capacity for a create on the best runner that has it and
     /// records the sandbox as placed there. Placing an id again (a retry
-    /// whose first reply was lost) answers the first placement.
+    /// whose first reply was lost) answers the first placement: the id's
+    /// row is looked up only when this placement cannot be made (its insert
+    /// conflicts, or nothing fits), not on every create.
     pub async fn place(&self, req: &PlacementRequest) -> Result<Placement, Error> {
-        let need = req.need();
-        let cpu = int(need.cpu_millis, "cpu request")?;
-        let mem = int(need.memory_bytes, "memory request")?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(q("begin place"))?;
-        if let Some(row) = tx
+        let refused = match self.take(&mut client, req).await {
+            Err(e @ Error::NoCapacity(_)) => e,
+            Err(e @ Error::Query { .. }) if is_unique_violation(&e) => e,
+            other => return other,
+        };
+        let Some(row) = client
             .query_opt(
                 "SELECT s.principal, s.runner_id, r.endpoint FROM sandboxes s
                  JOIN runners r ON r.id = s.runner_id WHERE s.id = $1",
@@ -304,17 +307,31 @@ impl Store {
             )
             .await
             .map_err(q("look the sandbox up"))?
-        {
-            let principal: &str = row.get(0);
-            if principal != req.principal {
-                return Err(Error::Conflict(req.sandbox_id.clone()));
-            }
-            return Ok(Placement {
-                sandbox_id: req.sandbox_id.clone(),
-                runner: RunnerId::new(row.get::<_, String>(1))?,
-                endpoint: row.get(2),
-            });
+        else {
+            return Err(refused);
+        };
+        let principal: &str = row.get(0);
+        if principal != req.principal {
+            return Err(Error::Conflict(req.sandbox_id.clone()));
         }
+        Ok(Placement {
+            sandbox_id: req.sandbox_id.clone(),
+            runner: RunnerId::new(row.get::<_, String>(1))?,
+            endpoint: row.get(2),
+        })
+    }
+
+    /// `place` for an id not placed yet: one transaction, rolled back
+    /// unless it commits the placement.
+    async fn take(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        req: &PlacementRequest,
+    ) -> Result<Placement, Error> {
+        let need = req.need();
+        let cpu = int(need.cpu_millis, "cpu request")?;
+        let mem = int(need.memory_bytes, "memory request")?;
+        let tx = client.transaction().await.map_err(q("begin place"))?;
         let selector = labels_json(&req.selector);
         let pins: Vec<&str> = req.pins.iter().map(RunnerId::as_str).collect();
         // Rounds: the candidates of one read may all be taken by other
@@ -394,6 +411,61 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Renames a placement to the id its runner gave the sandbox, and marks
+    /// it running: a gateway places under a reservation id (the runner picks
+    /// sandbox ids, from its warm pool among others) and binds once the
+    /// runner answered. False if the reservation is gone (released, or
+    /// expired by [`Store::expire_placements`]) or the id is bound already.
+    pub async fn bind(&self, reservation: &str, sandbox_id: &str) -> Result<bool, Error> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE sandboxes SET id = $2, state = 'running', updated_at = now()
+                 WHERE id = $1 AND state = 'placed'",
+                &[&reservation, &sandbox_id],
+            )
+            .await
+            .map_err(q("bind the placement"));
+        match n {
+            Ok(n) => Ok(n == 1),
+            // The runner's id is bound already (a retried create).
+            Err(e) if is_unique_violation(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails `runner`'s placements still unbound after `max_age` (their
+    /// gateway died between placing and binding) and frees their capacity.
+    /// True if any expired. Runners call it with their heartbeat.
+    pub async fn expire_placements(
+        &self,
+        runner: &RunnerId,
+        max_age: Duration,
+    ) -> Result<bool, Error> {
+        let client = self.client().await?;
+        let secs = max_age.as_secs_f64();
+        client
+            .execute(
+                "WITH s AS (
+                     UPDATE sandboxes SET state = 'failed', updated_at = now(),
+                         reason = 'its create never reached the runner (the gateway placing it stopped)'
+                     WHERE runner_id = $1 AND state = 'placed'
+                       AND updated_at < now() - make_interval(secs => $2)
+                     RETURNING runner_id, cpu_millis, memory_bytes)
+                 UPDATE runners r SET req_cpu_millis = r.req_cpu_millis - t.cpu,
+                     req_memory_bytes = r.req_memory_bytes - t.mem,
+                     sandboxes = r.sandboxes - t.n
+                 FROM (SELECT runner_id, sum(cpu_millis)::bigint AS cpu,
+                              sum(memory_bytes)::bigint AS mem, count(*)::int AS n
+                       FROM s GROUP BY runner_id) t
+                 WHERE r.id = t.runner_id",
+                &[&runner.as_str(), &secs],
+            )
+            .await
+            .map(|n| n > 0)
+            .map_err(q("expire placements"))
+    }
+
     /// Ends a live sandbox (`Failed` or `Terminated`, with a reason) and
     /// gives its capacity back to its runner, in one statement. False if it
     /// had ended already: releasing twice frees once.
@@ -437,6 +509,23 @@ impl Store {
             .await
             .map_err(q("look the sandbox up"))?;
         row.as_ref().map(sandbox_row).transpose()
+    }
+
+    /// The live sandboxes on a runner (placed or running), by id: what it
+    /// reconciles against on every heartbeat, however long its history.
+    pub async fn live_on(&self, runner: &RunnerId) -> Result<Vec<SandboxRow>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes s
+                     WHERE s.runner_id = $1 AND s.state IN {LIVE} ORDER BY s.id"
+                ),
+                &[&runner.as_str()],
+            )
+            .await
+            .map_err(q("list a runner's live sandboxes"))?;
+        rows.iter().map(sandbox_row).collect()
     }
 
     /// The sandboxes on a runner (every state), by id.
@@ -513,6 +602,13 @@ async fn why_none(
     } else {
         NoFit::Full
     }))
+}
+
+/// The insert of an id that is placed already (by a retry, or by another
+/// gateway at the same moment).
+fn is_unique_violation(e: &Error) -> bool {
+    matches!(e, Error::Query { source, .. }
+        if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
 }
 
 fn count(v: i32) -> Result<u32, Error> {

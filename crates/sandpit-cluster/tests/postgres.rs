@@ -276,6 +276,54 @@ async fn a_runner_back_within_its_lease_adopts_its_sandboxes_and_release_frees_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_binds_to_the_runners_id_once_and_unbound_ones_expire() {
+    let Some(pg) = Pg::start() else { return };
+    let s = store(&pg).await;
+    s.register(&reg("r1", 10, &[])).await.unwrap();
+    s.place(&create("rsv-1")).await.unwrap();
+    assert!(s.bind("rsv-1", "sb-1").await.unwrap());
+    // Bound once: the reservation is gone, the row is the sandbox's.
+    assert!(!s.bind("rsv-1", "sb-2").await.unwrap());
+    // A second reservation answered with the same sandbox (a retried
+    // create) does not bind over it.
+    s.place(&create("rsv-2")).await.unwrap();
+    assert!(!s.bind("rsv-2", "sb-1").await.unwrap());
+    assert!(s
+        .release("rsv-2", SandboxState::Terminated, "duplicate")
+        .await
+        .unwrap());
+    assert!(s.sandbox("rsv-1").await.unwrap().is_none());
+    let row = s.sandbox("sb-1").await.unwrap().unwrap();
+    assert_eq!((row.state, row.runner), (SandboxState::Running, id("r1")));
+    // A placement its gateway never bound: kept while young, failed and
+    // freed once old; a bound sandbox is never touched.
+    s.place(&create("rsv-lost")).await.unwrap();
+    assert!(!s
+        .expire_placements(&id("r1"), Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(requested(&s, "r1").await.sandboxes, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s
+        .expire_placements(&id("r1"), Duration::from_millis(200))
+        .await
+        .unwrap());
+    let lost = s.sandbox("rsv-lost").await.unwrap().unwrap();
+    assert_eq!(lost.state, SandboxState::Failed);
+    assert!(
+        lost.reason.contains("never reached the runner"),
+        "{}",
+        lost.reason
+    );
+    let req = requested(&s, "r1").await;
+    assert_eq!((req.sandboxes, req.cpu_millis), (1, 100));
+    assert_eq!(
+        s.sandbox("sb-1").await.unwrap().unwrap().state,
+        SandboxState::Running
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_create_answers_the_first_placement_and_another_principal_conflicts() {
     let Some(pg) = Pg::start() else { return };
     let s = store(&pg).await;
@@ -298,6 +346,15 @@ async fn a_retried_create_answers_the_first_placement_and_another_principal_conf
         ..create("once")
     };
     assert!(matches!(s.place(&mallory).await, Err(Error::Conflict(i)) if i == "once"));
+    // A retry still answers once the runner it went to is full.
+    s.register(&reg("tiny", 1, &[])).await.unwrap();
+    let pinned = PlacementRequest {
+        pins: vec![id("tiny")],
+        ..create("last-slot")
+    };
+    let first = s.place(&pinned).await.unwrap();
+    assert_eq!(s.place(&pinned).await.unwrap(), first);
+    assert_eq!(requested(&s, "tiny").await.sandboxes, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

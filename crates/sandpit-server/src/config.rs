@@ -154,6 +154,7 @@ pub struct FileConfig {
     console: Option<crate::consoleconfig::FileConsole>,
     metrics: Option<crate::metricsconfig::FileMetrics>,
     pool: Option<Vec<crate::poolconfig::FilePool>>,
+    cluster: Option<crate::clusterconfig::FileCluster>,
 }
 
 /// What a sandbox that asks for nothing gets when `[resources]` does not
@@ -326,6 +327,8 @@ pub struct Config {
     pub metrics: crate::metricsconfig::MetricsSettings,
     /// Warm pools (`[[pool]]`); empty: none.
     pub pools: Vec<crate::poolconfig::PoolSettings>,
+    /// This process's role in a cluster (`[cluster]`); `None`: a single host.
+    pub cluster: Option<crate::clusterconfig::ClusterSettings>,
 }
 
 impl Config {
@@ -492,6 +495,7 @@ impl Config {
         let limits = file.limits.unwrap_or_default().resolve()?;
         let metrics = file.metrics.unwrap_or_default().resolve(o.metrics_listen)?;
         let pools = crate::poolconfig::resolve(file.pool.unwrap_or_default())?;
+        let cluster = file.cluster.map(|c| c.resolve()).transpose()?;
         let organization_id = file.organization_id.unwrap_or_else(|| "default".into());
         if organization_id.is_empty() {
             return Err(invalid("organization_id", "must not be empty"));
@@ -624,6 +628,7 @@ impl Config {
             console,
             metrics,
             pools,
+            cluster,
         })
     }
 }

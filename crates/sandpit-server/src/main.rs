@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sandpit_server::auth::{generate_key, ApiKey, Auth};
 use sandpit_server::clock::SystemClock;
+use sandpit_server::clusterconfig::Role;
 use sandpit_server::config::{Config, LogFormat, Overrides};
 use sandpit_server::db::Db;
 use sandpit_server::local::{LocalEngine, LocalEngineConfig};
@@ -117,6 +118,9 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> Result<()> {
+    if let Some(cluster) = config.cluster.clone().filter(|c| c.role == Role::Gateway) {
+        return run_gateway(config, cluster, notifier).await;
+    }
     let started = SystemTime::now();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -204,6 +208,12 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     };
     let mut manager_config = config.manager.clone();
     manager_config.allocatable = allocatable(&config);
+    // What this runner offers the cluster: what its own admission holds.
+    let offered = sandpit_cluster::Capacity {
+        cpu_millis: manager_config.allocatable.cpu_millis,
+        memory_bytes: manager_config.allocatable.memory_bytes,
+        sandboxes: u32::try_from(manager_config.max_sandboxes).unwrap_or(u32::MAX),
+    };
     tracing::info!(
         cpu_millis = manager_config.allocatable.cpu_millis,
         memory_bytes = manager_config.allocatable.memory_bytes,
@@ -254,6 +264,29 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
             .context("warm pools")?;
     manager.start_pool(templates);
     let pools = manager.clone();
+
+    // A cluster runner registers before it serves: the store's verdict on
+    // what it holds is applied first (membership.rs).
+    let membership = match config.cluster.as_ref() {
+        Some(cluster) => {
+            let store = sandpit_server::membership::connect(cluster)
+                .await
+                .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+                .context("connect to the cluster's PostgreSQL")?;
+            let m = sandpit_server::membership::Membership::join(
+                store,
+                cluster,
+                &config.runner_id,
+                offered,
+                &manager,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+            .context("join the cluster")?;
+            Some(AbortOnDrop::of(m.run(manager.clone())))
+        }
+        None => None,
+    };
 
     let catalog_path = config.data_dir.join("storage.db");
     let catalog = sandpit_server::storage::catalog::Catalog::open(&catalog_path)
@@ -321,12 +354,13 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
         },
         Some(storage),
         async {
-            shutdown_signal().await;
+            superseded_or_signal(membership.as_ref().map(|m| &m.ended)).await;
             let _ = notifier.notify("STOPPING=1");
         },
     )
     .await
     .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
+    let superseded = membership.as_ref().and_then(|m| m.ended.borrow().clone());
     if let Some(c) = console {
         c.shutdown().await;
     }
@@ -336,8 +370,107 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
         tracing::warn!("sandbox networks still being released; the next start sweeps them");
     }
     pools.engine().close_network().await;
+    if let Some(why) = superseded {
+        bail!("{why}");
+    }
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// The gateway role: no engine, no data of its own (docs/scale-out.md).
+async fn run_gateway(
+    config: Config,
+    cluster: sandpit_server::clusterconfig::ClusterSettings,
+    notifier: sandpit_server::sd_notify::Notifier,
+) -> Result<()> {
+    if config.api_keys.is_empty() {
+        bail!(
+            "a gateway needs the cluster's API keys (api_keys or SANDPIT_API_KEYS): \
+             it checks them, and the runners check them again"
+        );
+    }
+    let auth = Auth::new(&config.api_keys);
+    let tls = match &config.tls {
+        Some(t) => Some((
+            std::fs::read(&t.cert)
+                .with_context(|| format!("read TLS certificate {}", t.cert.display()))?,
+            std::fs::read(&t.key).with_context(|| format!("read TLS key {}", t.key.display()))?,
+        )),
+        None => None,
+    };
+    let store = sandpit_server::membership::connect(&cluster)
+        .await
+        .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+        .context("connect to the cluster's PostgreSQL")?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, lease_s = cluster.lease.as_secs_f64(), "sandpitd gateway listening");
+    // The same fixed line as a runner's: scripts wait for it.
+    eprintln!("sandpitd listening on {addr}");
+    if let Err(e) = notifier.notify("READY=1") {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+    sandpit_server::gateway::serve(
+        listener,
+        store,
+        auth,
+        sandpit_server::gateway::GatewayOptions {
+            max_message_bytes: config.max_message_bytes,
+            tls,
+            default_resources: config.manager.default_resources,
+            lease: cluster.lease,
+        },
+        async {
+            shutdown_signal().await;
+            let _ = notifier.notify("STOPPING=1");
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// A runner's membership task and what ended it (`Some` once another
+/// incarnation took over).
+struct Running {
+    _task: AbortOnDrop,
+    ended: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl AbortOnDrop {
+    fn of(
+        membership: impl std::future::Future<Output = sandpit_server::membership::MembershipError>
+            + Send
+            + 'static,
+    ) -> Running {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(async move {
+            let why = membership.await;
+            tracing::error!("{why}");
+            tx.send_replace(Some(why.to_string()));
+        });
+        Running {
+            _task: AbortOnDrop(task),
+            ended: rx,
+        }
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT, or once the membership ended.
+async fn superseded_or_signal(ended: Option<&tokio::sync::watch::Receiver<Option<String>>>) {
+    match ended {
+        None => shutdown_signal().await,
+        Some(rx) => {
+            let mut rx = rx.clone();
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = rx.wait_for(|v| v.is_some()) => {}
+            }
+        }
+    }
 }
 
 /// The /metrics listener, when configured (see `metricsconfig.rs`: the

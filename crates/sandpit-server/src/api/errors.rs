@@ -153,6 +153,19 @@ pub fn refused_with(
     with_details(code, parts.join("; "), reason, metadata, violations, None)
 }
 
+/// RESOURCE_EXHAUSTED with the client's capacity reason and a RetryInfo:
+/// nothing can take the sandbox now, later something may.
+pub fn capacity_exhausted(message: impl Into<String>, retry_after: Duration) -> Status {
+    with_details(
+        Code::ResourceExhausted,
+        message,
+        reason::RUNNER_CAPACITY_EXHAUSTED,
+        &[],
+        &[],
+        Some(retry_after),
+    )
+}
+
 /// NOT_FOUND for a sandbox id.
 pub fn sandbox_not_found(id: &str) -> Status {
     status(

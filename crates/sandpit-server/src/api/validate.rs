@@ -261,6 +261,29 @@ pub fn create_request(
     Ok(out)
 }
 
+/// The requests and limits a create gets, as [`create_request`] grants
+/// them: what a gateway places by before the runner validates the rest.
+pub fn requested_resources(
+    req: &pb::CreateSandboxRequest,
+    defaults: &ResourceSpec,
+) -> Result<ResourceSpec, Status> {
+    let container = req
+        .sandbox
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.containers.first());
+    let Some(c) = container else {
+        // The runner refuses it with every reason; placement needs none.
+        return Ok(*defaults);
+    };
+    let mut rej = Rejection::default();
+    let out = check_resources(&mut rej, c, "sandbox.spec.containers[0]", defaults);
+    if !rej.is_empty() {
+        return Err(rej.into_status());
+    }
+    Ok(out)
+}
+
 /// The spec as returned by Get/List: as sent, minus mounted files' content
 /// (which can be megabytes per sandbox and would swell every listing).
 fn spec_echo(spec: &pb::SandboxSpec) -> Vec<u8> {

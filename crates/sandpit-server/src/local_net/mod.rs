@@ -485,10 +485,8 @@ impl LocalNetwork {
 
 impl Drop for LocalNetwork {
     fn drop(&mut self) {
-        // Whatever the thread did not get to.
-        for p in self.releaser.take_all() {
-            self.release(p);
-        }
+        // Whatever the thread did not get to, and the pool's namespaces.
+        self.close();
     }
 }
 

@@ -43,6 +43,7 @@ use crate::model::{Principal, ResourceSpec, SandboxId, SandboxRecord, State};
 
 pub mod admission;
 mod adoption;
+mod cluster;
 mod commands;
 mod create;
 pub mod lifecycle;
