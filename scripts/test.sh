@@ -32,8 +32,13 @@ python3 -m venv .venv
 echo "== protocol drift test (our protos vs the client's descriptors)" >&2
 .venv/bin/python -m pytest -q tests/compat
 
-echo "== end-to-end tests (real sandpitd, real cwsandbox / wandb.sandbox clients)" >&2
+echo "== release build" >&2
 cargo build -q --release --bins
+
+echo "== Kubernetes manifests: offline against the schemas, configs through sandpitd --check-config (~2 s)" >&2
+.venv/bin/python -m pytest -q tests/deploy
+
+echo "== end-to-end tests (real sandpitd, real cwsandbox / wandb.sandbox clients)" >&2
 .venv/bin/python -m pytest -q tests/e2e
 
 echo "== Debian package installed and started in a booted systemd machine (~1 min)" >&2

@@ -58,6 +58,10 @@ struct Args {
     /// [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Validate the configuration (file, flags, environment), print what
+    /// this process would be, and exit: 0 if valid, 2 if not.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,6 +87,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if args.check_config {
+        let role = match config.cluster.as_ref().map(|c| c.role) {
+            None => "single host",
+            Some(Role::Runner) => "cluster runner",
+            Some(Role::Gateway) => "cluster gateway",
+        };
+        println!(
+            "sandpitd: configuration valid: {role} {:?} listening on {}",
+            config.runner_id, config.listen
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -317,7 +333,7 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
     } else {
         None
     };
-    let _metrics = serve_metrics(&config, &manager).await?;
+    let _metrics = serve_metrics(&config, manager.clone()).await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -402,6 +418,7 @@ async fn run_gateway(
         .await
         .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
         .context("connect to the cluster's PostgreSQL")?;
+    let _metrics = serve_metrics(&config, sandpit_server::metrics::http::RegistryOnly).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -475,9 +492,9 @@ async fn superseded_or_signal(ended: Option<&tokio::sync::watch::Receiver<Option
 
 /// The /metrics listener, when configured (see `metricsconfig.rs`: the
 /// default address already taken only turns metrics off).
-async fn serve_metrics(
+async fn serve_metrics<S: sandpit_server::metrics::http::Exposition>(
     config: &Config,
-    manager: &Manager<LocalEngine>,
+    source: S,
 ) -> Result<Option<AbortOnDrop>> {
     sandpit_server::metrics::init();
     let Some(addr) = config.metrics.listen else {
@@ -495,9 +512,8 @@ async fn serve_metrics(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving metrics on /metrics");
     eprintln!("sandpitd metrics on http://{addr}/metrics");
-    let manager = manager.clone();
     Ok(Some(AbortOnDrop(tokio::spawn(
-        sandpit_server::metrics::http::serve(listener, manager),
+        sandpit_server::metrics::http::serve(listener, source),
     ))))
 }
 

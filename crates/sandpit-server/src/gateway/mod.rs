@@ -109,7 +109,10 @@ pub async fn serve(
         .add_service(InterceptedService::new(sandbox, auth.interceptor()))
         .add_service(InterceptedService::new(discovery, auth.interceptor()));
     let router = std::mem::take(routes.axum_router_mut());
-    *routes.axum_router_mut() = router.fallback(unknown_rpc);
+    // The same API counters and histograms as a runner's (metrics/grpc.rs).
+    *routes.axum_router_mut() = router
+        .fallback(unknown_rpc)
+        .layer(axum::middleware::from_fn(crate::metrics::grpc::track));
     builder
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -12,17 +12,41 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 
 use crate::engine::Engine;
 use crate::manager::Manager;
 
+/// What a listener exposes beside the default registry.
+pub trait Exposition: Send + Sync + 'static {
+    /// The families read at this scrape.
+    fn families(&self) -> impl std::future::Future<Output = Vec<MetricFamily>> + Send;
+}
+
+impl<E: Engine> Exposition for Manager<E> {
+    async fn families(&self) -> Vec<MetricFamily> {
+        super::sandboxes::families(self).await
+    }
+}
+
+/// The default registry alone: a gateway has no sandboxes of its own
+/// (its API counters and histograms are in the registry).
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryOnly;
+
+impl Exposition for RegistryOnly {
+    async fn families(&self) -> Vec<MetricFamily> {
+        Vec::new()
+    }
+}
+
 /// The whole exposition: the default registry (every module's counters,
 /// the process collector) plus the families read now.
-pub async fn render<E: Engine>(manager: &Manager<E>) -> String {
+pub async fn render<S: Exposition>(source: &S) -> String {
     let mut families = prometheus::gather();
-    families.extend(super::sandboxes::families(manager).await);
+    families.extend(source.families().await);
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
@@ -37,8 +61,8 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle<E: Engine>(
-    manager: Arc<Manager<E>>,
+async fn handle<S: Exposition>(
+    manager: Arc<S>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() != "/metrics" {
@@ -50,7 +74,7 @@ async fn handle<E: Engine>(
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(r);
     }
-    let body = render(&manager).await;
+    let body = render(manager.as_ref()).await;
     let mut r = reply(StatusCode::OK, body);
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -60,7 +84,7 @@ async fn handle<E: Engine>(
 }
 
 /// Serves `listener` until the task is dropped (aborted).
-pub async fn serve<E: Engine>(listener: TcpListener, manager: Manager<E>) {
+pub async fn serve<S: Exposition>(listener: TcpListener, manager: S) {
     let manager = Arc::new(manager);
     loop {
         let (stream, _) = match listener.accept().await {
