@@ -27,6 +27,7 @@ fn registration(i: usize) -> Registration {
             memory_bytes: 1 << 60,
             sandboxes: i32::MAX as u32,
         },
+        direct: None,
     }
 }
 

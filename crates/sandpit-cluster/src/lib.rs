@@ -1,6 +1,7 @@
 //! The shared state of a scaled-out Sandpit, in PostgreSQL
 //! (docs/scale-out.md): the runner registry with heartbeats and leases,
-//! the sandboxes placed on runners, and placement by capacity and labels.
+//! the sandboxes placed on runners, placement by capacity and labels, and
+//! the principals (API keys, stored as digests) every process accepts.
 //!
 //! PostgreSQL is the source of truth and the only arbiter: no process
 //! holds state another needs, and nothing here is consensus of its own.
@@ -20,13 +21,15 @@
 mod migrate;
 pub mod model;
 pub mod placement;
+mod principals;
 mod store;
 
 pub use model::{
-    Capacity, Labels, Placement, PlacementRequest, Registration, RunnerId, RunnerStatus,
-    SandboxRow, SandboxState,
+    Capacity, DirectEndpoint, Labels, Placement, PlacementRequest, Registration, RunnerId,
+    RunnerStatus, SandboxRow, SandboxState,
 };
 pub use placement::NoFit;
+pub use principals::{key_digest, PrincipalRow, MIN_IMPORTED_KEY};
 pub use store::{Adoption, Store, StoreConfig};
 
 /// What a store operation can fail with.
@@ -54,6 +57,12 @@ pub enum Error {
     NoCapacity(NoFit),
     #[error("{0} is out of range")]
     Range(&'static str),
+    #[error("a principal named {0:?} exists already (revoked principals keep their names)")]
+    PrincipalExists(String),
+    #[error("that key is already another principal's")]
+    KeyTaken,
+    #[error("invalid principal: {0}")]
+    InvalidPrincipal(String),
     #[error("unexpected value in the database: {0}")]
     Corrupt(String),
 }

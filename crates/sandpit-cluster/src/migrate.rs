@@ -11,11 +11,23 @@ use tokio_postgres::Client;
 use crate::Error;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "runners_and_sandboxes",
-    include_str!("../migrations/0001_runners_and_sandboxes.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "runners_and_sandboxes",
+        include_str!("../migrations/0001_runners_and_sandboxes.sql"),
+    ),
+    (
+        2,
+        "direct_endpoints",
+        include_str!("../migrations/0002_direct_endpoints.sql"),
+    ),
+    (
+        3,
+        "principals",
+        include_str!("../migrations/0003_principals.sql"),
+    ),
+];
 
 /// The key of the advisory lock the migrations run under ("sandpit" in ASCII).
 const LOCK_KEY: i64 = 0x73_61_6e_64_70_69_74;

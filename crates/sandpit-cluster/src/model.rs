@@ -75,6 +75,17 @@ pub struct Registration {
     pub endpoint: String,
     pub labels: Labels,
     pub allocatable: Capacity,
+    /// Its direct data-plane endpoint, if it offers one.
+    pub direct: Option<DirectEndpoint>,
+}
+
+/// Where clients reach a runner's data plane directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectEndpoint {
+    /// `https://host:port`.
+    pub uri: String,
+    /// The certificate it serves there (PEM): what clients trust.
+    pub cert_pem: String,
 }
 
 /// A runner as the registry holds it.
@@ -91,6 +102,8 @@ pub struct RunnerStatus {
     /// Its heartbeat is within the lease: placement may pick it and
     /// gateways route to it.
     pub live: bool,
+    /// Its direct data-plane endpoint, if it offers one.
+    pub direct: Option<DirectEndpoint>,
 }
 
 /// A create to be placed.

@@ -116,6 +116,7 @@ mod tests {
             incarnation: 1,
             heartbeat_age: Duration::ZERO,
             live,
+            direct: None,
         }
     }
 

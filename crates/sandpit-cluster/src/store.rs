@@ -9,8 +9,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
 
 use crate::model::{
-    Capacity, Labels, Placement, PlacementRequest, Registration, RunnerId, RunnerStatus,
-    SandboxRow, SandboxState,
+    Capacity, DirectEndpoint, Labels, Placement, PlacementRequest, Registration, RunnerId,
+    RunnerStatus, SandboxRow, SandboxState,
 };
 use crate::{migrate, placement, Error, NoFit};
 
@@ -79,9 +79,9 @@ const ROUNDS: usize = 3;
 
 const RUNNER_COLUMNS: &str = "id, endpoint, labels, alloc_cpu_millis, alloc_memory_bytes, \
      alloc_sandboxes, req_cpu_millis, req_memory_bytes, sandboxes, incarnation, \
-     EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8";
+     EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8, direct_endpoint, direct_cert_pem";
 
-fn q(op: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
+pub(crate) fn q(op: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
     move |source| Error::Query { op, source }
 }
 
@@ -139,7 +139,7 @@ impl Store {
         migrate::latest()
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
         self.pool.get().await.map_err(Error::Pool)
     }
 
@@ -154,10 +154,12 @@ impl Store {
         let incarnation: i64 = tx
             .query_one(
                 "INSERT INTO runners (id, endpoint, labels, alloc_cpu_millis, \
-                     alloc_memory_bytes, alloc_sandboxes)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                     alloc_memory_bytes, alloc_sandboxes, direct_endpoint, direct_cert_pem)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (id) DO UPDATE SET endpoint = EXCLUDED.endpoint,
                      labels = EXCLUDED.labels,
+                     direct_endpoint = EXCLUDED.direct_endpoint,
+                     direct_cert_pem = EXCLUDED.direct_cert_pem,
                      alloc_cpu_millis = EXCLUDED.alloc_cpu_millis,
                      alloc_memory_bytes = EXCLUDED.alloc_memory_bytes,
                      alloc_sandboxes = EXCLUDED.alloc_sandboxes,
@@ -172,6 +174,8 @@ impl Store {
                     &int(reg.allocatable.memory_bytes, "allocatable memory")?,
                     &i32::try_from(reg.allocatable.sandboxes)
                         .map_err(|_| Error::Range("allocatable sandboxes"))?,
+                    &reg.direct.as_ref().map(|d| d.uri.as_str()),
+                    &reg.direct.as_ref().map(|d| d.cert_pem.as_str()),
                 ],
             )
             .await
@@ -573,6 +577,13 @@ impl Store {
             incarnation: r.get(9),
             heartbeat_age: Duration::from_secs_f64(age.max(0.0)),
             live: age <= self.lease_secs,
+            direct: match (
+                r.get::<_, Option<String>>(11),
+                r.get::<_, Option<String>>(12),
+            ) {
+                (Some(uri), Some(cert_pem)) => Some(DirectEndpoint { uri, cert_pem }),
+                _ => None,
+            },
         })
     }
 }

@@ -31,6 +31,7 @@ fn reg(name: &str, sandboxes: u32, labels: &[(&str, &str)]) -> Registration {
             memory_bytes: 1 << 40,
             sandboxes,
         },
+        direct: None,
     }
 }
 

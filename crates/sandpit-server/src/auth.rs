@@ -6,9 +6,14 @@
 //! the key's SHA-256 (stable across restarts, reveals nothing of the key).
 //! Keys are looked up by digest, so comparing never depends on how much of a
 //! guessed key is right.
+//!
+//! In a cluster the table has a second part: the principals of the shared
+//! store (PostgreSQL), replaced as a whole by [`Auth::set_shared`] on every
+//! sync (`crate::principals`). The configured keys always stay, and win
+//! over a stored principal of the same name or key.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
@@ -59,16 +64,27 @@ pub enum AuthError {
 /// Who a key belongs to.
 type Caller = (Principal, Option<Organization>);
 
-/// The key table.
+/// Keys by digest.
+type Table = HashMap<[u8; 32], Caller>;
+
+/// The key table: the configured keys, and the shared store's principals.
+/// Clones share the store's part: a set installed through one is seen by
+/// all (every interceptor made from it).
 #[derive(Clone)]
 pub struct Auth {
-    keys: Arc<HashMap<[u8; 32], Caller>>,
+    keys: Arc<Table>,
+    /// The configured principals' names: a stored principal by one of
+    /// these is left out (the configured key wins).
+    names: Arc<HashSet<String>>,
+    /// The store's principals, swapped whole by [`Auth::set_shared`].
+    shared: Arc<RwLock<Arc<Table>>>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
             .field("keys", &self.keys.len())
+            .field("shared", &self.shared_table().len())
             .finish()
     }
 }
@@ -90,10 +106,47 @@ impl Auth {
                 let org = k.organization.clone().map(Organization);
                 (digest(&k.key), (principal, org))
             })
-            .collect();
+            .collect::<Table>();
+        let names = map.values().map(|(p, _)| p.0.clone()).collect();
         Self {
             keys: Arc::new(map),
+            names: Arc::new(names),
+            shared: Arc::default(),
         }
+    }
+
+    /// Replaces the store's principals with `rows` (key digest, name,
+    /// organization), at once for every clone. Pass live principals only:
+    /// a key left out is refused from now on (revocation). A row whose name
+    /// or key is configured is left out: the configured key wins. Returns
+    /// the names left out so.
+    pub fn set_shared(
+        &self,
+        rows: impl IntoIterator<Item = ([u8; 32], String, Option<String>)>,
+    ) -> Vec<String> {
+        let mut shadowed = Vec::new();
+        let mut table = Table::new();
+        for (key, name, org) in rows {
+            if self.keys.contains_key(&key) || self.names.contains(&name) {
+                shadowed.push(name);
+                continue;
+            }
+            table.insert(key, (Principal(name), org.map(Organization)));
+        }
+        *self.shared.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        shadowed
+    }
+
+    /// How many of the store's principals are installed.
+    pub fn shared_len(&self) -> usize {
+        self.shared_table().len()
+    }
+
+    fn shared_table(&self) -> Arc<Table> {
+        self.shared
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The principal of the key the request's metadata carries.
@@ -103,9 +156,15 @@ impl Auth {
 
     /// The principal and organization of the request's key.
     fn authenticate_caller(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
-        let key = key_of(metadata)?;
-        self.keys
-            .get(&digest(&key))
+        let key = digest(&key_of(metadata)?);
+        if let Some(caller) = self.keys.get(&key) {
+            return Ok(caller.clone());
+        }
+        // One read lock, held for the lookup only.
+        self.shared
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
             .cloned()
             .ok_or(AuthError::Unknown)
     }
@@ -263,6 +322,94 @@ mod tests {
         );
         let err = f(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    fn stored(key: &str, name: &str, org: Option<&str>) -> ([u8; 32], String, Option<String>) {
+        (digest(key), name.into(), org.map(Into::into))
+    }
+
+    #[test]
+    fn store_keys_authenticate_until_a_set_leaves_them_out() {
+        let a = auth();
+        let clone = a.clone();
+        let carol = md(&[("authorization", "Bearer k-carol")]);
+        assert_eq!(a.authenticate(&carol), Err(AuthError::Unknown));
+
+        let shadowed = a.set_shared([stored("k-carol", "carol", Some("acme"))]);
+        assert!(shadowed.is_empty());
+        // Seen through every clone, organization included.
+        assert_eq!(clone.authenticate(&carol), Ok(Principal("carol".into())));
+        assert_eq!(
+            clone.authenticate_caller(&carol).unwrap().1,
+            Some(Organization("acme".into()))
+        );
+        assert_eq!(a.shared_len(), 1);
+
+        // Revoked: the next set has it no more.
+        a.set_shared([stored("k-dave", "dave", None)]);
+        assert_eq!(clone.authenticate(&carol), Err(AuthError::Unknown));
+        assert_eq!(
+            a.authenticate(&md(&[("x-wandb-api-key", "k-dave")])),
+            Ok(Principal("dave".into()))
+        );
+        // The configured keys never change.
+        a.set_shared([]);
+        assert_eq!(
+            clone.authenticate(&md(&[("authorization", "Bearer k-alice")])),
+            Ok(Principal("alice".into()))
+        );
+        assert_eq!(
+            clone.authenticate(&md(&[("authorization", "Bearer k-anon")])),
+            Ok(anonymous_principal("k-anon"))
+        );
+        assert_eq!(a.shared_len(), 0);
+    }
+
+    #[test]
+    fn configured_keys_win_over_stored_ones() {
+        let a = auth();
+        let shadowed = a.set_shared([
+            // Another key under a configured name: refused.
+            stored("k-fake-alice", "alice", None),
+            // A configured key under another name: the configured name holds.
+            stored("k-alice", "mallory", None),
+            stored("k-carol", "carol", None),
+        ]);
+        assert_eq!(shadowed, ["alice", "mallory"]);
+        assert_eq!(
+            a.authenticate(&md(&[("authorization", "Bearer k-fake-alice")])),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(
+            a.authenticate(&md(&[("authorization", "Bearer k-alice")])),
+            Ok(Principal("alice".into()))
+        );
+        assert_eq!(
+            a.authenticate(&md(&[("authorization", "Bearer k-carol")])),
+            Ok(Principal("carol".into()))
+        );
+    }
+
+    #[test]
+    fn an_interceptor_made_before_a_set_sees_it() {
+        let a = auth();
+        let mut f = a.interceptor();
+        let with = |k: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+            r
+        };
+        assert_eq!(
+            f(with("k-carol")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        a.set_shared([stored("k-carol", "carol", None)]);
+        let req = f(with("k-carol")).unwrap();
+        assert_eq!(
+            req.extensions().get::<Principal>(),
+            Some(&Principal("carol".into()))
+        );
     }
 
     #[test]

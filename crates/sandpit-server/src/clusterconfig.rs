@@ -11,6 +11,11 @@
 //! advertise = "http://10.0.0.5:50051"   # runner: where gateways reach it
 //! labels = { zone = "a" }               # runner: what placement selects on
 //! lease = "10s"                         # every process of a cluster alike
+//! # The direct data plane (ConnectSandbox), all three or none:
+//! direct_listen = "0.0.0.0:50052"       # runner: mTLS endpoint for clients
+//! direct_advertise = "https://10.0.0.5:50052"
+//! client_ca_file = "/etc/sandpit/cluster-ca.pem"   # runner: the CA it trusts
+//! # ca_cert_file, ca_key_file             # gateway: the CA that signs
 //! ```
 
 use std::collections::BTreeMap;
@@ -45,6 +50,24 @@ pub struct FileCluster {
     advertise: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     lease: Option<String>,
+    direct_listen: Option<String>,
+    direct_advertise: Option<String>,
+    client_ca_file: Option<PathBuf>,
+    ca_cert_file: Option<PathBuf>,
+    ca_key_file: Option<PathBuf>,
+}
+
+/// A runner's direct data-plane endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectEndpoint {
+    /// Where it listens.
+    pub listen: std::net::SocketAddr,
+    /// The `https://host:port` clients are sent to.
+    pub advertise: String,
+    /// The host part of `advertise` (its certificate is made for it).
+    pub host: String,
+    /// The cluster CA's certificate, PEM: clients must chain to it.
+    pub client_ca_pem: String,
 }
 
 /// `[cluster]`, validated.
@@ -60,6 +83,12 @@ pub struct ClusterSettings {
     pub labels: BTreeMap<String, String>,
     /// A heartbeat older than this ends a runner's lease.
     pub lease: Duration,
+    /// A runner's direct endpoint; `None`: ConnectSandbox refers clients
+    /// back to the gateway.
+    pub direct: Option<DirectEndpoint>,
+    /// A gateway's signing CA (certificate, key files); `None`: it answers
+    /// ConnectSandbox with UNIMPLEMENTED.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -69,6 +98,8 @@ impl std::fmt::Debug for ClusterSettings {
             .field("advertise", &self.advertise)
             .field("labels", &self.labels)
             .field("lease", &self.lease)
+            .field("direct", &self.direct.as_ref().map(|d| &d.advertise))
+            .field("ca", &self.ca.as_ref().map(|c| &c.0))
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +122,52 @@ fn parse_duration(text: &str) -> Option<Duration> {
         "m" => n.checked_mul(60).map(Duration::from_secs),
         _ => None,
     }
+}
+
+fn direct_endpoint(
+    listen: &str,
+    advertise: &str,
+    ca: &std::path::Path,
+) -> Result<DirectEndpoint, ConfigError> {
+    let listen = listen.trim().parse().map_err(|_| {
+        invalid(
+            "cluster.direct_listen",
+            format!("{listen:?} is not an address like 0.0.0.0:50052"),
+        )
+    })?;
+    let uri: axum::http::Uri = advertise.parse().map_err(|_| {
+        invalid(
+            "cluster.direct_advertise",
+            format!("{advertise:?} is not a URL like https://10.0.0.5:50052"),
+        )
+    })?;
+    let host = match (uri.scheme_str(), uri.host(), uri.port_u16()) {
+        (Some("https"), Some(host), Some(_)) => host.to_owned(),
+        _ => {
+            return Err(invalid(
+                "cluster.direct_advertise",
+                format!("{advertise:?}: the client needs https://HOST:PORT"),
+            ))
+        }
+    };
+    let client_ca_pem = std::fs::read_to_string(ca).map_err(|e| {
+        invalid(
+            "cluster.client_ca_file",
+            format!("read {}: {e}", ca.display()),
+        )
+    })?;
+    if !client_ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(
+            "cluster.client_ca_file",
+            format!("{} holds no PEM certificate", ca.display()),
+        ));
+    }
+    Ok(DirectEndpoint {
+        listen,
+        advertise: advertise.to_owned(),
+        host,
+        client_ca_pem,
+    })
 }
 
 impl FileCluster {
@@ -180,12 +257,53 @@ impl FileCluster {
                 None
             }
         };
+        let direct = match (
+            role,
+            self.direct_listen,
+            self.direct_advertise,
+            self.client_ca_file,
+        ) {
+            (_, None, None, None) => None,
+            (Role::Runner, Some(listen), Some(advertise), Some(ca)) => {
+                Some(direct_endpoint(&listen, &advertise, &ca)?)
+            }
+            (Role::Runner, ..) => {
+                return Err(invalid(
+                    "cluster.direct_listen",
+                    "give direct_listen, direct_advertise and client_ca_file together",
+                ))
+            }
+            (Role::Gateway, ..) => {
+                return Err(invalid(
+                    "cluster.direct_listen",
+                    "the direct endpoint is a runner's; this is a gateway",
+                ))
+            }
+        };
+        let ca = match (role, self.ca_cert_file, self.ca_key_file) {
+            (_, None, None) => None,
+            (Role::Gateway, Some(cert), Some(key)) => Some((cert, key)),
+            (Role::Gateway, ..) => {
+                return Err(invalid(
+                    "cluster.ca_cert_file",
+                    "give ca_cert_file and ca_key_file together",
+                ))
+            }
+            (Role::Runner, ..) => {
+                return Err(invalid(
+                    "cluster.ca_cert_file",
+                    "the signing CA is a gateway's; a runner needs only client_ca_file",
+                ))
+            }
+        };
         Ok(ClusterSettings {
             role,
             database_url,
             advertise,
             labels,
             lease,
+            direct,
+            ca,
         })
     }
 }
@@ -248,6 +366,33 @@ mod tests {
             assert!(e.to_string().contains(key), "{text}: {e}");
         }
         assert!(toml::from_str::<FileCluster>("role = \"leader\"").is_err());
+    }
+
+    #[test]
+    fn a_direct_endpoint_needs_all_three_keys_and_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let base = "role = \"runner\"\ndatabase_url = \"postgres://db\"\nadvertise = \"http://10.0.0.5:50051\"\n";
+        let ok = format!(
+            "{base}direct_listen = \"0.0.0.0:50052\"\ndirect_advertise = \"https://10.0.0.5:50052\"\nclient_ca_file = {:?}",
+            ca.display().to_string()
+        );
+        let d = parse(&ok).unwrap().direct.unwrap();
+        assert_eq!((d.host.as_str(), d.listen.port()), ("10.0.0.5", 50052));
+        let e = parse(&format!("{base}direct_listen = \"0.0.0.0:50052\"")).unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+        let plain = ok.replace("https://", "http://");
+        assert!(parse(&plain)
+            .unwrap_err()
+            .to_string()
+            .contains("https://HOST:PORT"));
+        let gw = "role = \"gateway\"\ndatabase_url = \"postgres://db\"\nca_cert_file = \"/c\"";
+        assert!(parse(gw).unwrap_err().to_string().contains("together"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod config;
 pub mod console;
 pub mod consoleconfig;
 pub mod db;
+pub mod direct;
 pub mod engine;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
@@ -46,6 +47,7 @@ pub mod model;
 pub mod netconfig;
 mod offload;
 pub mod poolconfig;
+pub mod principals;
 pub mod sd_notify;
 pub mod secrets;
 pub mod server;
@@ -58,3 +60,16 @@ pub mod storageconfig;
 /// message; a foreign one that does (some I/O and TLS errors print theirs)
 /// is not printed twice.
 pub use sandpit_errors::chain;
+
+/// Makes ring the process's rustls provider, once, before any TLS server
+/// is built. Two providers are linked (ring here and in tonic, aws-lc-rs
+/// through object_store's S3 client), so rustls cannot pick one itself and
+/// panics at the first server config it builds. A client that names no
+/// provider (the S3 client's) gets ring too.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An embedding program that installed one first keeps its own.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

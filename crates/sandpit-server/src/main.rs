@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (flags override its values).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// An accepted API key (repeatable); SANDPIT_API_KEYS adds more,
     /// comma-separated. Without any, a key is generated into
@@ -62,12 +62,28 @@ struct Args {
     /// this process would be, and exit: 0 if valid, 2 if not.
     #[arg(long)]
     check_config: bool,
+    /// An operator command instead of the daemon.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// `sandpitd COMMAND`: operator commands (without one, the daemon runs).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The cluster's principals (API keys) in its PostgreSQL; needs
+    /// --config FILE with a [cluster] section.
+    #[command(subcommand)]
+    Principal(sandpit_server::principals::PrincipalCommand),
 }
 
 fn main() -> std::process::ExitCode {
     // Before the runtime's threads exist: it edits the environment.
     let notifier = sandpit_server::sd_notify::Notifier::take_from_env();
     let args = Args::parse();
+    if let Some(Command::Principal(command)) = &args.command {
+        let code = sandpit_server::principals::run_cli(args.config.as_deref(), command);
+        return std::process::ExitCode::from(code);
+    }
     let env_keys = std::env::var("SANDPIT_API_KEYS").ok();
     let overrides = Overrides {
         listen: args.listen,
@@ -88,6 +104,17 @@ fn main() -> std::process::ExitCode {
         }
     };
     if args.check_config {
+        // The signing CA is read at start-up only by a gateway: check it
+        // here too, so a rollout does not find a key that does not parse.
+        if let Some((cert, key)) = config.cluster.as_ref().and_then(|c| c.ca.as_ref()) {
+            if let Err(e) = sandpit_server::direct::ClusterCa::load(cert, key) {
+                eprintln!(
+                    "sandpitd: invalid cluster.ca_cert_file, cluster.ca_key_file: {}",
+                    sandpit_server::chain(&e)
+                );
+                return std::process::ExitCode::from(2);
+            }
+        }
         let role = match config.cluster.as_ref().map(|c| c.role) {
             None => "single host",
             Some(Role::Runner) => "cluster runner",
@@ -283,17 +310,65 @@ async fn run(config: Config, notifier: sandpit_server::sd_notify::Notifier) -> R
 
     // A cluster runner registers before it serves: the store's verdict on
     // what it holds is applied first (membership.rs).
+    // The direct data plane (ConnectSandbox): its listener first, so that
+    // the endpoint registered is one that answers.
+    let mut direct_info = None;
+    let _direct = match config.cluster.as_ref().and_then(|c| c.direct.as_ref()) {
+        Some(d) => {
+            let (cert_pem, key_pem) = sandpit_server::direct::ca::server_identity(&d.host)
+                .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+                .context("make the direct endpoint's certificate")?;
+            let listener = TcpListener::bind(d.listen)
+                .await
+                .with_context(|| format!("direct endpoint: listen on {}", d.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, advertise = %d.advertise, "direct data plane listening (mTLS)");
+            direct_info = Some(sandpit_cluster::DirectEndpoint {
+                uri: d.advertise.clone(),
+                cert_pem: cert_pem.clone(),
+            });
+            let tls = sandpit_server::direct::server::DirectTls {
+                cert_pem,
+                key_pem,
+                client_ca_pem: d.client_ca_pem.clone(),
+            };
+            let data = sandpit_server::api::DataPlaneOptions {
+                max_file_bytes: config.max_file_bytes,
+                logs: Some(logs.clone()),
+                ..Default::default()
+            };
+            let manager = manager.clone();
+            let max = config.max_message_bytes;
+            Some(AbortOnDrop(tokio::spawn(async move {
+                let served = sandpit_server::direct::server::serve(
+                    listener,
+                    manager,
+                    tls,
+                    max,
+                    data,
+                    std::future::pending(),
+                )
+                .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %sandpit_server::chain(&e), "direct endpoint stopped");
+                }
+            })))
+        }
+        None => None,
+    };
     let membership = match config.cluster.as_ref() {
         Some(cluster) => {
             let store = sandpit_server::membership::connect(cluster)
                 .await
                 .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
                 .context("connect to the cluster's PostgreSQL")?;
+            // The store's principals, then a sync (runs until the process ends).
+            let _principals = sandpit_server::principals::start(&store, &auth, cluster.lease).await;
             let m = sandpit_server::membership::Membership::join(
                 store,
                 cluster,
                 &config.runner_id,
                 offered,
+                direct_info,
                 &manager,
             )
             .await
@@ -399,12 +474,7 @@ async fn run_gateway(
     cluster: sandpit_server::clusterconfig::ClusterSettings,
     notifier: sandpit_server::sd_notify::Notifier,
 ) -> Result<()> {
-    if config.api_keys.is_empty() {
-        bail!(
-            "a gateway needs the cluster's API keys (api_keys or SANDPIT_API_KEYS): \
-             it checks them, and the runners check them again"
-        );
-    }
+    // Keys: the configured ones and the store's principals (synced below).
     let auth = Auth::new(&config.api_keys);
     let tls = match &config.tls {
         Some(t) => Some((
@@ -418,7 +488,25 @@ async fn run_gateway(
         .await
         .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
         .context("connect to the cluster's PostgreSQL")?;
+    let _principals = sandpit_server::principals::start(&store, &auth, cluster.lease).await;
+    if config.api_keys.is_empty() && auth.shared_len() == 0 {
+        tracing::warn!(
+            "no API keys: none configured and no principal in the store; every call is \
+             refused until one is added (sandpitd principal add NAME)"
+        );
+    }
     let _metrics = serve_metrics(&config, sandpit_server::metrics::http::RegistryOnly).await?;
+    let ca = match &cluster.ca {
+        Some((cert, key)) => Some(
+            sandpit_server::direct::ClusterCa::load(cert, key)
+                .map_err(|e| anyhow::anyhow!(sandpit_server::chain(&e)))
+                .context("load the cluster CA (ca_cert_file, ca_key_file)")?,
+        ),
+        None => {
+            tracing::info!("no cluster CA: ConnectSandbox answers UNIMPLEMENTED, data calls go through the gateway");
+            None
+        }
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -438,6 +526,7 @@ async fn run_gateway(
             tls,
             default_resources: config.manager.default_resources,
             lease: cluster.lease,
+            ca,
         },
         async {
             shutdown_signal().await;

@@ -83,13 +83,15 @@ fn ended(record: &SandboxRecord) -> Option<(SandboxState, String)> {
 }
 
 impl Membership {
-    /// Registers `runner_id` with its `allocatable` capacity and reconciles
+    /// Registers `runner_id` with its `allocatable` capacity (and its
+    /// direct endpoint, when it serves one) and reconciles
     /// `manager`'s sandboxes with what the store says this runner holds.
     pub async fn join<E: Engine>(
         store: Store,
         settings: &ClusterSettings,
         runner_id: &str,
         allocatable: Capacity,
+        direct: Option<sandpit_cluster::DirectEndpoint>,
         manager: &Manager<E>,
     ) -> Result<Self, MembershipError> {
         let id = RunnerId::new(runner_id.to_owned())
@@ -107,6 +109,7 @@ impl Membership {
             endpoint: settings.advertise.clone().unwrap_or_default(),
             labels: settings.labels.clone(),
             allocatable,
+            direct,
         };
         let adoption = store.register(&registration).await?;
         tracing::info!(

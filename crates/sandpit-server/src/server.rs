@@ -143,6 +143,7 @@ pub async fn serve_with_storage<E: Engine>(
     });
     let mut builder = Server::builder();
     if let Some((cert, key)) = &options.tls {
+        crate::install_tls_provider();
         builder =
             builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }

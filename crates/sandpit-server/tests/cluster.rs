@@ -63,6 +63,8 @@ fn settings(pg: &pg::Pg, role: Role, advertise: Option<String>) -> ClusterSettin
         advertise,
         labels: BTreeMap::new(),
         lease: LEASE,
+        direct: None,
+        ca: None,
     }
 }
 
@@ -70,6 +72,10 @@ fn settings(pg: &pg::Pg, role: Role, advertise: Option<String>) -> ClusterSettin
 struct Runner {
     server: tokio::task::JoinHandle<()>,
     membership: tokio::task::JoinHandle<()>,
+    /// Where it serves (`http://127.0.0.1:PORT`).
+    url: String,
+    /// Its sync of the store's principals, if it was started with one.
+    principals: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
@@ -78,10 +84,25 @@ impl Runner {
     fn kill(&self) {
         self.server.abort();
         self.membership.abort();
+        if let Some(p) = &self.principals {
+            p.abort();
+        }
     }
 }
 
 async fn runner(pg: &pg::Pg, id: &str, max_sandboxes: usize) -> Runner {
+    runner_with(pg, id, max_sandboxes, auth(), false).await
+}
+
+/// A runner serving `auth`'s keys; with `sync`, the store's principals
+/// too, as `sandpitd` syncs them (load once, then every quarter lease).
+async fn runner_with(
+    pg: &pg::Pg,
+    id: &str,
+    max_sandboxes: usize,
+    auth: Auth,
+    sync: bool,
+) -> Runner {
     let engine = FakeEngine::new();
     engine.add_image("docker.io/library/python:3.11", &[], &["python3"]);
     let config = ManagerConfig {
@@ -100,14 +121,20 @@ async fn runner(pg: &pg::Pg, id: &str, max_sandboxes: usize) -> Runner {
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let runner_url = url.clone();
     let cluster = settings(pg, Role::Runner, Some(url));
     let store = connect(&cluster).await.unwrap();
+    let principals = if sync {
+        Some(sandpit_server::principals::start(&store, &auth, LEASE).await)
+    } else {
+        None
+    };
     let offered = Capacity {
         cpu_millis: alloc.cpu_millis,
         memory_bytes: alloc.memory_bytes,
         sandboxes: max_sandboxes as u32,
     };
-    let member = Membership::join(store, &cluster, id, offered, &manager)
+    let member = Membership::join(store, &cluster, id, offered, None, &manager)
         .await
         .unwrap();
     let membership = tokio::spawn({
@@ -122,7 +149,7 @@ async fn runner(pg: &pg::Pg, id: &str, max_sandboxes: usize) -> Runner {
         serve(
             listener,
             manager,
-            auth(),
+            auth,
             ServerOptions {
                 max_message_bytes: 16 << 20,
                 tls: None,
@@ -138,24 +165,48 @@ async fn runner(pg: &pg::Pg, id: &str, max_sandboxes: usize) -> Runner {
         .await
         .unwrap();
     });
-    Runner { server, membership }
+    Runner {
+        server,
+        membership,
+        url: runner_url,
+        principals,
+    }
 }
 
 async fn gateway(pg: &pg::Pg) -> (String, tokio::task::JoinHandle<()>) {
+    gateway_with(pg, auth(), false).await
+}
+
+/// A gateway serving `auth`'s keys; with `sync`, the store's principals
+/// too (the sync ends with the gateway's task).
+async fn gateway_with(
+    pg: &pg::Pg,
+    auth: Auth,
+    sync: bool,
+) -> (String, tokio::task::JoinHandle<()>) {
     let cluster = settings(pg, Role::Gateway, None);
     let store = connect(&cluster).await.unwrap();
+    let principals = if sync {
+        Some(AbortOnDrop(
+            sandpit_server::principals::start(&store, &auth, LEASE).await,
+        ))
+    } else {
+        None
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
+        let _principals = principals;
         sandpit_server::gateway::serve(
             listener,
             store,
-            auth(),
+            auth,
             GatewayOptions {
                 max_message_bytes: 16 << 20,
                 tls: None,
                 default_resources: DEFAULT_RESOURCES,
                 lease: LEASE,
+                ca: None,
             },
             std::future::pending(),
         )
@@ -163,6 +214,14 @@ async fn gateway(pg: &pg::Pg) -> (String, tokio::task::JoinHandle<()>) {
         .unwrap();
     });
     (url, task)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn client(url: &str) -> SandboxServiceClient<Channel> {
@@ -482,4 +541,171 @@ async fn a_gateway_spreads_routes_and_refuses_over_three_runners() {
     for r in &runners {
         r.kill();
     }
+}
+
+/// Waits until `auth` holds `n` of the store's principals: its sync ran.
+async fn synced(auth: &Auth, n: usize) {
+    let deadline = tokio::time::Instant::now() + LEASE * 5;
+    while auth.shared_len() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sync never installed {n} principals: {auth:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_principal_in_the_store_is_accepted_everywhere_until_revoked() {
+    let Some(pg) = pg::Pg::start() else { return };
+    // The runner's config has alice and bob; the gateway's has no key.
+    let runner_auth = auth();
+    let r1 = runner_with(&pg, "r1", 3, runner_auth.clone(), true).await;
+    let gateway_auth = Auth::new(&[]);
+    let (url, _gw) = gateway_with(&pg, gateway_auth.clone(), true).await;
+    let mut c = client(&url).await;
+    let mut direct = client(&r1.url).await;
+    let admin = connect(&settings(&pg, Role::Gateway, None)).await.unwrap();
+
+    // A gateway without configured keys knows none before the store has one.
+    let e = c
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let carol = admin.add_principal("carol", Some("acme")).await.unwrap();
+    let e = c
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), &carol))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "before any sync");
+    synced(&gateway_auth, 1).await;
+    synced(&runner_auth, 1).await;
+
+    // Created through the gateway: the runner checks carol's key again.
+    let sb = c
+        .create_sandbox(with_key(create("store-key", &[]), &carol))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(runner_of(&sb), "r1");
+    let get = || pb::GetSandboxRequest {
+        sandbox_id: sb.sandbox_id.clone(),
+    };
+    let got = c
+        .get_sandbox(with_key(get(), &carol))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.sandbox_id, sb.sandbox_id);
+    direct.get_sandbox(with_key(get(), &carol)).await.unwrap();
+    // Tenancy holds for store principals: alice (the runner's own key)
+    // does not see carol's sandbox.
+    let e = direct
+        .get_sandbox(with_key(get(), ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Revoked: refused at the gateway and at the runner after a sync.
+    assert!(admin.revoke_principal("carol").await.unwrap());
+    synced(&gateway_auth, 0).await;
+    synced(&runner_auth, 0).await;
+    let e = c.get_sandbox(with_key(get(), &carol)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = direct
+        .get_sandbox(with_key(get(), &carol))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // The runner's configured keys never depended on the store.
+    direct
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), ALICE))
+        .await
+        .unwrap();
+
+    // PostgreSQL away: the last good set stays (a principal added just
+    // before is still let in once the server is gone).
+    let dave = admin.add_principal("dave", None).await.unwrap();
+    synced(&gateway_auth, 1).await;
+    synced(&runner_auth, 1).await;
+    drop(pg);
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(gateway_auth.shared_len(), 1);
+    direct
+        .list_sandboxes(with_key(pb::ListSandboxesRequest::default(), &dave))
+        .await
+        .unwrap();
+    r1.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_principal_commands_manage_the_store() {
+    use sandpit_server::principals::{run_command, PrincipalCommand};
+    let Some(pg) = pg::Pg::start() else { return };
+    let cluster = settings(&pg, Role::Gateway, None);
+    let run = |cmd: PrincipalCommand| {
+        let cluster = cluster.clone();
+        async move {
+            let mut out = Vec::new();
+            let r = run_command(&cmd, &cluster, &mut out).await;
+            (
+                r.map_err(|e| e.exit_code()),
+                String::from_utf8(out).unwrap(),
+            )
+        }
+    };
+    let add = |name: &str| PrincipalCommand::Add {
+        name: name.into(),
+        organization: Some("acme".into()),
+    };
+    let (r, key) = run(add("alice")).await;
+    assert_eq!(r, Ok(()));
+    let key = key.trim().to_owned();
+    assert_eq!(key.len(), 64, "{key:?}");
+    // The name is taken: refused, exit 1.
+    assert_eq!(run(add("alice")).await.0, Err(1));
+    // A bad name is a usage error.
+    assert_eq!(run(add("has space")).await.0, Err(2));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, "an-existing-key-0123456789\n").unwrap();
+    let import = |name: &str, key_file: std::path::PathBuf| PrincipalCommand::Import {
+        name: name.into(),
+        key_file,
+        organization: None,
+    };
+    assert_eq!(
+        run(import("bob", file.clone())).await,
+        (Ok(()), String::new())
+    );
+    assert_eq!(
+        run(import("carol", file.clone())).await.0,
+        Err(1),
+        "key taken"
+    );
+    assert_eq!(
+        run(import("carol", dir.path().join("missing"))).await.0,
+        Err(2)
+    );
+
+    let revoke = |name: &str| PrincipalCommand::Revoke { name: name.into() };
+    assert_eq!(run(revoke("bob")).await.0, Ok(()));
+    assert_eq!(run(revoke("bob")).await.0, Err(1), "revoked already");
+    assert_eq!(run(revoke("nobody")).await.0, Err(1));
+
+    let (r, listing) = run(PrincipalCommand::List).await;
+    assert_eq!(r, Ok(()));
+    let lines: Vec<_> = listing.lines().collect();
+    assert_eq!(lines.len(), 3, "{listing}");
+    assert!(lines[0].starts_with("NAME"), "{listing}");
+    assert!(lines[1].starts_with("alice") && lines[1].contains("acme"));
+    assert!(
+        lines[1].trim_end().ends_with('-'),
+        "alice is live: {listing}"
+    );
+    assert!(lines[2].starts_with("bob") && !lines[2].trim_end().ends_with('-'));
+    assert!(!listing.contains(&key) && !listing.contains("an-existing-key"));
 }

@@ -17,6 +17,7 @@
 //! the one `sandpitd` binary and shares the API's validation (requests'
 //! resources), error mapping (the client's ErrorInfo reasons) and keys.
 
+mod connect;
 mod directory;
 mod discovery;
 mod forward;
@@ -53,6 +54,9 @@ pub struct GatewayOptions {
     pub default_resources: ResourceSpec,
     /// The cluster's lease; leases are checked every quarter of it.
     pub lease: Duration,
+    /// The CA that signs ConnectSandbox credentials; `None`: clients use
+    /// the gateway for data calls too.
+    pub ca: Option<crate::direct::ClusterCa>,
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -73,6 +77,7 @@ pub async fn serve(
     let sandbox = SandboxServiceServer::new(sandbox::GatewaySandboxApi::new(
         directory.clone(),
         options.default_resources,
+        options.ca.clone(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -101,6 +106,7 @@ pub async fn serve(
     });
     let mut builder = Server::builder();
     if let Some((cert, key)) = &options.tls {
+        crate::install_tls_provider();
         builder =
             builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }

@@ -22,15 +22,21 @@ const RETRY_FULL: std::time::Duration = std::time::Duration::from_secs(5);
 pub(super) struct GatewaySandboxApi {
     directory: Directory,
     defaults: ResourceSpec,
+    ca: Option<crate::direct::ClusterCa>,
 }
 
 impl GatewaySandboxApi {
     /// Over `directory`, placing sandboxes that ask for nothing by
-    /// `defaults`.
-    pub(super) fn new(directory: Directory, defaults: ResourceSpec) -> Self {
+    /// `defaults`, signing direct credentials with `ca`.
+    pub(super) fn new(
+        directory: Directory,
+        defaults: ResourceSpec,
+        ca: Option<crate::direct::ClusterCa>,
+    ) -> Self {
         Self {
             directory,
             defaults,
+            ca,
         }
     }
 
@@ -416,11 +422,16 @@ impl SandboxService for GatewaySandboxApi {
 
     async fn connect_sandbox(
         &self,
-        _: Request<pb::ConnectSandboxRequest>,
+        request: Request<pb::ConnectSandboxRequest>,
     ) -> Result<Response<pb::SandboxConnection>, Status> {
-        // No direct runner endpoints yet: the client then uses the data
-        // RPCs of this service, through the gateway.
-        Err(errors::rpc_not_implemented("ConnectSandbox"))
+        let caller = principal(&request)?;
+        let Some(ca) = &self.ca else {
+            // No signing CA, no direct credentials: the client then uses
+            // the data RPCs of this service, through the gateway.
+            return Err(errors::rpc_not_implemented("ConnectSandbox"));
+        };
+        let runner = self.running(caller.as_str(), &request.get_ref().sandbox_id);
+        super::connect::connect(ca, caller.as_str(), request.get_ref(), runner).await
     }
 
     async fn exec(

@@ -45,6 +45,12 @@ pub(crate) async fn start() -> Server {
 /// A server; with `logs`, main-process output is kept (in a temporary
 /// directory) and StreamLogs serves it.
 pub(crate) async fn start_with(logs: bool) -> Server {
+    start_full(logs, None).await
+}
+
+/// A server; with `tls` (certificate and key, PEM) it serves TLS only and
+/// its url is `https://`.
+pub(crate) async fn start_full(logs: bool, tls: Option<(Vec<u8>, Vec<u8>)>) -> Server {
     let logs_dir = logs.then(|| tempfile::tempdir().unwrap());
     let (sink, reader): (Arc<dyn LogSink>, _) = match &logs_dir {
         Some(d) => {
@@ -107,7 +113,8 @@ pub(crate) async fn start_with(logs: bool) -> Server {
         .into(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         serve(
@@ -116,7 +123,7 @@ pub(crate) async fn start_with(logs: bool) -> Server {
             auth,
             ServerOptions {
                 max_message_bytes: 100 << 20,
-                tls: None,
+                tls,
                 runner_id: "runner-1".into(),
                 organization_id: "org".into(),
                 started: SystemTime::now(),

@@ -41,6 +41,7 @@ mod stream;
 mod unary;
 
 pub use stream::stream_exec;
+pub(crate) use stream::stream_exec_from;
 pub use unary::{exec, Capped};
 
 /// Messages buffered between the gRPC streams and the agent, each way.

@@ -47,6 +47,19 @@ pub async fn stream_exec<E: Engine>(
             )]))
         }
     };
+    stream_exec_from(manager, shutdown, &principal, deadline, init, inbound).await
+}
+
+/// StreamExec once its init is read (the direct data plane reads it
+/// first, to check the credential against its sandbox).
+pub(crate) async fn stream_exec_from<E: Engine>(
+    manager: &Manager<E>,
+    shutdown: watch::Receiver<bool>,
+    principal: &crate::model::Principal,
+    deadline: Option<Instant>,
+    init: pb::ExecStreamInit,
+    inbound: Streaming<pb::ExecStreamRequest>,
+) -> Result<Response<BoxStream<pb::ExecStreamResponse>>, Status> {
     let mut violations = vec![];
     if init.sandbox_id.is_empty() {
         violations.push(Violation::new("init.sandbox_id", "required"));
@@ -68,7 +81,7 @@ pub async fn stream_exec<E: Engine>(
     };
     let (tx, rx) = mpsc::channel(CHANNEL);
     let mut timer = crate::metrics::ExecTimer::begin();
-    let (session, account) = match start(manager, &principal, &sandbox_id, req).await? {
+    let (session, account) = match start(manager, principal, &sandbox_id, req).await? {
         Started::Running(s, account) => (s, account),
         Started::Failed { message, code } => {
             // Reported like a shell would; the channel holds both frames.
