@@ -52,3 +52,6 @@ target/release/sandpit-bench --quick --net --only net --json target/bench-net-qu
 
 echo "== placement benchmark, quick mode (1, 10, 100 runners in a real PostgreSQL; ~30 s)" >&2
 cargo bench -q -p sandpit-cluster --bench placement -- --quick
+
+echo "== gateway benchmark, quick mode (3 runners, 2 gateways, the real client; ~40 s)" >&2
+.venv/bin/python scripts/bench-cluster.py --quick --json target/bench-cluster-quick.json

@@ -68,3 +68,40 @@ def test_a_key_sandpitd_does_not_know_is_refused(tmp_path: Path) -> None:
     r = _check(toml, tmp_path)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "leader" in r.stderr, r.stderr
+
+
+def _make_ca(tmp_path: Path) -> tuple[Path, Path]:
+    """The cluster CA as docs/deploy-kubernetes.md ("Direct data plane") makes it."""
+    key, cert = tmp_path / "ca.key", tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "3650", "-subj", "/CN=sandpit-cluster-ca", "-keyout", str(key),
+         "-out", str(cert), "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
+def test_the_direct_data_plane_as_documented_is_valid(tmp_path: Path) -> None:
+    """The optional direct data plane's keys, as the doc adds them, pass in both roles;
+    a CA key that does not parse fails the gateway's check."""
+    cert, key = _make_ca(tmp_path)
+    gateway = _config_map()["gateway.toml"].replace(
+        "[cluster]\n", f'[cluster]\nca_cert_file = "{cert}"\nca_key_file = "{key}"\n'
+    )
+    r = _check(gateway, tmp_path)
+    assert r.returncode == 0, r.stderr
+    runner = _config_map()["runner.toml"].replace(
+        "[cluster]\n",
+        '[cluster]\ndirect_listen = "0.0.0.0:50052"\n'
+        'direct_advertise = "https://@POD_HOST@:50052"\n'
+        f'client_ca_file = "{cert}"\n',
+    )
+    rendered = runner.replace("@RUNNER_ID@", "node-a").replace("@POD_HOST@", "10.1.2.3")
+    r = _check(rendered, tmp_path)
+    assert r.returncode == 0, r.stderr
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    r = _check(gateway, tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "ca_key_file" in r.stderr, r.stderr
