@@ -137,6 +137,13 @@ def test_tables_match_the_seeds():
 @pytest.mark.timeout(SNIPPET_TIMEOUT + 30)
 @pytest.mark.parametrize("snippet", [_param(s) for s in SNIPPETS])
 def test_seed_snippet(snippet: Snippet, snippet_env: dict[str, str], tmp_path: Path):
+    check_snippet(snippet, snippet_env, tmp_path)
+
+
+def check_snippet(snippet: Snippet, snippet_env: dict[str, str], tmp_path: Path) -> None:
+    """Runs the snippet unmodified with the client variables `snippet_env` in `tmp_path`:
+    it must exit 0 and print what EXPECT_STDOUT names (also tests/e2e/cluster, through a
+    gateway)."""
     script = tmp_path / f"snippet_{snippet.id.replace('-', '_')}.py"
     script.write_text(snippet.code)
     env = {
