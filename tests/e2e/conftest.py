@@ -222,8 +222,9 @@ def data_dir(e2e_dirs: E2EDirs, binaries: Binaries) -> Path:
 # --------------------------------------------------------------------------- leak probes
 
 
-def sandpit_cgroup_procs() -> dict[int, str]:
-    """pid -> cgroup path, for every process in a cgroup under `/sandpit/`."""
+def cgroup_procs(names: list[str]) -> dict[int, str]:
+    """pid -> cgroup path of every process in a cgroup whose path has one of `names` as a
+    component."""
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -234,10 +235,15 @@ def sandpit_cgroup_procs() -> dict[int, str]:
             continue
         for line in text.splitlines():
             path = line.split(":", 2)[-1]
-            if "/sandpit/" in path:
+            if any(f"/{n}/" in path + "/" for n in names):
                 found[int(entry.name)] = path
                 break
     return found
+
+
+def sandpit_cgroup_procs() -> dict[int, str]:
+    """pid -> cgroup path, for every process in a cgroup under `/sandpit/`."""
+    return cgroup_procs(["sandpit"])
 
 
 def _cmdline(pid: int) -> str:
@@ -321,8 +327,16 @@ class Server:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    @property
+    def label(self) -> str:
+        """What messages and log banners call it (the cluster's daemons: their names)."""
+        return "sandpitd"
+
+    def accepting(self) -> bool:
+        return _port_open(self.port)
+
     def _fail(self, message: str) -> ServerError:
-        return ServerError(f"{message}\n--- sandpitd log (tail) ---\n{self.log_tail()}")
+        return ServerError(f"{message}\n--- {self.label} log (tail) ---\n{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -349,11 +363,12 @@ class Server:
         self.config.write_text(text)
 
     def start(self) -> None:
-        assert not self.alive(), "sandpitd already running"
+        assert not self.alive(), f"{self.label} already running"
         self.starts += 1
         self._pin_disk_reserve()
+        banner = "" if self.label == "sandpitd" else f"{self.label} "
         with self.log_path.open("ab") as log:
-            log.write(f"\n===== e2e harness: start #{self.starts}: {' '.join(self.argv())}\n".encode())
+            log.write(f"\n===== e2e harness: {banner}start #{self.starts}: {' '.join(self.argv())}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.argv(),
@@ -366,21 +381,21 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise self._fail(f"sandpitd exited with {self.proc.returncode} during start-up")
-            if _port_open(self.port):
+                raise self._fail(f"{self.label} exited with {self.proc.returncode} during start-up")
+            if self.accepting():
                 return
             time.sleep(0.05)
         self.kill9()
-        raise self._fail(f"sandpitd did not accept connections on {self.url} within {self.startup_timeout}s")
+        raise self._fail(f"{self.label} did not accept connections on {self.url} within {self.startup_timeout}s")
 
     def _wait_port_closed(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _port_open(self.port):
+            if not self.accepting():
                 return
             time.sleep(0.05)
         raise self._fail(
-            f"port {self.port} still accepts connections after sandpitd exited: "
+            f"{self.url} still accepts connections after {self.label} exited: "
             "its listening socket leaked into a child process?"
         )
 

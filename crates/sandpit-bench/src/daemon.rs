@@ -109,11 +109,19 @@ pub(crate) fn run(
     // The default cap (256 live sandboxes) would stop a larger density run.
     let config = data_dir.join("sandpitd.toml");
     // The network as `sandpitd` defaults it (egress denied, so no name is
-    // ever resolved upstream: none is configured), or none.
+    // ever resolved upstream: none is configured), or none. Its host names,
+    // subnets and public listeners are its own (docs/networking.md: two
+    // daemons on one host): a daemon already on the host is not touched, and
+    // what the bench's daemon leaves on the host is its own to remove.
     let network = if n.network {
-        "[network]\nupstream_dns = []\n"
+        format!(
+            "[network]\nupstream_dns = []\ngateway_link = \"{BENCH_LINK}\"\n\
+             link_prefix = \"{BENCH_LINK_PREFIX}\"\ntable = \"{BENCH_TABLE}\"\n\
+             subnet_v4 = \"10.214.0.0/16\"\nsubnet_v6 = \"fd5a:9d17:4e40::/64\"\n\
+             public_http_listen = \"\"\npublic_tls_listen = \"\"\npublic_tcp_ports = \"\"\n"
+        )
     } else {
-        "[network]\nenabled = false\n"
+        "[network]\nenabled = false\n".to_owned()
     };
     // Admission by requests would stop a density run past the host's CPUs
     // (the default request is 50m): allocate far more than there is.
@@ -187,6 +195,9 @@ pub(crate) fn run(
     }
     drop(rt);
     let stopped = daemon.stop();
+    if n.network && stopped.is_ok() {
+        remove_host_network();
+    }
     // `SANDPIT_BENCH_KEEP=1`: keep the data dir (the daemon's log) for a look.
     if stopped.is_ok() && result.is_ok() && std::env::var_os("SANDPIT_BENCH_KEEP").is_none() {
         if let Err(e) = std::fs::remove_dir_all(&data_dir) {
@@ -848,4 +859,39 @@ fn python_block(
             "ms",
         )],
     ))
+}
+
+/// The bench daemon's host-side network names (none is the default
+/// daemon's: see the config above).
+const BENCH_TABLE: &str = "sandpit_benchd";
+const BENCH_LINK: &str = "spbenchd0";
+const BENCH_LINK_PREFIX: &str = "spd-";
+
+/// Removes what the bench's stopped daemon left on the host by design (a
+/// daemon's table and gateway link outlive it, for its next start), unless
+/// a sandbox link of it is still there (then it is reported, not hidden).
+fn remove_host_network() {
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let left: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(str::trim))
+        .filter(|name| name.starts_with(BENCH_LINK_PREFIX))
+        .collect();
+    if !left.is_empty() {
+        eprintln!("daemon: sandbox links left on the host: {left:?}");
+        return;
+    }
+    for argv in [
+        &["nft", "delete", "table", "inet", BENCH_TABLE][..],
+        &["ip", "link", "del", BENCH_LINK][..],
+    ] {
+        let _ = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }

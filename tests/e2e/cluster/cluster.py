@@ -142,24 +142,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
 # --------------------------------------------------------------------------- the cluster
 
 
-def _cgroup_procs(names: list[str]) -> dict[int, str]:
-    """pid -> cgroup path of every process in a cgroup whose path has one of `names`."""
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            path = line.split(":", 2)[-1]
-            if any(f"/{n}/" in path + "/" for n in names):
-                found[int(entry.name)] = path
-                break
-    return found
-
-
 def _remove_cgroup_dirs(name: str) -> None:
     """rmdir (deepest first) every cgroup directory named `name` and below, in every hierarchy."""
     root = Path("/sys/fs/cgroup")
@@ -366,28 +348,12 @@ class Cluster:
                     path.unlink()
                     shutil.copy2(src / path.relative_to(data / "store"), path)
 
-    def _runner(self, rid: str) -> Daemon:
-        ns = self.netns[rid]
-        d = self.root / rid
-        config = d / "sandpitd.toml"
-        config.write_text(self.runner_config(rid))
-        return Daemon(
-            binary=self.binaries.sandpitd,
-            data_dir=d / "data",
-            keys=self.keys,
-            log_path=d / "sandpitd.log",
-            port=RUNNER_PORT,
-            config=config,
-            name=rid,
-            host=ns.ns_ip,
-            netns=ns,
-        )
-
-    def _gateway(self, name: str) -> Daemon:
+    def _daemon(self, name: str, config_text: str, **kw) -> Daemon:
+        """A daemon with its dir, data dir, config and log under the cluster dir."""
         d = self.root / name
         (d / "data").mkdir(parents=True, exist_ok=True)
         config = d / "sandpitd.toml"
-        config.write_text(self.gateway_config(name))
+        config.write_text(config_text)
         return Daemon(
             binary=self.binaries.sandpitd,
             data_dir=d / "data",
@@ -395,7 +361,15 @@ class Cluster:
             log_path=d / "sandpitd.log",
             config=config,
             name=name,
+            **kw,
         )
+
+    def _runner(self, rid: str) -> Daemon:
+        ns = self.netns[rid]
+        return self._daemon(rid, self.runner_config(rid), port=RUNNER_PORT, host=ns.ns_ip, netns=ns)
+
+    def _gateway(self, name: str) -> Daemon:
+        return self._daemon(name, self.gateway_config(name))
 
     def start(self, principal: e2e.Principal) -> None:
         t0 = time.monotonic()
@@ -510,7 +484,7 @@ class Cluster:
         # 3. Nothing left of a sandbox: processes in the runners' cgroups, mounts.
         deadline = time.monotonic() + 10
         while True:
-            left = _cgroup_procs(self.cgroup_parents)
+            left = e2e.cgroup_procs(self.cgroup_parents)
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

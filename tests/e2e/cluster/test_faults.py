@@ -8,6 +8,7 @@ import re
 import threading
 import time
 
+import conftest as e2e
 import pytest
 
 from cwsandbox import SandboxStatus
@@ -16,7 +17,6 @@ from .cluster import (
     LEASE_S,
     RPC,
     RUNNER_IDS,
-    _cgroup_procs,
     from_id,
     list_ids,
     live_runner_ids,
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def processes_of(cluster, rid: str, sandbox_id: str) -> dict[int, str]:
     return {
-        p: c for p, c in _cgroup_procs([cluster.cgroup_parent(rid)]).items() if sandbox_id in c
+        p: c for p, c in e2e.cgroup_procs([cluster.cgroup_parent(rid)]).items() if sandbox_id in c
     }
 
 

@@ -311,43 +311,9 @@ class Daemon(e2e.Server):
     def accepting(self) -> bool:
         return port_open(self.host, self.port)
 
-    def start(self) -> None:
-        assert not self.alive(), f"{self.name} already running"
-        self.starts += 1
-        self._pin_disk_reserve()
-        with self.log_path.open("ab") as log:
-            log.write(
-                f"\n===== e2e harness: {self.name} start #{self.starts}: {' '.join(self.argv())}\n".encode()
-            )
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "RUST_BACKTRACE": "1"},
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise self._fail(f"{self.name} exited with {self.proc.returncode} during start-up")
-            if self.accepting():
-                return
-            time.sleep(0.05)
-        self.kill9()
-        raise self._fail(f"{self.name} did not accept connections on {self.url} within {self.startup_timeout}s")
-
-    def _wait_port_closed(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.accepting():
-                return
-            time.sleep(0.05)
-        raise self._fail(f"{self.name}: {self.url} still accepts connections after the process exited")
-
-    def _fail(self, message: str) -> e2e.ServerError:
-        return e2e.ServerError(f"{message}\n--- {self.name} log (tail) ---\n{self.log_tail()}")
+    @property
+    def label(self) -> str:
+        return self.name
 
 
 # --------------------------------------------------------------------------- the balancer
